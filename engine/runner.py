@@ -1,0 +1,73 @@
+"""The one inference interface every backend implements (after Polygraphy's runners).
+
+A Runner is created cheaply, then ``activate()``d (sessions, engines and device memory are
+made there) and ``deactivate()``d (everything released). ``infer(feed)`` maps input names
+to numpy arrays and returns a dict of output arrays. Runners are context managers.
+
+Threading: a Runner is owned by one thread at a time (the pipeline's infer stage); it is
+not safe to call ``infer`` from two threads at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from segsynth.errors import BackendError
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """Name, numpy dtype and shape of a graph input or output; dynamic dims are strings."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | str, ...]
+
+
+class Runner:
+    """Base class: subclasses implement ``_activate_impl``, ``_infer_impl``, ``_deactivate_impl``
+    and fill ``inputs``/``outputs``/``metadata`` in ``_activate_impl``."""
+
+    name = "runner"
+
+    def __init__(self) -> None:
+        self.is_active = False
+        self.inputs: dict[str, TensorMeta] = {}
+        self.outputs: dict[str, TensorMeta] = {}
+        self.metadata: dict[str, str] = {}  # the graph's custom metadata (segsynth.* keys)
+
+    def activate(self) -> "Runner":
+        if not self.is_active:
+            self._activate_impl()
+            self.is_active = True
+        return self
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self.is_active:
+            raise BackendError(f"{self.name} runner used before activate()")
+        missing = set(self.inputs) - set(feed)
+        if missing:
+            raise BackendError(f"{self.name}: missing inputs {sorted(missing)}")
+        return self._infer_impl(feed)
+
+    def deactivate(self) -> None:
+        if self.is_active:
+            self._deactivate_impl()
+            self.is_active = False
+
+    def __enter__(self) -> "Runner":
+        return self.activate()
+
+    def __exit__(self, *exc) -> None:
+        self.deactivate()
+
+    def _activate_impl(self) -> None:
+        raise NotImplementedError
+
+    def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _deactivate_impl(self) -> None:
+        raise NotImplementedError

@@ -1,0 +1,159 @@
+"""The ``segsynth`` command. Each subcommand builds a config dataclass from its arguments and
+hands it to the stage that does the work; heavy modules are imported only by the command
+that needs them, so ``segsynth --help`` stays instant and never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+
+from . import __version__
+from .errors import SegsynthError
+
+log = logging.getLogger("segsynth")
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .config import SegmentConfig
+    from .stream.segment import run_segment
+
+    cfg = SegmentConfig(input=args.input, output=args.output, view=args.view, remap=args.remap,
+                        segmenter=args.segmenter, label_set=args.label_set, threads=args.threads,
+                        legend=not args.no_legend, crf=args.crf, preset=args.preset)
+    summary = run_segment(cfg, quiet=args.quiet)
+    log.info("%s", summary.line(cfg))
+    return 0
+
+
+def _export_deeplab_tflite(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import onnx
+
+    from .export.tflite import segmenter_from_tflite
+    from .stream.media import atomic_output
+
+    out = Path(args.out)
+    if out.suffix.lower() != ".onnx":
+        raise SegsynthError(f"{out}: the output of export must be an .onnx file")
+    model = segmenter_from_tflite(args.from_tflite, label_set=args.label_set)
+    with atomic_output(out, args.from_tflite) as tmp:
+        onnx.save(model, str(tmp))
+    props = {p.key: p.value for p in model.metadata_props}
+    log.info("wrote %s (%s segmenter, %s classes, input %s)", out, props["segsynth.label_set"],
+             props["segsynth.classes"], "x".join(str(d.dim_value) for d in
+                                                 model.graph.input[0].type.tensor_type.shape.dim[2:]))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    if args.what == "deeplab" and args.from_tflite:
+        return _export_deeplab_tflite(args)
+    raise SegsynthError(f"export {args.what}: give --from-tflite FILE")
+
+
+def _labels(args: argparse.Namespace) -> int:
+    from . import labels
+
+    if args.action == "list":
+        for name in labels.LABEL_SETS:
+            print(f"{name}\t{len(labels.get(name))} classes")
+    elif args.action == "show":
+        ls = labels.get(args.sets[0] if args.sets else "ade20k")
+        for i, cls in enumerate(ls.classes):
+            print(f"{i}\t{cls}")
+        print(f"{labels.UNKNOWN}\tunknown")
+    else:
+        if len(args.sets) != 2:
+            raise SegsynthError("labels map needs two label sets, e.g. segsynth labels map voc ade20k")
+        src, dst = labels.get(args.sets[0]), labels.get(args.sets[1])
+        lut = labels.mapping(src, dst)
+        for i, cls in enumerate(src.classes):
+            print(f"{i}\t{cls}\t->\t{lut[i]}\t{dst.name_of(lut[i])}")
+    return 0
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="more log output")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="only errors; no progress bar")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks for errors")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import SEGMENT_VIEWS
+
+    common = _common()
+    parser = argparse.ArgumentParser(
+        prog="segsynth", parents=[common],
+        description="Segment video with DeepLab, rewrite the labels, repaint it with SPADE.")
+    parser.add_argument("--version", action="version", version=f"segsynth {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("segment", parents=[common], help="label an image or every frame of a video",
+                       description="Segment an image or a video file into labelled classes.")
+    p.add_argument("input", help="image (.png/.jpg/...) or video file")
+    p.add_argument("output", help="output image or video; same kind as the input")
+    p.add_argument("--view", choices=SEGMENT_VIEWS, default="labels",
+                   help="labels: colour map with legend; overlay: blended over the input; side-by-side: "
+                        "input | labels; ids: raw class ids as 8-bit grayscale (PNG, or lossless FFV1 video)")
+    p.add_argument("--remap", metavar="RULES", help="rewrite classes, e.g. 'person=animal,car=refrigerator'")
+    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx",
+                   help="ade20k+voc (default: scene + people/animals/vehicles), ade20k, voc, or a segmenter ONNX")
+    p.add_argument("--label-set", help="label set of a custom segmenter ONNX without segsynth metadata")
+    p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+    p.add_argument("--no-legend", action="store_true", help="omit the legend box")
+    p.add_argument("--crf", type=int, default=18, help="x264 quality for video output (0-51, default 18)")
+    p.add_argument("--preset", default="veryfast", help="x264 preset for video output (default veryfast)")
+    p.set_defaults(func=_segment)
+
+    p = sub.add_parser("export", parents=[common], help="convert models to ONNX",
+                       description="Write ONNX graphs following segsynth's I/O contracts.")
+    p.add_argument("what", choices=["deeplab"], help="which graph to export")
+    p.add_argument("--from-tflite", metavar="FILE", help="convert a DeepLab TFLite model (argmax inside)")
+    p.add_argument("--label-set", help="label set of the model (default: guessed from its class count)")
+    p.add_argument("--out", required=True, help="output .onnx file")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("labels", parents=[common], help="list label sets, their classes and mappings",
+                       description="Inspect label sets: list, show SET, map SRC DST.")
+    p.add_argument("action", choices=["list", "show", "map"])
+    p.add_argument("sets", nargs="*", help="label set names (ade20k, voc, coco-stuff, cityscapes)")
+    p.set_defaults(func=_labels)
+    return parser
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("segsynth: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(level)
+    log.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag in ("verbose", "quiet", "debug"):
+        setattr(args, flag, getattr(args, flag, False))
+    _setup_logging(args)
+    try:
+        return args.func(args)
+    except SegsynthError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"segsynth: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("segsynth: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

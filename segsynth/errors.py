@@ -1,0 +1,60 @@
+"""The one exception tree of segsynth.
+
+User mistakes (bad paths, corrupt media, unknown class names, incompatible checkpoints)
+raise a subclass of :class:`SegsynthError`; the CLI prints ``str(err)`` as one line on
+stderr and exits with ``err.exit_code``. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class SegsynthError(Exception):
+    """Base class: a problem the user can fix, reported as one line."""
+
+    exit_code = 1
+
+
+class InputError(SegsynthError):
+    """A missing, unreadable or unsupported input file or argument value."""
+
+    exit_code = 2
+
+
+class OutputError(SegsynthError):
+    """The output cannot be written (missing directory, would overwrite the input, disk full)."""
+
+    exit_code = 3
+
+
+class LabelError(InputError):
+    """An unknown class name or a malformed remap rule."""
+
+
+class ModelError(SegsynthError):
+    """A model file or checkpoint that is missing, corrupt or of the wrong kind."""
+
+    exit_code = 4
+
+
+class BackendError(SegsynthError):
+    """An inference backend that cannot run here (no GPU, package missing, CUDA error)."""
+
+    exit_code = 5
+
+
+class SourceError(SegsynthError):
+    """A live source that cannot be opened or keeps failing."""
+
+    exit_code = 6
+
+
+class Interrupted(SegsynthError):
+    """The run was stopped by SIGINT (exit 130) or SIGTERM (exit 143) after a clean drain."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        super().__init__(message or f"stopped by {name}; output flushed and closed")
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -1,0 +1,66 @@
+"""Turning label maps into pictures: colour views with a legend of the classes present,
+and the raw-id view for datasets and tools."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+from segsynth import labels
+from segsynth.labels import LabelSet
+
+
+@lru_cache(maxsize=8)
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def draw_legend(image: np.ndarray, label_map: np.ndarray, label_set: LabelSet, *,
+                max_items: int = 10, min_fraction: float = 0.005) -> np.ndarray:
+    """Draw a box listing the classes present (largest first, with pixel share) in the top-left
+    corner of ``image`` (H x W x 3 uint8); returns a new array."""
+    from PIL import Image, ImageDraw
+
+    present = [(i, f) for i, f in labels.class_fractions(label_map).items() if f >= min_fraction][:max_items]
+    if not present:
+        return image
+    height = image.shape[0]
+    size = max(10, min(28, height // 36))
+    font, pad, swatch = _font(size), size // 3, size
+    rows = [f"{label_set.name_of(i)} {f:.0%}" if f >= 0.01 else f"{label_set.name_of(i)} <1%" for i, f in present]
+    text_w = max(font.getbbox(r)[2] for r in rows)
+    box_w, row_h = pad * 3 + swatch + text_w, size + pad
+    box_h = pad + row_h * len(rows)
+    canvas = Image.fromarray(image).convert("RGBA")
+    layer = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    draw.rectangle([0, 0, box_w, box_h], fill=(0, 0, 0, 170))
+    for n, ((idx, _), text) in enumerate(zip(present, rows)):
+        y = pad + n * row_h
+        color = tuple(int(c) for c in label_set.palette[idx])
+        draw.rectangle([pad, y, pad + swatch, y + swatch], fill=color + (255,), outline=(255, 255, 255, 255))
+        draw.text((pad * 2 + swatch, y), text, font=font, fill=(255, 255, 255, 255))
+    return np.asarray(Image.alpha_composite(canvas, layer).convert("RGB"))
+
+
+def render(view: str, frame: np.ndarray, label_map: np.ndarray, label_set: LabelSet,
+           legend: bool = True) -> np.ndarray:
+    """``frame`` H x W x 3 and ``label_map`` H x W (same size) -> the picture for ``view``:
+    RGB for the colour views, H x W uint8 ids for ``ids``."""
+    if view == "ids":
+        return label_map
+    color = labels.colorize(label_map, label_set)
+    if view in ("labels", "side-by-side"):
+        out = color
+    elif view == "overlay":
+        out = ((frame.astype(np.uint16) + color) // 2).astype(np.uint8)
+    else:
+        raise ValueError(f"unknown view {view!r}")
+    if legend:
+        out = draw_legend(out, label_map, label_set)
+    if view == "side-by-side":
+        out = np.concatenate([frame, out], axis=1)
+    return out

@@ -1,0 +1,128 @@
+"""Segmenters: RGB frames in, label maps (uint8 ids of one label set) out.
+
+The default is two DeepLabV3-MobileNetV2 models fused: ADE20K-150 for the scene and
+PASCAL VOC-21 for people, animals and vehicles, whose non-background pixels are painted
+over the scene map after mapping VOC names to ADE20K ids (person -> person, dog -> animal).
+
+Threading: a segmenter owns its runners; use it from one thread (the infer stage).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from segsynth import labels
+from segsynth.engine.onnxruntime import OnnxRuntimeRunner
+from segsynth.engine.runner import Runner
+from segsynth.errors import InputError, ModelError
+
+BUNDLED = {
+    "ade20k": "deeplabv3_mnv2_ade20k.onnx",
+    "voc": "deeplabv3_mnv2_voc.onnx",
+}
+CHOICES = ("ade20k+voc", "ade20k", "voc")
+
+
+def bundled_model(name: str) -> Path:
+    return Path(str(resources.files("segsynth.models").joinpath(BUNDLED[name])))
+
+
+def resize_rgb(frame: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear (area-aware when shrinking) resize of an H x W x 3 uint8 image."""
+    if frame.shape[1] == width and frame.shape[0] == height:
+        return frame
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(frame).resize((width, height), Image.BILINEAR))
+
+
+def resize_labels(label_map: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Nearest-neighbour resize of an H x W id map (ids must never be blended)."""
+    h, w = label_map.shape[-2:]
+    if (h, w) == (height, width):
+        return label_map
+    ys = ((np.arange(height) + 0.5) * h / height).astype(np.intp)
+    xs = ((np.arange(width) + 0.5) * w / width).astype(np.intp)
+    return label_map[..., ys[:, None], xs[None, :]]
+
+
+class OnnxSegmenter:
+    """One ONNX segmenter that follows the DeepLab contract: input ``image`` N x 3 x H x W
+    float32 (normalised as ``x * input_scale + input_offset``), output ``labels`` N x H x W
+    ints (argmax inside the graph) or ``logits`` N x C x H x W."""
+
+    def __init__(self, runner: Runner, label_set: str | None = None) -> None:
+        self.runner = runner.activate()
+        self.source = getattr(runner, "label", runner.name)
+        image = [m for m in runner.inputs.values() if len(m.shape) == 4 and m.shape[1] == 3]
+        outs = [m for m in runner.outputs.values() if m.name in ("labels", "logits")]
+        meta = runner.metadata
+        if len(runner.inputs) != 1 or not image or not outs or meta.get("segsynth.role", "segmenter") != "segmenter":
+            ins = ", ".join(f"{m.name}{list(m.shape)}" for m in runner.inputs.values())
+            got = ", ".join(f"{m.name}{list(m.shape)}" for m in runner.outputs.values())
+            raise ModelError(f"{self.source} is not a segmenter: expected input image[N,3,H,W] and output "
+                             f"labels[N,H,W] or logits[N,C,H,W], got inputs {ins or 'none'} and outputs {got or 'none'}")
+        self.input_name, self.output_name = image[0].name, outs[0].name
+        h, w = image[0].shape[2:]
+        if not (isinstance(h, int) and isinstance(w, int)):
+            raise ModelError(f"{self.source}: segmenters need a fixed input size, got {h} x {w}")
+        self.size = (w, h)
+        self.scale = float(meta.get("segsynth.input_scale", 1 / 127.5))
+        self.offset = float(meta.get("segsynth.input_offset", -1.0))
+        name = label_set or meta.get("segsynth.label_set")
+        if name is None:
+            raise ModelError(f"{self.source} does not say which label set it predicts; pass --label-set")
+        self.label_set = labels.get(name)
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """N x H x W x 3 uint8 frames at ``self.size`` -> N x H x W uint8 label ids."""
+        x = frames.astype(np.float32).transpose(0, 3, 1, 2) * np.float32(self.scale) + np.float32(self.offset)
+        out = self.runner.infer({self.input_name: np.ascontiguousarray(x)})[self.output_name]
+        if self.output_name == "logits":
+            out = out.argmax(1)
+        return out.astype(np.uint8, copy=False)
+
+    def close(self) -> None:
+        self.runner.deactivate()
+
+
+class FusedSegmenter:
+    """Scene segmenter + object segmenter: object pixels (non-background) painted over the scene,
+    their ids mapped by class name into the scene's label set."""
+
+    def __init__(self, scene: OnnxSegmenter, objects: OnnxSegmenter) -> None:
+        if scene.size != objects.size:
+            raise ModelError(f"fused segmenters need one input size, got {scene.size} and {objects.size}")
+        self.scene, self.objects = scene, objects
+        self.label_set, self.size = scene.label_set, scene.size
+        self.bridge = labels.mapping(objects.label_set, scene.label_set)
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        out = self.scene(frames)
+        painted = self.bridge[self.objects(frames)]
+        return np.where(painted != labels.UNKNOWN, painted, out)
+
+    def close(self) -> None:
+        self.scene.close()
+        self.objects.close()
+
+
+def load_segmenter(spec: str = "ade20k+voc", *, label_set: str | None = None, threads: int | None = None):
+    """``ade20k``, ``voc``, ``ade20k+voc`` (the bundled models) or a path to a segmenter ONNX."""
+
+    def one(path: Path, ls: str | None = None) -> OnnxSegmenter:
+        return OnnxSegmenter(OnnxRuntimeRunner(path, threads=threads), ls)
+
+    if spec in BUNDLED:
+        return one(bundled_model(spec))
+    if spec == "ade20k+voc":
+        return FusedSegmenter(one(bundled_model("ade20k")), one(bundled_model("voc")))
+    path = Path(spec)
+    if path.suffix.lower() != ".onnx":
+        raise InputError(f"unknown segmenter {spec!r}; choose {', '.join(CHOICES)} or a path to an .onnx file")
+    if not path.is_file():
+        raise InputError(f"{path}: no such segmenter file")
+    return one(path, label_set)

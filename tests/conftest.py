@@ -1,0 +1,115 @@
+"""Shared fixtures: media made with PyAV/lavfi or taken from the repo's third_party assets,
+and a helper that runs the installed ``segsynth`` command like a user would."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MEDIA = REPO / "third_party" / "media"
+MODELS = REPO / "third_party" / "models"
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed ``segsynth`` console script; returns the completed process (text output)."""
+    script = Path(sys.executable).with_name("segsynth")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "segsynth.cli"]
+    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, timeout=timeout,
+                          capture_output=True, text=True, stdin=subprocess.DEVNULL)
+
+
+def decode_video(path: Path) -> tuple[list[float], list[np.ndarray]]:
+    """Presentation times (seconds) and frames (rgb24, or gray for gray streams) of the first video stream."""
+    import av
+
+    times, frames = [], []
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        gray = stream.codec_context.pix_fmt == "gray"
+        for f in c.decode(stream):
+            times.append(float(f.pts * f.time_base))
+            frames.append(f.to_ndarray(format="gray" if gray else "rgb24"))
+    return times, frames
+
+
+def audio_info(path: Path) -> tuple[int, float, str]:
+    """(packet count, duration in seconds, sha256 of all packet payloads) of the first audio
+    stream: equal hashes mean the audio was copied untouched."""
+    import hashlib
+
+    import av
+
+    with av.open(str(path)) as c:
+        if not c.streams.audio:
+            return 0, 0.0, ""
+        stream = c.streams.audio[0]
+        packets = [(p.pts, p.duration, p.time_base, bytes(p)) for p in c.demux(stream) if p.dts is not None]
+    end = max(float((pts + dur) * tb) for pts, dur, tb, _ in packets)
+    start = min(float(pts * tb) for pts, _, tb, _ in packets)
+    digest = hashlib.sha256(b"".join(data for *_, data in packets)).hexdigest()
+    return len(packets), end - start, digest
+
+
+def write_clip(path: Path, frames: list[np.ndarray], times: list[Fraction], *, audio_seconds: float = 0.0,
+               codec: str = "libx264", faststart: bool = False) -> Path:
+    """Encode RGB frames at the given presentation times (VFR allowed) plus an optional
+    sine-wave AAC track, like a phone or camera would."""
+    import av
+
+    tb = Fraction(1, 1000)
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
+        v = c.add_stream(codec, rate=25)
+        v.width, v.height = frames[0].shape[1], frames[0].shape[0]
+        v.pix_fmt, v.time_base = "yuv420p", tb
+        a = None
+        if audio_seconds:
+            a = c.add_stream("aac", rate=44100)
+            a.layout = "stereo"
+        for img, t in zip(frames, times):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = int(t / tb), tb
+            c.mux(v.encode(f))
+        c.mux(v.encode(None))
+        if a is not None:
+            n = int(44100 * audio_seconds)
+            samples = (0.2 * np.sin(2 * np.pi * 440 * np.arange(n) / 44100)).astype(np.float32)
+            for start in range(0, n, 1024):
+                chunk = np.repeat(samples[None, start:start + 1024], 2, 0)
+                fr = av.AudioFrame.from_ndarray(np.ascontiguousarray(chunk), format="fltp", layout="stereo")
+                fr.sample_rate, fr.pts = 44100, start
+                c.mux(a.encode(fr))
+            c.mux(a.encode(None))
+    return path
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(REPO / "examples" / "astronaut.png").convert("RGB"))
+
+
+@pytest.fixture(scope="session")
+def people_clip(tmp_path_factory, astronaut) -> Path:
+    """8 frames of a person (the astronaut photo, drifting sideways) at variable frame rate,
+    with 0.6 s of stereo AAC audio."""
+    frames = [np.roll(astronaut[:, :480], shift=6 * i, axis=1) for i in range(8)]
+    times = [Fraction(k, 1000) for k in (0, 40, 80, 160, 200, 280, 320, 400)]  # VFR
+    return write_clip(tmp_path_factory.mktemp("media") / "people.mp4", frames, times, audio_seconds=0.6)
+
+
+@pytest.fixture(scope="session")
+def real_photos() -> dict[str, np.ndarray]:
+    """Real photographs shipped with scikit-image (BSD-3 / public domain)."""
+    import skimage.data as data
+
+    gray = data.camera()
+    return {"astronaut": data.astronaut(), "coffee": data.coffee(), "rocket": data.rocket(),
+            "chelsea": data.chelsea(), "motorcycle": data.stereo_motorcycle()[0],
+            "camera": np.repeat(gray[..., None], 3, -1)}
