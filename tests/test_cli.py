@@ -132,9 +132,10 @@ def test_quiet_prints_nothing_on_success(tmp_path):
     assert proc.returncode == 0 and proc.stderr == ""
 
 
-def test_stream_and_engine_import_without_torch():
+def test_stream_and_engine_import_without_torch(tmp_path):
+    # run outside the checkout so the installed package is imported, not the source tree
     code = "import segsynth.stream, segsynth.engine, sys; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     code = ("import sys, segsynth.stream.segment, segsynth.stream.segmenter, segsynth.engine.onnxruntime, "
             "segsynth.cli; bad = {'torch', 'tensorrt', 'cuda'} & set(sys.modules); assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
