@@ -295,10 +295,12 @@ def convert(path: str | Path, *, class_lut: np.ndarray | None = None,
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="segsynth.export.tflite")
     model.ir_version = 8
+    mean, std = -input_offset / input_scale, 1 / input_scale  # x * scale + offset == (x - mean) / std
     props = {
         "segsynth.role": "segmenter",
-        "segsynth.input_scale": repr(float(input_scale)),
-        "segsynth.input_offset": repr(float(input_offset)),
+        "segsynth.input_order": "rgb",
+        "segsynth.input_mean": ",".join([repr(float(mean))] * 3),
+        "segsynth.input_std": ",".join([repr(float(std))] * 3),
         "segsynth.source": path.name,
         "segsynth.source_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         **(metadata or {}),

@@ -27,31 +27,23 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_deeplab_tflite(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import onnx
+    from .config import ExportConfig, parse_batch, parse_overrides, parse_size
 
-    from .export.tflite import segmenter_from_tflite
-    from .stream.media import atomic_output
+    def path(value):
+        return Path(value) if value else None
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".onnx":
-        raise SegsynthError(f"{out}: the output of export must be an .onnx file")
-    model = segmenter_from_tflite(args.from_tflite, label_set=args.label_set)
-    with atomic_output(out, args.from_tflite) as tmp:
-        onnx.save(model, str(tmp))
-    props = {p.key: p.value for p in model.metadata_props}
-    log.info("wrote %s (%s segmenter, %s classes, input %s)", out, props["segsynth.label_set"],
-             props["segsynth.classes"], "x".join(str(d.dim_value) for d in
-                                                 model.graph.input[0].type.tensor_type.shape.dim[2:]))
+    cfg = ExportConfig(
+        what=args.what, out=Path(args.out), checkpoint=path(args.checkpoint), deeplab=path(args.deeplab),
+        from_tflite=path(args.from_tflite), size=parse_size(args.size) if args.size else None,
+        seg_size=parse_size(args.seg_size, "--seg-size"), batch=parse_batch(args.batch), argmax=args.argmax,
+        label_set=args.label_set, epoch=args.epoch, overrides=parse_overrides(args.opt))
+    from .export.commands import run_export
+
+    log.info("%s", run_export(cfg))
     return 0
-
-
-def _export(args: argparse.Namespace) -> int:
-    if args.what == "deeplab" and args.from_tflite:
-        return _export_deeplab_tflite(args)
-    raise SegsynthError(f"export {args.what}: give --from-tflite FILE")
 
 
 def _labels(args: argparse.Namespace) -> int:
@@ -87,7 +79,7 @@ def _common() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import SEGMENT_VIEWS
+    from .config import EXPORT_TARGETS, SEGMENT_VIEWS
 
     common = _common()
     parser = argparse.ArgumentParser(
@@ -113,12 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="veryfast", help="x264 preset for video output (default veryfast)")
     p.set_defaults(func=_segment)
 
-    p = sub.add_parser("export", parents=[common], help="convert models to ONNX",
-                       description="Write ONNX graphs following segsynth's I/O contracts.")
-    p.add_argument("what", choices=["deeplab"], help="which graph to export")
-    p.add_argument("--from-tflite", metavar="FILE", help="convert a DeepLab TFLite model (argmax inside)")
-    p.add_argument("--label-set", help="label set of the model (default: guessed from its class count)")
-    p.add_argument("--out", required=True, help="output .onnx file")
+    p = sub.add_parser(
+        "export", parents=[common], help="export SPADE / DeepLab / the fused chain to ONNX",
+        description="Write ONNX graphs following segsynth's I/O contracts. spade: label [+instance] [+z] -> image; "
+                    "encoder: style -> mu, logvar; deeplab: image -> logits (or labels); chain: uint8 frames + remap "
+                    "table [+z] -> uint8 frames + labels. Needs the export extra (torch), except --from-tflite.")
+    p.add_argument("what", choices=EXPORT_TARGETS, help="which graph to export")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="SPADE: an official checkpoint directory (opt.txt, latest_net_G.pth[, latest_net_E.pth]); "
+                        "deeplab: a kazuto1011 DeepLab v2 or torchvision DeepLabV3 .pth")
+    p.add_argument("--deeplab", metavar="FILE.pth", help="chain: the DeepLab checkpoint")
+    p.add_argument("--from-tflite", metavar="FILE", help="deeplab: convert a DeepLab TFLite model instead")
+    p.add_argument("--out", required=True, help="output .onnx file (written only when complete)")
+    p.add_argument("--size", metavar="HxW", help="spade: output size (sets crop_size/aspect_ratio); encoder: style "
+                                                 "size; deeplab: input size (default 513x513); chain: frame size")
+    p.add_argument("--seg-size", metavar="HxW", default="513x513", help="chain: segmenter input size (513x513)")
+    p.add_argument("--batch", default="1", metavar="N|dynamic", help="batch size, or 'dynamic' (default 1)")
+    p.add_argument("--argmax", action="store_true", help="deeplab: output uint8 labels instead of logits")
+    p.add_argument("--label-set", help="label set of the segmenter (default: guessed from its class count)")
+    p.add_argument("--epoch", default="latest", help="SPADE: which {epoch}_net_G.pth to load (default latest)")
+    p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="SPADE: override an opt.txt option")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("labels", parents=[common], help="list label sets, their classes and mappings",

@@ -58,3 +58,63 @@ class SegmentConfig:
     @property
     def is_image(self) -> bool:
         return _kind(self.output) == "image"
+
+
+def parse_size(text: str, flag: str = "--size", order: str = "HxW") -> tuple[int, int]:
+    """'512x256' -> (512, 256) in the order the flag documents (HxW or WxH)."""
+    parts = text.lower().replace("*", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise InputError(f"{flag} {text!r}: expected {order} with two positive integers, e.g. 256x512")
+    return int(parts[0]), int(parts[1])
+
+
+EXPORT_TARGETS = ("spade", "encoder", "deeplab", "chain")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """``segsynth export WHAT``: write an ONNX graph following the I/O contracts."""
+
+    what: str
+    out: Path
+    checkpoint: Path | None = None  # SPADE directory (spade/encoder/chain) or DeepLab .pth (deeplab)
+    deeplab: Path | None = None  # chain: the DeepLab checkpoint
+    from_tflite: Path | None = None  # deeplab: convert a TFLite segmenter instead
+    size: tuple[int, int] | None = None  # (H, W)
+    seg_size: tuple[int, int] = (513, 513)  # chain: the segmenter's input size (H, W)
+    batch: int | None = 1  # None = dynamic batch dimension
+    argmax: bool = False  # deeplab: output labels (uint8) instead of logits
+    label_set: str | None = None
+    epoch: str = "latest"
+    overrides: tuple[tuple[str, str], ...] = ()  # opt.txt overrides, (key, value)
+
+    def __post_init__(self) -> None:
+        if self.what not in EXPORT_TARGETS:
+            raise InputError(f"unknown export target {self.what!r}; choose one of: {', '.join(EXPORT_TARGETS)}")
+        if Path(self.out).suffix.lower() != ".onnx":
+            raise InputError(f"{self.out}: the output of export must be an .onnx file")
+        needs = {"spade": ["checkpoint"], "encoder": ["checkpoint"], "chain": ["checkpoint", "deeplab", "size"],
+                 "deeplab": [] if self.from_tflite else ["checkpoint"]}[self.what]
+        missing = [f"--{n.replace('_', '-')}" for n in needs if getattr(self, n) is None]
+        if missing:
+            raise InputError(f"export {self.what} needs {' and '.join(missing)}")
+        if self.batch is not None and not 1 <= self.batch <= 64:
+            raise InputError("--batch must be 'dynamic' or between 1 and 64")
+
+
+def parse_batch(text: str) -> int | None:
+    if text == "dynamic":
+        return None
+    if not text.isdigit():
+        raise InputError(f"--batch {text!r}: expected 'dynamic' or a number")
+    return int(text)
+
+
+def parse_overrides(items: list[str] | None) -> tuple[tuple[str, str], ...]:
+    pairs = []
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise InputError(f"--opt {item!r}: expected KEY=VALUE, e.g. --opt label_nc=150")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)

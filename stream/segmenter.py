@@ -51,8 +51,9 @@ def resize_labels(label_map: np.ndarray, width: int, height: int) -> np.ndarray:
 
 class OnnxSegmenter:
     """One ONNX segmenter that follows the DeepLab contract: input ``image`` N x 3 x H x W
-    float32 (normalised as ``x * input_scale + input_offset``), output ``labels`` N x H x W
-    ints (argmax inside the graph) or ``logits`` N x C x H x W."""
+    float32 (channels in ``segsynth.input_order``, normalised as ``(x - mean) / std`` from the
+    graph's metadata; DeepLab's TensorFlow default ``x / 127.5 - 1`` when absent), output
+    ``labels`` N x H x W ints (argmax inside the graph) or ``logits`` N x C x H x W."""
 
     def __init__(self, runner: Runner, label_set: str | None = None) -> None:
         self.runner = runner.activate()
@@ -70,8 +71,14 @@ class OnnxSegmenter:
         if not (isinstance(h, int) and isinstance(w, int)):
             raise ModelError(f"{self.source}: segmenters need a fixed input size, got {h} x {w}")
         self.size = (w, h)
-        self.scale = float(meta.get("segsynth.input_scale", 1 / 127.5))
-        self.offset = float(meta.get("segsynth.input_offset", -1.0))
+        try:
+            mean = [float(v) for v in meta.get("segsynth.input_mean", "127.5,127.5,127.5").split(",")]
+            std = [float(v) for v in meta.get("segsynth.input_std", "127.5,127.5,127.5").split(",")]
+        except ValueError:
+            raise ModelError(f"{self.source}: malformed segsynth.input_mean/std metadata") from None
+        self.bgr = meta.get("segsynth.input_order", "rgb") == "bgr"
+        scale = 1 / np.asarray(std, np.float32)
+        self.scale, self.offset = scale.reshape(1, 3, 1, 1), (-np.asarray(mean, np.float32) * scale).reshape(1, 3, 1, 1)
         name = label_set or meta.get("segsynth.label_set")
         if name is None:
             raise ModelError(f"{self.source} does not say which label set it predicts; pass --label-set")
@@ -79,7 +86,8 @@ class OnnxSegmenter:
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         """N x H x W x 3 uint8 frames at ``self.size`` -> N x H x W uint8 label ids."""
-        x = frames.astype(np.float32).transpose(0, 3, 1, 2) * np.float32(self.scale) + np.float32(self.offset)
+        x = frames[..., ::-1] if self.bgr else frames
+        x = x.astype(np.float32).transpose(0, 3, 1, 2) * self.scale + self.offset
         out = self.runner.infer({self.input_name: np.ascontiguousarray(x)})[self.output_name]
         if self.output_name == "logits":
             out = out.argmax(1)

@@ -113,3 +113,30 @@ def real_photos() -> dict[str, np.ndarray]:
     return {"astronaut": data.astronaut(), "coffee": data.coffee(), "rocket": data.rocket(),
             "chelsea": data.chelsea(), "motorcycle": data.stereo_motorcycle()[0],
             "camera": np.repeat(gray[..., None], 3, -1)}
+
+
+def make_spade_checkpoint(directory: Path, seed: int = 0, **options) -> dict:
+    """A tiny random-init SPADE checkpoint in the official layout (opt.txt, latest_net_G.pth,
+    latest_net_E.pth for VAE models). A few training-mode passes first give the BatchNorm
+    running statistics and the spectral-norm u/v vectors non-trivial stored values."""
+    import torch
+
+    from segsynth.export.spade import ConvEncoder, SPADEGenerator, SpadeOptions, write_opt_txt
+
+    torch.manual_seed(seed)
+    opt = SpadeOptions(**options)
+    directory.mkdir(parents=True, exist_ok=True)
+    g = SPADEGenerator(opt).train()
+    h, w = opt.output_size
+    with torch.no_grad():
+        for _ in range(2):
+            g(torch.rand(2, opt.semantic_nc, h, w).round(), torch.randn(2, opt.z_dim))
+    torch.save(g.state_dict(), directory / "latest_net_G.pth")
+    if opt.use_vae:
+        e = ConvEncoder(opt).train()
+        with torch.no_grad():
+            e(torch.rand(2, 3, 256, 256) * 2 - 1)
+        torch.save(e.state_dict(), directory / "latest_net_E.pth")
+    write_opt_txt(opt, directory / "opt.txt", {"name": "tiny", "gpu_ids": "0", "batchSize": 1, "isTrain": True,
+                                                "dataset_mode": "custom", "load_size": opt.crop_size})
+    return {f: getattr(opt, f) for f in opt.__dataclass_fields__}

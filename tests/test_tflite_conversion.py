@@ -53,14 +53,14 @@ def test_onnx_matches_tflite_interpreter_on_real_photos(name, real_photos):
     tflite, shipped = CASES[name]
     model = onnx.load(str(shipped))
     props = {p.key: p.value for p in model.metadata_props}
-    scale, offset = float(props["segsynth.input_scale"]), float(props["segsynth.input_offset"])
+    mean, std = float(props["segsynth.input_mean"].split(",")[0]), float(props["segsynth.input_std"].split(",")[0])
     lut = onnx.numpy_helper.to_array([i for i in model.graph.initializer if i.name.startswith("class_lut")][0])
     session = ort.InferenceSession(str(shipped), providers=["CPUExecutionProvider"])
     agree, total, lines = 0, 0, []
     for photo_name, photo in real_photos.items():
         x = np.asarray(Image.fromarray(photo).resize((513, 513), Image.BILINEAR))
         ref = lut[_tflite_labels(tflite, x)]
-        ours = session.run(None, {"image": (x.astype(np.float32) * scale + offset).transpose(2, 0, 1)[None]})[0][0]
+        ours = session.run(None, {"image": ((x.astype(np.float32) - mean) / std).transpose(2, 0, 1)[None]})[0][0]
         frac = float((ours == ref).mean())
         lines.append(f"{photo_name} {frac:.2%}")
         if photo_name in CLEAR:
