@@ -140,3 +140,28 @@ def make_spade_checkpoint(directory: Path, seed: int = 0, **options) -> dict:
     write_opt_txt(opt, directory / "opt.txt", {"name": "tiny", "gpu_ids": "0", "batchSize": 1, "isTrain": True,
                                                 "dataset_mode": "custom", "load_size": opt.crop_size})
     return {f: getattr(opt, f) for f in opt.__dataclass_fields__}
+
+
+def make_deeplab_checkpoint(path: Path, family: str, n_classes: int, seed: int = 0, **kwargs) -> Path:
+    """A random-init DeepLab state dict in its published format: ``kazuto`` (DeepLabV2 in the
+    MSC wrapper, keys ``base.…``), ``tv-resnet50``/``tv-resnet101``/``tv-mobilenet_v3_large``
+    (torchvision DeepLabV3 with its aux head). BatchNorm statistics are randomised."""
+    import torch
+
+    from segsynth.export import deeplab as dl
+
+    torch.manual_seed(seed)
+    if family == "kazuto":
+        net = dl.MSC(dl.DeepLabV2(n_classes, kwargs.get("n_blocks", (3, 4, 23, 3))))
+    else:
+        net = dl.TVDeepLabV3(family[3:], n_classes, aux=True)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1, generator=gen)
+                m.running_var.uniform_(0.5, 2.0, generator=gen)
+                m.weight.uniform_(0.3, 1.0, generator=gen)
+                m.bias.normal_(0, 0.1, generator=gen)
+    torch.save(net.state_dict(), path)
+    return path
