@@ -46,6 +46,35 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import parse_size
+    from .stream.dataset import DatasetConfig, make_dataset
+
+    cfg = DatasetConfig(videos=tuple(Path(v) for v in args.videos), out=Path(args.out), every=args.every,
+                        size=parse_size(args.size, "--size", "WxH"), segmenter=args.segmenter, threads=args.threads)
+    manifest = make_dataset(cfg, quiet=args.quiet)
+    log.info("wrote %s: %d image/label pairs (%s, %dx%d)", cfg.out, len(manifest["items"]), manifest["label_set"],
+             *manifest["size"])
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .export.train import TrainConfig, train
+
+    cfg = TrainConfig(data=Path(args.data), out=Path(args.out), config=args.config, steps=args.steps,
+                      device=args.device, resume=args.resume, batch=args.batch, sample_every=args.sample_every,
+                      save_every=args.save_every, threads=args.threads, seed=args.seed)
+    result = train(cfg, quiet=args.quiet)
+    last = result["history"][-1] if result["history"] else {}
+    log.info("trained %d steps; checkpoint in %s (official layout: latest_net_G.pth, latest_net_D.pth, opt.txt)%s",
+             result["steps"], cfg.out, f"; last L1 {last.get('G_L1', 0):.3f}" if last else "")
+    return 0
+
+
 def _labels(args: argparse.Namespace) -> int:
     from . import labels
 
@@ -126,6 +155,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch", default="latest", help="SPADE: which {epoch}_net_G.pth to load (default latest)")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="SPADE: override an opt.txt option")
     p.set_defaults(func=_export)
+
+    p = sub.add_parser("dataset", parents=[common], help="make image/label training pairs from videos",
+                       description="dataset make VIDEOS... --out DIR: label frames with the default segmenter.")
+    p.add_argument("action", choices=["make"])
+    p.add_argument("videos", nargs="+", help="video files")
+    p.add_argument("--out", required=True, help="new output directory (images/, labels/, manifest.json)")
+    p.add_argument("--every", type=int, default=1, help="take every N-th frame (default 1)")
+    p.add_argument("--size", default="256x256", metavar="WxH", help="pair size (default 256x256)")
+    p.add_argument("--segmenter", default="ade20k+voc", help="segmenter used for the labels (default ade20k+voc)")
+    p.add_argument("--threads", type=int, help="inference threads")
+    p.set_defaults(func=_dataset)
+
+    p = sub.add_parser("train", parents=[common], help="train a SPADE generator on a dataset (needs torch)",
+                       description="Train SPADE (hinge GAN + multiscale PatchGAN + feature matching + L1); "
+                                   "checkpoints in the official NVlabs layout.")
+    p.add_argument("--data", required=True, help="a directory made by segsynth dataset make")
+    p.add_argument("--out", required=True, help="checkpoint directory (latest_net_G.pth, latest_net_D.pth, opt.txt)")
+    p.add_argument("--config", default="small", choices=["tiny", "small", "base"], help="model size (default small)")
+    p.add_argument("--steps", type=int, default=1000, help="total training steps (default 1000)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--batch", type=int, help="batch size (default: the config's)")
+    p.add_argument("--sample-every", type=int, default=100, help="write a sample grid every K steps")
+    p.add_argument("--save-every", type=int, default=200, help="write the checkpoint every K steps")
+    p.add_argument("--threads", type=int, help="CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_train)
 
     p = sub.add_parser("labels", parents=[common], help="list label sets, their classes and mappings",
                        description="Inspect label sets: list, show SET, map SRC DST.")

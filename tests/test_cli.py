@@ -113,7 +113,7 @@ def test_version_and_help_on_every_subcommand():
     assert proc.returncode == 0 and proc.stdout.startswith("segsynth ")
     top = run_cli("--help")
     assert top.returncode == 0
-    commands = ["segment", "export", "labels"]
+    commands = ["segment", "export", "labels", "dataset", "train"]
     for cmd in commands:
         assert cmd in top.stdout
         sub = run_cli(cmd, "--help")
