@@ -140,3 +140,23 @@ def test_opt_txt_is_parsed_like_the_official_file(tmp_path):
     opt = SpadeOptions.from_opt_txt(tmp_path / "opt.txt", {"ngf": "32"})
     assert (opt.aspect_ratio, opt.label_nc, opt.contain_dontcare_label, opt.use_vae, opt.ngf) == (2.0, 35, False, True, 32)
     assert opt.semantic_nc == 36 and opt.norm_G == "spectralspadesyncbatch3x3"
+
+
+@pytest.mark.parametrize("no_instance", [True, False])
+def test_label_id_fast_path_equals_the_one_hot_path(no_instance):
+    from segsynth.export.spade import SemanticInput, SPADEGenerator, SpadeOptions
+
+    torch.manual_seed(0)
+    opt = SpadeOptions(label_nc=20, contain_dontcare_label=True, no_instance=no_instance, ngf=4, crop_size=64,
+                       norm_G="spectralspadeinstance3x3")
+    g, sem = SPADEGenerator(opt).double().eval(), SemanticInput(opt)
+    label = torch.randint(0, 20, (2, 1, 8, 8)).repeat_interleave(8, 2).repeat_interleave(8, 3)
+    label[:, :, :5] = 255
+    label[:, :, -3:, -3:] = 200  # an id outside the set: an all-zero pixel on both paths
+    with torch.no_grad():
+        a = g(sem(label).double())
+        lm = sem.label_map(label)
+        if lm.dense is not None:
+            lm.dense = lm.dense.double()
+        b = g(lm)
+    assert (a - b).abs().max() < 1e-10
