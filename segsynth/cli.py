@@ -27,6 +27,37 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from .config import RunConfig, parse_size
+    from .stream.run import run
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segsynth"
+    cfg = RunConfig(input=Path(args.input), output=Path(args.output), view=args.view, remap=args.remap,
+                    generator=args.generator, segmenter=args.segmenter, style=Path(args.style) if args.style else None,
+                    seed=args.seed, smooth=args.smooth, fit=args.fit, policy=args.policy, batch=args.batch,
+                    size=parse_size(args.size, "--size", "WxH") if args.size else None, codec=args.codec,
+                    crf=args.crf, preset=args.preset, bitrate=args.bitrate, stream=args.stream, threads=args.threads,
+                    legend=not args.no_legend, cache_dir=Path(args.cache_dir) if args.cache_dir else cache)
+    stats, info = run(cfg, quiet=args.quiet)
+    if info["problems"] or (info["declared"] and stats.frames_in < info["declared"] and not info["interrupted"]):
+        declared = f" of the {info['declared']} it declares" if info["declared"] else ""
+        first = f": {info['problems'][0]}" if info["problems"] else ""
+        log.warning("warning: %s looks truncated or damaged: decoded %d frames%s and wrote them%s",
+                    cfg.input, stats.frames_in, declared, first)
+    log.info("wrote %s (%s): %d frames in, %d out, %d dropped, %.1f s, %.2f fps", cfg.output, info["view"],
+             stats.frames_in, stats.frames_out, stats.dropped, stats.seconds, stats.fps)
+    for name, t in stats.stages.items():
+        log.info("  %-7s mean %7.1f ms   p95 %7.1f ms", name, t["mean_ms"], t["p95_ms"])
+    if stats.latency:
+        log.info("  latency p50 %.0f ms, p95 %.0f ms (decode to mux)", stats.latency["p50_ms"], stats.latency["p95_ms"])
+    if info["interrupted"] is not None:
+        raise info["interrupted"]
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -108,7 +139,7 @@ def _common() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import EXPORT_TARGETS, SEGMENT_VIEWS
+    from .config import EXPORT_TARGETS, FITS, RUN_VIEWS, SEGMENT_VIEWS
 
     common = _common()
     parser = argparse.ArgumentParser(
@@ -133,6 +164,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", type=int, default=18, help="x264 quality for video output (0-51, default 18)")
     p.add_argument("--preset", default="veryfast", help="x264 preset for video output (default veryfast)")
     p.set_defaults(func=_segment)
+
+    p = sub.add_parser("run", parents=[common], help="segment, remap and re-synthesize every frame of a video",
+                       description="The main job: DeepLab labels every frame, --remap rewrites the labels, SPADE "
+                                   "paints a new frame; threaded decode -> infer -> encode, timestamps and audio kept.")
+    p.add_argument("input", help="input video file")
+    p.add_argument("output", help="output video (.mp4 written fragmented, .mkv, .mov, ...)")
+    p.add_argument("--view", choices=RUN_VIEWS, help="synth (default with a generator), labels (default without), "
+                                                     "overlay, side-by-side (input | synthesis), grid (2x2)")
+    p.add_argument("--remap", metavar="RULES", help="rewrite classes before synthesis, e.g. 'person=animal'")
+    p.add_argument("--generator", default="default", metavar="default|DIR|FILE.onnx",
+                   help="SPADE generator: the bundled default, an official checkpoint directory, or an exported ONNX")
+    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="as for segment")
+    p.add_argument("--style", metavar="IMAGE", help="style image for VAE generators (encoder -> z)")
+    p.add_argument("--seed", type=int, help="fixed z for VAE generators (one z for the whole video)")
+    p.add_argument("--smooth", type=int, default=1, metavar="K", help="temporal label smoothing over K frames")
+    p.add_argument("--size", metavar="WxH", help="synthesis resolution (default: the generator's own)")
+    p.add_argument("--fit", choices=FITS, help="how frames meet the synthesis size (default: as the generator "
+                                               "was trained; letterbox keeps the aspect ratio)")
+    p.add_argument("--policy", choices=["lossless", "latest"], default="lossless",
+                   help="lossless: every frame in order; latest: drop the oldest queued frame (live)")
+    p.add_argument("--batch", type=int, default=1, help="frames per inference batch (default 1)")
+    p.add_argument("--codec", default="libx264", help="video encoder (libx264, libx265, h264_nvenc, ...)")
+    p.add_argument("--crf", type=int, default=20, help="x264/x265 quality (0-51, default 20)")
+    p.add_argument("--preset", default="veryfast", help="x264/x265 preset (default veryfast)")
+    p.add_argument("--bitrate", help="target bitrate instead of --crf, e.g. 4M")
+    p.add_argument("--stream", type=int, metavar="INDEX", help="which video stream (default: the first)")
+    p.add_argument("--threads", type=int, help="inference threads per model (default: all cores)")
+    p.add_argument("--no-legend", action="store_true", help="omit the legend box")
+    p.add_argument("--cache-dir", help="where exported generators are cached (default ~/.cache/segsynth)")
+    p.set_defaults(func=_run)
 
     p = sub.add_parser(
         "export", parents=[common], help="export SPADE / DeepLab / the fused chain to ONNX",

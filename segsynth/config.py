@@ -118,3 +118,61 @@ def parse_overrides(items: list[str] | None) -> tuple[tuple[str, str], ...]:
             raise InputError(f"--opt {item!r}: expected KEY=VALUE, e.g. --opt label_nc=150")
         pairs.append((key.strip(), value.strip()))
     return tuple(pairs)
+
+
+RUN_VIEWS = ("synth", "labels", "overlay", "side-by-side", "grid")
+FITS = ("letterbox", "stretch")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """``segsynth run IN OUT``: segment, remap and re-synthesize every frame of a video."""
+
+    input: Path
+    output: Path
+    view: str | None = None  # None: synth with a generator, labels without one
+    remap: str | None = None
+    generator: str = "default"
+    segmenter: str = "ade20k+voc"
+    style: Path | None = None
+    seed: int | None = None
+    smooth: int = 1
+    size: tuple[int, int] | None = None  # (W, H) synthesis resolution; default: the generator's own
+    fit: str | None = None  # letterbox | stretch; default: how the generator was trained
+    policy: str = "lossless"
+    batch: int = 1
+    codec: str = "libx264"
+    crf: int = 20
+    preset: str = "veryfast"
+    bitrate: str | None = None
+    stream: int | None = None  # absolute index of the video stream to use
+    threads: int | None = None
+    legend: bool = True
+    ring_slots: int = 8
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input", Path(self.input))
+        object.__setattr__(self, "output", Path(self.output))
+        if self.view is not None and self.view not in RUN_VIEWS:
+            raise InputError(f"unknown view {self.view!r}; choose one of: {', '.join(RUN_VIEWS)}")
+        if self.output.suffix.lower() not in VIDEO_EXTS:
+            raise InputError(f"{self.output}: the output of run must be a video ({', '.join(sorted(VIDEO_EXTS))})")
+        if self.input.suffix.lower() in IMAGE_EXTS:
+            raise InputError(f"{self.input} is an image; run works on video (use segment for images)")
+        if self.policy not in ("lossless", "latest"):
+            raise InputError("--policy must be lossless or latest")
+        if self.fit is not None and self.fit not in FITS:
+            raise InputError(f"--fit must be one of: {', '.join(FITS)}")
+        if not 1 <= self.smooth <= 15:
+            raise InputError("--smooth must be between 1 (off) and 15 frames")
+        if not 1 <= self.batch <= 64:
+            raise InputError("--batch must be between 1 and 64")
+        if not 0 <= self.crf <= 51:
+            raise InputError("--crf must be between 0 and 51")
+        if self.ring_slots < max(2, self.batch):
+            raise InputError("the frame ring needs at least max(2, batch) slots")
+        if self.size is not None and (self.size[0] % 32 or self.size[1] % 32):
+            raise InputError(f"--size {self.size[0]}x{self.size[1]}: SPADE needs multiples of 32")
+        if self.style is not None and self.seed is not None:
+            raise InputError("--style and --seed both set z; give one")

@@ -101,20 +101,25 @@ def _decode(decode, problems: list[str]) -> list:
         return []
 
 
-def open_output(path: Path):
+def open_output(path: Path, fragmented: bool = False):
     """Open a media file for writing. Matroska keeps negative timestamps (e.g. AAC priming
-    packets) instead of shifting every stream, so video PTS stay exactly those of the input."""
+    packets) instead of shifting every stream, so video PTS stay exactly those of the input.
+    ``fragmented`` MP4/MOV write a fragment per keyframe, so a killed writer leaves a
+    playable file (Matroska is playable when cut anyway)."""
     import av
 
-    options = {"avoid_negative_ts": "disabled"} if path.suffix.lower() in (".mkv", ".webm") else {}
-    return av.open(str(path), "w", options=options)
+    ext = path.suffix.lower()
+    options = {"avoid_negative_ts": "disabled"} if ext in (".mkv", ".webm") else {}
+    if fragmented and ext in (".mp4", ".m4v", ".mov"):
+        options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
+    try:
+        return av.open(str(path), "w", options=options)
+    except (av.FFmpegError, OSError) as exc:
+        raise OutputError(f"cannot write {path}: {ffmpeg_message(exc)}") from exc
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | Path, *inputs: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` when the block succeeds,
-    delete it when the block fails. Refuses to overwrite any of ``inputs``."""
-    path = Path(path)
+def check_output(path: Path, *inputs: Path) -> None:
+    """Fail early (before any work) on an output that cannot be written or would overwrite an input."""
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"cannot write {path}: directory {parent} does not exist")
@@ -123,7 +128,72 @@ def atomic_output(path: str | Path, *inputs: str | Path) -> Iterator[Path]:
     for src in inputs:
         if Path(src).resolve() == path.resolve():
             raise OutputError(f"{path} would overwrite the input; choose another output name")
-    tmp = parent / f".{path.stem}.partial-{os.getpid()}{path.suffix}"
+
+
+# Audio codecs each container holds without re-encoding (the rest are re-encoded).
+_AUDIO_COPY = {
+    ".mp4": {"aac", "mp3", "ac3", "eac3", "alac", "opus", "flac"}, ".m4v": {"aac", "mp3", "ac3", "eac3", "alac"},
+    ".mov": {"aac", "mp3", "ac3", "eac3", "alac", "pcm_s16le", "pcm_s24le", "pcm_f32le"},
+    ".webm": {"opus", "vorbis"}, ".ts": {"aac", "mp3", "ac3", "eac3", "opus"},
+    ".avi": {"mp3", "ac3", "pcm_s16le", "pcm_u8"},
+}
+
+
+def audio_needs_transcode(stream, output: Path) -> bool:
+    allowed = _AUDIO_COPY.get(output.suffix.lower())
+    return allowed is not None and stream.codec_context.name not in allowed
+
+
+def add_audio_encoder(container, template, output: Path):
+    """An audio stream re-encoding ``template``'s audio for a container that cannot hold its codec."""
+    codec = "libopus" if output.suffix.lower() == ".webm" else "aac"
+    rate = 48000 if codec == "libopus" else (template.codec_context.sample_rate or 48000)
+    stream = container.add_stream(codec, rate=rate)
+    stream.layout = template.codec_context.layout.name if template.codec_context.layout else "stereo"
+    return stream
+
+
+def add_video_stream(container, codec: str, template, size: tuple[int, int], *, crf: int, preset: str,
+                     bitrate: str | None, b_frames: bool = True):
+    """The output video stream: input time base (so input PTS pass through unchanged) and rate.
+    ``b_frames=False`` for fragmented MP4: fragments cannot hold the negative decode times that
+    B-frame reordering needs, and the muxer would shift every timestamp to make room."""
+    import av
+
+    rate = template.average_rate or template.guessed_rate or 25
+    try:
+        stream = container.add_stream(codec, rate=rate)
+    except (av.FFmpegError, ValueError) as exc:
+        raise InputError(f"--codec {codec}: not available here ({ffmpeg_message(exc)})") from exc
+    stream.width, stream.height = size
+    stream.pix_fmt = "yuv420p"
+    stream.time_base = stream.codec_context.time_base = template.time_base
+    options = {}
+    if codec.startswith("libx26"):
+        options = {"preset": preset} if bitrate else {"crf": str(crf), "preset": preset}
+    if bitrate:
+        stream.bit_rate = _parse_bitrate(bitrate)
+    if not b_frames:
+        options["bf"] = "0"
+    stream.options = options
+    return stream
+
+
+def _parse_bitrate(text: str) -> int:
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise InputError(f"--bitrate {text!r}: expected e.g. 4M or 800k") from None
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, *inputs: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` when the block succeeds,
+    delete it when the block fails. Refuses to overwrite any of ``inputs``."""
+    path = Path(path)
+    check_output(path, *inputs)
+    tmp = path.parent / f".{path.stem}.partial-{os.getpid()}{path.suffix}"
     try:
         yield tmp
         os.replace(tmp, path)

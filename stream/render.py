@@ -64,3 +64,57 @@ def render(view: str, frame: np.ndarray, label_map: np.ndarray, label_set: Label
     if view == "side-by-side":
         out = np.concatenate([frame, out], axis=1)
     return out
+
+
+def _resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[1::-1] == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
+
+
+def _pad_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pad (repeating the edge) to (W, H): 4:2:0 video needs even sizes."""
+    w, h = size
+    dh, dw = h - image.shape[0], w - image.shape[1]
+    return np.pad(image, [(0, dh), (0, dw), (0, 0)], mode="edge") if dh or dw else image
+
+
+def compose(view: str, display: np.ndarray | None, label_map: np.ndarray, synth: np.ndarray | None,
+            label_set: LabelSet, frame_size: tuple[int, int], out_size: tuple[int, int],
+            legend: bool = True) -> np.ndarray:
+    """The picture ``segsynth run`` encodes for ``view``, at ``out_size`` (W, H).
+
+    ``label_map`` is at the segmenter's size and ``synth`` at the generator's content size;
+    both are scaled to ``frame_size`` (the upright input size). Views: synth; labels (colour
+    map + legend); overlay (labels blended over the input); side-by-side (input | synthesis,
+    or input | labels without a generator); grid (2 x 2: input, labels, synthesis, overlay)."""
+    from .segmenter import resize_labels
+
+    w, h = frame_size
+    if view == "grid":
+        w, h = w // 2, h // 2
+    ids = resize_labels(label_map, w, h)
+    synth_up = _resize_rgb(synth, (w, h)) if synth is not None else None
+    frame = _resize_rgb(display, (w, h)) if display is not None else None
+
+    def colour() -> np.ndarray:
+        picture = labels.colorize(ids, label_set)
+        return draw_legend(picture, ids, label_set) if legend else picture
+
+    if view == "synth":
+        out = synth_up
+    elif view == "labels":
+        out = colour()
+    elif view == "overlay":
+        out = render("overlay", frame, ids, label_set, legend)
+    elif view == "side-by-side":
+        out = np.concatenate([frame, synth_up if synth_up is not None else colour()], axis=1)
+    elif view == "grid":
+        right_bottom = render("overlay", frame, ids, label_set, legend=False)
+        bottom_left = synth_up if synth_up is not None else np.zeros_like(frame)
+        out = np.concatenate([np.concatenate([frame, colour()], 1), np.concatenate([bottom_left, right_bottom], 1)], 0)
+    else:
+        raise ValueError(f"unknown view {view!r}")
+    return _pad_to(out, out_size)

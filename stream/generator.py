@@ -1,0 +1,138 @@
+"""SPADE generators at run time: label maps in, RGB frames out, through a Runner.
+
+A generator is an ONNX graph following the SPADE contract (``label`` [+ ``instance``]
+[+ ``z``] -> ``image``), from one of:
+* ``default``: the bundled generator the project trained itself (segsynth/models);
+* an ``.onnx`` file exported with ``segsynth export spade``;
+* an official-layout checkpoint directory: exported once (needs the export extra) into
+  the cache directory, keyed by the checkpoint files' hash and the options.
+
+Threading: owned by the infer stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from segsynth import labels
+from segsynth.engine.onnxruntime import OnnxRuntimeRunner
+from segsynth.engine.runner import Runner
+from segsynth.errors import InputError, ModelError
+
+log = logging.getLogger("segsynth")
+DEFAULT_GENERATOR = "spade_ade20k.onnx"
+
+
+def bundled_generator() -> Path | None:
+    path = Path(str(resources.files("segsynth.models").joinpath(DEFAULT_GENERATOR)))
+    return path if path.is_file() else None
+
+
+class Generator:
+    def __init__(self, runner: Runner, encoder: Runner | None = None) -> None:
+        self.runner = runner.activate()
+        self.source = getattr(runner, "label", runner.name)
+        names = set(runner.inputs)
+        meta = runner.metadata
+        if "label" not in names or "image" not in runner.outputs or meta.get("segsynth.role", "generator") != "generator":
+            raise ModelError(f"{self.source} is not a SPADE generator (expected input label[N,1,H,W] and output "
+                             f"image[N,3,H,W]; got inputs {sorted(names)} and outputs {sorted(runner.outputs)})")
+        h, w = runner.inputs["label"].shape[2:]
+        if not (isinstance(h, int) and isinstance(w, int)):
+            raise ModelError(f"{self.source}: generators need a fixed size, got {h} x {w}")
+        self.size = (w, h)  # (W, H)
+        self.uses_instance, self.uses_z = "instance" in names, "z" in names
+        self.z_dim = int(runner.inputs["z"].shape[1]) if self.uses_z else 0
+        self.label_set = labels.get(meta["segsynth.label_set"]) if meta.get("segsynth.label_set") else None
+        self.fit = meta.get("segsynth.fit", "letterbox")  # how the training frames met the model's size
+        self.encoder = encoder.activate() if encoder is not None else None
+        self.batch = runner.inputs["label"].shape[0]
+
+    def encode_style(self, rgb: np.ndarray) -> np.ndarray:
+        """A style image (H x W x 3 uint8) -> z (1 x z_dim): the encoder's mean."""
+        if not self.uses_z:
+            raise InputError(f"{self.source} has no style input (it is not a VAE generator); --style needs one")
+        if self.encoder is None:
+            raise InputError(f"{self.source}: no style encoder (latest_net_E.pth) to encode --style with")
+        size = self.encoder.inputs["style"].shape[2:]
+        from PIL import Image
+
+        h, w = (s if isinstance(s, int) else 256 for s in size)
+        x = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR), np.float32) / 127.5 - 1
+        return self.encoder.infer({"style": x.transpose(2, 0, 1)[None]})["mu"][:, : self.z_dim]
+
+    def __call__(self, label_maps: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
+        """N x H x W uint8 ids (at ``self.size``) -> N x H x W x 3 uint8 pixels."""
+        outs = []
+        step = self.batch if isinstance(self.batch, int) else len(label_maps)
+        for start in range(0, len(label_maps), step):
+            ids = label_maps[start:start + step].astype(np.int64)[:, None]
+            feed = {"label": ids}
+            if self.uses_instance:
+                feed["instance"] = ids
+            if self.uses_z:
+                feed["z"] = np.repeat(z, len(ids), 0).astype(np.float32)
+            image = self.runner.infer(feed)["image"]
+            outs.append(((image + 1) * 127.5).round().clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
+        return np.concatenate(outs)
+
+    def close(self) -> None:
+        self.runner.deactivate()
+        if self.encoder is not None:
+            self.encoder.deactivate()
+
+
+def _checkpoint_key(directory: Path, size: tuple[int, int] | None) -> str:
+    digest = hashlib.sha256(str(size).encode())
+    for name in ("opt.txt", "latest_net_G.pth", "latest_net_E.pth"):
+        path = directory / name
+        if path.is_file():
+            digest.update(name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _export_checkpoint(directory: Path, size: tuple[int, int] | None, cache_dir: Path) -> tuple[Path, Path | None]:
+    """Export an official checkpoint directory to ONNX once; later runs reuse the cached files."""
+    from segsynth.config import ExportConfig
+
+    key = _checkpoint_key(directory, size)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    gen, enc = cache_dir / f"spade-{key}.onnx", cache_dir / f"spade-{key}-encoder.onnx"
+    try:
+        from segsynth.export.commands import run_export
+    except ImportError as exc:
+        raise ModelError(f"--generator {directory}: using a checkpoint directory needs the export extra "
+                         "(pip install 'segsynth[export]'), or export it first with segsynth export spade") from exc
+    hw = (size[1], size[0]) if size else None
+    if not gen.is_file():
+        log.info("exporting %s to ONNX (once; cached in %s)", directory, cache_dir)
+        run_export(ExportConfig(what="spade", out=gen, checkpoint=directory, size=hw))
+    if (directory / "latest_net_E.pth").is_file() and not enc.is_file():
+        run_export(ExportConfig(what="encoder", out=enc, checkpoint=directory))
+    return gen, enc if enc.is_file() else None
+
+
+def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir: Path | None = None,
+                   threads: int | None = None) -> Generator | None:
+    """``default`` (None when no bundled generator exists), an .onnx file, or a checkpoint directory."""
+    encoder = None
+    if spec == "default":
+        path = bundled_generator()
+        if path is None:
+            return None
+    else:
+        path = Path(spec)
+        if path.is_dir():
+            path, encoder = _export_checkpoint(path, size, cache_dir or Path.home() / ".cache" / "segsynth")
+        elif path.suffix.lower() != ".onnx" or not path.is_file():
+            raise InputError(f"--generator {spec}: expected 'default', an .onnx file or a SPADE checkpoint directory")
+        else:
+            sibling = path.with_name(path.stem + "-encoder.onnx")
+            encoder = sibling if sibling.is_file() else None
+    runner = OnnxRuntimeRunner(path, threads=threads)
+    return Generator(runner, OnnxRuntimeRunner(encoder, threads=threads) if encoder else None)
