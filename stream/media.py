@@ -13,6 +13,9 @@ import numpy as np
 
 from segsynth.errors import InputError, OutputError
 
+MAX_SIDE = 16384  # larger declared frame sizes are damaged or hostile files
+
+
 def check_input(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
@@ -62,6 +65,11 @@ def open_video(path: str | Path):
     if not container.streams.video:
         container.close()
         raise InputError(f"{path}: has no video stream")
+    for stream in container.streams.video:
+        w, h = stream.codec_context.width, stream.codec_context.height
+        if w > MAX_SIDE or h > MAX_SIDE:
+            container.close()
+            raise InputError(f"{path}: declares an implausible frame size {w}x{h} (at most {MAX_SIDE} per side)")
     return container
 
 
@@ -101,21 +109,47 @@ def _decode(decode, problems: list[str]) -> list:
         return []
 
 
-def open_output(path: Path, fragmented: bool = False):
-    """Open a media file for writing. Matroska keeps negative timestamps (e.g. AAC priming
-    packets) instead of shifting every stream, so video PTS stay exactly those of the input.
-    ``fragmented`` MP4/MOV write a fragment per keyframe, so a killed writer leaves a
-    playable file (Matroska is playable when cut anyway)."""
-    import av
+_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi",
+            ".nut": "nut", ".ts": "mpegts"}
 
-    ext = path.suffix.lower()
-    options = {"avoid_negative_ts": "disabled"} if ext in (".mkv", ".webm") else {}
-    if fragmented and ext in (".mp4", ".m4v", ".mov"):
-        options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
-    try:
-        return av.open(str(path), "w", options=options)
-    except (av.FFmpegError, OSError) as exc:
-        raise OutputError(f"cannot write {path}: {ffmpeg_message(exc)}") from exc
+
+class MediaWriter:
+    """An output container that writes through a Python file object, so a write error (a full
+    disk) raises instead of being swallowed by FFmpeg's buffered I/O. Matroska and MP4 keep
+    negative timestamps (AAC priming packets) instead of shifting every stream, so video PTS
+    stay exactly those of the input. ``fragmented`` MP4/MOV write a fragment per keyframe and
+    at least every second, so a killed writer leaves a playable file (Matroska is playable
+    when cut anyway). Owns the file and the container; ``close()`` closes both."""
+
+    def __init__(self, path: Path, fragmented: bool = False) -> None:
+        import av
+
+        ext = path.suffix.lower()
+        options = {"avoid_negative_ts": "disabled"} if ext in (".mkv", ".webm", ".mp4", ".m4v", ".mov") else {}
+        if fragmented and ext in (".mp4", ".m4v", ".mov"):
+            options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
+            options["frag_duration"] = "1000000"
+        try:
+            self.file = open(path, "wb")
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        try:
+            self.container = av.open(self.file, "w", format=_FORMATS.get(ext), options=options)
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            self.file.close()
+            raise OutputError(f"cannot write {path}: {ffmpeg_message(exc)}") from exc
+
+    def close(self) -> None:
+        try:
+            self.container.close()
+        finally:
+            self.file.close()
+
+    def __enter__(self) -> "MediaWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def check_output(path: Path, *inputs: Path) -> None:
@@ -154,7 +188,7 @@ def add_audio_encoder(container, template, output: Path):
 
 
 def add_video_stream(container, codec: str, template, size: tuple[int, int], *, crf: int, preset: str,
-                     bitrate: str | None, b_frames: bool = True):
+                     bitrate: str | None, b_frames: bool = True, pix_fmt: str = "yuv420p"):
     """The output video stream: input time base (so input PTS pass through unchanged) and rate.
     ``b_frames=False`` for fragmented MP4: fragments cannot hold the negative decode times that
     B-frame reordering needs, and the muxer would shift every timestamp to make room."""
@@ -166,7 +200,7 @@ def add_video_stream(container, codec: str, template, size: tuple[int, int], *, 
     except (av.FFmpegError, ValueError) as exc:
         raise InputError(f"--codec {codec}: not available here ({ffmpeg_message(exc)})") from exc
     stream.width, stream.height = size
-    stream.pix_fmt = "yuv420p"
+    stream.pix_fmt = pix_fmt
     stream.time_base = stream.codec_context.time_base = template.time_base
     options = {}
     if codec.startswith("libx26"):
@@ -175,6 +209,7 @@ def add_video_stream(container, codec: str, template, size: tuple[int, int], *, 
         stream.bit_rate = _parse_bitrate(bitrate)
     if not b_frames:
         options["bf"] = "0"
+        options["g"] = str(max(1, round(2 * float(rate))))  # a keyframe (and fragment) every 2 s
     stream.options = options
     return stream
 

@@ -25,11 +25,12 @@ _AUDIO_EOS = object()
 
 
 class VideoSource:
-    """The decode side. The container is opened (and checked) by the main thread; afterwards
-    only the decode thread touches it. Audio goes to ``audio_out`` as packets to copy, or as
-    decoded frames where the output container needs the audio re-encoded."""
+    """The decode side. The container is opened (and checked) and finally closed by the main
+    thread; in between the decode thread reads it and the encode thread only reads its
+    stream parameters (as templates for the output). Audio goes to ``audio_out`` as packets
+    to copy, or as decoded frames where the output container needs the audio re-encoded."""
 
-    def __init__(self, cfg: RunConfig, model_size: tuple[int, int], need_display: bool, audio_out: queue.Queue):
+    def __init__(self, cfg: RunConfig, audio_out: queue.Queue):
         self.container = media.open_video(cfg.input)
         streams = self.container.streams
         if cfg.stream is not None:
@@ -44,9 +45,11 @@ class VideoSource:
         self.video.thread_type = "AUTO"
         self.audio = list(streams.audio)
         self.transcode = {a.index: media.audio_needs_transcode(a, cfg.output) for a in self.audio}
-        self.model_size, self.need_display, self.audio_out = model_size, need_display, audio_out
+        self.audio_out = audio_out
+        self.model_size, self.need_display = (513, 513), False  # set by the job once the models are known
         self.declared = self.video.frames or None
         self.problems: list[str] = []
+        self.last_time = 0.0
 
     def frames(self, stop):
         import av
@@ -84,9 +87,30 @@ class VideoSource:
                 yield model_rgb, {"index": index, "pts": pts, "time_base": tb, "size": (dw, dh),
                                   "display": display if self.need_display else None}
                 index += 1
+                self.last_time = float(pts * tb)
+            if not stop.is_set():
+                self._check_complete(index)
         finally:
             self.audio_out.put(_AUDIO_EOS)
-            self.container.close()
+
+    def _check_complete(self, frames: int) -> None:
+        """Demuxers may stop at damage without an error: compare with what the file declares."""
+        stream = self.video
+        duration = float(stream.duration * stream.time_base) if stream.duration else (
+            self.container.duration / 1e6 if self.container.duration else None)
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        if duration and frames and self.last_time < start + duration - 3 / rate and not self.problems:
+            self.problems.append(f"the video stopped at {self.last_time:.2f} s of the {duration:.2f} s it declares")
+
+    def close(self) -> None:
+        self.container.close()
+
+    def __enter__(self) -> "VideoSource":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -171,7 +195,8 @@ class VideoSink:
         if self.view == "side-by-side":
             w *= 2
         self.out_size = (w + w % 2, h + h % 2)  # 4:2:0 needs even sizes: pad the last row/column
-        self.container = media.open_output(cfg.output, fragmented=True)
+        self.writer = media.MediaWriter(cfg.output, fragmented=True)
+        self.container = self.writer.container
         fragmented_mp4 = cfg.output.suffix.lower() in (".mp4", ".m4v", ".mov")
         self.vstream = media.add_video_stream(self.container, cfg.codec, src.video, self.out_size, crf=cfg.crf,
                                               preset=cfg.preset, bitrate=cfg.bitrate, b_frames=not fragmented_mp4)
@@ -223,60 +248,64 @@ class VideoSink:
             self.container.mux(self.vstream.encode(None))
             self._pump_audio(block=True)
         finally:
-            self.container.close()
+            self.writer.close()
 
 
 def run(cfg: RunConfig, *, quiet: bool = False) -> tuple[PipelineStats, dict]:
     import av
 
-    media.check_input(cfg.input)
     media.check_output(cfg.output, cfg.input)
-    segmenter = load_segmenter(cfg.segmenter, threads=cfg.threads)
-    generator = None
-    try:
-        generator = load_generator(cfg.generator, size=cfg.size, cache_dir=cfg.cache_dir, threads=cfg.threads)
-        view = cfg.view or ("synth" if generator is not None else "labels")
-        if generator is None:
-            if view in ("synth", "grid", "side-by-side") or cfg.style or cfg.seed is not None:
-                raise InputError("no generator is available (no bundled default); pass --generator DIR|FILE.onnx "
-                                 "or use --view labels|overlay")
-            if cfg.view is None:
-                log.warning("notice: no default generator is available; showing --view labels (pass --generator "
-                            "DIR|FILE.onnx to synthesize)")
-        if generator is not None and cfg.size and tuple(cfg.size) != generator.size:
+    audio: queue.Queue = queue.Queue()
+    with VideoSource(cfg, audio) as source:  # bad input fails here, before any model is loaded
+        segmenter = load_segmenter(cfg.segmenter, threads=cfg.threads)
+        generator = None
+        try:
+            generator = load_generator(cfg.generator, size=cfg.size, cache_dir=cfg.cache_dir, threads=cfg.threads)
+            view = _view(cfg, generator)
+            target = generator.label_set if generator is not None and generator.label_set else segmenter.label_set
+            table = labels.RemapTable(cfg.remap, segmenter.label_set, target)
+            if table:
+                log.info("remap: %s", table.describe())
+            fit = cfg.fit or (generator.fit if generator is not None else "stretch")
+            infer = Synthesize(segmenter, generator, table, _style(cfg, generator), cfg.smooth, fit,
+                               generator.size if generator else None)
+            source.model_size, source.need_display = segmenter.size, view in ("overlay", "side-by-side", "grid")
+            sink = VideoSink(cfg, source, target, view, audio)
+            w, h = segmenter.size
+            with Progress(f"run {cfg.input.name}", source.declared, enabled=not quiet) as progress:
+                pipeline = Pipeline(source, infer, sink, model_shape=(h, w, 3), batch=cfg.batch, policy=cfg.policy,
+                                    ring_slots=cfg.ring_slots, progress=progress)
+                try:
+                    stats = pipeline.run()
+                except (OSError, av.FFmpegError) as exc:
+                    if sink.container is not None:
+                        cfg.output.unlink(missing_ok=True)  # a write failure leaves no half-written output
+                    raise OutputError(f"writing {cfg.output} failed: {media.ffmpeg_message(exc)}") from exc
+        finally:
+            segmenter.close()
+            if generator is not None:
+                generator.close()
+    if stats.frames_out == 0:
+        raise InputError(f"{cfg.input}: no decodable video frames" +
+                         (f"; {source.problems[0]}" if source.problems else ""))
+    info = {"view": view, "problems": source.problems, "declared": source.declared,
+            "interrupted": pipeline.interrupted}
+    return stats, info
+
+
+def _view(cfg: RunConfig, generator) -> str:
+    if generator is not None:
+        if cfg.size and tuple(cfg.size) != generator.size:
             raise InputError(f"--size {cfg.size[0]}x{cfg.size[1]}: {generator.source} is exported at "
                              f"{generator.size[0]}x{generator.size[1]}; give a checkpoint directory to re-export")
-        target = generator.label_set if generator is not None and generator.label_set else segmenter.label_set
-        table = labels.RemapTable(cfg.remap, segmenter.label_set, target)
-        if table:
-            log.info("remap: %s", table.describe())
-        z = _style(cfg, generator)
-        fit = cfg.fit or (generator.fit if generator is not None else "stretch")
-        infer = Synthesize(segmenter, generator, table, z, cfg.smooth, fit, generator.size if generator else None)
-        audio: queue.Queue = queue.Queue()
-        need_display = view in ("overlay", "side-by-side", "grid")
-        source = VideoSource(cfg, segmenter.size, need_display, audio)
-        sink = VideoSink(cfg, source, target, view, audio)
-        w, h = segmenter.size
-        with Progress(f"run {cfg.input.name}", source.declared, enabled=not quiet) as progress:
-            pipeline = Pipeline(source, infer, sink, model_shape=(h, w, 3), batch=cfg.batch, policy=cfg.policy,
-                                ring_slots=cfg.ring_slots, progress=progress)
-            try:
-                stats = pipeline.run()
-            except (OSError, av.FFmpegError) as exc:
-                if sink.container is not None:
-                    cfg.output.unlink(missing_ok=True)  # a write failure leaves no half-written output
-                raise OutputError(f"writing {cfg.output} failed: {exc.strerror or exc}") from exc
-        if stats.frames_out == 0:
-            raise InputError(f"{cfg.input}: no decodable video frames" +
-                             (f"; {source.problems[0]}" if source.problems else ""))
-        info = {"view": view, "problems": source.problems, "declared": source.declared,
-                "interrupted": pipeline.interrupted}
-        return stats, info
-    finally:
-        segmenter.close()
-        if generator is not None:
-            generator.close()
+        return cfg.view or "synth"
+    if cfg.view in ("synth", "grid", "side-by-side") or cfg.style or cfg.seed is not None:
+        raise InputError("no generator is available (no bundled default); pass --generator DIR|FILE.onnx "
+                         "or use --view labels|overlay")
+    if cfg.view is None:
+        log.warning("notice: no default generator is available; showing --view labels (pass --generator "
+                    "DIR|FILE.onnx to synthesize)")
+    return cfg.view or "labels"
 
 
 def _style(cfg: RunConfig, generator):

@@ -104,14 +104,12 @@ def _segment_video(cfg, segmenter, remap, quiet) -> SegmentSummary:
         if not width or not height:
             raise InputError(f"{cfg.input}: video stream has no frame size")
         out_w = width * (2 if cfg.view == "side-by-side" else 1)
-        with media.open_output(tmp) as dst:
+        with media.MediaWriter(tmp) as writer:
+            dst = writer.container
             ids = cfg.view == "ids"
-            vout = dst.add_stream("ffv1" if ids else "libx264", rate=vin.average_rate or vin.guessed_rate or 25)
-            vout.width, vout.height = out_w + out_w % 2, height + height % 2
-            vout.pix_fmt = "gray" if ids else "yuv420p"
-            vout.time_base = vout.codec_context.time_base = vin.time_base  # keep input PTS exactly
-            if not ids:
-                vout.options = {"crf": str(cfg.crf), "preset": cfg.preset}
+            vout = media.add_video_stream(dst, "ffv1" if ids else "libx264", vin, (out_w + out_w % 2, height + height % 2),
+                                          crf=cfg.crf, preset=cfg.preset, bitrate=None,
+                                          pix_fmt="gray" if ids else "yuv420p")
             audio = {a.index: dst.add_stream_from_template(a) for a in src.streams.audio}
             problems: list[str] = []
             with Progress(f"segment {cfg.input.name}", vin.frames or None, enabled=not quiet) as progress:

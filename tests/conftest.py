@@ -57,25 +57,42 @@ def audio_info(path: Path) -> tuple[int, float, str]:
 
 
 def write_clip(path: Path, frames: list[np.ndarray], times: list[Fraction], *, audio_seconds: float = 0.0,
-               codec: str = "libx264", faststart: bool = False) -> Path:
+               codec: str = "libx264", faststart: bool = False, rotation: int = 0, audio_first: bool = False,
+               pix_fmt: str = "yuv420p", second_video: bool = False) -> Path:
     """Encode RGB frames at the given presentation times (VFR allowed) plus an optional
-    sine-wave AAC track, like a phone or camera would."""
+    sine-wave AAC track, like a phone or camera would. ``rotation`` writes a display matrix;
+    ``audio_first`` makes the audio stream #0; ``second_video`` adds another video stream."""
     import av
 
     tb = Fraction(1, 1000)
     with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as c:
+        a = None
+        if audio_seconds and audio_first:
+            a = c.add_stream("aac", rate=44100)
         v = c.add_stream(codec, rate=25)
         v.width, v.height = frames[0].shape[1], frames[0].shape[0]
-        v.pix_fmt, v.time_base = "yuv420p", tb
-        a = None
-        if audio_seconds:
+        v.pix_fmt, v.time_base = pix_fmt, tb
+        if rotation:
+            v.set_display_rotation(rotation)
+        v2 = None
+        if second_video:
+            v2 = c.add_stream(codec, rate=25)
+            v2.width, v2.height, v2.pix_fmt, v2.time_base = 64, 48, pix_fmt, tb
+        if audio_seconds and not audio_first:
             a = c.add_stream("aac", rate=44100)
+        if a is not None:
             a.layout = "stereo"
         for img, t in zip(frames, times):
             f = av.VideoFrame.from_ndarray(img, format="rgb24")
             f.pts, f.time_base = int(t / tb), tb
             c.mux(v.encode(f))
+            if v2 is not None:
+                g = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 200, np.uint8), format="rgb24")
+                g.pts, g.time_base = int(t / tb), tb
+                c.mux(v2.encode(g))
         c.mux(v.encode(None))
+        if v2 is not None:
+            c.mux(v2.encode(None))
         if a is not None:
             n = int(44100 * audio_seconds)
             samples = (0.2 * np.sin(2 * np.pi * 440 * np.arange(n) / 44100)).astype(np.float32)

@@ -1,0 +1,65 @@
+import threading
+import time
+
+import numpy as np
+
+from segsynth.stream.ring import FrameRing
+from segsynth.stream.run import LabelSmoother
+
+
+def test_lossless_ring_blocks_the_producer_and_keeps_order():
+    ring = FrameRing(3, (2,), policy="lossless")
+    got = []
+
+    def consume():
+        while True:
+            slots = ring.take(2)
+            if not slots:
+                return
+            got.extend(int(s.data[0]) for s in slots)
+            time.sleep(0.01)
+            ring.release(slots)
+
+    t = threading.Thread(target=consume)
+    t.start()
+    for i in range(50):
+        slot = ring.acquire()
+        slot.data[:] = i
+        ring.publish(slot)
+    ring.close()
+    t.join(5)
+    assert got == list(range(50)) and ring.dropped == 0
+
+
+def test_latest_ring_drops_the_oldest_and_never_blocks():
+    ring = FrameRing(3, (1,), policy="latest")
+    for i in range(10):  # nobody consumes: the producer still never waits
+        slot = ring.acquire(timeout=0.5)
+        assert slot is not None
+        slot.data[:] = i
+        ring.publish(slot)
+    assert ring.dropped == 7
+    assert [int(s.data[0]) for s in ring.take(10)] == [7, 8, 9]  # the newest frames survive
+
+
+def test_ring_buffers_are_preallocated_once():
+    ring = FrameRing(4, (8, 8, 3))
+    ids = {id(s.data) for s in ring.slots}
+    for _ in range(20):
+        s = ring.acquire()
+        ring.publish(s)
+        ring.release(ring.take(1))
+    assert {id(s.data) for s in ring.slots} == ids
+
+
+def test_label_smoother_takes_the_majority_of_the_last_k_frames():
+    smooth = LabelSmoother(3)
+    a, b = np.zeros((2, 2), np.uint8), np.ones((2, 2), np.uint8)
+    assert (smooth(a) == 0).all()
+    assert (smooth(b) == 1).all()  # tie 1:1 -> the most recent
+    flicker = a.copy()
+    flicker[0, 0] = 7
+    out = smooth(flicker)  # history a, b, flicker: pixel (0,0) votes 0,1,7 -> tie -> most recent (7)
+    assert out[0, 0] == 7 and (out.ravel()[1:] == 0).all()  # elsewhere 0 wins 2:1
+    out = smooth(b)  # history b, flicker, b
+    assert out[0, 0] == 1 and (out == 1).all()
