@@ -63,3 +63,27 @@ def test_label_smoother_takes_the_majority_of_the_last_k_frames():
     assert out[0, 0] == 7 and (out.ravel()[1:] == 0).all()  # elsewhere 0 wins 2:1
     out = smooth(b)  # history b, flicker, b
     assert out[0, 0] == 1 and (out == 1).all()
+
+
+def test_letterbox_keeps_the_aspect_and_pads_with_dontcare():
+    from segsynth import labels
+    from segsynth.stream.run import Synthesize, _content_box
+
+    assert _content_box((1280, 720), (64, 64)) == (0, 14, 64, 36)
+    assert _content_box((720, 1280), (64, 64)) == (14, 0, 36, 64)
+
+    class FakeGenerator:  # stands in for the ONNX generator: records its input, paints ids as grey
+        seen = None
+
+        def __call__(self, ids, z):
+            FakeGenerator.seen = ids
+            return np.repeat(ids[..., None], 3, -1)
+
+    ade = labels.get("ade20k")
+    segment = lambda frames: np.full((len(frames), 8, 8), 12, np.uint8)  # noqa: E731 - "all person"
+    for fit, pad_rows in (("letterbox", 14), ("stretch", 0)):
+        infer = Synthesize(segment, FakeGenerator(), labels.RemapTable(None, ade), None, 1, fit, (64, 64))
+        (result,) = infer(np.zeros((1, 8, 8, 3), np.uint8), [{"size": (1280, 720)}])
+        canvas = FakeGenerator.seen[0]
+        assert (canvas[:pad_rows] == labels.UNKNOWN).all() and (canvas[pad_rows:64 - pad_rows] == 12).all()
+        assert result.synth.shape == (64 - 2 * pad_rows, 64, 3)  # only the content goes back to the frame
