@@ -58,6 +58,33 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .benchmarks.bench import plot, run_bench, write_json
+    from .benchmarks.scenarios import SCENARIOS, BenchConfig
+    from .config import parse_size
+
+    try:
+        batches = tuple(int(b) for b in args.batch.split(","))
+    except ValueError:
+        raise SegsynthError(f"--batch {args.batch!r}: expected a comma-separated list, e.g. 1,4,8") from None
+    cfg = BenchConfig(scenarios=tuple(args.scenarios) or SCENARIOS, size=parse_size(args.size, "--size", "WxH"),
+                      frames=args.frames, batch=batches, streams=args.streams, repeats=args.repeats, rate=args.rate,
+                      segmenter=args.segmenter, generator=args.generator, threads=args.threads,
+                      input=Path(args.input) if args.input else None)
+    if cfg.frames < 10 or cfg.repeats < 1 or cfg.streams < 1 or min(batches) < 1:
+        raise SegsynthError("--frames must be >= 10, --repeats, --streams and --batch >= 1")
+    report = run_bench(cfg)
+    if args.json:
+        write_json(report, Path(args.json))
+        log.info("wrote %s", args.json)
+    if args.plot:
+        plot(report, Path(args.plot))
+        log.info("wrote %s", args.plot)
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -194,6 +221,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-legend", action="store_true", help="omit the legend box")
     p.add_argument("--cache-dir", help="where exported generators are cached (default ~/.cache/segsynth)")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("bench", parents=[common], help="measure fps, latency and scaling, side by side",
+                       description="Scenarios: engine (model only), stages (decode/infer/encode alone), pipeline "
+                                   "(threaded vs sequential vs infer alone), passthrough (vs the ffmpeg CLI), streams "
+                                   "(N live streams), soak (memory over time). Ratios come from one run.")
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="default: all")
+    p.add_argument("--size", default="1280x720", metavar="WxH", help="generated input size (default 1280x720)")
+    p.add_argument("--rate", type=int, default=30, help="generated input / live source fps (default 30)")
+    p.add_argument("--frames", type=int, default=300, help="frames per measurement (soak: total; default 300)")
+    p.add_argument("--batch", default="1", metavar="1,4,8", help="batch sizes (engine); the first is used elsewhere")
+    p.add_argument("--streams", type=int, default=2, help="most concurrent live streams (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per measurement; medians are reported")
+    p.add_argument("--input", help="a video to use instead of the generated one")
+    p.add_argument("--segmenter", default="ade20k+voc")
+    p.add_argument("--generator", default="default")
+    p.add_argument("--threads", type=int, help="inference threads")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    p.add_argument("--plot", metavar="OUT.png", help="plot fps vs streams and latency histograms")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser(
         "export", parents=[common], help="export SPADE / DeepLab / the fused chain to ONNX",

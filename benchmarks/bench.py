@@ -1,0 +1,133 @@
+"""Running scenarios and reporting them.
+
+JSON output (``--json``), stable and documented in benchmarks/RESULTS.md::
+
+    {"version": 1, "machine": {...}, "config": {...},
+     "scenarios": {"engine": {...}, "stages": {...}, "pipeline": {...}, ...},
+     "ratios": {"pipeline_over_infer": ..., "passthrough_over_ffmpeg": ..., ...}}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from segsynth import labels
+from segsynth.config import RunConfig
+from segsynth.errors import InputError
+
+from . import inputs, machine, scenarios
+from .scenarios import BenchConfig, Job
+
+log = logging.getLogger("segsynth")
+
+
+def _make_job(cfg: BenchConfig, source: Path) -> Job:
+    from segsynth.stream.generator import load_generator
+    from segsynth.stream.run import Synthesize, _style
+    from segsynth.stream.segmenter import load_segmenter
+
+    run_cfg = RunConfig(input=source, output=cfg.workdir / "out.mp4", segmenter=cfg.segmenter,
+                        generator=cfg.generator, threads=cfg.threads, batch=cfg.batch[0])
+    segmenter = load_segmenter(cfg.segmenter, threads=cfg.threads)
+    generator = load_generator(cfg.generator, threads=cfg.threads)
+    target = generator.label_set if generator is not None and generator.label_set else segmenter.label_set
+
+    def make_infer(seg=None, gen=None):
+        seg = seg or load_segmenter(cfg.segmenter, threads=cfg.threads)
+        if gen is None and generator is not None:
+            gen = load_generator(cfg.generator, threads=cfg.threads)
+        return Synthesize(seg, gen, labels.RemapTable(None, seg.label_set, target), _style(run_cfg, gen), 1,
+                          gen.fit if gen is not None else "stretch", gen.size if gen is not None else None)
+
+    return Job(cfg, run_cfg, segmenter, generator, make_infer(segmenter, generator),
+               "synth" if generator is not None else "labels", target, make_infer=make_infer)
+
+
+def run_bench(cfg: BenchConfig) -> dict:
+    unknown = [s for s in cfg.scenarios if s not in scenarios.SCENARIOS]
+    if unknown:
+        raise InputError(f"unknown scenario {unknown[0]!r}; choose from: {', '.join(scenarios.SCENARIOS)}")
+    with tempfile.TemporaryDirectory(prefix="segsynth-bench-") as tmp:
+        cfg = replace(cfg, workdir=Path(tmp))
+        w, h = cfg.size
+        source = cfg.input or inputs.generate(Path(tmp) / f"testsrc2_{w}x{h}_{cfg.rate}.mp4", size=cfg.size,
+                                              rate=cfg.rate, frames=cfg.frames)
+        info = machine.describe()
+        log.info("machine: %s", machine.one_line(info))
+        log.info("input: %s; segmenter %s, generator %s", source.name if cfg.input else
+                 f"lavfi testsrc2 {w}x{h}@{cfg.rate} + sine, {cfg.frames} frames", cfg.segmenter, cfg.generator)
+        job = _make_job(cfg, source)
+        report = {"version": 1, "machine": info, "config": {k: str(v) if isinstance(v, Path) else v
+                                                           for k, v in asdict(cfg).items() if k != "workdir"},
+                  "scenarios": {}, "ratios": {}}
+        try:
+            for name in cfg.scenarios:
+                log.info("running %s ...", name)
+                fn = getattr(scenarios, name)
+                result = fn(job, job.make_infer) if name == "streams" else fn(job)
+                report["scenarios"][name] = result
+                report["ratios"].update(result.get("ratios", {}))
+                _print(name, result)
+        finally:
+            job.segmenter.close()
+            if job.generator is not None:
+                job.generator.close()
+        report["latency_samples"] = {str(k): v for k, v in job.results.get("latency_samples", {}).items()}
+        if report["ratios"]:
+            log.info("ratios (same run): %s", ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
+    return report
+
+
+def _print(name: str, result: dict) -> None:
+    if name == "engine":
+        for r in result["rows"]:
+            log.info("  %-9s batch %-2d %7.2f fps   p50 %7.1f ms   p95 %7.1f ms", r["model"], r["batch"], r["fps"],
+                     r["p50_ms"], r["p95_ms"])
+    elif name == "streams":
+        for r in result["rows"]:
+            log.info("  %2d streams: %5.2f fps/stream, %5.1f dropped/stream, latency p50 %6.0f p95 %6.0f p99 %6.0f ms%s",
+                     r["streams"], r["fps_per_stream"], r["dropped_per_stream"], r["p50_ms"], r["p95_ms"],
+                     r["p99_ms"], "  (real time)" if r["real_time"] else "")
+    elif name == "soak":
+        log.info("  %d frames: RSS %.0f MiB at 10%%, %.0f MiB at the end", result["frames"],
+                 result["rss_at_10pct_mib"] or 0, result["rss_at_end_mib"] or 0)
+    else:
+        log.info("  %s", ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                   for k, v in result.items() if k != "ratios"))
+
+
+def write_json(report: dict, path: Path) -> None:
+    path.write_text(json.dumps({k: v for k, v in report.items() if k != "latency_samples"}, indent=1) + "\n")
+
+
+def plot(report: dict, path: Path) -> None:
+    """fps per stream vs stream count, and the end-to-end latency histograms."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise InputError("--plot needs matplotlib (pip install matplotlib)") from exc
+    streams = report["scenarios"].get("streams")
+    if not streams:
+        raise InputError("--plot draws the streams scenario; include it in the scenarios")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = streams["rows"]
+    left.plot([r["streams"] for r in rows], [r["fps_per_stream"] for r in rows], "o-", label="fps per stream")
+    left.axhline(streams["rate"], color="grey", linestyle="--", label=f"real time ({streams['rate']} fps)")
+    left.set_xlabel("concurrent streams")
+    left.set_ylabel("fps per stream")
+    left.legend()
+    for n, samples in report.get("latency_samples", {}).items():
+        right.hist(samples, bins=40, alpha=0.5, label=f"{n} streams")
+    right.set_xlabel("end-to-end latency (ms)")
+    right.set_ylabel("frames")
+    right.legend()
+    fig.suptitle(machine.one_line(report["machine"]), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,392 @@
+"""Benchmark scenarios. Each returns a dict with its measurements; ratios are computed from
+measurements taken in the same run, with warm-up first and medians over repeats."""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from segsynth.config import RunConfig
+
+log = logging.getLogger("segsynth")
+SCENARIOS = ("engine", "stages", "pipeline", "passthrough", "streams", "soak")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    scenarios: tuple[str, ...] = SCENARIOS
+    size: tuple[int, int] = (1280, 720)  # generated input (W, H)
+    frames: int = 300
+    batch: tuple[int, ...] = (1,)
+    streams: int = 2
+    repeats: int = 3
+    rate: int = 30
+    segmenter: str = "ade20k+voc"
+    generator: str = "default"
+    threads: int | None = None
+    input: Path | None = None
+    workdir: Path = Path(".")
+
+
+@dataclass
+class Job:
+    """The models and the run configuration every scenario shares (loaded once)."""
+
+    cfg: BenchConfig
+    run_cfg: RunConfig
+    segmenter: object
+    generator: object
+    infer: object
+    view: str
+    label_set: object = None
+    results: dict = field(default_factory=dict)
+    make_infer: object = None  # () -> a fresh infer step with its own models (one per live stream)
+
+
+def _median_rate(times: list[float], frames: int) -> float:
+    return frames / statistics.median(times)
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else 0.0
+
+
+def engine(job: Job) -> dict:
+    """Model-only throughput and latency for each batch size."""
+    rows = []
+    seg = job.segmenter
+    w, h = seg.size
+    models = [("segmenter", seg, lambda b: np.random.default_rng(0).integers(0, 255, (b, h, w, 3), dtype=np.uint8))]
+    if job.generator is not None:
+        gw, gh = job.generator.size
+        models.append(("generator", lambda x: job.generator(x, job.infer.z),
+                       lambda b: np.random.default_rng(0).integers(0, 150, (b, gh, gw), dtype=np.uint8)))
+    for name, fn, make in models:
+        for batch in job.cfg.batch:
+            x = make(batch)
+            fn(x)  # warm-up
+            lat = []
+            budget = time.perf_counter() + max(2.0, 0.2 * job.cfg.repeats)
+            while time.perf_counter() < budget or len(lat) < job.cfg.repeats:
+                start = time.perf_counter()
+                fn(x)
+                lat.append(time.perf_counter() - start)
+            rows.append({"model": name, "batch": batch, "fps": batch / statistics.median(lat),
+                         "p50_ms": _pct(lat, 50) * 1000, "p95_ms": _pct(lat, 95) * 1000})
+    return {"rows": rows}
+
+
+def _source(job: Job, audio: queue.Queue, need_display: bool):
+    from segsynth.stream.run import VideoSource
+
+    source = VideoSource(job.run_cfg, audio)
+    source.model_size, source.need_display = job.segmenter.size, need_display
+    return source
+
+
+def _sink(job: Job, source, audio, out: Path):
+    from segsynth.stream.run import VideoSink
+
+    return VideoSink(replace(job.run_cfg, output=out), source, job.label_set, job.view, audio)
+
+
+def _decode_all(job: Job) -> tuple[list, list]:
+    """(model frames, metas) of the whole input, decoded once, for the stage-alone measurements."""
+    audio: queue.Queue = queue.Queue()
+    with _source(job, audio, job.view in ("overlay", "side-by-side", "grid")) as source:
+        items = list(source.frames(threading.Event()))
+    return [rgb for rgb, _ in items], [meta for _, meta in items]
+
+
+def _infer_alone(job: Job, frames: list, metas: list) -> float:
+    batch = job.run_cfg.batch
+    job.infer(np.stack(frames[:batch]), metas[:batch])  # warm-up
+    start = time.perf_counter()
+    for i in range(0, len(frames), batch):
+        job.infer(np.stack(frames[i:i + batch]), metas[i:i + batch])
+    return time.perf_counter() - start
+
+
+def stages(job: Job) -> dict:
+    """Decode, infer and encode, each alone on the same input."""
+    times = {"decode": [], "infer": [], "encode": []}
+    frames, metas = _decode_all(job)
+    n = len(frames)
+    results = [r for i in range(0, n, job.run_cfg.batch)
+               for r in job.infer(np.stack(frames[i:i + job.run_cfg.batch]), metas[i:i + job.run_cfg.batch])]
+    for _ in range(job.cfg.repeats):
+        audio: queue.Queue = queue.Queue()
+        start = time.perf_counter()
+        with _source(job, audio, job.view in ("overlay", "side-by-side", "grid")) as source:
+            for _ in source.frames(threading.Event()):
+                pass
+        times["decode"].append(time.perf_counter() - start)
+        times["infer"].append(_infer_alone(job, frames, metas))
+        audio = queue.Queue()
+        with _source(job, audio, False) as source:
+            sink = _sink(job, source, audio, job.cfg.workdir / "stage-encode.mp4")
+            sink.audio_done = True  # no audio in this measurement: only the video encode
+            start = time.perf_counter()
+            for result, meta in zip(results, metas):
+                sink.write(result, meta)
+            sink.close()
+            times["encode"].append(time.perf_counter() - start)
+    return {"frames": n, **{f"{k}_fps": _median_rate(v, n) for k, v in times.items()}}
+
+
+def pipeline(job: Job) -> dict:
+    """The threaded pipeline vs the same work in one sequential loop vs the infer stage alone."""
+    from segsynth.stream.pipeline import Pipeline, run_sequential
+
+    frames, metas = _decode_all(job)
+    n = len(frames)
+    w, h = job.segmenter.size
+    times = {"pipelined": [], "sequential": [], "infer_alone": []}
+    for r in range(job.cfg.repeats):
+        times["infer_alone"].append(_infer_alone(job, frames, metas))
+        for mode in ("pipelined", "sequential"):
+            audio: queue.Queue = queue.Queue()
+            with _source(job, audio, job.view in ("overlay", "side-by-side", "grid")) as source:
+                sink = _sink(job, source, audio, job.cfg.workdir / f"pipeline-{mode}.mp4")
+                start = time.perf_counter()
+                if mode == "pipelined":
+                    stats = Pipeline(source, job.infer, sink, model_shape=(h, w, 3), batch=job.run_cfg.batch).run()
+                    assert stats.frames_out == n, (stats.frames_out, n)
+                else:
+                    run_sequential(source, job.infer, sink, job.run_cfg.batch)
+                times[mode].append(time.perf_counter() - start)
+    fps = {k: _median_rate(v, n) for k, v in times.items()}
+    return {"frames": n, **{f"{k}_fps": v for k, v in fps.items()},
+            "ratios": {"pipeline_over_infer": fps["pipelined"] / fps["infer_alone"],
+                       "pipeline_over_sequential": fps["pipelined"] / fps["sequential"]}}
+
+
+class _PassSource:
+    """Decoded frames straight to the encoder (the identity model): no colour conversion."""
+
+    def __init__(self, path: Path, audio: queue.Queue) -> None:
+        from segsynth.stream import media
+
+        self.container = media.open_video(path)
+        self.video, self.audio, self.audio_out = self.container.streams.video[0], list(self.container.streams.audio), audio
+        self.video.thread_type = "AUTO"
+        self.problems: list[str] = []
+
+    def frames(self, stop):
+        import av
+
+        from segsynth.stream import media
+
+        dummy = np.zeros((1, 1, 3), np.uint8)
+        for item in media.demux_decode(self.container, self.video, self.audio, self.problems):
+            if isinstance(item, av.Packet):
+                self.audio_out.put(item)
+            else:
+                yield dummy, {"frame": item, "t0": 0.0}
+
+
+class _PassSink:
+    def __init__(self, source: _PassSource, out: Path, audio: queue.Queue) -> None:
+        from segsynth.stream import media
+
+        self.writer = media.MediaWriter(out, fragmented=True)
+        c = self.writer.container
+        self.v = media.add_video_stream(c, "libx264", source.video, (source.video.codec_context.width,
+                                        source.video.codec_context.height), crf=20, preset="veryfast",
+                                        bitrate=None, b_frames=False)
+        self.a = {s.index: c.add_stream_from_template(s) for s in source.audio}
+        self.audio = audio
+
+    def _audio(self) -> None:
+        while True:
+            try:
+                packet = self.audio.get_nowait()
+            except queue.Empty:
+                return
+            packet.stream = self.a[packet.stream.index]
+            self.writer.container.mux(packet)
+
+    def write(self, result, meta) -> None:
+        self._audio()
+        self.writer.container.mux(self.v.encode(meta["frame"]))
+
+    def close(self) -> None:
+        self.writer.container.mux(self.v.encode(None))
+        self._audio()
+        self.writer.close()
+
+
+def passthrough(job: Job) -> dict:
+    """decode -> encode with the identity model through segsynth's pipeline, vs the ffmpeg CLI
+    doing the same transcode with the same codec settings."""
+    import shutil
+
+    from segsynth.stream.pipeline import Pipeline
+
+    src = job.run_cfg.input
+    n = job.results.get("frames") or _count_frames(src)
+    ours, theirs = [], []
+    ffmpeg = shutil.which("ffmpeg")
+    for _ in range(job.cfg.repeats):
+        audio: queue.Queue = queue.Queue()
+        start = time.perf_counter()  # like the ffmpeg CLI's time: opening and closing files included
+        source = _PassSource(src, audio)
+        try:
+            sink = _PassSink(source, job.cfg.workdir / "pass-segsynth.mp4", audio)
+            Pipeline(source, lambda frames, metas: [None] * len(metas), sink, model_shape=(1, 1, 3)).run()
+        finally:
+            source.container.close()
+        ours.append(time.perf_counter() - start)
+        if ffmpeg:
+            rate = round(float(source.video.average_rate or 30))
+            cmd = [ffmpeg, "-v", "error", "-y", "-i", str(src), "-map", "0:v:0", "-map", "0:a?", "-c:v", "libx264",
+                   "-preset", "veryfast", "-crf", "20", "-bf", "0", "-g", str(2 * rate), "-pix_fmt", "yuv420p",
+                   "-c:a", "copy", "-movflags", "frag_keyframe+empty_moov+default_base_moof", "-frag_duration",
+                   "1000000", str(job.cfg.workdir / "pass-ffmpeg.mp4")]
+            start = time.perf_counter()
+            subprocess.run(cmd, check=True, stdin=subprocess.DEVNULL)
+            theirs.append(time.perf_counter() - start)
+    out = {"frames": n, "segsynth_fps": _median_rate(ours, n)}
+    if theirs:
+        out["ffmpeg_fps"] = _median_rate(theirs, n)
+        out["ratios"] = {"passthrough_over_ffmpeg": out["segsynth_fps"] / out["ffmpeg_fps"]}
+    else:
+        out["note"] = "no ffmpeg CLI on PATH: no comparison"
+    return out
+
+
+def _count_frames(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as c:
+        return sum(1 for p in c.demux(c.streams.video[0]) if p.size)
+
+
+class _LiveSource:
+    """A synthetic real-time camera: the input's frames, released at ``rate`` fps of wall time."""
+
+    def __init__(self, frames: list, metas: list, count: int, rate: int) -> None:
+        self.frames_, self.metas, self.count, self.rate = frames, metas, count, rate
+        self.audio: list = []
+
+    def frames(self, stop):
+        start = time.perf_counter()
+        for i in range(self.count):
+            if stop.is_set():
+                return
+            delay = start + i / self.rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            meta = dict(self.metas[i % len(self.metas)])
+            meta["pts"], meta["index"] = i, i
+            yield self.frames_[i % len(self.frames_)], meta
+
+
+class _MemorySink:
+    """Encodes into memory (live output without touching the disk)."""
+
+    def __init__(self, job: Job, label_set) -> None:
+        import av
+
+        from segsynth.stream.render import compose
+
+        self.compose, self.job, self.label_set = compose, job, label_set
+        self.buffer = io.BytesIO()
+        self.container = av.open(self.buffer, "w", format="mpegts")
+        self.stream = None
+
+    def write(self, result, meta) -> None:
+        import av
+
+        size = meta["size"]
+        if self.stream is None:
+            self.stream = self.container.add_stream("libx264", rate=self.job.cfg.rate)
+            self.stream.width, self.stream.height = size[0] + size[0] % 2, size[1] + size[1] % 2
+            self.stream.pix_fmt, self.stream.options = "yuv420p", {"preset": "ultrafast", "tune": "zerolatency"}
+        picture = self.compose(self.job.view, meta.get("display"), result.labels, result.synth, self.label_set,
+                               size, (self.stream.width, self.stream.height), legend=False)
+        frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+        frame.pts = meta["pts"]
+        self.container.mux(self.stream.encode(frame))
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.container.mux(self.stream.encode(None))
+        self.container.close()
+
+
+def streams(job: Job, make_infer) -> dict:
+    """1..N concurrent live streams (latest policy) from a synthetic real-time source: per-stream
+    fps, end-to-end latency percentiles and drops, for each stream count."""
+    from segsynth.stream.pipeline import Pipeline
+
+    frames, metas = _decode_all(job)
+    count = job.cfg.frames
+    w, h = job.segmenter.size
+    table = []
+    counts = sorted({1, *[n for n in (2, 4, 8, 16) if n < job.cfg.streams], job.cfg.streams})
+    for n in counts:
+        infers = [make_infer() for _ in range(n)]
+        pipes = [Pipeline(_LiveSource(frames, metas, count, job.cfg.rate), infer, _MemorySink(job, job.label_set),
+                          model_shape=(h, w, 3), batch=1, policy="latest", ring_slots=2) for infer in infers]
+        stats = [None] * n
+        threads = [threading.Thread(target=lambda i=i: stats.__setitem__(i, pipes[i].run())) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        latencies = [lat * 1000 for p in pipes for lat in p.latencies]
+        row = {"streams": n, "fps_per_stream": statistics.mean(s.fps for s in stats),
+               "dropped_per_stream": statistics.mean(s.dropped for s in stats),
+               "p50_ms": _pct(latencies, 50), "p95_ms": _pct(latencies, 95), "p99_ms": _pct(latencies, 99)}
+        row["real_time"] = row["fps_per_stream"] >= 0.95 * job.cfg.rate and row["p99_ms"] < 100
+        table.append(row)
+        job.results.setdefault("latency_samples", {})[n] = latencies
+    realtime = [r["streams"] for r in table if r["real_time"]]
+    return {"rate": job.cfg.rate, "rows": table, "max_real_time_streams": max(realtime, default=0)}
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+class _RssProbe:
+    """Progress stand-in for the encode thread: samples RSS as frames are written."""
+
+    def __init__(self, every: int) -> None:
+        self.every, self.done, self.samples = every, 0, []
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.done % self.every == 0:
+            self.samples.append((self.done, _rss_mib()))
+
+
+def soak(job: Job) -> dict:
+    """RSS while the pipeline streams ``frames`` frames: at 10 % of the run and at the end."""
+    from segsynth.stream.pipeline import Pipeline
+
+    n = job.cfg.frames
+    probe = _RssProbe(max(1, n // 20))
+    audio: queue.Queue = queue.Queue()
+    w, h = job.segmenter.size
+    with _source(job, audio, job.view in ("overlay", "side-by-side", "grid")) as source:
+        sink = _sink(job, source, audio, job.cfg.workdir / "soak.mp4")
+        stats = Pipeline(source, job.infer, sink, model_shape=(h, w, 3), batch=job.run_cfg.batch,
+                         progress=probe).run()
+    early = next((rss for done, rss in probe.samples if done >= n // 10), None)
+    late = probe.samples[-1][1] if probe.samples else None
+    out = {"frames": stats.frames_out, "rss_mib": probe.samples, "rss_at_10pct_mib": early, "rss_at_end_mib": late}
+    if early and late:
+        out["ratios"] = {"soak_rss_end_over_10pct": late / early}
+    return out

@@ -1,0 +1,29 @@
+"""The quick benchmark variant: every scenario runs from the installed package and reports
+stable JSON with the machine and the same-run ratios."""
+
+import json
+
+from conftest import run_cli
+
+
+def test_quick_bench_reports_every_scenario(tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = run_cli("bench", "--frames", "50", "--size", "320x240", "--repeats", "1", "--segmenter", "voc",
+                   "--streams", "2", "--batch", "1,2", "--json", out, "--plot", png, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["version"] == 1
+    assert {"cpu", "cores", "versions", "gpus"} <= set(report["machine"])
+    assert set(report["scenarios"]) == {"engine", "stages", "pipeline", "passthrough", "streams", "soak"}
+    for key in ("pipeline_over_infer", "pipeline_over_sequential", "passthrough_over_ffmpeg"):
+        assert report["ratios"][key] > 0, key
+    assert [r["batch"] for r in report["scenarios"]["engine"]["rows"] if r["model"] == "segmenter"] == [1, 2]
+    assert [r["streams"] for r in report["scenarios"]["streams"]["rows"]] == [1, 2]
+    assert report["scenarios"]["pipeline"]["frames"] == 50 and report["scenarios"]["soak"]["frames"] == 50
+    assert png.stat().st_size > 10_000
+    assert "ratios (same run)" in proc.stderr and "machine:" in proc.stderr
+
+
+def test_bench_rejects_unknown_scenarios():
+    proc = run_cli("bench", "warp-speed")
+    assert proc.returncode != 0 and "unknown scenario 'warp-speed'" in proc.stderr
