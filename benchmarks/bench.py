@@ -30,16 +30,20 @@ def _make_job(cfg: BenchConfig, source: Path) -> Job:
     from segsynth.stream.run import Synthesize, _style
     from segsynth.stream.segmenter import load_segmenter
 
-    run_cfg = RunConfig(input=source, output=cfg.workdir / "out.mp4", segmenter=cfg.segmenter,
-                        generator=cfg.generator, threads=cfg.threads, batch=cfg.batch[0])
-    segmenter = load_segmenter(cfg.segmenter, threads=cfg.threads)
-    generator = load_generator(cfg.generator, threads=cfg.threads)
+    from segsynth.engine.select import resolve_backend
+
+    backend = resolve_backend(cfg.backend)
+    run_cfg = RunConfig(input=source, output=cfg.workdir / "out.mp4", segmenter=cfg.segmenter, backend=backend,
+                        generator=cfg.generator, threads=cfg.threads, batch=cfg.batch[0], fp16=cfg.fp16)
+    models = dict(threads=cfg.threads, backend=backend, fp16=cfg.fp16)
+    segmenter = load_segmenter(cfg.segmenter, **models)
+    generator = load_generator(cfg.generator, **models)
     target = generator.label_set if generator is not None and generator.label_set else segmenter.label_set
 
     def make_infer(seg=None, gen=None):
-        seg = seg or load_segmenter(cfg.segmenter, threads=cfg.threads)
+        seg = seg or load_segmenter(cfg.segmenter, **models)
         if gen is None and generator is not None:
-            gen = load_generator(cfg.generator, threads=cfg.threads)
+            gen = load_generator(cfg.generator, **models)
         return Synthesize(seg, gen, labels.RemapTable(None, seg.label_set, target), _style(run_cfg, gen), 1,
                           gen.fit if gen is not None else "stretch", gen.size if gen is not None else None)
 

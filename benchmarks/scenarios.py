@@ -35,6 +35,8 @@ class BenchConfig:
     threads: int | None = None
     input: Path | None = None
     workdir: Path = Path(".")
+    backend: str = "auto"
+    fp16: bool = True
 
 
 @dataclass

@@ -52,6 +52,19 @@ class Runner:
             raise BackendError(f"{self.name}: missing inputs {sorted(missing)}")
         return self._infer_impl(feed)
 
+    def submit(self, feed: dict[str, np.ndarray]):
+        """Start ``feed`` and return a handle for ``wait``. Backends with their own streams
+        (GPU) overlap copies and compute of consecutive batches; the default runs at once."""
+        return self.infer(feed)
+
+    def wait(self, handle) -> dict[str, np.ndarray]:
+        return handle
+
+    def pinned_allocator(self):
+        """An allocator for host buffers this backend uploads fast (page-locked on GPUs), or
+        None when plain numpy memory is as good (CPU backends)."""
+        return None
+
     def deactivate(self) -> None:
         if self.is_active:
             self._deactivate_impl()

@@ -21,7 +21,8 @@ def _segment(args: argparse.Namespace) -> int:
 
     cfg = SegmentConfig(input=args.input, output=args.output, view=args.view, remap=args.remap,
                         segmenter=args.segmenter, label_set=args.label_set, threads=args.threads,
-                        legend=not args.no_legend, crf=args.crf, preset=args.preset)
+                        legend=not args.no_legend, crf=args.crf, preset=args.preset, backend=args.backend,
+                        fp16=not args.fp32)
     summary = run_segment(cfg, quiet=args.quiet)
     log.info("%s", summary.line(cfg))
     return 0
@@ -40,7 +41,8 @@ def _run(args: argparse.Namespace) -> int:
                     seed=args.seed, smooth=args.smooth, fit=args.fit, policy=args.policy, batch=args.batch,
                     size=parse_size(args.size, "--size", "WxH") if args.size else None, codec=args.codec,
                     crf=args.crf, preset=args.preset, bitrate=args.bitrate, stream=args.stream, threads=args.threads,
-                    legend=not args.no_legend, cache_dir=Path(args.cache_dir) if args.cache_dir else cache)
+                    legend=not args.no_legend, cache_dir=Path(args.cache_dir) if args.cache_dir else cache,
+                    backend=args.backend, fp16=not args.fp32)
     stats, info = run(cfg, quiet=args.quiet)
     if info["problems"] or (info["declared"] and stats.frames_in < info["declared"] and not info["interrupted"]):
         declared = f" of the {info['declared']} it declares" if info["declared"] else ""
@@ -72,7 +74,7 @@ def _bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(scenarios=tuple(args.scenarios) or SCENARIOS, size=parse_size(args.size, "--size", "WxH"),
                       frames=args.frames, batch=batches, streams=args.streams, repeats=args.repeats, rate=args.rate,
                       segmenter=args.segmenter, generator=args.generator, threads=args.threads,
-                      input=Path(args.input) if args.input else None)
+                      input=Path(args.input) if args.input else None, backend=args.backend, fp16=not args.fp32)
     if cfg.frames < 10 or cfg.repeats < 1 or cfg.streams < 1 or min(batches) < 1:
         raise SegsynthError("--frames must be >= 10, --repeats, --streams and --batch >= 1")
     report = run_bench(cfg)
@@ -142,11 +144,44 @@ def _eval_generator(args: argparse.Namespace) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else \
         Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segsynth"
     result = evaluate(args.checkpoint, Path(args.data), segmenter=args.segmenter, limit=args.limit, cache_dir=cache,
-                      threads=args.threads, quiet=args.quiet)
+                      threads=args.threads, quiet=args.quiet, backend=args.backend)
     print_table(result)
     if args.json:
         write_json(result, Path(args.json))
         log.info("wrote %s", args.json)
+    return 0
+
+
+def _engine(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from .engine import commands
+
+    cache = Path(args.cache_dir) if args.cache_dir else \
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segsynth" / "engines"
+    if args.action == "build":
+        if not args.onnx:
+            raise SegsynthError("engine build needs --onnx FILE.onnx")
+        lo, _, hi = args.batch.partition("..")
+        try:
+            lo, hi = int(lo), int(hi or lo)
+        except ValueError:
+            raise SegsynthError(f"--batch {args.batch!r}: expected N or MIN..MAX, e.g. 1..8") from None
+        log.info("%s", commands.build(Path(args.onnx), fp16=not args.fp32, batch=(lo, lo, hi), cache_dir=cache))
+    elif args.action == "info":
+        if len(args.files) != 1:
+            raise SegsynthError("engine info needs one FILE (.onnx or .engine)")
+        print("\n".join(commands.info(Path(args.files[0]))))
+    else:
+        if len(args.files) != 2:
+            raise SegsynthError("engine compare needs two files, A and B")
+        report = commands.compare(Path(args.files[0]), Path(args.files[1]), backend_a=args.backend_a,
+                                  backend_b=args.backend_b, fp16_a=args.fp16_a, fp16_b=args.fp16_b,
+                                  batch=int(args.batch.partition("..")[0]),
+                                  inputs_file=Path(args.inputs) if args.inputs else None, cache_dir=cache.parent)
+        for name, entry in report.items():
+            print(f"{name}: " + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
     return 0
 
 
@@ -182,6 +217,14 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    from .engine.select import BACKENDS
+
+    p.add_argument("--backend", choices=BACKENDS, default="auto",
+                   help="inference backend (auto: TensorRT > onnxruntime-cuda > torch-cuda > onnxruntime CPU)")
+    p.add_argument("--fp32", action="store_true", help="GPU backends: compute in FP32 instead of FP16")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import EXPORT_TARGETS, FITS, RUN_VIEWS, SEGMENT_VIEWS
 
@@ -207,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-legend", action="store_true", help="omit the legend box")
     p.add_argument("--crf", type=int, default=18, help="x264 quality for video output (0-51, default 18)")
     p.add_argument("--preset", default="veryfast", help="x264 preset for video output (default veryfast)")
+    _add_backend(p)
     p.set_defaults(func=_segment)
 
     p = sub.add_parser("run", parents=[common], help="segment, remap and re-synthesize every frame of a video",
@@ -237,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="inference threads per model (default: all cores)")
     p.add_argument("--no-legend", action="store_true", help="omit the legend box")
     p.add_argument("--cache-dir", help="where exported generators are cached (default ~/.cache/segsynth)")
+    _add_backend(p)
     p.set_defaults(func=_run)
 
     p = sub.add_parser("bench", parents=[common], help="measure fps, latency and scaling, side by side",
@@ -256,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="inference threads")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="plot fps vs streams and latency histograms")
+    _add_backend(p)
     p.set_defaults(func=_bench)
 
     p = sub.add_parser(
@@ -317,7 +363,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate the first N pairs only")
     p.add_argument("--threads", type=int)
     p.add_argument("--cache-dir", help="where exported generators are cached")
+    p.add_argument("--backend", default="auto", help="inference backend (see segsynth run --help)")
     p.set_defaults(func=_eval_generator)
+
+    p = sub.add_parser("engine", parents=[common], help="build, inspect and compare inference engines",
+                       description="build --onnx X.onnx: a TensorRT engine in the cache; info FILE: bindings, shapes, "
+                                   "precision, GPU; compare A B: outputs side by side (e.g. FP16 vs FP32).")
+    p.add_argument("action", choices=["build", "info", "compare"])
+    p.add_argument("files", nargs="*", help="info: FILE; compare: A B (ONNX files)")
+    p.add_argument("--onnx", help="build: the ONNX graph")
+    p.add_argument("--fp32", action="store_true", help="build: FP32 instead of FP16")
+    p.add_argument("--batch", default="1..8", help="build: batch range MIN..MAX (default 1..8); compare: batch")
+    p.add_argument("--backend-a", default="onnxruntime")
+    p.add_argument("--backend-b", default="auto")
+    p.add_argument("--fp16-a", action="store_true", help="compare: run A in FP16 (GPU backends)")
+    p.add_argument("--fp16-b", action="store_true", help="compare: run B in FP16 (GPU backends)")
+    p.add_argument("--inputs", metavar="FILE.npz", help="compare: inputs by name (default: random ones)")
+    p.add_argument("--cache-dir", help="engine cache (default ~/.cache/segsynth/engines)")
+    p.set_defaults(func=_engine)
 
     p = sub.add_parser("labels", parents=[common], help="list label sets, their classes and mappings",
                        description="Inspect label sets: list, show SET, map SRC DST.")
@@ -351,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("segsynth: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. head, which stopped reading
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ class SegmentConfig:
     legend: bool = True
     crf: int = 18
     preset: str = "veryfast"
+    backend: str = "auto"
+    fp16: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input", Path(self.input))
@@ -150,6 +152,8 @@ class RunConfig:
     legend: bool = True
     ring_slots: int = 8
     cache_dir: Path | None = None
+    backend: str = "auto"
+    fp16: bool = True  # GPU backends only; the CPU backend always computes in fp32
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input", Path(self.input))

@@ -79,15 +79,18 @@ class Confusion:
 
 
 def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", limit: int | None = None,
-             cache_dir: Path | None = None, threads: int | None = None, quiet: bool = False) -> dict:
+             cache_dir: Path | None = None, threads: int | None = None, quiet: bool = False,
+             backend: str = "auto") -> dict:
+    from segsynth.engine.select import resolve_backend
     from segsynth.errors import InputError
 
     from .generator import load_generator
 
     manifest = load_manifest(data)
     items = manifest["items"][:limit] if limit else manifest["items"]
-    seg = load_segmenter(segmenter, threads=threads)
-    gen = load_generator(generator_spec, cache_dir=cache_dir, threads=threads)
+    backend = resolve_backend(backend)
+    seg = load_segmenter(segmenter, threads=threads, backend=backend, cache_dir=cache_dir)
+    gen = load_generator(generator_spec, cache_dir=cache_dir, threads=threads, backend=backend)
     if gen is None:
         seg.close()
         raise InputError("no bundled default generator is available to evaluate")

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from segsynth import labels
-from segsynth.engine.onnxruntime import OnnxRuntimeRunner
 from segsynth.engine.runner import Runner
+from segsynth.engine.select import make_runner
 from segsynth.errors import InputError, ModelError
 
 log = logging.getLogger("segsynth")
@@ -118,7 +118,7 @@ def _export_checkpoint(directory: Path, size: tuple[int, int] | None, cache_dir:
 
 
 def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir: Path | None = None,
-                   threads: int | None = None) -> Generator | None:
+                   threads: int | None = None, backend: str = "onnxruntime", fp16: bool = True) -> Generator | None:
     """``default`` (None when no bundled generator exists), an .onnx file, or a checkpoint directory."""
     encoder = None
     if spec == "default":
@@ -134,5 +134,7 @@ def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir:
         else:
             sibling = path.with_name(path.stem + "-encoder.onnx")
             encoder = sibling if sibling.is_file() else None
-    runner = OnnxRuntimeRunner(path, threads=threads)
-    return Generator(runner, OnnxRuntimeRunner(encoder, threads=threads) if encoder else None)
+    def runner(model: Path) -> Runner:
+        return make_runner(model, backend, fp16=fp16, threads=threads, cache_dir=cache_dir)
+
+    return Generator(runner(path), runner(encoder) if encoder else None)

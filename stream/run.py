@@ -257,10 +257,14 @@ def run(cfg: RunConfig, *, quiet: bool = False) -> tuple[PipelineStats, dict]:
     media.check_output(cfg.output, cfg.input)
     audio: queue.Queue = queue.Queue()
     with VideoSource(cfg, audio) as source:  # bad input fails here, before any model is loaded
-        segmenter = load_segmenter(cfg.segmenter, threads=cfg.threads)
+        from segsynth.engine.select import resolve_backend
+
+        backend = resolve_backend(cfg.backend)
+        models = dict(threads=cfg.threads, backend=backend, fp16=cfg.fp16, cache_dir=cfg.cache_dir)
+        segmenter = load_segmenter(cfg.segmenter, **models)
         generator = None
         try:
-            generator = load_generator(cfg.generator, size=cfg.size, cache_dir=cfg.cache_dir, threads=cfg.threads)
+            generator = load_generator(cfg.generator, size=cfg.size, **models)
             view = _view(cfg, generator)
             target = generator.label_set if generator is not None and generator.label_set else segmenter.label_set
             table = labels.RemapTable(cfg.remap, segmenter.label_set, target)
@@ -274,7 +278,8 @@ def run(cfg: RunConfig, *, quiet: bool = False) -> tuple[PipelineStats, dict]:
             w, h = segmenter.size
             with Progress(f"run {cfg.input.name}", source.declared, enabled=not quiet) as progress:
                 pipeline = Pipeline(source, infer, sink, model_shape=(h, w, 3), batch=cfg.batch, policy=cfg.policy,
-                                    ring_slots=cfg.ring_slots, progress=progress)
+                                    ring_slots=cfg.ring_slots, progress=progress,
+                                    allocator=segmenter.pinned_allocator())  # page-locked on GPU backends
                 try:
                     stats = pipeline.run()
                 except (OSError, av.FFmpegError) as exc:

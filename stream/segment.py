@@ -51,8 +51,11 @@ class _ClassCounter:
 
 
 def run_segment(cfg: SegmentConfig, *, quiet: bool = False) -> SegmentSummary:
+    from segsynth.engine.select import resolve_backend
+
     media.check_input(cfg.input)
-    segmenter = load_segmenter(cfg.segmenter, label_set=cfg.label_set, threads=cfg.threads)
+    segmenter = load_segmenter(cfg.segmenter, label_set=cfg.label_set, threads=cfg.threads,
+                               backend=resolve_backend(cfg.backend), fp16=cfg.fp16)
     try:
         remap = labels.RemapTable(cfg.remap, segmenter.label_set)
         if remap:

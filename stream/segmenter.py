@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from segsynth import labels
-from segsynth.engine.onnxruntime import OnnxRuntimeRunner
 from segsynth.engine.runner import Runner
+from segsynth.engine.select import make_runner
 from segsynth.errors import InputError, ModelError
 
 BUNDLED = {
@@ -93,6 +93,9 @@ class OnnxSegmenter:
             out = out.argmax(1)
         return out.astype(np.uint8, copy=False)
 
+    def pinned_allocator(self):
+        return self.runner.pinned_allocator()
+
     def close(self) -> None:
         self.runner.deactivate()
 
@@ -113,16 +116,21 @@ class FusedSegmenter:
         painted = self.bridge[self.objects(frames)]
         return np.where(painted != labels.UNKNOWN, painted, out)
 
+    def pinned_allocator(self):
+        return self.scene.pinned_allocator()
+
     def close(self) -> None:
         self.scene.close()
         self.objects.close()
 
 
-def load_segmenter(spec: str = "ade20k+voc", *, label_set: str | None = None, threads: int | None = None):
-    """``ade20k``, ``voc``, ``ade20k+voc`` (the bundled models) or a path to a segmenter ONNX."""
+def load_segmenter(spec: str = "ade20k+voc", *, label_set: str | None = None, threads: int | None = None,
+                   backend: str = "onnxruntime", fp16: bool = True, cache_dir: Path | None = None):
+    """``ade20k``, ``voc``, ``ade20k+voc`` (the bundled models) or a path to a segmenter ONNX,
+    run on ``backend`` (already resolved, see segsynth.engine.select)."""
 
     def one(path: Path, ls: str | None = None) -> OnnxSegmenter:
-        return OnnxSegmenter(OnnxRuntimeRunner(path, threads=threads), ls)
+        return OnnxSegmenter(make_runner(path, backend, fp16=fp16, threads=threads, cache_dir=cache_dir), ls)
 
     if spec in BUNDLED:
         return one(bundled_model(spec))

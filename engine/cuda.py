@@ -1,0 +1,148 @@
+"""CUDA through cuda-python (``cuda.bindings.runtime``), imported only when called.
+
+Every call goes through ``check``, which turns a cudaError_t into a BackendError whose one
+line says what failed and what to do (no GPU, driver too old, out of memory, ...).
+
+Ownership: each buffer, stream and event is freed by whoever created it, through
+``close()`` (or ``with``); none is thread-safe, and each belongs to the thread that uses it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+import numpy as np
+
+from segsynth.errors import BackendError
+
+_HINTS = {
+    "cudaErrorNoDevice": "no CUDA GPU is visible here (check nvidia-smi and CUDA_VISIBLE_DEVICES)",
+    "cudaErrorInsufficientDriver": "the NVIDIA driver is missing or older than this CUDA runtime needs",
+    "cudaErrorMemoryAllocation": "out of GPU memory: use a smaller --batch or --size, or free the GPU",
+    "cudaErrorInvalidDevice": "that GPU index does not exist",
+    "cudaErrorLaunchFailure": "a kernel failed; the GPU context is unusable until the process restarts",
+}
+
+
+def runtime():
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError as exc:
+        raise BackendError("CUDA backends need cuda-python: pip install 'segsynth[gpu]'") from exc
+    return cudart
+
+
+def check(result, what: str):
+    """Unpack a cuda-python result tuple, raising BackendError on failure."""
+    cudart = runtime()
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if int(err) != 0:
+        _, name = cudart.cudaGetErrorName(err)
+        _, text = cudart.cudaGetErrorString(err)
+        name, text = name.decode(), text.decode()
+        raise BackendError(f"CUDA error in {what}: {_HINTS.get(name, text)} ({name})")
+    return values[0] if len(values) == 1 else tuple(values) if values else None
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    name: str
+    compute_capability: tuple[int, int]
+    memory_bytes: int
+
+
+def device(index: int = 0) -> Device:
+    cudart = runtime()
+    count = check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount")
+    if count == 0:
+        raise BackendError("no CUDA GPU is visible here (check nvidia-smi and CUDA_VISIBLE_DEVICES)")
+    if index >= count:
+        raise BackendError(f"GPU {index} does not exist ({count} visible)")
+    props = check(cudart.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
+    name = props.name.decode() if isinstance(props.name, bytes) else str(props.name)
+    return Device(index, name.strip("\x00 "), (props.major, props.minor), int(props.totalGlobalMem))
+
+
+def gpu_available() -> bool:
+    """True when cuda-python is installed and sees at least one GPU; never raises."""
+    try:
+        cudart = runtime()
+        err, count = cudart.cudaGetDeviceCount()
+        return int(err) == 0 and count > 0
+    except Exception:  # noqa: BLE001 - any failure means "no"
+        return False
+
+
+class PinnedBuffer:
+    """Page-locked host memory (fast, asynchronous copies) exposed as a numpy array."""
+
+    def __init__(self, shape: tuple[int, ...], dtype) -> None:
+        cudart = runtime()
+        self.nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        self.ptr = check(cudart.cudaHostAlloc(max(1, self.nbytes), cudart.cudaHostAllocDefault), "cudaHostAlloc")
+        raw = (ctypes.c_byte * max(1, self.nbytes)).from_address(int(self.ptr))
+        self.array = np.frombuffer(raw, dtype=dtype, count=int(np.prod(shape))).reshape(shape)
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            self.array = None
+            check(runtime().cudaFreeHost(self.ptr), "cudaFreeHost")
+            self.ptr = None
+
+
+class DeviceBuffer:
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        self.ptr = check(runtime().cudaMalloc(max(1, nbytes)), "cudaMalloc")
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            check(runtime().cudaFree(self.ptr), "cudaFree")
+            self.ptr = None
+
+
+class Stream:
+    def __init__(self) -> None:
+        cudart = runtime()
+        self.handle = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreate")
+
+    def copy_to_device(self, dst: DeviceBuffer, src: PinnedBuffer, nbytes: int) -> None:
+        cudart = runtime()
+        check(cudart.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                     self.handle), "cudaMemcpyAsync (host to device)")
+
+    def copy_to_host(self, dst: PinnedBuffer, src: DeviceBuffer, nbytes: int) -> None:
+        cudart = runtime()
+        check(cudart.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                                     self.handle), "cudaMemcpyAsync (device to host)")
+
+    def synchronize(self) -> None:
+        check(runtime().cudaStreamSynchronize(self.handle), "cudaStreamSynchronize")
+
+    def close(self) -> None:
+        if self.handle is not None:
+            check(runtime().cudaStreamDestroy(self.handle), "cudaStreamDestroy")
+            self.handle = None
+
+
+class Event:
+    def __init__(self, timing: bool = True) -> None:
+        cudart = runtime()
+        flags = cudart.cudaEventDefault if timing else cudart.cudaEventDisableTiming
+        self.handle = check(cudart.cudaEventCreateWithFlags(flags), "cudaEventCreate")
+
+    def record(self, stream: Stream) -> None:
+        check(runtime().cudaEventRecord(self.handle, stream.handle), "cudaEventRecord")
+
+    def synchronize(self) -> None:
+        check(runtime().cudaEventSynchronize(self.handle), "cudaEventSynchronize")
+
+    def elapsed_ms(self, since: "Event") -> float:
+        return float(check(runtime().cudaEventElapsedTime(since.handle, self.handle), "cudaEventElapsedTime"))
+
+    def close(self) -> None:
+        if self.handle is not None:
+            check(runtime().cudaEventDestroy(self.handle), "cudaEventDestroy")
+            self.handle = None

@@ -1,0 +1,219 @@
+"""Run segsynth's ONNX graphs with PyTorch operations, so the torch-cuda backend can execute
+the bundled segmenters and any exported generator on a GPU that has torch but neither
+TensorRT nor onnxruntime-gpu.
+
+This is deliberately not a general ONNX runtime: it covers the operators our exporters
+emit (TFLite-converted DeepLab, torch-exported SPADE/DeepLab graphs) and refuses others
+with a clear message. Each node maps to the torch function with the same semantics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from segsynth.errors import BackendError
+
+_ONNX_TO_TORCH_DTYPE = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
+                        11: "float64"}
+
+
+def _attrs(node) -> dict:
+    from onnx import helper
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+class OnnxTorchModule:
+    """An ONNX graph as a callable over torch tensors (inputs by name -> dict of outputs)."""
+
+    def __init__(self, model: str | Path | bytes) -> None:
+        import onnx
+        import torch
+        from onnx import numpy_helper
+
+        proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+        self.proto = proto
+        self.inputs = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+        self.outputs = [o.name for o in proto.graph.output]
+        self.consts = {t.name: torch.from_numpy(np.array(numpy_helper.to_array(t))) for t in proto.graph.initializer}
+        self.nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n)) for n in proto.graph.node]
+        unsupported = sorted({op for op, *_ in self.nodes if op not in _OPS})
+        if unsupported:
+            raise BackendError(f"the torch backend cannot run ONNX ops {', '.join(unsupported)}; "
+                               "use --backend onnxruntime")
+
+    def to(self, device, half: bool = False) -> "OnnxTorchModule":
+        import torch
+
+        def move(t):
+            t = t.to(device)
+            return t.half() if half and t.dtype == torch.float32 else t
+
+        self.consts = {k: move(v) for k, v in self.consts.items()}
+        return self
+
+    def __call__(self, **feed):
+        env = dict(self.consts)
+        env.update(feed)
+        env[""] = None
+        for op, ins, outs, attrs in self.nodes:
+            result = _OPS[op]([env[i] for i in ins], attrs)
+            if not isinstance(result, tuple):
+                result = (result,)
+            env.update(zip(outs, result))
+        return {name: env[name] for name in self.outputs}
+
+
+def _conv(x, attrs):
+    import torch.nn.functional as F
+
+    inp, w = x[0], x[1]
+    b = x[2] if len(x) > 2 else None
+    pads = list(attrs.get("pads", [0, 0, 0, 0]))
+    t, left, bottom, right = pads
+    if t == bottom and left == right:
+        padding = (t, left)
+    else:
+        inp, padding = F.pad(inp, (left, right, t, bottom)), (0, 0)
+    return F.conv2d(inp, w, b, stride=tuple(attrs.get("strides", [1, 1])), padding=padding,
+                    dilation=tuple(attrs.get("dilations", [1, 1])), groups=attrs.get("group", 1))
+
+
+def _resize(x, attrs):
+    import torch.nn.functional as F
+
+    data, sizes = x[0], x[3] if len(x) > 3 else None
+    scales = x[2] if len(x) > 2 else None
+    mode = attrs.get("mode", b"nearest").decode()
+    coord = attrs.get("coordinate_transformation_mode", b"half_pixel").decode()
+    if sizes is not None and sizes.numel():
+        size = [int(s) for s in sizes.tolist()[2:]]
+    else:
+        size = [int(d * float(s)) for d, s in zip(data.shape[2:], scales.tolist()[2:])]
+    if mode == "nearest":
+        if coord != "asymmetric" or attrs.get("nearest_mode", b"round_prefer_floor").decode() != "floor":
+            raise BackendError(f"torch backend: unsupported nearest Resize ({coord})")
+        return F.interpolate(data, size=size, mode="nearest")
+    if mode == "linear" and coord in ("align_corners", "half_pixel", "pytorch_half_pixel"):
+        return F.interpolate(data, size=size, mode="bilinear", align_corners=coord == "align_corners",
+                             antialias=bool(attrs.get("antialias", 0)))
+    raise BackendError(f"torch backend: unsupported Resize mode {mode}/{coord}")
+
+
+def _slice(x, attrs):
+    data, starts, ends = x[0], x[1].tolist(), x[2].tolist()
+    axes = x[3].tolist() if len(x) > 3 and x[3] is not None else list(range(len(starts)))
+    steps = x[4].tolist() if len(x) > 4 and x[4] is not None else [1] * len(starts)
+    index = [slice(None)] * data.dim()
+    for s, e, a, st in zip(starts, ends, axes, steps):
+        index[a] = slice(s, min(e, data.shape[a]) if e >= 0 else e, st)
+    return data[tuple(index)]
+
+
+def _cast(x, attrs):
+    import torch
+
+    return x[0].to(getattr(torch, _ONNX_TO_TORCH_DTYPE[attrs["to"]]))
+
+
+def _gemm(x, attrs):
+    a, b = x[0], x[1]
+    if attrs.get("transA"):
+        a = a.t()
+    if attrs.get("transB"):
+        b = b.t()
+    out = attrs.get("alpha", 1.0) * (a @ b)
+    return out + attrs.get("beta", 1.0) * x[2] if len(x) > 2 and x[2] is not None else out
+
+
+def _pad(x, attrs):
+    import torch.nn.functional as F
+
+    pads = x[1].tolist()
+    n = len(pads) // 2
+    torch_pads = []
+    for axis in reversed(range(n)):
+        torch_pads += [pads[axis], pads[axis + n]]
+    value = float(x[2]) if len(x) > 2 and x[2] is not None else 0.0
+    return F.pad(x[0], torch_pads, mode=attrs.get("mode", b"constant").decode(), value=value)
+
+
+def _build_ops():
+    import torch
+    import torch.nn.functional as F
+
+    def clip(x, a):
+        lo = x[1] if len(x) > 1 and x[1] is not None else None
+        hi = x[2] if len(x) > 2 and x[2] is not None else None
+        return torch.clamp(x[0], lo, hi)
+
+    return {
+        "Conv": _conv, "Resize": _resize, "Slice": _slice, "Cast": _cast, "Gemm": _gemm, "Pad": _pad, "Clip": clip,
+        "Relu": lambda x, a: F.relu(x[0]), "LeakyRelu": lambda x, a: F.leaky_relu(x[0], a.get("alpha", 0.01)),
+        "Tanh": lambda x, a: torch.tanh(x[0]), "Sigmoid": lambda x, a: torch.sigmoid(x[0]),
+        "HardSigmoid": lambda x, a: torch.clamp(a.get("alpha", 0.2) * x[0] + a.get("beta", 0.5), 0, 1),
+        "HardSwish": lambda x, a: F.hardswish(x[0]),
+        "Add": lambda x, a: x[0] + x[1], "Sub": lambda x, a: x[0] - x[1], "Mul": lambda x, a: x[0] * x[1],
+        "Div": lambda x, a: x[0] / x[1], "Max": lambda x, a: torch.stack(torch.broadcast_tensors(*x)).amax(0),
+        "Equal": lambda x, a: x[0] == x[1], "Not": lambda x, a: ~x[0], "Or": lambda x, a: x[0] | x[1],
+        "Where": lambda x, a: torch.where(x[0], x[1], x[2]),
+        "GlobalAveragePool": lambda x, a: x[0].mean(dim=(2, 3), keepdim=True),
+        "AveragePool": lambda x, a: F.avg_pool2d(x[0], a["kernel_shape"], a.get("strides", a["kernel_shape"]),
+                                                 a.get("pads", [0, 0, 0, 0])[:2],
+                                                 count_include_pad=bool(a.get("count_include_pad", 0))),
+        "MaxPool": lambda x, a: F.max_pool2d(x[0], a["kernel_shape"], a.get("strides", a["kernel_shape"]),
+                                             a.get("pads", [0, 0, 0, 0])[:2], ceil_mode=bool(a.get("ceil_mode", 0))),
+        "InstanceNormalization": lambda x, a: F.instance_norm(x[0], weight=x[1], bias=x[2], eps=a.get("epsilon", 1e-5)),
+        "BatchNormalization": lambda x, a: F.batch_norm(x[0], x[3], x[4], x[1], x[2], False, 0.0, a.get("epsilon", 1e-5)),
+        "ArgMax": lambda x, a: torch.argmax(x[0], dim=a.get("axis", 0), keepdim=bool(a.get("keepdims", 1))),
+        "Gather": lambda x, a: torch.index_select(x[0], a.get("axis", 0), x[1].reshape(-1).long()).reshape(
+            *x[0].shape[:a.get("axis", 0)], *x[1].shape, *x[0].shape[a.get("axis", 0) + 1:]),
+        "Shape": lambda x, a: torch.tensor(x[0].shape, dtype=torch.int64, device=x[0].device),
+        "Concat": lambda x, a: torch.cat([t.to(x[0].dtype) for t in x], dim=a.get("axis", 0)),
+        "Reshape": lambda x, a: x[0].reshape([d if d != 0 else x[0].shape[i] for i, d in enumerate(x[1].tolist())]),
+        "Flatten": lambda x, a: x[0].reshape(int(np.prod(x[0].shape[:a.get("axis", 1)])), -1),
+        "Transpose": lambda x, a: x[0].permute(*a["perm"]) if "perm" in a else x[0].permute(*reversed(range(x[0].dim()))),
+        "Unsqueeze": lambda x, a: x[0].reshape([*_unsqueezed(x[0].shape, x[1].tolist())]),
+        "Squeeze": lambda x, a: x[0].squeeze(*x[1].tolist()) if len(x) > 1 else x[0].squeeze(),
+        "MatMul": lambda x, a: x[0] @ x[1], "Identity": lambda x, a: x[0],
+        "ReduceMean": lambda x, a: x[0].mean(dim=tuple(x[1].tolist()) if len(x) > 1 else tuple(a.get("axes", [])),
+                                             keepdim=bool(a.get("keepdims", 1))),
+        "Expand": lambda x, a: x[0] * torch.ones(x[1].tolist(), dtype=x[0].dtype, device=x[0].device),
+        "ConstantOfShape": lambda x, a: torch.full(x[0].tolist(), float(np.asarray(_const_value(a)).reshape(-1)[0]),
+                                                   device=x[0].device),
+    }
+
+
+def _unsqueezed(shape, axes):
+    out = list(shape)
+    for axis in sorted(a % (len(shape) + len(axes)) for a in axes):
+        out.insert(axis, 1)
+    return out
+
+
+def _const_value(attrs):
+    from onnx import numpy_helper
+
+    value = attrs.get("value")
+    return numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
+
+
+class _LazyOps(dict):
+    """The op table, built on first use so importing this module does not import torch."""
+
+    def _fill(self):
+        if not super().__len__():
+            self.update(_build_ops())
+
+    def __contains__(self, key):
+        self._fill()
+        return super().__contains__(key)
+
+    def __getitem__(self, key):
+        self._fill()
+        return super().__getitem__(key)
+
+
+_OPS = _LazyOps()

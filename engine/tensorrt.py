@@ -1,0 +1,224 @@
+"""The TensorRT backend (TensorRT 10.x Python API; memory and streams through cuda-python).
+
+An FP16 engine is built from the ONNX graph on first use - one optimisation profile over
+the batch dimension (min/opt/max), a workspace limit and a persistent timing cache - and
+stored in the engine cache, keyed by graph hash, GPU, compute capability, TensorRT version,
+precision and profile. Execution uses named tensors: ``set_input_shape``,
+``set_tensor_address`` and ``execute_async_v3``.
+
+Double buffering: two execution contexts, each with its own CUDA stream, pinned host
+buffers and device buffers. ``submit()`` copies a batch in, enqueues it and its copy out on
+the next slot's stream and returns; ``wait()`` synchronises that slot. So the copies of one
+batch overlap the compute of the other.
+
+Precision control follows TensorRT 10 (``BuilderFlag.FP16``); TensorRT 11 changes how
+precision is requested (strongly typed networks), which this backend does not target.
+Threading: owned by the infer stage.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from segsynth.errors import BackendError, ModelError
+
+from . import cuda
+from .cache import EngineCache, EngineKey, graph_sha256, profile_string
+from .runner import Runner, TensorMeta
+
+log = logging.getLogger("segsynth")
+
+
+def import_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise BackendError("TensorRT is not installed here (pip install 'segsynth[tensorrt]' on a machine with an "
+                           "NVIDIA GPU); use --backend onnxruntime or torch-cuda") from exc
+    if not trt.__version__.startswith("10."):
+        raise BackendError(f"TensorRT {trt.__version__} is installed; this backend targets the TensorRT 10 API")
+    return trt
+
+
+def batch_profile(onnx_bytes: bytes, batch: tuple[int, int, int]) -> dict:
+    """min/opt/max shapes for every input: the batch axis varies, every other axis is fixed."""
+    import onnx
+
+    from .onnxruntime import describe_onnx
+
+    inputs, _, _ = describe_onnx(onnx.load_from_string(onnx_bytes))
+    shapes = {}
+    for name, meta in inputs.items():
+        rest = meta.shape[1:]
+        if not all(isinstance(d, int) and d > 0 for d in rest):
+            raise ModelError(f"input {name} has dynamic dimensions {meta.shape}; export it with a fixed --size")
+        if isinstance(meta.shape[0], int) and meta.shape[0] > 0:  # a fixed batch (or an unbatched input)
+            shapes[name] = ((meta.shape[0], *rest),) * 3
+        else:
+            shapes[name] = tuple((b, *rest) for b in batch)
+    return shapes
+
+
+def build_engine(onnx_bytes: bytes, *, fp16: bool, shapes: dict, workspace_bytes: int,
+                 timing_cache: Path | None = None) -> bytes:
+    trt = import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_bytes):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ModelError(f"TensorRT cannot parse the ONNX graph: {errors[0] if errors else 'unknown error'}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    if fp16:
+        if not builder.platform_has_fast_fp16:
+            log.warning("warning: this GPU has no fast FP16; building FP32")
+        else:
+            config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
+    cache = config.create_timing_cache(cache_bytes)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    log.info("building a TensorRT %s engine (minutes on first use; cached afterwards)", "FP16" if fp16 else "FP32")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BackendError("TensorRT could not build an engine for this graph (see the TensorRT log above)")
+    if timing_cache is not None:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        timing_cache.write_bytes(bytes(cache.serialize()))
+    return bytes(serialized)
+
+
+class _Slot:
+    """One in-flight batch: an execution context with its stream and buffers."""
+
+    def __init__(self, engine, io: dict[str, TensorMeta], max_shapes: dict[str, tuple]) -> None:
+        self.context = engine.create_execution_context()
+        self.stream = cuda.Stream()
+        self.done = cuda.Event(timing=False)
+        self.host, self.device = {}, {}
+        for name, meta in io.items():
+            shape = max_shapes[name]
+            self.host[name] = cuda.PinnedBuffer(shape, meta.dtype)
+            self.device[name] = cuda.DeviceBuffer(self.host[name].nbytes)
+        self.pending: dict[str, tuple] | None = None
+
+    def close(self) -> None:
+        for buf in (*self.host.values(), *self.device.values()):
+            buf.close()
+        self.stream.close()
+        self.done.close()
+
+
+class TensorRTRunner(Runner):
+    name = "tensorrt"
+
+    def __init__(self, onnx_path: str | Path, *, fp16: bool = True, batch: tuple[int, int, int] = (1, 1, 8),
+                 cache_dir: str | Path | None = None, workspace_bytes: int = 2 << 30, device: int = 0) -> None:
+        super().__init__()
+        self.onnx_path, self.fp16, self.batch = Path(onnx_path), fp16, batch
+        self.label = self.onnx_path.name
+        self.cache = EngineCache(Path(cache_dir) if cache_dir else Path.home() / ".cache" / "segsynth" / "engines")
+        self.workspace_bytes, self.device_index = workspace_bytes, device
+        self._next = 0
+
+    def _activate_impl(self) -> None:
+        import onnx
+
+        from .onnxruntime import describe_onnx
+
+        trt = import_tensorrt()
+        dev = cuda.device(self.device_index)
+        check = cuda.check
+        check(cuda.runtime().cudaSetDevice(self.device_index), "cudaSetDevice")
+        onnx_bytes = self.onnx_path.read_bytes()
+        shapes = batch_profile(onnx_bytes, self.batch)
+        key = EngineKey(graph_sha256(onnx_bytes), dev.name, f"{dev.compute_capability[0]}.{dev.compute_capability[1]}",
+                        trt.__version__, "fp16" if self.fp16 else "fp32", profile_string(shapes))
+        self.engine_path = self.cache.path(key)
+        engine_bytes = self.cache.load(key)
+        if engine_bytes is None:
+            engine_bytes = build_engine(onnx_bytes, fp16=self.fp16, shapes=shapes, workspace_bytes=self.workspace_bytes,
+                                        timing_cache=self.cache.directory / "timing.cache")
+            log.info("engine cached at %s", self.cache.store(key, engine_bytes))
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(logger)
+        self.engine = self.runtime.deserialize_cuda_engine(engine_bytes)
+        if self.engine is None:
+            raise BackendError(f"the cached engine {self.cache.path(key)} does not load here (built for another GPU "
+                               "or TensorRT version?); delete it to rebuild")
+        _, outputs, self.metadata = describe_onnx(onnx.load_from_string(onnx_bytes))
+        io = {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            meta = TensorMeta(name, np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))),
+                              tuple(self.engine.get_tensor_shape(name)))
+            io[name] = meta
+            if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
+                self.inputs[name] = meta
+            else:
+                self.outputs[name] = meta
+        max_shapes = {name: shapes[name][2] if name in shapes else tuple(
+            self.batch[2] if d == -1 else d for d in meta.shape) for name, meta in io.items()}
+        self.slots = [_Slot(self.engine, io, max_shapes) for _ in range(2)]
+
+    def submit(self, feed: dict[str, np.ndarray]):
+        slot = self.slots[self._next]
+        self._next ^= 1
+        if slot.pending is not None:  # its previous batch was never collected: finish it first
+            self.wait(slot)
+        ctx = slot.context
+        for name, array in feed.items():
+            array = np.ascontiguousarray(array, dtype=self.inputs[name].dtype)
+            host = slot.host[name].array.reshape(-1)[: array.size].reshape(array.shape)
+            np.copyto(host, array)
+            slot.stream.copy_to_device(slot.device[name], slot.host[name], array.nbytes)
+            ctx.set_input_shape(name, array.shape)
+        for name, buf in slot.device.items():
+            ctx.set_tensor_address(name, int(buf.ptr))
+        if not ctx.execute_async_v3(slot.stream.handle):
+            raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+        pending = {}
+        for name, meta in self.outputs.items():
+            shape = tuple(ctx.get_tensor_shape(name))
+            nbytes = int(np.prod(shape)) * meta.dtype.itemsize
+            slot.stream.copy_to_host(slot.host[name], slot.device[name], nbytes)
+            pending[name] = shape
+        slot.done.record(slot.stream)
+        slot.pending = pending
+        return slot
+
+    def wait(self, slot: _Slot) -> dict[str, np.ndarray]:
+        slot.done.synchronize()
+        out = {name: slot.host[name].array.reshape(-1)[: int(np.prod(shape))].reshape(shape).copy()
+               for name, shape in slot.pending.items()}
+        slot.pending = None
+        return out
+
+    def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.wait(self.submit(feed))
+
+    def pinned_allocator(self):
+        pool = []
+
+        def allocate(shape, dtype):
+            buf = cuda.PinnedBuffer(shape, dtype)
+            pool.append(buf)  # freed when the runner deactivates
+            return buf.array
+
+        self._pinned = pool
+        return allocate
+
+    def _deactivate_impl(self) -> None:
+        for slot in getattr(self, "slots", []):
+            slot.close()
+        for buf in getattr(self, "_pinned", []):
+            buf.close()
+        self.slots, self.engine, self.runtime = [], None, None
