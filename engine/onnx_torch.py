@@ -170,7 +170,8 @@ def _build_ops():
         "ArgMax": lambda x, a: torch.argmax(x[0], dim=a.get("axis", 0), keepdim=bool(a.get("keepdims", 1))),
         "Gather": lambda x, a: torch.index_select(x[0], a.get("axis", 0), x[1].reshape(-1).long()).reshape(
             *x[0].shape[:a.get("axis", 0)], *x[1].shape, *x[0].shape[a.get("axis", 0) + 1:]),
-        "Shape": lambda x, a: torch.tensor(x[0].shape, dtype=torch.int64, device=x[0].device),
+        "Shape": lambda x, a: torch.tensor(x[0].shape[a.get("start", 0):a.get("end", None)], dtype=torch.int64,
+                                           device=x[0].device),
         "Concat": lambda x, a: torch.cat([t.to(x[0].dtype) for t in x], dim=a.get("axis", 0)),
         "Reshape": lambda x, a: x[0].reshape([d if d != 0 else x[0].shape[i] for i, d in enumerate(x[1].tolist())]),
         "Flatten": lambda x, a: x[0].reshape(int(np.prod(x[0].shape[:a.get("axis", 1)])), -1),

@@ -182,3 +182,20 @@ def make_deeplab_checkpoint(path: Path, family: str, n_classes: int, seed: int =
                 m.bias.normal_(0, 0.1, generator=gen)
     torch.save(net.state_dict(), path)
     return path
+
+
+def _cuda_reason() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    return None if torch.cuda.is_available() else "no CUDA GPU here (run on the GPU machine: pytest -m gpu)"
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = None
+    for item in items:
+        if "gpu" in item.keywords:
+            reason = reason or _cuda_reason() or ""
+            if reason:
+                item.add_marker(pytest.mark.skip(reason=reason))

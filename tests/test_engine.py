@@ -1,0 +1,148 @@
+"""Engine runtime on the CPU: the Runner interface, the engine cache, the ONNX Runtime runner
+against the export stage's PyTorch forward, the torch interpreter against ONNX Runtime,
+backend selection and CUDA error messages."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_deeplab_checkpoint, make_spade_checkpoint, run_cli
+from segsynth.engine.cache import EngineCache, EngineKey
+from segsynth.engine.onnxruntime import OnnxRuntimeRunner
+from segsynth.engine.select import make_runner, resolve_backend
+from segsynth.errors import BackendError
+from segsynth.stream.segmenter import bundled_model
+
+SPADE = dict(label_nc=6, contain_dontcare_label=True, no_instance=False, ngf=8, crop_size=64,
+             norm_G="spectralspadesyncbatch3x3")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("engine")
+    make_spade_checkpoint(d / "spade", **SPADE)
+    make_spade_checkpoint(d / "vae", label_nc=5, no_instance=True, ngf=4, crop_size=256, use_vae=True, z_dim=8,
+                          norm_G="spectralspadeinstance3x3")
+    make_deeplab_checkpoint(d / "tv.pth", "tv-mobilenet_v3_large", 21)
+    for args in (["spade", "--checkpoint", d / "spade", "--out", d / "g.onnx", "--batch", "dynamic"],
+                 ["encoder", "--checkpoint", d / "vae", "--out", d / "e.onnx", "--batch", "dynamic"],
+                 ["spade", "--checkpoint", d / "vae", "--out", d / "v.onnx"],
+                 ["deeplab", "--checkpoint", d / "tv.pth", "--out", d / "d.onnx", "--size", "97x129"]):
+        proc = run_cli("export", *args)
+        assert proc.returncode == 0, proc.stderr
+    return d
+
+
+def _feed(runner, batch=2):
+    from segsynth.engine.commands import _inputs
+
+    return _inputs(runner, batch, None)
+
+
+def test_runner_interface(exported):
+    runner = OnnxRuntimeRunner(exported / "g.onnx")
+    with pytest.raises(BackendError, match="before activate"):
+        runner.infer({})
+    with runner as r:
+        assert r.is_active and set(r.inputs) == {"label", "instance"} and list(r.outputs) == ["image"]
+        assert r.inputs["label"].shape == ("N", 1, 64, 64) and r.inputs["label"].dtype == np.int64
+        assert r.metadata["segsynth.role"] == "generator"
+        with pytest.raises(BackendError, match="missing inputs"):
+            r.infer({"label": np.zeros((1, 1, 64, 64), np.int64)})
+        feed = _feed(r)
+        assert np.array_equal(r.wait(r.submit(feed))["image"], r.infer(feed)["image"])
+    assert not runner.is_active
+
+
+def test_onnxruntime_runner_matches_the_pytorch_forward(exported):
+    from segsynth.export.onnx_export import GeneratorGraph
+    from segsynth.export.spade import load_spade
+
+    graph = GeneratorGraph(load_spade(exported / "spade"))
+    for io_binding in (False, True):
+        with OnnxRuntimeRunner(exported / "g.onnx", io_binding=io_binding, threads=2) as runner:
+            feed = _feed(runner, batch=3)
+            got = runner.infer(feed)["image"]
+        with torch.no_grad():
+            want = graph(torch.from_numpy(feed["label"]), torch.from_numpy(feed["instance"])).numpy()
+        assert np.abs(got - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("model", ["ade20k", "voc", "g.onnx", "e.onnx", "v.onnx", "d.onnx"])
+def test_torch_interpreter_matches_onnxruntime(model, exported):
+    from segsynth.engine.torch_runner import TorchCudaRunner
+
+    path = bundled_model(model) if model in ("ade20k", "voc") else exported / model
+    with OnnxRuntimeRunner(path) as ort_runner, TorchCudaRunner(path, device="cpu") as torch_runner:
+        assert torch_runner.inputs == ort_runner.inputs and torch_runner.outputs.keys() == ort_runner.outputs.keys()
+        feed = _feed(ort_runner, batch=1)
+        a, b = ort_runner.infer(feed), torch_runner.wait(torch_runner.submit(feed))
+    for name in a:
+        if a[name].dtype == np.uint8:  # segmenter labels: argmax of nearly equal float logits
+            assert (a[name] == b[name]).mean() > 0.999, name
+        else:
+            err = np.abs(a[name] - b[name]).max() / (np.abs(a[name]).max() + 1e-9)
+            assert err < 1e-4, (name, err)
+
+
+def test_engine_keys_and_stale_entries(tmp_path, caplog):
+    key = EngineKey("abc", "NVIDIA H100 80GB HBM3", "9.0", "10.7.0", "fp16", "image:1x3x513x513")
+    variants = [key.__class__(**{**key.__dict__, field: value}) for field, value in
+                (("gpu", "NVIDIA A100"), ("compute_capability", "8.0"), ("tensorrt", "10.8.0"),
+                 ("precision", "fp32"), ("profile", "image:8x3x513x513"), ("graph_sha256", "abd"))]
+    assert len({key.digest, *(v.digest for v in variants)}) == 7  # every field changes the key
+    cache = EngineCache(tmp_path)
+    assert cache.load(key) is None
+    path = cache.store(key, b"engine bytes")
+    assert cache.load(key) == b"engine bytes" and path.with_suffix(".json").is_file()
+    assert cache.entries() == [(key, path)]
+    with caplog.at_level(logging.INFO, logger="segsynth"):
+        assert cache.load(variants[0]) is None  # same graph, another GPU: rebuild, and say why
+    assert "built for NVIDIA H100" in caplog.text and "building one for NVIDIA A100" in caplog.text
+
+
+def test_backend_selection_here_and_clear_errors(exported):
+    assert resolve_backend("auto") in ("onnxruntime", "onnxruntime-cuda", "torch-cuda", "tensorrt")
+    with pytest.raises(BackendError, match="unknown backend"):
+        resolve_backend("warp")
+    if not torch.cuda.is_available():
+        assert resolve_backend("auto") == "onnxruntime"
+        with pytest.raises(BackendError, match="no CUDA GPU"):
+            make_runner(exported / "g.onnx", "torch-cuda").activate()
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(BackendError, match="TensorRT is not installed"):
+            make_runner(exported / "g.onnx", "tensorrt").activate()
+
+
+def test_cuda_errors_are_translated():
+    from segsynth.engine import cuda
+
+    pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
+    if cuda.gpu_available():
+        pytest.skip("a GPU is present: the no-GPU message cannot be shown")
+    with pytest.raises(BackendError) as err:
+        cuda.device(0)
+    message = str(err.value)
+    assert "CUDA error" in message or "no CUDA GPU" in message
+    assert "driver" in message or "GPU" in message and "\n" not in message
+
+
+def test_engine_commands(exported, tmp_path):
+    proc = run_cli("engine", "info", exported / "d.onnx")
+    assert proc.returncode == 0 and "input  image" in proc.stdout and "segsynth.family = tv-mobilenet_v3_large" in proc.stdout
+    proc = run_cli("engine", "compare", exported / "d.onnx", exported / "d.onnx", "--backend-b", "onnxruntime")
+    assert proc.returncode == 0 and "logits: max_abs 0" in proc.stdout and "argmax_agreement 1" in proc.stdout
+    np.savez(tmp_path / "in.npz", label=np.zeros((1, 1, 64, 64), np.int64), instance=np.zeros((1, 1, 64, 64), np.int64))
+    proc = run_cli("engine", "compare", exported / "g.onnx", exported / "g.onnx", "--backend-b", "onnxruntime",
+                   "--inputs", tmp_path / "in.npz")
+    assert proc.returncode == 0 and "image: max_abs 0" in proc.stdout and "psnr_db inf" in proc.stdout
+    proc = run_cli("engine", "compare", exported / "g.onnx", exported / "d.onnx", "--backend-b", "onnxruntime")
+    assert proc.returncode != 0 and "take different inputs" in proc.stderr
+    proc = run_cli("engine", "info", tmp_path / "nope.engine")
+    assert proc.returncode != 0 and "no such file" in proc.stderr
