@@ -80,10 +80,21 @@ def run_bench(cfg: BenchConfig) -> dict:
             job.segmenter.close()
             if job.generator is not None:
                 job.generator.close()
+        _derived_ratios(report)
         report["latency_samples"] = {str(k): v for k, v in job.results.get("latency_samples", {}).items()}
         if report["ratios"]:
             log.info("ratios (same run): %s", ", ".join(f"{k} {v:.2f}" for k, v in report["ratios"].items()))
     return report
+
+
+def _derived_ratios(report: dict) -> None:
+    """Ratios between scenarios of the same run: end-to-end pipeline vs the models alone."""
+    engine, pipeline = report["scenarios"].get("engine"), report["scenarios"].get("pipeline")
+    if engine and pipeline:
+        batch = report["config"]["batch"][0]
+        per_frame = sum(1 / r["fps"] for r in engine["rows"] if r["batch"] == batch)
+        if per_frame:
+            report["ratios"]["e2e_over_engine"] = pipeline["pipelined_fps"] * per_frame
 
 
 def _print(name: str, result: dict) -> None:
@@ -96,6 +107,10 @@ def _print(name: str, result: dict) -> None:
             log.info("  %2d streams: %5.2f fps/stream, %5.1f dropped/stream, latency p50 %6.0f p95 %6.0f p99 %6.0f ms%s",
                      r["streams"], r["fps_per_stream"], r["dropped_per_stream"], r["p50_ms"], r["p95_ms"],
                      r["p99_ms"], "  (real time)" if r["real_time"] else "")
+    elif name == "chain":
+        for r in result["rows"]:
+            log.info("  %s batch %-2d %-16s %7.2f fps", r["precision"], r["batch"],
+                     "double-buffered" if r["double_buffered"] else "one at a time", r["fps"])
     elif name == "soak":
         log.info("  %d frames: RSS %.0f MiB at 10%%, %.0f MiB at the end", result["frames"],
                  result["rss_at_10pct_mib"] or 0, result["rss_at_end_mib"] or 0)

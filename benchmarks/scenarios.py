@@ -18,7 +18,8 @@ import numpy as np
 from segsynth.config import RunConfig
 
 log = logging.getLogger("segsynth")
-SCENARIOS = ("engine", "stages", "pipeline", "passthrough", "streams", "soak")
+SCENARIOS = ("engine", "stages", "pipeline", "passthrough", "streams", "soak", "chain")
+DEFAULT_SCENARIOS = SCENARIOS[:-1]  # chain needs the export extra (torch); ask for it by name
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class BenchConfig:
     workdir: Path = Path(".")
     backend: str = "auto"
     fp16: bool = True
+    chain_size: tuple[int, int] = (512, 256)  # (W, H) frames for the chain scenario
 
 
 @dataclass
@@ -391,4 +393,61 @@ def soak(job: Job) -> dict:
     out = {"frames": stats.frames_out, "rss_mib": probe.samples, "rss_at_10pct_mib": early, "rss_at_end_mib": late}
     if early and late:
         out["ratios"] = {"soak_rss_end_over_10pct": late / early}
+    return out
+
+
+def chain(job: Job) -> dict:
+    """The fused chain graph (uint8 frames + remap -> uint8 frames; a torchvision
+    DeepLabV3-MobileNetV3 and a SPADE generator, random weights: speed does not depend on
+    them) on the chosen backend: fps per batch size, FP32 vs FP16 (GPU backends), and
+    double-buffered (batch k+1 submitted before batch k is collected) vs one at a time."""
+    import torch
+
+    from segsynth.config import ExportConfig
+    from segsynth.engine.select import make_runner
+    from segsynth.export.commands import run_export
+    from segsynth.export.deeplab import TVDeepLabV3
+    from segsynth.export.spade import SPADEGenerator, SpadeOptions, write_opt_txt
+
+    d = job.cfg.workdir / "chain"
+    (d / "spade").mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(TVDeepLabV3("mobilenet_v3_large", 21, aux=False).state_dict(), d / "deeplab.pth")
+    opt = SpadeOptions(label_nc=182, contain_dontcare_label=True, no_instance=True, ngf=32, crop_size=256,
+                       aspect_ratio=2.0, norm_G="spectralspadesyncbatch3x3")
+    torch.save(SPADEGenerator(opt).state_dict(), d / "spade" / "latest_net_G.pth")
+    write_opt_txt(opt, d / "spade" / "opt.txt")
+    w, h = job.cfg.chain_size
+    onnx_path = d / "chain.onnx"
+    run_export(ExportConfig(what="chain", out=onnx_path, checkpoint=d / "spade", deeplab=d / "deeplab.pth",
+                            size=(h, w), seg_size=(h, w), batch=None))
+    backend = job.run_cfg.backend
+    precisions = (False, True) if backend != "onnxruntime" else (False,)
+    rows = []
+    for fp16 in precisions:
+        with make_runner(onnx_path, backend, fp16=fp16, threads=job.cfg.threads,
+                         batch=(1, max(job.cfg.batch), max(job.cfg.batch))) as runner:
+            for batch in job.cfg.batch:
+                feed = {"frames": np.random.default_rng(0).integers(0, 255, (batch, h, w, 3), dtype=np.uint8),
+                        "remap": np.arange(256, dtype=np.uint8)}
+                runner.infer(feed)  # warm-up (and engine build)
+                for buffered in (False, True):
+                    n = max(2, job.cfg.repeats * 2)
+                    start = time.perf_counter()
+                    if buffered:
+                        pending = runner.submit(feed)
+                        for _ in range(n - 1):
+                            nxt = runner.submit(feed)
+                            runner.wait(pending)
+                            pending = nxt
+                        runner.wait(pending)
+                    else:
+                        for _ in range(n):
+                            runner.infer(feed)
+                    rows.append({"precision": "fp16" if fp16 else "fp32", "batch": batch, "double_buffered": buffered,
+                                 "fps": n * batch / (time.perf_counter() - start)})
+    out = {"backend": backend, "frame_size": f"{w}x{h}", "rows": rows}
+    best = {p: max((r["fps"] for r in rows if r["precision"] == p), default=0) for p in ("fp16", "fp32")}
+    if best["fp16"] and best["fp32"]:
+        out["ratios"] = {"fp16_over_fp32": best["fp16"] / best["fp32"]}
     return out

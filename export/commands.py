@@ -21,8 +21,8 @@ def run_export(cfg: ExportConfig) -> str:
     import torch
 
     logging.getLogger("torch").setLevel(logging.ERROR)  # the exporter's notes about torchvision ops
-    warnings.filterwarnings("ignore", module=r"torch\.")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation chatter from inside the exporter, not actionable here
         return {"spade": _spade, "encoder": _encoder, "deeplab": _deeplab, "chain": _chain}[cfg.what](cfg)
 
 

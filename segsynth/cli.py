@@ -64,14 +64,14 @@ def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .benchmarks.bench import plot, run_bench, write_json
-    from .benchmarks.scenarios import SCENARIOS, BenchConfig
+    from .benchmarks.scenarios import DEFAULT_SCENARIOS, BenchConfig
     from .config import parse_size
 
     try:
         batches = tuple(int(b) for b in args.batch.split(","))
     except ValueError:
         raise SegsynthError(f"--batch {args.batch!r}: expected a comma-separated list, e.g. 1,4,8") from None
-    cfg = BenchConfig(scenarios=tuple(args.scenarios) or SCENARIOS, size=parse_size(args.size, "--size", "WxH"),
+    cfg = BenchConfig(scenarios=tuple(args.scenarios) or DEFAULT_SCENARIOS, size=parse_size(args.size, "--size", "WxH"),
                       frames=args.frames, batch=batches, streams=args.streams, repeats=args.repeats, rate=args.rate,
                       segmenter=args.segmenter, generator=args.generator, threads=args.threads,
                       input=Path(args.input) if args.input else None, backend=args.backend, fp16=not args.fp32)
@@ -287,8 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", parents=[common], help="measure fps, latency and scaling, side by side",
                        description="Scenarios: engine (model only), stages (decode/infer/encode alone), pipeline "
                                    "(threaded vs sequential vs infer alone), passthrough (vs the ffmpeg CLI), streams "
-                                   "(N live streams), soak (memory over time). Ratios come from one run.")
-    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="default: all")
+                                   "(N live streams), soak (memory over time); chain (the fused graph, FP16 vs FP32, "
+                                   "double-buffered; needs torch) only when named. Ratios come from one run.")
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="default: all but chain")
     p.add_argument("--size", default="1280x720", metavar="WxH", help="generated input size (default 1280x720)")
     p.add_argument("--rate", type=int, default=30, help="generated input / live source fps (default 30)")
     p.add_argument("--frames", type=int, default=300, help="frames per measurement (soak: total; default 300)")
