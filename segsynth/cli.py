@@ -15,6 +15,16 @@ from .errors import SegsynthError
 log = logging.getLogger("segsynth")
 
 
+def _cache_dir(flag: str | None):
+    """--cache-dir, else $XDG_CACHE_HOME/segsynth, else ~/.cache/segsynth (read here, at the edge)."""
+    import os
+    from pathlib import Path
+
+    if flag:
+        return Path(flag)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segsynth"
+
+
 def _segment(args: argparse.Namespace) -> int:
     from .config import SegmentConfig
     from .stream.segment import run_segment
@@ -29,19 +39,17 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from .config import RunConfig, parse_size
     from .stream.run import run
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segsynth"
     cfg = RunConfig(input=Path(args.input), output=Path(args.output), view=args.view, remap=args.remap,
                     generator=args.generator, segmenter=args.segmenter, style=Path(args.style) if args.style else None,
                     seed=args.seed, smooth=args.smooth, fit=args.fit, policy=args.policy, batch=args.batch,
                     size=parse_size(args.size, "--size", "WxH") if args.size else None, codec=args.codec,
                     crf=args.crf, preset=args.preset, bitrate=args.bitrate, stream=args.stream, threads=args.threads,
-                    legend=not args.no_legend, cache_dir=Path(args.cache_dir) if args.cache_dir else cache,
+                    legend=not args.no_legend, cache_dir=_cache_dir(args.cache_dir),
                     backend=args.backend, fp16=not args.fp32)
     stats, info = run(cfg, quiet=args.quiet)
     if info["problems"] or (info["declared"] and stats.frames_in < info["declared"] and not info["interrupted"]):
@@ -136,14 +144,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval_generator(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from .stream.evaluate import evaluate, print_table, write_json
 
-    cache = Path(args.cache_dir) if args.cache_dir else \
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segsynth"
-    result = evaluate(args.checkpoint, Path(args.data), segmenter=args.segmenter, limit=args.limit, cache_dir=cache,
+    result = evaluate(args.checkpoint, Path(args.data), segmenter=args.segmenter, limit=args.limit,
+                      cache_dir=_cache_dir(args.cache_dir),
                       threads=args.threads, quiet=args.quiet, backend=args.backend)
     print_table(result)
     if args.json:
@@ -153,13 +159,11 @@ def _eval_generator(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace) -> int:
-    import os
     from pathlib import Path
 
     from .engine import commands
 
-    cache = Path(args.cache_dir) if args.cache_dir else \
-        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segsynth" / "engines"
+    root = _cache_dir(args.cache_dir)  # engines live in ROOT/engines, as for run and bench
     if args.action == "build":
         if not args.onnx:
             raise SegsynthError("engine build needs --onnx FILE.onnx")
@@ -168,7 +172,7 @@ def _engine(args: argparse.Namespace) -> int:
             lo, hi = int(lo), int(hi or lo)
         except ValueError:
             raise SegsynthError(f"--batch {args.batch!r}: expected N or MIN..MAX, e.g. 1..8") from None
-        log.info("%s", commands.build(Path(args.onnx), fp16=not args.fp32, batch=(lo, lo, hi), cache_dir=cache))
+        log.info("%s", commands.build(Path(args.onnx), fp16=not args.fp32, batch=(lo, lo, hi), cache_dir=root / "engines"))
     elif args.action == "info":
         if len(args.files) != 1:
             raise SegsynthError("engine info needs one FILE (.onnx or .engine)")
@@ -179,7 +183,7 @@ def _engine(args: argparse.Namespace) -> int:
         report = commands.compare(Path(args.files[0]), Path(args.files[1]), backend_a=args.backend_a,
                                   backend_b=args.backend_b, fp16_a=args.fp16_a, fp16_b=args.fp16_b,
                                   batch=int(args.batch.partition("..")[0]),
-                                  inputs_file=Path(args.inputs) if args.inputs else None, cache_dir=cache.parent)
+                                  inputs_file=Path(args.inputs) if args.inputs else None, cache_dir=root)
         for name, entry in report.items():
             print(f"{name}: " + ", ".join(f"{k} {v:.6g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
     return 0
@@ -380,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16-a", action="store_true", help="compare: run A in FP16 (GPU backends)")
     p.add_argument("--fp16-b", action="store_true", help="compare: run B in FP16 (GPU backends)")
     p.add_argument("--inputs", metavar="FILE.npz", help="compare: inputs by name (default: random ones)")
-    p.add_argument("--cache-dir", help="engine cache (default ~/.cache/segsynth/engines)")
+    p.add_argument("--cache-dir", help="segsynth cache; engines go in its engines/ (default ~/.cache/segsynth)")
     p.set_defaults(func=_engine)
 
     p = sub.add_parser("labels", parents=[common], help="list label sets, their classes and mappings",

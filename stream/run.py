@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import queue
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 
@@ -80,10 +81,7 @@ class VideoSource:
                 dh, dw = (item.height, item.width) if rotation % 2 == 0 else (item.width, item.height)
                 pts, tb = item.pts, item.time_base
                 if pts is None:  # raw streams without timestamps: frame index at the stream's rate
-                    rate = self.video.average_rate or self.video.guessed_rate or 25
-                    from fractions import Fraction
-
-                    pts, tb = index, Fraction(1, 1) / Fraction(rate)
+                    pts, tb = index, 1 / Fraction(self.video.average_rate or self.video.guessed_rate or 25)
                 yield model_rgb, {"index": index, "pts": pts, "time_base": tb, "size": (dw, dh),
                                   "display": display if self.need_display else None}
                 index += 1
