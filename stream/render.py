@@ -74,11 +74,13 @@ def _resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
 
 
-def _pad_to(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Pad (repeating the edge) to (W, H): 4:2:0 video needs even sizes."""
-    w, h = size
-    dh, dw = h - image.shape[0], w - image.shape[1]
-    return np.pad(image, [(0, dh), (0, dw), (0, 0)], mode="edge") if dh or dw else image
+def pad_to(image: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Pad (repeating the last row/column) to (W, H), by default to the next even size:
+    4:2:0 video needs even sizes. Works for RGB and single-channel images."""
+    h, w = image.shape[:2]
+    tw, th = size or (w + w % 2, h + h % 2)
+    pad = [(0, th - h), (0, tw - w)] + [(0, 0)] * (image.ndim - 2)
+    return np.pad(image, pad, mode="edge") if th != h or tw != w else image
 
 
 def compose(view: str, display: np.ndarray | None, label_map: np.ndarray, synth: np.ndarray | None,
@@ -117,4 +119,4 @@ def compose(view: str, display: np.ndarray | None, label_map: np.ndarray, synth:
         out = np.concatenate([np.concatenate([frame, colour()], 1), np.concatenate([bottom_left, right_bottom], 1)], 0)
     else:
         raise ValueError(f"unknown view {view!r}")
-    return _pad_to(out, out_size)
+    return pad_to(out, out_size)

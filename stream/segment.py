@@ -19,7 +19,7 @@ from segsynth.errors import InputError
 
 from . import media
 from .progress import Progress
-from .render import render
+from .render import pad_to, render
 from .segmenter import load_segmenter, resize_labels, resize_rgb
 
 log = logging.getLogger("segsynth")
@@ -85,15 +85,6 @@ def _segment_image(cfg, segmenter, remap, quiet) -> SegmentSummary:
     return SegmentSummary(frames=1, fractions=counter.fractions(segmenter.label_set))
 
 
-def _even(picture: np.ndarray) -> np.ndarray:
-    """Pad odd widths/heights by repeating the last row/column (4:2:0 video needs even sizes)."""
-    h, w = picture.shape[:2]
-    if h % 2 == 0 and w % 2 == 0:
-        return picture
-    pad = [(0, h % 2), (0, w % 2)] + [(0, 0)] * (picture.ndim - 2)
-    return np.pad(picture, pad, mode="edge")
-
-
 def _segment_video(cfg, segmenter, remap, quiet) -> SegmentSummary:
     import av
 
@@ -126,7 +117,7 @@ def _segment_video(cfg, segmenter, remap, quiet) -> SegmentSummary:
                     label_map = _label(segmenter, remap, model_input, width, height)
                     counter.add(label_map)
                     rgb = item.to_ndarray(format="rgb24") if not ids else None
-                    picture = _even(render(cfg.view, rgb, label_map, segmenter.label_set, legend=cfg.legend))
+                    picture = pad_to(render(cfg.view, rgb, label_map, segmenter.label_set, legend=cfg.legend))
                     out = av.VideoFrame.from_ndarray(picture, format="gray" if ids else "rgb24")
                     out.pts, out.time_base = item.pts, item.time_base
                     dst.mux(vout.encode(out))
