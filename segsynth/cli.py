@@ -277,7 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=["lossless", "latest"], default="lossless",
                    help="lossless: every frame in order; latest: drop the oldest queued frame (live)")
     p.add_argument("--batch", type=int, default=1, help="frames per inference batch (default 1)")
-    p.add_argument("--codec", default="libx264", help="video encoder (libx264, libx265, h264_nvenc, ...)")
+    p.add_argument("--codec", default="libx264",
+                   help="video encoder: libx264 (default), libx265, h264_nvenc, ..., or auto (a hardware H.264 "
+                        "encoder when one works here, else libx264)")
     p.add_argument("--crf", type=int, default=20, help="x264/x265 quality (0-51, default 20)")
     p.add_argument("--preset", default="veryfast", help="x264/x265 preset (default veryfast)")
     p.add_argument("--bitrate", help="target bitrate instead of --crf, e.g. 4M")

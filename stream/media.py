@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
@@ -187,6 +188,34 @@ def add_audio_encoder(container, template, output: Path):
     return stream
 
 
+HARDWARE_H264 = ("h264_nvenc", "h264_qsv", "h264_vaapi")
+
+
+def pick_encoder(codec: str) -> str:
+    """``auto``: the first hardware H.264 encoder that opens here, else libx264."""
+    import av
+
+    if codec != "auto":
+        return codec
+    for name in HARDWARE_H264:
+        try:
+            ctx = av.CodecContext.create(name, "w")
+            ctx.width, ctx.height, ctx.pix_fmt, ctx.time_base = 256, 256, "yuv420p", Fraction(1, 25)
+            ctx.open()
+            ctx.close()
+            return name
+        except Exception:  # noqa: BLE001 - not built in, no device, or no driver: try the next
+            continue
+    return "libx264"
+
+
+def check_encoder(codec: str) -> None:
+    import av
+
+    if codec != "auto" and codec not in av.codecs_available:
+        raise InputError(f"--codec {codec}: not available here (this FFmpeg has no such encoder)")
+
+
 def add_video_stream(container, codec: str, template, size: tuple[int, int], *, crf: int, preset: str,
                      bitrate: str | None, b_frames: bool = True, pix_fmt: str = "yuv420p"):
     """The output video stream: input time base (so input PTS pass through unchanged) and rate.
@@ -195,6 +224,7 @@ def add_video_stream(container, codec: str, template, size: tuple[int, int], *, 
     import av
 
     rate = template.average_rate or template.guessed_rate or 25
+    codec = pick_encoder(codec)
     try:
         stream = container.add_stream(codec, rate=rate)
     except (av.FFmpegError, ValueError) as exc:

@@ -253,6 +253,7 @@ def run(cfg: RunConfig, *, quiet: bool = False) -> tuple[PipelineStats, dict]:
     import av
 
     media.check_output(cfg.output, cfg.input)
+    media.check_encoder(cfg.codec)
     audio: queue.Queue = queue.Queue()
     with VideoSource(cfg, audio) as source:  # bad input fails here, before any model is loaded
         from segsynth.engine.select import resolve_backend
@@ -280,10 +281,12 @@ def run(cfg: RunConfig, *, quiet: bool = False) -> tuple[PipelineStats, dict]:
                                     allocator=segmenter.pinned_allocator())  # page-locked on GPU backends
                 try:
                     stats = pipeline.run()
-                except (OSError, av.FFmpegError) as exc:
+                except BaseException as exc:
                     if sink.container is not None:
-                        cfg.output.unlink(missing_ok=True)  # a write failure leaves no half-written output
-                    raise OutputError(f"writing {cfg.output} failed: {media.ffmpeg_message(exc)}") from exc
+                        cfg.output.unlink(missing_ok=True)  # a failed run leaves no half-written output
+                    if isinstance(exc, (OSError, av.FFmpegError)):
+                        raise OutputError(f"writing {cfg.output} failed: {media.ffmpeg_message(exc)}") from exc
+                    raise
         finally:
             segmenter.close()
             if generator is not None:

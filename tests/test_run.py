@@ -119,3 +119,19 @@ def test_audio_is_reencoded_when_the_container_cannot_hold_it(tmp_path):
         assert c.streams.audio[0].codec_context.name == "opus"
     assert abs(audio_info(out)[1] - audio_info(src)[1]) <= 1 / 25 + 0.0065  # Opus frames are 20 ms
     assert decode_video(out)[0] == decode_video(src)[0]
+
+
+def test_codec_auto_uses_a_working_encoder(tmp_path):
+    import av
+
+    from segsynth.stream.media import HARDWARE_H264, pick_encoder
+
+    src = _media("no-audio", tmp_path)
+    out = tmp_path / "auto.mp4"
+    assert run_cli("run", src, out, *FAST, "--codec", "auto").returncode == 0
+    with av.open(str(out)) as c:
+        assert c.streams.video[0].codec_context.name == "h264"
+    assert pick_encoder("auto") in (*HARDWARE_H264, "libx264")
+    proc = run_cli("run", src, tmp_path / "x.mp4", *FAST, "--codec", "no_such_codec")
+    assert proc.returncode == 2 and "--codec no_such_codec: not available here" in proc.stderr.splitlines()[-1]
+    assert not (tmp_path / "x.mp4").exists()
