@@ -55,7 +55,9 @@ class TorchCudaRunner(Runner):
         for name, array in feed.items():
             t = torch.from_numpy(np.ascontiguousarray(array))
             if self.device.type == "cuda":
-                t = t.pin_memory().to(self.device, non_blocking=True)
+                if not t.is_pinned():  # buffers from pinned_allocator() upload without a staging copy
+                    t = t.pin_memory()
+                t = t.to(self.device, non_blocking=True)
             if self.half and t.dtype == torch.float32:
                 t = t.half()
             tensors[name] = t

@@ -111,6 +111,18 @@ class Pipeline:
             self.ring.close()
 
     def _infer(self) -> None:
+        """Batches in order. An infer step with ``submit``/``finish`` gets batch k+1 started
+        before batch k is finished, so a GPU computes while this thread post-processes."""
+        two_phase = hasattr(self.infer, "submit") and hasattr(self.infer, "finish")
+        pending = None  # (handle, metas, seconds spent so far)
+
+        def complete(handle, metas, spent):
+            start = time.perf_counter()
+            results = self.infer.finish(handle) if two_phase else handle
+            self.timers["infer"].add(spent + time.perf_counter() - start, len(metas))
+            for result, meta in zip(results, metas):
+                self._put(self.results, (result, meta))
+
         try:
             while not self.abort.is_set():
                 slots = self.ring.take(self.batch)
@@ -118,11 +130,15 @@ class Pipeline:
                     break
                 start = time.perf_counter()
                 metas = [s.meta for s in slots]
-                results = self.infer(np.stack([s.data for s in slots]), metas)
-                self.ring.release(slots)
-                self.timers["infer"].add(time.perf_counter() - start, len(slots))
-                for result, meta in zip(results, metas):
-                    self._put(self.results, (result, meta))
+                frames = np.stack([s.data for s in slots])
+                self.ring.release(slots)  # the batch is copied: the decoder may refill the slots
+                handle = self.infer.submit(frames, metas) if two_phase else self.infer(frames, metas)
+                spent = time.perf_counter() - start
+                if pending is not None:
+                    complete(*pending)
+                pending = (handle, metas, spent)
+            if pending is not None and not self.abort.is_set():
+                complete(*pending)
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
         finally:

@@ -126,8 +126,18 @@ class Synthesize:
         self.smoother = LabelSmoother(smooth) if smooth > 1 else None
         self.gen_size = gen_size
 
+    def submit(self, frames: np.ndarray, metas: list[dict]):
+        """Start segmenting a batch (on GPU backends the device works while the caller goes on)."""
+        return self.segmenter.submit(frames), metas
+
+    def finish(self, handle) -> list[FrameResult]:
+        pending, metas = handle
+        return self._complete(self.segmenter.finish(pending), metas)
+
     def __call__(self, frames: np.ndarray, metas: list[dict]) -> list[FrameResult]:
-        seg = self.segmenter(frames)
+        return self.finish(self.submit(frames, metas))
+
+    def _complete(self, seg: np.ndarray, metas: list[dict]) -> list[FrameResult]:
         if self.smoother is not None:
             seg = np.stack([self.smoother(m) for m in seg])
         ids = self.table(seg)

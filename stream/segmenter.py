@@ -84,14 +84,21 @@ class OnnxSegmenter:
             raise ModelError(f"{self.source} does not say which label set it predicts; pass --label-set")
         self.label_set = labels.get(name)
 
-    def __call__(self, frames: np.ndarray) -> np.ndarray:
-        """N x H x W x 3 uint8 frames at ``self.size`` -> N x H x W uint8 label ids."""
+    def submit(self, frames: np.ndarray):
+        """Start N x H x W x 3 uint8 frames (at ``self.size``); ``finish`` returns their labels."""
         x = frames[..., ::-1] if self.bgr else frames
         x = x.astype(np.float32).transpose(0, 3, 1, 2) * self.scale + self.offset
-        out = self.runner.infer({self.input_name: np.ascontiguousarray(x)})[self.output_name]
+        return self.runner.submit({self.input_name: np.ascontiguousarray(x)})
+
+    def finish(self, handle) -> np.ndarray:
+        out = self.runner.wait(handle)[self.output_name]
         if self.output_name == "logits":
             out = out.argmax(1)
         return out.astype(np.uint8, copy=False)
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        """N x H x W x 3 uint8 frames at ``self.size`` -> N x H x W uint8 label ids."""
+        return self.finish(self.submit(frames))
 
     def pinned_allocator(self):
         return self.runner.pinned_allocator()
@@ -111,10 +118,17 @@ class FusedSegmenter:
         self.label_set, self.size = scene.label_set, scene.size
         self.bridge = labels.mapping(objects.label_set, scene.label_set)
 
-    def __call__(self, frames: np.ndarray) -> np.ndarray:
-        out = self.scene(frames)
-        painted = self.bridge[self.objects(frames)]
+    def submit(self, frames: np.ndarray):
+        return self.scene.submit(frames), self.objects.submit(frames)
+
+    def finish(self, handle) -> np.ndarray:
+        scene, objects = handle
+        out = self.scene.finish(scene)
+        painted = self.bridge[self.objects.finish(objects)]
         return np.where(painted != labels.UNKNOWN, painted, out)
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        return self.finish(self.submit(frames))
 
     def pinned_allocator(self):
         return self.scene.pinned_allocator()
