@@ -111,9 +111,10 @@ class Pipeline:
             self.ring.close()
 
     def _infer(self) -> None:
-        """Batches in order. An infer step with ``submit``/``finish`` gets batch k+1 started
-        before batch k is finished, so a GPU computes while this thread post-processes."""
-        two_phase = hasattr(self.infer, "submit") and hasattr(self.infer, "finish")
+        """Batches in order. An asynchronous infer step (``submit``/``finish`` on a GPU backend)
+        gets batch k+1 started before batch k is finished, so the device computes while this
+        thread post-processes; a synchronous one is finished at once (no added latency)."""
+        two_phase = bool(getattr(self.infer, "asynchronous", False))
         pending = None  # (handle, metas, seconds spent so far)
 
         def complete(handle, metas, spent):

@@ -125,6 +125,7 @@ class Synthesize:
         self.segmenter, self.generator, self.table, self.z, self.fit = segmenter, generator, table, z, fit
         self.smoother = LabelSmoother(smooth) if smooth > 1 else None
         self.gen_size = gen_size
+        self.asynchronous = getattr(segmenter, "asynchronous", False)  # GPU runners overlap batches
 
     def submit(self, frames: np.ndarray, metas: list[dict]):
         """Start segmenting a batch (on GPU backends the device works while the caller goes on)."""

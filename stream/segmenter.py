@@ -58,6 +58,7 @@ class OnnxSegmenter:
     def __init__(self, runner: Runner, label_set: str | None = None) -> None:
         self.runner = runner.activate()
         self.source = getattr(runner, "label", runner.name)
+        self.asynchronous = runner.name in ("tensorrt", "torch-cuda")  # submit() returns before the work is done
         image = [m for m in runner.inputs.values() if len(m.shape) == 4 and m.shape[1] == 3]
         outs = [m for m in runner.outputs.values() if m.name in ("labels", "logits")]
         meta = runner.metadata
@@ -116,6 +117,7 @@ class FusedSegmenter:
             raise ModelError(f"fused segmenters need one input size, got {scene.size} and {objects.size}")
         self.scene, self.objects = scene, objects
         self.label_set, self.size = scene.label_set, scene.size
+        self.asynchronous = scene.asynchronous
         self.bridge = labels.mapping(objects.label_set, scene.label_set)
 
     def submit(self, frames: np.ndarray):
