@@ -94,3 +94,44 @@ def test_letterbox_keeps_the_aspect_and_pads_with_dontcare():
         canvas = FakeGenerator.seen[0]
         assert (canvas[:pad_rows] == labels.UNKNOWN).all() and (canvas[pad_rows:64 - pad_rows] == 12).all()
         assert result.synth.shape == (64 - 2 * pad_rows, 64, 3)  # only the content goes back to the frame
+
+
+def test_pipeline_keeps_order_with_synchronous_and_asynchronous_infer_steps():
+    from segsynth.stream.pipeline import Pipeline
+
+    class ListSource:
+        def frames(self, stop):
+            for i in range(23):
+                yield np.full((2, 2, 3), i, np.uint8), {"index": i}
+
+    class RecordingSink:
+        def __init__(self):
+            self.seen, self.closed = [], False
+
+        def write(self, result, meta):
+            assert result == meta["index"] * 10
+            self.seen.append(meta["index"])
+
+        def close(self):
+            self.closed = True
+
+    class SyncInfer:
+        def __call__(self, frames, metas):
+            return [int(f[0, 0, 0]) * 10 for f in frames]
+
+    class AsyncInfer(SyncInfer):  # submit() returns early; finish() completes, in order
+        asynchronous = True
+        submitted = 0
+
+        def submit(self, frames, metas):
+            AsyncInfer.submitted += 1
+            return frames
+
+        def finish(self, frames):
+            assert AsyncInfer.submitted >= 1
+            return SyncInfer.__call__(self, frames, None)
+
+    for infer in (SyncInfer(), AsyncInfer()):
+        sink = RecordingSink()
+        stats = Pipeline(ListSource(), infer, sink, model_shape=(2, 2, 3), batch=4, ring_slots=5).run()
+        assert sink.seen == list(range(23)) and sink.closed and stats.frames_out == 23
