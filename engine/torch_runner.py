@@ -18,7 +18,7 @@ import numpy as np
 
 from segsynth.errors import BackendError
 
-from .runner import Runner, TensorMeta
+from .runner import Runner
 
 
 class TorchCudaRunner(Runner):

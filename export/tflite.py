@@ -20,10 +20,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from segsynth.errors import ModelError
+
+if TYPE_CHECKING:  # imported lazily at run time
+    import onnx
 
 OPSET = 17
 _ACT = {0: None, 1: (0.0, None), 2: (-1.0, 1.0), 3: (0.0, 6.0)}  # TFLite fused activations
@@ -177,7 +181,7 @@ class _Builder:
 
 def convert(path: str | Path, *, class_lut: np.ndarray | None = None,
             input_scale: float | None = None, input_offset: float | None = None,
-            metadata: dict[str, str] | None = None) -> "onnx.ModelProto":  # noqa: F821
+            metadata: dict[str, str] | None = None) -> "onnx.ModelProto":
     """Convert ``path`` to an ONNX model with input ``image`` (N x 3 x H x W float32,
     already normalised) and output ``labels`` (N x H x W uint8 = class_lut[argmax]).
 
@@ -345,7 +349,7 @@ def _class_count(path: Path) -> int:
     return int(tensors[logits].shape[-1])
 
 
-def segmenter_from_tflite(path: str | Path, label_set: str | None = None) -> "onnx.ModelProto":  # noqa: F821
+def segmenter_from_tflite(path: str | Path, label_set: str | None = None) -> "onnx.ModelProto":
     """Convert a DeepLab TFLite file into segsynth's segmenter contract, choosing the label set
     from the class count when not given: 151 = ADE20K (class 0 'other' -> 255, i -> i - 1, the
     0-based ids SPADE uses), 21 = PASCAL VOC, 19 = Cityscapes. Float inputs are assumed to use

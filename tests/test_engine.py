@@ -113,9 +113,9 @@ def test_backend_selection_here_and_clear_errors(exported):
         assert resolve_backend("auto") == "onnxruntime"
         with pytest.raises(BackendError, match="no CUDA GPU"):
             make_runner(exported / "g.onnx", "torch-cuda").activate()
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt") is None:
         with pytest.raises(BackendError, match="TensorRT is not installed"):
             make_runner(exported / "g.onnx", "tensorrt").activate()
 

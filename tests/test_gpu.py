@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import REPO, make_spade_checkpoint, run_cli
+from conftest import make_spade_checkpoint, run_cli
 from segsynth.stream.segmenter import bundled_model
 
 pytestmark = pytest.mark.gpu
