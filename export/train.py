@@ -4,7 +4,8 @@ Losses as in SPADE's pix2pix model: hinge GAN loss against a multiscale PatchGAN
 discriminator (the official MultiscaleDiscriminator/NLayerDiscriminator structure and key
 names), discriminator feature matching (lambda_feat = 10), plus an L1 reconstruction term
 in place of the VGG perceptual loss (no pretrained VGG weights are available here).
-Adam with TTUR (G lr/2, D lr*2, betas 0/0.9). Checkpoints use the official layout
+Adam with TTUR (G lr/2, D lr*2, betas 0/0.9). With ``vae`` the style encoder is trained
+too (z = mu + eps sigma from the real frame, KL term weighted 0.05, as officially). Checkpoints use the official layout
 (``latest_net_G.pth``, ``latest_net_D.pth``, ``opt.txt``), so ``segsynth export spade``
 loads them like official ones; ``train_state.pth`` holds optimiser state for ``--resume``.
 """
@@ -27,7 +28,7 @@ from torch.nn.utils import spectral_norm
 
 from segsynth.errors import InputError, ModelError
 
-from .spade import SemanticInput, SPADEGenerator, SpadeOptions, write_opt_txt
+from .spade import ConvEncoder, SemanticInput, SPADEGenerator, SpadeOptions, write_opt_txt
 
 log = logging.getLogger("segsynth")
 
@@ -53,6 +54,8 @@ class TrainConfig:
     lr: float = 0.0002
     lambda_feat: float = 10.0
     lambda_l1: float = 10.0
+    vae: bool = False  # also train the style encoder (use_vae; KL term weight lambda_kld)
+    lambda_kld: float = 0.05
     sample_every: int = 100
     save_every: int = 200
     seed: int = 0
@@ -141,9 +144,11 @@ def _options(cfg: TrainConfig, size: tuple[int, int]) -> SpadeOptions:
     w, h = size
     if w % 32 or h % 32:
         raise InputError(f"dataset size {w}x{h}: SPADE needs multiples of 32; remake it with --size")
+    if cfg.vae and w < 256:
+        raise InputError(f"--vae: the style encoder needs images at least 256 wide (the dataset is {w}x{h})")
     g_opts = CONFIGS[cfg.config][0]
     return SpadeOptions(label_nc=150, contain_dontcare_label=True, no_instance=True, crop_size=w, aspect_ratio=w / h,
-                        **g_opts)
+                        use_vae=cfg.vae, z_dim=256, **g_opts)
 
 
 def _hinge(preds: list[list[torch.Tensor]], real: bool, for_d: bool) -> torch.Tensor:
@@ -168,9 +173,11 @@ def _sample_grid(g, semantic, data: PairData, path: Path, palette: np.ndarray) -
 
     n = min(4, len(data))
     real, label = data.batch(n, indices=np.linspace(0, len(data) - 1, n).astype(int))
+    device = next(g.parameters()).device
     g.eval()
     with torch.no_grad():
-        fake = g(semantic(label))
+        z = torch.zeros(n, g.opt.z_dim, device=device) if g.opt.use_vae else None  # the mean style
+        fake = g(semantic(label.to(device)), z).cpu()
     g.train()
     to_u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
     rows = [np.concatenate([palette[label[i, 0].numpy()], to_u8(real)[i], to_u8(fake)[i]], 1) for i in range(n)]
@@ -200,14 +207,18 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     (out / "samples").mkdir(exist_ok=True)
 
     g = SPADEGenerator(opt).to(device).train()
+    e = ConvEncoder(opt).to(device).train() if cfg.vae else None
     d = MultiscaleDiscriminator(opt.semantic_nc + 3, ndf, n_layers, num_d).to(device).train()
     semantic = SemanticInput(opt).to(device)
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr / 2, betas=(0.0, 0.9))
+    g_params = list(g.parameters()) + (list(e.parameters()) if e is not None else [])
+    opt_g = torch.optim.Adam(g_params, lr=cfg.lr / 2, betas=(0.0, 0.9))
     opt_d = torch.optim.Adam(d.parameters(), lr=cfg.lr * 2, betas=(0.0, 0.9))
     step, history = 0, []
     if cfg.resume:
         state_path = out / "train_state.pth"
         load_strict(g, read_state_dict(out / "latest_net_G.pth"), str(out / "latest_net_G.pth"))
+        if e is not None:
+            load_strict(e, read_state_dict(out / "latest_net_E.pth"), str(out / "latest_net_E.pth"))
         load_strict(d, read_state_dict(out / "latest_net_D.pth"), str(out / "latest_net_D.pth"))
         state = torch.load(state_path, map_location=device, weights_only=False)
         opt_g.load_state_dict(state["opt_g"])
@@ -220,6 +231,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
 
     def save() -> None:
         _save(g.state_dict(), out / "latest_net_G.pth")
+        if e is not None:
+            _save(e.state_dict(), out / "latest_net_E.pth")
         _save(d.state_dict(), out / "latest_net_D.pth")
         _save({"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "history": history},
               out / "train_state.pth")
@@ -227,7 +240,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
                  "num_D": num_d, "norm_D": "spectralinstance", "gan_mode": "hinge", "lambda_feat": cfg.lambda_feat,
                  "lambda_l1": cfg.lambda_l1, "no_vgg_loss": True, "lr": cfg.lr, "beta1": 0.0, "beta2": 0.9,
                  "batchSize": batch, "dataset_mode": "segsynth", "dataroot": str(cfg.data), "isTrain": True,
-                 "total_steps": step, "segsynth_config": cfg.config}
+                 "total_steps": step, "segsynth_config": cfg.config, "lambda_kld": cfg.lambda_kld}
         write_opt_txt(opt, out / "opt.txt", extra)
 
     start, window = time.monotonic(), []
@@ -238,7 +251,12 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
             real, label = real.to(device), label.to(device)
             seg = semantic(label)  # one-hot, for the discriminator
             with autocast:
-                fake = g(semantic.label_map(label))  # same maths as g(seg), 1.6x faster on CPU
+                z, loss_kld = None, torch.zeros((), device=device)
+                if e is not None:  # the official VAE path: z = mu + eps * sigma from the real image
+                    mu, logvar = e(real)
+                    z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+                    loss_kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) * cfg.lambda_kld
+                fake = g(semantic.label_map(label), z)  # same maths as g(seg, z), 1.6x faster on CPU
                 pred = d(torch.cat([torch.cat([seg, fake.detach()], 1), torch.cat([seg, real], 1)], 0))
                 d_fake = [[t[:batch] for t in p] for p in pred]
                 d_real = [[t[batch:] for t in p] for p in pred]
@@ -254,13 +272,13 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
                 loss_fm = sum(F.l1_loss(f, r) for pf, pr in zip(g_fake, g_real) for f, r in zip(pf[:-1], pr[:-1]))
                 loss_fm = loss_fm * cfg.lambda_feat / num_d
                 loss_l1 = F.l1_loss(fake, real) * cfg.lambda_l1
-                loss_g = loss_gan + loss_fm + loss_l1
+                loss_g = loss_gan + loss_fm + loss_l1 + loss_kld
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
             step += 1
             losses = {"step": step, "D": float(loss_d), "G_GAN": float(loss_gan), "G_feat": float(loss_fm),
-                      "G_L1": float(loss_l1)}
+                      "G_L1": float(loss_l1), "KLD": float(loss_kld)}
             if not all(math.isfinite(v) for v in losses.values()):
                 raise ModelError(f"training diverged at step {step}: {losses}")
             history.append(losses)

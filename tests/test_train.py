@@ -121,3 +121,26 @@ def test_eval_generator_scores_and_real_frames_score_one(dataset, tmp_path):
     assert scores["real_frames"] == {"miou": 1.0, "pixel_accuracy": 1.0}
     assert 0 <= scores["miou"] < 1 and 0 <= scores["pixel_accuracy"] < 1 and scores["psnr"] > 0
     assert "mIoU (classes present)" in proc.stderr
+
+
+def test_vae_training_writes_an_encoder_that_run_can_use(tmp_path, people_clip):
+    data = tmp_path / "pairs256"
+    assert run_cli("dataset", "make", people_clip, "--out", data, "--size", "256x256", "--segmenter", "voc",
+                   "--every", "2").returncode == 0
+    ckpt = tmp_path / "vae"
+    proc = run_cli("train", "--data", data, "--out", ckpt, "--config", "tiny", "--steps", "2", "--vae",
+                   "--save-every", "2", "--sample-every", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert (ckpt / "latest_net_E.pth").is_file() and "use_vae: True" in (ckpt / "opt.txt").read_text()
+    kld = [h["KLD"] for h in json.loads((ckpt / "history.json").read_text())["history"]]
+    assert all(k >= 0 for k in kld) and any(k > 0 for k in kld)
+    style = tmp_path / "style.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(style)
+    proc = run_cli("run", people_clip, tmp_path / "o.mp4", "--generator", ckpt, "--style", style,
+                   "--segmenter", "voc", "--cache-dir", tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("train", "--data", tmp_path / "pairs256", "--out", tmp_path / "x", "--vae", "--steps", "1",
+                   "--config", "tiny")
+    assert proc.returncode == 0
