@@ -149,9 +149,11 @@ def _eval_generator(args: argparse.Namespace) -> int:
     from .stream.evaluate import evaluate, print_table, write_json
 
     result = evaluate(args.checkpoint, Path(args.data), segmenter=args.segmenter, limit=args.limit,
-                      cache_dir=_cache_dir(args.cache_dir),
+                      cache_dir=_cache_dir(args.cache_dir), grid=Path(args.grid) if args.grid else None,
                       threads=args.threads, quiet=args.quiet, backend=args.backend)
     print_table(result)
+    if args.grid:
+        log.info("wrote %s", args.grid)
     if args.json:
         write_json(result, Path(args.json))
         log.info("wrote %s", args.json)
@@ -369,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="write the scores as JSON (miou, pixel_accuracy, psnr, ssim, frames)")
     p.add_argument("--segmenter", default="ade20k+voc")
     p.add_argument("--limit", type=int, help="evaluate the first N pairs only")
+    p.add_argument("--grid", metavar="OUT.png", help="also write a sample grid: label | real | generated rows")
     p.add_argument("--threads", type=int)
     p.add_argument("--cache-dir", help="where exported generators are cached")
     p.add_argument("--backend", default="auto", help="inference backend (see segsynth run --help)")

@@ -80,7 +80,7 @@ class Confusion:
 
 def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", limit: int | None = None,
              cache_dir: Path | None = None, threads: int | None = None, quiet: bool = False,
-             backend: str = "auto") -> dict:
+             backend: str = "auto", grid: Path | None = None, grid_rows: int = 4) -> dict:
     from segsynth.engine.select import resolve_backend
     from segsynth.errors import InputError
 
@@ -100,7 +100,8 @@ def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", 
             raise InputError(f"{data} is labelled in {label_set.name} but the generator paints {gen.label_set.name}")
         z = np.random.default_rng(0).standard_normal((1, gen.z_dim)).astype(np.float32) if gen.uses_z else None
         fake_conf, real_conf = Confusion(len(label_set)), Confusion(len(label_set))
-        psnrs, ssims = [], []
+        psnrs, ssims, rows = [], [], []
+        pick = set(np.linspace(0, len(items) - 1, min(grid_rows, len(items))).astype(int).tolist())
         with Progress(f"eval {Path(str(generator_spec)).name}", len(items), enabled=not quiet) as progress:
             for item in items:
                 real, label = read_pair(Path(data), item)
@@ -112,7 +113,13 @@ def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", 
                     conf.add(label, resize_labels(predicted, w, h))
                 psnrs.append(psnr(fake, real))
                 ssims.append(ssim(fake, real))
+                if grid is not None and len(psnrs) - 1 in pick:
+                    rows.append(np.concatenate([labels.colorize(label, label_set), real, fake], 1))
                 progress.update()
+        if grid is not None:
+            from PIL import Image
+
+            Image.fromarray(np.concatenate(rows, 0)).save(grid)
         miou, acc, per_class = fake_conf.scores()
         real_miou, real_acc, _ = real_conf.scores()
         return {"generator": str(generator_spec), "data": str(data), "frames": len(items), "miou": miou,

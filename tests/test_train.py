@@ -113,7 +113,8 @@ def test_eval_generator_scores_and_real_frames_score_one(dataset, tmp_path):
     make_spade_checkpoint(tmp_path / "g", label_nc=150, contain_dontcare_label=True, no_instance=True, ngf=4,
                           crop_size=64, norm_G="spectralspadeinstance3x3")
     out = tmp_path / "scores.json"
-    proc = run_cli("eval-generator", tmp_path / "g", "--data", dataset, "--json", out, "--cache-dir", tmp_path / "c")
+    proc = run_cli("eval-generator", tmp_path / "g", "--data", dataset, "--json", out, "--cache-dir", tmp_path / "c",
+                   "--grid", tmp_path / "grid.png")
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(out.read_text())
     assert {"miou", "pixel_accuracy", "psnr", "ssim", "frames"} <= set(scores) and scores["frames"] == 8
@@ -121,6 +122,9 @@ def test_eval_generator_scores_and_real_frames_score_one(dataset, tmp_path):
     assert scores["real_frames"] == {"miou": 1.0, "pixel_accuracy": 1.0}
     assert 0 <= scores["miou"] < 1 and 0 <= scores["pixel_accuracy"] < 1 and scores["psnr"] > 0
     assert "mIoU (classes present)" in proc.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "grid.png").size == (3 * 64, 4 * 64)  # label | real | generated, 4 rows
 
 
 def test_vae_training_writes_an_encoder_that_run_can_use(tmp_path, people_clip):
