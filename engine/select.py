@@ -35,7 +35,8 @@ def _torch_cuda() -> bool:
 
 def resolve_backend(name: str = "auto") -> str:
     """``auto`` picks TensorRT > onnxruntime-cuda > torch-cuda > onnxruntime (CPU) by what is
-    installed and whether a GPU is present, and logs which it picked and why."""
+    installed and whether a GPU is present. A GPU pick is announced; the CPU fallback (the
+    expected case on machines without one) is logged at debug level so it never crowds errors."""
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
     if name != "auto":
@@ -50,7 +51,8 @@ def resolve_backend(name: str = "auto") -> str:
     elif _torch_cuda():
         choice, why = "torch-cuda", "torch sees a CUDA GPU (no TensorRT, no onnxruntime-gpu)"
     else:
-        choice, why = "onnxruntime", "no GPU backend is usable here"
+        log.debug("backend: onnxruntime (no GPU backend is usable here)")
+        return "onnxruntime"
     log.info("backend: %s (%s)", choice, why)
     return choice
 

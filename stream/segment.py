@@ -54,6 +54,7 @@ def run_segment(cfg: SegmentConfig, *, quiet: bool = False) -> SegmentSummary:
     from segsynth.engine.select import resolve_backend
 
     media.check_input(cfg.input)
+    media.check_output(cfg.output, cfg.input)
     segmenter = load_segmenter(cfg.segmenter, label_set=cfg.label_set, threads=cfg.threads,
                                backend=resolve_backend(cfg.backend), fp16=cfg.fp16)
     try:
