@@ -18,9 +18,9 @@ def test_readme_starts_with_the_setup_and_test_commands():
     text = (REPO / "README.md").read_text()
     assert text.index("```") < text.index("\n\n", text.index("# segsynth")) + 3  # right under the title
     main, tests = _readme_commands()
-    assert main.startswith("./scripts/setup && ") and "segsynth " in main
+    assert main.startswith("./scripts/setup && ") and "segsynth run " in main
     assert tests.startswith("./scripts/setup --dev && ")
-    assert (REPO / main.split("segment ")[1].split()[0]).is_file()  # the bundled input exists
+    assert (REPO / main.split("segsynth run ")[1].split()[0]).is_file()  # the bundled input exists
 
 
 def test_ci_runs_exactly_the_readme_test_command():
