@@ -267,8 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--view", choices=RUN_VIEWS, help="synth (default with a generator), labels (default without), "
                                                      "overlay, side-by-side (input | synthesis), grid (2x2)")
     p.add_argument("--remap", metavar="RULES", help="rewrite classes before synthesis, e.g. 'person=animal'")
-    p.add_argument("--generator", default="default", metavar="default|DIR|FILE.onnx",
-                   help="SPADE generator: the bundled default, an official checkpoint directory, or an exported ONNX")
+    p.add_argument("--generator", default="default", metavar="default|none|DIR|FILE.onnx",
+                   help="SPADE generator: the bundled default, none (labels only), an official checkpoint directory, "
+                        "or an exported ONNX")
     p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="as for segment")
     p.add_argument("--style", metavar="IMAGE", help="style image for VAE generators (encoder -> z)")
     p.add_argument("--seed", type=int, help="fixed z for VAE generators (one z for the whole video)")

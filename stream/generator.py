@@ -119,8 +119,11 @@ def _export_checkpoint(directory: Path, size: tuple[int, int] | None, cache_dir:
 
 def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir: Path | None = None,
                    threads: int | None = None, backend: str = "onnxruntime", fp16: bool = True) -> Generator | None:
-    """``default`` (None when no bundled generator exists), an .onnx file, or a checkpoint directory."""
+    """``default`` (None when no bundled generator exists), ``none`` (segmentation only), an .onnx
+    file, or a checkpoint directory."""
     encoder = None
+    if spec == "none":
+        return None
     if spec == "default":
         path = bundled_generator()
         if path is None:
@@ -130,7 +133,7 @@ def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir:
         if path.is_dir():
             path, encoder = _export_checkpoint(path, size, cache_dir or Path.home() / ".cache" / "segsynth")
         elif path.suffix.lower() != ".onnx" or not path.is_file():
-            raise InputError(f"--generator {spec}: expected 'default', an .onnx file or a SPADE checkpoint directory")
+            raise InputError(f"--generator {spec}: expected 'default', 'none', an .onnx file or a SPADE checkpoint directory")
         else:
             sibling = path.with_name(path.stem + "-encoder.onnx")
             encoder = sibling if sibling.is_file() else None

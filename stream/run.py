@@ -208,7 +208,8 @@ class VideoSink:
         self.container = self.writer.container
         fragmented_mp4 = cfg.output.suffix.lower() in (".mp4", ".m4v", ".mov")
         self.vstream = media.add_video_stream(self.container, cfg.codec, src.video, self.out_size, crf=cfg.crf,
-                                              preset=cfg.preset, bitrate=cfg.bitrate, b_frames=not fragmented_mp4)
+                                              preset=cfg.preset, bitrate=cfg.bitrate, b_frames=not fragmented_mp4,
+                                              low_latency=cfg.policy == "latest")
         for a in src.audio:
             self.astreams[a.index] = (media.add_audio_encoder(self.container, a, cfg.output) if src.transcode[a.index]
                                       else self.container.add_stream_from_template(a))
@@ -317,9 +318,9 @@ def _view(cfg: RunConfig, generator) -> str:
                              f"{generator.size[0]}x{generator.size[1]}; give a checkpoint directory to re-export")
         return cfg.view or "synth"
     if cfg.view in ("synth", "grid", "side-by-side") or cfg.style or cfg.seed is not None:
-        raise InputError("no generator is available (no bundled default); pass --generator DIR|FILE.onnx "
-                         "or use --view labels|overlay")
-    if cfg.view is None:
+        why = "--generator none" if cfg.generator == "none" else "no bundled default"
+        raise InputError(f"no generator is available ({why}); pass --generator DIR|FILE.onnx or use --view labels|overlay")
+    if cfg.view is None and cfg.generator != "none":
         log.warning("notice: no default generator is available; showing --view labels (pass --generator "
                     "DIR|FILE.onnx to synthesize)")
     return cfg.view or "labels"

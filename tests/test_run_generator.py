@@ -91,3 +91,17 @@ def test_smoothing_and_letterbox_run(setup, tmp_path):
     for extra in (["--smooth", "3"], ["--fit", "letterbox"], ["--fit", "stretch", "--batch", "3"]):
         proc = run_cli("run", clip, tmp_path / "o.mp4", "--generator", onnx_path, "--segmenter", "voc", *extra)
         assert proc.returncode == 0, proc.stderr
+
+
+def test_bundled_default_generator_synthesizes_out_of_the_box_and_none_opts_out(setup, tmp_path):
+    _, _, clip = setup
+    synth, labels_only = tmp_path / "s.mp4", tmp_path / "l.mp4"
+    proc = run_cli("run", clip, synth, "--segmenter", "voc")
+    assert proc.returncode == 0 and "(synth)" in proc.stderr, proc.stderr
+    proc = run_cli("run", clip, labels_only, "--segmenter", "voc", "--generator", "none")
+    assert proc.returncode == 0 and "(labels)" in proc.stderr and "notice" not in proc.stderr, proc.stderr
+    (ts, fs), (tl, fl) = decode_video(synth), decode_video(labels_only)
+    assert ts == tl == decode_video(clip)[0] and fs[0].shape == fl[0].shape
+    assert np.abs(fs[0].astype(int) - fl[0].astype(int)).mean() > 10  # painted, not the colour map
+    bad = run_cli("run", clip, tmp_path / "x.mp4", "--generator", "none", "--view", "synth")
+    assert bad.returncode != 0 and "--generator none" in bad.stderr and not (tmp_path / "x.mp4").exists()
