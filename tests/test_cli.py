@@ -132,10 +132,12 @@ def test_quiet_prints_nothing_on_success(tmp_path):
     assert proc.returncode == 0 and proc.stderr == ""
 
 
-def test_stream_and_engine_import_without_torch(tmp_path):
-    # run outside the checkout so the installed package is imported, not the source tree
+@pytest.mark.parametrize("where", ["outside the checkout", "checkout root"])
+def test_stream_and_engine_import_without_torch(tmp_path, where):
+    # outside the checkout the installed package is imported; in its root, the source tree
+    cwd = tmp_path if where == "outside the checkout" else REPO
     code = "import segsynth.stream, segsynth.engine, sys; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd)
     code = ("import sys, segsynth.stream.segment, segsynth.stream.segmenter, segsynth.engine.onnxruntime, "
             "segsynth.cli; bad = {'torch', 'tensorrt', 'cuda'} & set(sys.modules); assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd)
