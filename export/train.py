@@ -50,6 +50,7 @@ class TrainConfig:
     steps: int = 1000
     device: str = "cpu"
     resume: bool = False
+    init_from: Path | None = None  # start G (and E) from this checkpoint directory: fine-tuning
     batch: int | None = None  # default: the config's
     lr: float = 0.0002
     lambda_feat: float = 10.0
@@ -68,6 +69,8 @@ class TrainConfig:
             raise InputError("--steps must be at least 1")
         if self.device not in ("cpu", "cuda"):
             raise InputError("--device must be cpu or cuda")
+        if self.resume and self.init_from is not None:
+            raise InputError("--resume and --init-from exclude each other (resume continues the run in --out)")
 
 
 class NLayerDiscriminator(nn.Module):
@@ -203,8 +206,6 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     out = Path(cfg.out)
     if cfg.resume and not (out / "train_state.pth").is_file():
         raise InputError(f"--resume: {out} has no train_state.pth to resume from")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "samples").mkdir(exist_ok=True)
 
     g = SPADEGenerator(opt).to(device).train()
     e = ConvEncoder(opt).to(device).train() if cfg.vae else None
@@ -226,6 +227,16 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         step, history = state["step"], state["history"]
         data.rng = np.random.default_rng(cfg.seed + step)
         log.info("resumed %s at step %d", out, step)
+    elif cfg.init_from is not None:  # fine-tune: the generator (and encoder) start from a checkpoint, D afresh
+        init = Path(cfg.init_from)
+        same = f"--config {cfg.config}{', --vae' if e is not None else ''}"
+        hint = f" (--init-from needs a checkpoint of the same architecture: {same})"
+        load_strict(g, read_state_dict(init / "latest_net_G.pth"), str(init / "latest_net_G.pth"), hint)
+        if e is not None:
+            load_strict(e, read_state_dict(init / "latest_net_E.pth"), str(init / "latest_net_E.pth"), hint)
+        log.info("generator initialised from %s", init)
+    out.mkdir(parents=True, exist_ok=True)  # only once the networks and checkpoints are known to fit
+    (out / "samples").mkdir(exist_ok=True)
     palette = L.get("ade20k").palette
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
 
@@ -240,7 +251,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
                  "num_D": num_d, "norm_D": "spectralinstance", "gan_mode": "hinge", "lambda_feat": cfg.lambda_feat,
                  "lambda_l1": cfg.lambda_l1, "no_vgg_loss": True, "lr": cfg.lr, "beta1": 0.0, "beta2": 0.9,
                  "batchSize": batch, "dataset_mode": "segsynth", "dataroot": str(cfg.data), "isTrain": True,
-                 "total_steps": step, "segsynth_config": cfg.config, "lambda_kld": cfg.lambda_kld}
+                 "total_steps": step, "segsynth_config": cfg.config, "lambda_kld": cfg.lambda_kld,
+                 "init_from": str(cfg.init_from or "")}
         write_opt_txt(opt, out / "opt.txt", extra)
 
     start, window = time.monotonic(), []

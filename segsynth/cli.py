@@ -134,7 +134,8 @@ def _train(args: argparse.Namespace) -> int:
     from .export.train import TrainConfig, train
 
     cfg = TrainConfig(data=Path(args.data), out=Path(args.out), config=args.config, steps=args.steps,
-                      device=args.device, resume=args.resume, batch=args.batch, sample_every=args.sample_every,
+                      device=args.device, resume=args.resume, batch=args.batch,
+                      init_from=Path(args.init_from) if args.init_from else None, sample_every=args.sample_every,
                       save_every=args.save_every, threads=args.threads, seed=args.seed, vae=args.vae)
     result = train(cfg, quiet=args.quiet)
     last = result["history"][-1] if result["history"] else {}
@@ -356,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=1000, help="total training steps (default 1000)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--init-from", metavar="CKPT_DIR",
+                   help="fine-tune: start the generator from this checkpoint directory (same --config; D starts afresh)")
     p.add_argument("--batch", type=int, help="batch size (default: the config's)")
     p.add_argument("--sample-every", type=int, default=100, help="write a sample grid every K steps")
     p.add_argument("--save-every", type=int, default=200, help="write the checkpoint every K steps")

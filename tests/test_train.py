@@ -85,6 +85,34 @@ def test_resume_continues_where_it_stopped(dataset, tmp_path):
     assert [h["step"] for h in history] == list(range(1, 11))
 
 
+def test_init_from_fine_tunes_a_checkpoint(dataset, tmp_path):
+    base, tuned, fresh = tmp_path / "base", tmp_path / "tuned", tmp_path / "fresh"
+    assert run_cli("train", "--data", dataset, "--out", base, "--config", "tiny", "--steps", "20").returncode == 0
+    proc = run_cli("train", "--data", dataset, "--out", tuned, "--config", "tiny", "--steps", "1", "--seed", "1",
+                   "--init-from", base)
+    assert proc.returncode == 0, proc.stderr
+    assert "generator initialised from" in proc.stderr
+    assert run_cli("train", "--data", dataset, "--out", fresh, "--config", "tiny", "--steps", "1",
+                   "--seed", "1").returncode == 0
+    start = torch.load(base / "latest_net_G.pth", weights_only=True)
+
+    def distance(ckpt):
+        state = torch.load(ckpt / "latest_net_G.pth", weights_only=True)
+        weights = [k for k in start if k.endswith(("weight", "weight_orig"))]  # not the power-iterated u/v
+        return max(float((state[k].float() - start[k].float()).abs().max()) for k in weights)
+
+    # one Adam step moves each weight by about lr (1e-4); a fresh start is elsewhere entirely
+    assert distance(tuned) < 1e-3 < 0.05 < distance(fresh)
+    # a checkpoint of another architecture: one line naming the tensor and both shapes
+    proc = run_cli("train", "--data", dataset, "--out", tmp_path / "bad", "--config", "small", "--steps", "1",
+                   "--init-from", base)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 4 and len(lines) == 1 and "has shape" in lines[0] and "--config small" in lines[0]
+    assert not (tmp_path / "bad").exists()
+    proc = run_cli("train", "--data", dataset, "--out", tmp_path / "c3", "--resume", "--init-from", base)
+    assert proc.returncode != 0 and "exclude each other" in proc.stderr
+
+
 def test_train_errors_are_one_line(tmp_path, dataset):
     proc = run_cli("train", "--data", tmp_path, "--out", tmp_path / "c")
     assert proc.returncode != 0 and "not a segsynth dataset" in proc.stderr.strip().splitlines()[-1]
