@@ -113,9 +113,9 @@ def test_output_must_not_overwrite_the_input_and_its_dir_must_exist(long_clip, t
 def test_a_full_disk_is_reported_and_leaves_no_half_written_output(long_clip, tmp_path):
     out = tmp_path / "out.mp4"
 
-    def small_disk():  # writes past 200 kB fail with EFBIG, as on a full disk
+    def small_disk():  # writes past 20 kB (some 40 frames in) fail with EFBIG, as on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
     proc = subprocess.run([str(Path(sys.executable).with_name("segsynth")), "run", str(long_clip), str(out), *FAST],
                           capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
