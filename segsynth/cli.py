@@ -151,7 +151,7 @@ def _eval_generator(args: argparse.Namespace) -> int:
 
     result = evaluate(args.checkpoint, Path(args.data), segmenter=args.segmenter, limit=args.limit,
                       cache_dir=_cache_dir(args.cache_dir), grid=Path(args.grid) if args.grid else None,
-                      threads=args.threads, quiet=args.quiet, backend=args.backend)
+                      threads=args.threads, quiet=args.quiet, backend=args.backend, baselines=args.baselines)
     print_table(result)
     if args.grid:
         log.info("wrote %s", args.grid)
@@ -372,10 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(the SPADE paper's protocol), plus PSNR/SSIM against the real frames.")
     p.add_argument("checkpoint", metavar="CKPT", help="'default', an exported .onnx, or a SPADE checkpoint directory")
     p.add_argument("--data", required=True, help="a held-out dataset made by segsynth dataset make")
-    p.add_argument("--json", metavar="OUT", help="write the scores as JSON (miou, pixel_accuracy, psnr, ssim, frames)")
+    p.add_argument("--json", metavar="OUT", help="write the scores as JSON (miou, pixel_accuracy, fw_iou, psnr, ssim, frames, real_frames, baselines)")
     p.add_argument("--segmenter", default="ade20k+voc")
     p.add_argument("--limit", type=int, help="evaluate the first N pairs only")
     p.add_argument("--grid", metavar="OUT.png", help="also write a sample grid: label | real | generated rows")
+    p.add_argument("--baselines", action="store_true",
+                   help="also score the real frames blurred by 1 pixel and with noise (sigma 10): the ceiling of "
+                        "the protocol for any picture that is not the very frame the labels came from")
     p.add_argument("--threads", type=int)
     p.add_argument("--cache-dir", help="where exported generators are cached")
     p.add_argument("--backend", default="auto", help="inference backend (see segsynth run --help)")

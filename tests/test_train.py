@@ -135,6 +135,20 @@ def test_ssim_and_psnr_match_scikit_image():
     assert ssim(a, a) == pytest.approx(1.0)
 
 
+def test_confusion_scores_by_hand():
+    from segsynth.stream.evaluate import Confusion
+
+    truth = np.array([0, 0, 0, 0, 0, 0, 1, 1, 255, 2])
+    pred = np.array([0, 0, 0, 0, 0, 1, 1, 0, 2, 255])  # 255 for class 2: wrong, no false positive
+    conf = Confusion(3)
+    conf.add(truth, pred)
+    # IoU: class 0 5/(6+6-5)=5/7, class 1 1/(2+2-1)=1/3, class 2 0/1; 9 pixels known, 6 right
+    scores = conf.summary()
+    assert scores["miou"] == pytest.approx((5 / 7 + 1 / 3 + 0) / 3)
+    assert scores["pixel_accuracy"] == pytest.approx(6 / 9)
+    assert scores["fw_iou"] == pytest.approx((6 * 5 / 7 + 2 * 1 / 3 + 0) / 9)
+
+
 def test_eval_generator_scores_and_real_frames_score_one(dataset, tmp_path):
     from conftest import make_spade_checkpoint
 
@@ -142,14 +156,18 @@ def test_eval_generator_scores_and_real_frames_score_one(dataset, tmp_path):
                           crop_size=64, norm_G="spectralspadeinstance3x3")
     out = tmp_path / "scores.json"
     proc = run_cli("eval-generator", tmp_path / "g", "--data", dataset, "--json", out, "--cache-dir", tmp_path / "c",
-                   "--grid", tmp_path / "grid.png")
+                   "--grid", tmp_path / "grid.png", "--baselines")
     assert proc.returncode == 0, proc.stderr
     scores = json.loads(out.read_text())
-    assert {"miou", "pixel_accuracy", "psnr", "ssim", "frames"} <= set(scores) and scores["frames"] == 8
+    assert {"miou", "pixel_accuracy", "fw_iou", "psnr", "ssim", "frames"} <= set(scores) and scores["frames"] == 8
     # the labels are the segmenter's own output on these very frames
-    assert scores["real_frames"] == {"miou": 1.0, "pixel_accuracy": 1.0}
+    assert scores["real_frames"] == {"miou": 1.0, "pixel_accuracy": 1.0, "fw_iou": 1.0}
     assert 0 <= scores["miou"] < 1 and 0 <= scores["pixel_accuracy"] < 1 and scores["psnr"] > 0
-    assert "mIoU (classes present)" in proc.stderr
+    # slightly spoilt real frames: the protocol's ceiling, below the untouched frames
+    assert set(scores["baselines"]) == {"real_blur_1px", "real_noise_10"}
+    for base in scores["baselines"].values():
+        assert 0 < base["pixel_accuracy"] < 1 and 0 <= base["fw_iou"] < 1
+    assert "mIoU (classes present)" in proc.stderr and "real_blur_1px" in proc.stderr
     from PIL import Image
 
     assert Image.open(tmp_path / "grid.png").size == (3 * 64, 4 * 64)  # label | real | generated, 4 rows
