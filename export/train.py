@@ -8,6 +8,12 @@ Adam with TTUR (G lr/2, D lr*2, betas 0/0.9). With ``vae`` the style encoder is 
 too (z = mu + eps sigma from the real frame, KL term weighted 0.05, as officially). Checkpoints use the official layout
 (``latest_net_G.pth``, ``latest_net_D.pth``, ``opt.txt``), so ``segsynth export spade``
 loads them like official ones; ``train_state.pth`` holds optimiser state for ``--resume``.
+
+With ``ema`` (e.g. 0.999) the generator that is saved as ``latest_net_G.pth`` is an
+exponential moving average of the trained weights (as in Karras et al.'s progressive GANs and
+StyleGAN; it smooths out the step-to-step jitter of GAN training); the trained weights
+themselves are kept in ``train_state.pth`` to resume from. Buffers (spectral norm's u/v,
+BatchNorm statistics) are copied from the trained generator.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class TrainConfig:
     lambda_l1: float = 10.0
     vae: bool = False  # also train the style encoder (use_vae; KL term weight lambda_kld)
     lambda_kld: float = 0.05
+    ema: float = 0.0  # decay of the generator's moving average (0: off; 0.999 typical)
     sample_every: int = 100
     save_every: int = 200
     seed: int = 0
@@ -69,6 +76,8 @@ class TrainConfig:
             raise InputError("--steps must be at least 1")
         if self.device not in ("cpu", "cuda"):
             raise InputError("--device must be cpu or cuda")
+        if not 0 <= self.ema < 1:
+            raise InputError("--ema must be in [0, 1) (e.g. 0.999; 0 turns it off)")
         if self.resume and self.init_from is not None:
             raise InputError("--resume and --init-from exclude each other (resume continues the run in --out)")
 
@@ -176,15 +185,33 @@ def _sample_grid(g, semantic, data: PairData, path: Path, palette: np.ndarray) -
 
     n = min(4, len(data))
     real, label = data.batch(n, indices=np.linspace(0, len(data) - 1, n).astype(int))
-    device = next(g.parameters()).device
+    device, was_training = next(g.parameters()).device, g.training
     g.eval()
     with torch.no_grad():
         z = torch.zeros(n, g.opt.z_dim, device=device) if g.opt.use_vae else None  # the mean style
         fake = g(semantic(label.to(device)), z).cpu()
-    g.train()
+    g.train(was_training)
     to_u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # noqa: E731
     rows = [np.concatenate([palette[label[i, 0].numpy()], to_u8(real)[i], to_u8(fake)[i]], 1) for i in range(n)]
     Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+class MovingAverage:
+    """An exponential moving average of a module's parameters (buffers copied as they are)."""
+
+    def __init__(self, module: nn.Module, decay: float) -> None:
+        import copy
+
+        self.module, self.decay = copy.deepcopy(module).eval(), decay
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        for mine, theirs in zip(self.module.parameters(), module.parameters()):
+            mine.lerp_(theirs.detach(), 1 - self.decay)
+        for mine, theirs in zip(self.module.buffers(), module.buffers()):
+            mine.copy_(theirs)
 
 
 def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
@@ -217,11 +244,18 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     step, history = 0, []
     if cfg.resume:
         state_path = out / "train_state.pth"
-        load_strict(g, read_state_dict(out / "latest_net_G.pth"), str(out / "latest_net_G.pth"))
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        if cfg.ema and "g_trained" not in state:
+            raise InputError(f"--resume --ema: {out} was trained without --ema; resume it without")
+        if not cfg.ema and "g_trained" in state:
+            raise InputError(f"--resume: {out} was trained with --ema; resume it with --ema")
+        if cfg.ema:
+            load_strict(g, state["g_trained"], f"{state_path} (the trained generator)")
+        else:
+            load_strict(g, read_state_dict(out / "latest_net_G.pth"), str(out / "latest_net_G.pth"))
         if e is not None:
             load_strict(e, read_state_dict(out / "latest_net_E.pth"), str(out / "latest_net_E.pth"))
         load_strict(d, read_state_dict(out / "latest_net_D.pth"), str(out / "latest_net_D.pth"))
-        state = torch.load(state_path, map_location=device, weights_only=False)
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         step, history = state["step"], state["history"]
@@ -235,24 +269,29 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         if e is not None:
             load_strict(e, read_state_dict(init / "latest_net_E.pth"), str(init / "latest_net_E.pth"), hint)
         log.info("generator initialised from %s", init)
+    ema = MovingAverage(g, cfg.ema) if cfg.ema else None
+    if ema is not None and cfg.resume:
+        load_strict(ema.module, read_state_dict(out / "latest_net_G.pth"), str(out / "latest_net_G.pth"))
     out.mkdir(parents=True, exist_ok=True)  # only once the networks and checkpoints are known to fit
     (out / "samples").mkdir(exist_ok=True)
     palette = L.get("ade20k").palette
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
 
     def save() -> None:
-        _save(g.state_dict(), out / "latest_net_G.pth")
+        _save((ema.module if ema is not None else g).state_dict(), out / "latest_net_G.pth")
         if e is not None:
             _save(e.state_dict(), out / "latest_net_E.pth")
         _save(d.state_dict(), out / "latest_net_D.pth")
-        _save({"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "history": history},
-              out / "train_state.pth")
+        state = {"opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step, "history": history}
+        if ema is not None:
+            state["g_trained"] = g.state_dict()
+        _save(state, out / "train_state.pth")
         extra = {"name": out.name, "model": "pix2pix", "netD": "multiscale", "ndf": ndf, "n_layers_D": n_layers,
                  "num_D": num_d, "norm_D": "spectralinstance", "gan_mode": "hinge", "lambda_feat": cfg.lambda_feat,
                  "lambda_l1": cfg.lambda_l1, "no_vgg_loss": True, "lr": cfg.lr, "beta1": 0.0, "beta2": 0.9,
                  "batchSize": batch, "dataset_mode": "segsynth", "dataroot": str(cfg.data), "isTrain": True,
                  "total_steps": step, "segsynth_config": cfg.config, "lambda_kld": cfg.lambda_kld,
-                 "init_from": str(cfg.init_from or "")}
+                 "init_from": str(cfg.init_from or ""), "ema": cfg.ema}
         write_opt_txt(opt, out / "opt.txt", extra)
 
     start, window = time.monotonic(), []
@@ -288,9 +327,11 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
+            if ema is not None:
+                ema.update(g)
             step += 1
-            losses = {"step": step, "D": float(loss_d), "G_GAN": float(loss_gan), "G_feat": float(loss_fm),
-                      "G_L1": float(loss_l1), "KLD": float(loss_kld)}
+            losses = {"step": step, **{k: float(v.detach()) for k, v in (
+                ("D", loss_d), ("G_GAN", loss_gan), ("G_feat", loss_fm), ("G_L1", loss_l1), ("KLD", loss_kld))}}
             if not all(math.isfinite(v) for v in losses.values()):
                 raise ModelError(f"training diverged at step {step}: {losses}")
             history.append(losses)
@@ -302,7 +343,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
                          (time.monotonic() - start) / max(1, len(window)))
                 window, start = [], time.monotonic()
             if step % cfg.sample_every == 0 or step == cfg.steps:
-                _sample_grid(g, semantic, data, out / "samples" / f"step_{step:06d}.png", palette)
+                _sample_grid(ema.module if ema is not None else g, semantic, data,
+                             out / "samples" / f"step_{step:06d}.png", palette)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 save()
     (out / "history.json").write_text(json.dumps({"config": {k: str(v) for k, v in asdict(cfg).items()},

@@ -136,7 +136,8 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(data=Path(args.data), out=Path(args.out), config=args.config, steps=args.steps,
                       device=args.device, resume=args.resume, batch=args.batch,
                       init_from=Path(args.init_from) if args.init_from else None, sample_every=args.sample_every,
-                      save_every=args.save_every, threads=args.threads, seed=args.seed, vae=args.vae)
+                      save_every=args.save_every, threads=args.threads, seed=args.seed, vae=args.vae,
+                      ema=args.ema)
     result = train(cfg, quiet=args.quiet)
     last = result["history"][-1] if result["history"] else {}
     log.info("trained %d steps; checkpoint in %s (official layout: latest_net_G.pth, latest_net_D.pth, opt.txt)%s",
@@ -365,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--vae", action="store_true", help="also train the VAE style encoder (needs images >= 256 wide)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="save a moving average of the generator's weights (e.g. 0.999; default 0: off); the "
+                        "trained weights stay in train_state.pth for --resume")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval-generator", parents=[common], help="score a generator: mIoU, pixel accuracy, PSNR, SSIM",

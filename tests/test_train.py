@@ -113,6 +113,37 @@ def test_init_from_fine_tunes_a_checkpoint(dataset, tmp_path):
     assert proc.returncode != 0 and "exclude each other" in proc.stderr
 
 
+def test_ema_saves_the_moving_average_and_resumes_it(dataset, tmp_path):
+    base, run = tmp_path / "base", tmp_path / "ema"
+    assert run_cli("train", "--data", dataset, "--out", base, "--config", "tiny", "--steps", "2").returncode == 0
+    args = ["train", "--data", dataset, "--out", run, "--config", "tiny", "--ema", "0.25", "--save-every", "1"]
+    proc = run_cli(*args, "--steps", "1", "--init-from", base)
+    assert proc.returncode == 0, proc.stderr
+
+    def load(ckpt):
+        saved = torch.load(ckpt / "latest_net_G.pth", weights_only=True)
+        trained = torch.load(ckpt / "train_state.pth", weights_only=False)["g_trained"]
+        return saved, trained
+
+    start = torch.load(base / "latest_net_G.pth", weights_only=True)
+    ema1, g1 = load(run)
+    buffers = [k for k in g1 if k.endswith(("weight_u", "weight_v"))]
+    params = [k for k in g1 if k not in buffers]
+    assert buffers and params
+    for k in params:  # one step: 0.25 x the start + 0.75 x the trained weights
+        assert torch.allclose(ema1[k], 0.25 * start[k] + 0.75 * g1[k], atol=1e-6), k
+    assert any(not torch.equal(ema1[k], g1[k]) for k in params)
+    assert all(torch.equal(ema1[k], g1[k]) for k in buffers)
+    assert run_cli(*args, "--steps", "2", "--resume").returncode == 0  # resumes the trained and the average
+    ema2, g2 = load(run)
+    for k in params:
+        assert torch.allclose(ema2[k], 0.25 * ema1[k] + 0.75 * g2[k], atol=1e-6), k
+    proc = run_cli("train", "--data", dataset, "--out", run, "--config", "tiny", "--steps", "3", "--resume")
+    assert proc.returncode != 0 and "resume it with --ema" in proc.stderr
+    proc = run_cli("train", "--data", dataset, "--out", run, "--ema", "1")
+    assert proc.returncode != 0 and "--ema must be in [0, 1)" in proc.stderr
+
+
 def test_train_errors_are_one_line(tmp_path, dataset):
     proc = run_cli("train", "--data", tmp_path, "--out", tmp_path / "c")
     assert proc.returncode != 0 and "not a segsynth dataset" in proc.stderr.strip().splitlines()[-1]
