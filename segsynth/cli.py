@@ -376,7 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(the SPADE paper's protocol), plus PSNR/SSIM against the real frames.")
     p.add_argument("checkpoint", metavar="CKPT", help="'default', an exported .onnx, or a SPADE checkpoint directory")
     p.add_argument("--data", required=True, help="a held-out dataset made by segsynth dataset make")
-    p.add_argument("--json", metavar="OUT", help="write the scores as JSON (miou, pixel_accuracy, fw_iou, psnr, ssim, frames, real_frames, baselines)")
+    p.add_argument("--json", metavar="OUT", help="write the scores as JSON (miou, pixel_accuracy, fw_iou, psnr, "
+                                                 "ssim, frames, real_frames, baselines)")
     p.add_argument("--segmenter", default="ade20k+voc")
     p.add_argument("--limit", type=int, help="evaluate the first N pairs only")
     p.add_argument("--grid", metavar="OUT.png", help="also write a sample grid: label | real | generated rows")
