@@ -15,40 +15,22 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from segsynth import labels
-from segsynth.config import RunConfig
 from segsynth.errors import InputError
 
-from . import inputs, machine, scenarios
+from . import inputs, machine, scenarios, tiny
 from .scenarios import BenchConfig, Job
 
 log = logging.getLogger("segsynth")
 
 
 def _make_job(cfg: BenchConfig, source: Path) -> Job:
-    from segsynth.stream.generator import load_generator
-    from segsynth.stream.run import Synthesize, _style
-    from segsynth.stream.segmenter import load_segmenter
+    from segsynth.stream.models import ModelSet
 
-    from segsynth.engine.select import resolve_backend
-
-    backend = resolve_backend(cfg.backend)
-    run_cfg = RunConfig(input=source, output=cfg.workdir / "out.mp4", segmenter=cfg.segmenter, backend=backend,
-                        generator=cfg.generator, threads=cfg.threads, batch=cfg.batch[0], fp16=cfg.fp16)
-    models = dict(threads=cfg.threads, backend=backend, fp16=cfg.fp16)
-    segmenter = load_segmenter(cfg.segmenter, **models)
-    generator = load_generator(cfg.generator, **models)
-    target = generator.label_set if generator is not None and generator.label_set else segmenter.label_set
-
-    def make_infer(seg=None, gen=None):
-        seg = seg or load_segmenter(cfg.segmenter, **models)
-        if gen is None and generator is not None:
-            gen = load_generator(cfg.generator, **models)
-        return Synthesize(seg, gen, labels.RemapTable(None, seg.label_set, target), _style(run_cfg, gen), 1,
-                          gen.fit if gen is not None else "stretch", gen.size if gen is not None else None)
-
-    return Job(cfg, run_cfg, segmenter, generator, make_infer(segmenter, generator),
-               "synth" if generator is not None else "labels", target, make_infer=make_infer)
+    segmenter = str(tiny.segmenter(cfg.workdir / "tiny-segmenter.onnx")) if cfg.segmenter == "tiny" else cfg.segmenter
+    models = ModelSet.load(segmenter, cfg.generator, threads=cfg.threads, backend=cfg.backend, fp16=cfg.fp16)
+    job = Job(cfg, source, models, None, "synth" if models.generator is not None else "labels")
+    job.infer = job.make_infer()
+    return job
 
 
 def run_bench(cfg: BenchConfig) -> dict:
@@ -58,12 +40,13 @@ def run_bench(cfg: BenchConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="segsynth-bench-") as tmp:
         cfg = replace(cfg, workdir=Path(tmp))
         w, h = cfg.size
+        frames = cfg.frames if set(cfg.scenarios) - {"soak"} else min(cfg.frames, 250)  # soak repeats them
         source = cfg.input or inputs.generate(Path(tmp) / f"testsrc2_{w}x{h}_{cfg.rate}.mp4", size=cfg.size,
-                                              rate=cfg.rate, frames=cfg.frames)
+                                              rate=cfg.rate, frames=frames)
         info = machine.describe()
         log.info("machine: %s", machine.one_line(info))
         log.info("input: %s; segmenter %s, generator %s", source.name if cfg.input else
-                 f"lavfi testsrc2 {w}x{h}@{cfg.rate} + sine, {cfg.frames} frames", cfg.segmenter, cfg.generator)
+                 f"lavfi testsrc2 {w}x{h}@{cfg.rate} + sine, {frames} frames", cfg.segmenter, cfg.generator)
         job = _make_job(cfg, source)
         report = {"version": 1, "machine": info, "config": {k: str(v) if isinstance(v, Path) else v
                                                            for k, v in asdict(cfg).items() if k != "workdir"},
@@ -71,15 +54,12 @@ def run_bench(cfg: BenchConfig) -> dict:
         try:
             for name in cfg.scenarios:
                 log.info("running %s ...", name)
-                fn = getattr(scenarios, name)
-                result = fn(job, job.make_infer) if name == "streams" else fn(job)
+                result = getattr(scenarios, name)(job)
                 report["scenarios"][name] = result
                 report["ratios"].update(result.get("ratios", {}))
                 _print(name, result)
         finally:
-            job.segmenter.close()
-            if job.generator is not None:
-                job.generator.close()
+            job.models.close()
         _derived_ratios(report)
         report["latency_samples"] = {str(k): v for k, v in job.results.get("latency_samples", {}).items()}
         if report["ratios"]:

@@ -3,19 +3,16 @@ measurements taken in the same run, with warm-up first and medians over repeats.
 
 from __future__ import annotations
 
-import io
 import logging
-import queue
 import statistics
 import subprocess
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from segsynth.config import RunConfig
 
 log = logging.getLogger("segsynth")
 SCENARIOS = ("engine", "stages", "pipeline", "passthrough", "streams", "soak", "chain")
@@ -43,17 +40,29 @@ class BenchConfig:
 
 @dataclass
 class Job:
-    """The models and the run configuration every scenario shares (loaded once)."""
+    """The models and the input every scenario shares (the models are loaded once)."""
 
     cfg: BenchConfig
-    run_cfg: RunConfig
-    segmenter: object
-    generator: object
-    infer: object
+    input: Path
+    models: object  # a ModelSet
+    infer: object  # the infer step of one stream (a Synthesize over ``models``)
     view: str
-    label_set: object = None
     results: dict = field(default_factory=dict)
-    make_infer: object = None  # () -> a fresh infer step with its own models (one per live stream)
+
+    def make_infer(self):
+        """A fresh infer step (its own smoother, remap and z) over the shared models."""
+        from segsynth.stream.synth import Synthesize
+
+        m = self.models
+        gen = m.generator
+        return Synthesize(m.segmenter, gen, m.remap(None), m.z(quiet=True), 1, m.fit(None),
+                          gen.size if gen is not None else None)
+
+    def render(self, result, meta):
+        from segsynth.stream.render import compose
+
+        return compose(self.view, meta.get("display"), result.labels, result.synth, self.models.label_set,
+                       meta["size"])
 
 
 def _median_rate(times: list[float], frames: int) -> float:
@@ -67,12 +76,12 @@ def _pct(values: list[float], q: float) -> float:
 def engine(job: Job) -> dict:
     """Model-only throughput and latency for each batch size."""
     rows = []
-    seg = job.segmenter
+    seg, gen = job.models.segmenter, job.models.generator
     w, h = seg.size
     models = [("segmenter", seg, lambda b: np.random.default_rng(0).integers(0, 255, (b, h, w, 3), dtype=np.uint8))]
-    if job.generator is not None:
-        gw, gh = job.generator.size
-        models.append(("generator", lambda x: job.generator(x, job.infer.z),
+    if gen is not None:
+        gw, gh = gen.size
+        models.append(("generator", lambda x: gen(x, job.infer.z),
                        lambda b: np.random.default_rng(0).integers(0, 150, (b, gh, gw), dtype=np.uint8)))
     for name, fn, make in models:
         for batch in job.cfg.batch:
@@ -89,30 +98,36 @@ def engine(job: Job) -> dict:
     return {"rows": rows}
 
 
-def _source(job: Job, audio: queue.Queue, need_display: bool):
-    from segsynth.stream.run import VideoSource
+def _source(job: Job, need_display: bool):
+    from segsynth.stream.sources import FileSource
 
-    source = VideoSource(job.run_cfg, audio)
-    source.model_size, source.need_display = job.segmenter.size, need_display
+    source = FileSource(job.input).open()
+    source.model_size, source.need_display = job.models.size, need_display
     return source
 
 
-def _sink(job: Job, source, audio, out: Path):
-    from segsynth.stream.run import VideoSink
+def _sink(source, out: Path):
+    from segsynth.stream.sinks import FileSink
 
-    return VideoSink(replace(job.run_cfg, output=out), source, job.label_set, job.view, audio)
+    return FileSink(out, source.info)
+
+
+def _display(job: Job) -> bool:
+    return job.view in ("overlay", "side-by-side", "grid")
 
 
 def _decode_all(job: Job) -> tuple[list, list]:
     """(model frames, metas) of the whole input, decoded once, for the stage-alone measurements."""
-    audio: queue.Queue = queue.Queue()
-    with _source(job, audio, job.view in ("overlay", "side-by-side", "grid")) as source:
-        items = list(source.frames(threading.Event()))
+    source = _source(job, _display(job))
+    try:
+        items = list(source.frames(threading.Event(), lambda item: None))
+    finally:
+        source.close()
     return [rgb for rgb, _ in items], [meta for _, meta in items]
 
 
 def _infer_alone(job: Job, frames: list, metas: list) -> float:
-    batch = job.run_cfg.batch
+    batch = job.cfg.batch[0]
     job.infer(np.stack(frames[:batch]), metas[:batch])  # warm-up
     start = time.perf_counter()
     for i in range(0, len(frames), batch):
@@ -124,26 +139,24 @@ def stages(job: Job) -> dict:
     """Decode, infer and encode, each alone on the same input."""
     times = {"decode": [], "infer": [], "encode": []}
     frames, metas = _decode_all(job)
-    n = len(frames)
-    results = [r for i in range(0, n, job.run_cfg.batch)
-               for r in job.infer(np.stack(frames[i:i + job.run_cfg.batch]), metas[i:i + job.run_cfg.batch])]
+    n, batch = len(frames), job.cfg.batch[0]
+    results = [r for i in range(0, n, batch) for r in job.infer(np.stack(frames[i:i + batch]), metas[i:i + batch])]
     for _ in range(job.cfg.repeats):
-        audio: queue.Queue = queue.Queue()
         start = time.perf_counter()
-        with _source(job, audio, job.view in ("overlay", "side-by-side", "grid")) as source:
-            for _ in source.frames(threading.Event()):
-                pass
+        source = _source(job, _display(job))
+        for _ in source.frames(threading.Event(), lambda item: None):
+            pass
+        source.close()
         times["decode"].append(time.perf_counter() - start)
         times["infer"].append(_infer_alone(job, frames, metas))
-        audio = queue.Queue()
-        with _source(job, audio, False) as source:
-            sink = _sink(job, source, audio, job.cfg.workdir / "stage-encode.mp4")
-            sink.audio_done = True  # no audio in this measurement: only the video encode
-            start = time.perf_counter()
-            for result, meta in zip(results, metas):
-                sink.write(result, meta)
-            sink.close()
-            times["encode"].append(time.perf_counter() - start)
+        source = _source(job, False)
+        sink = _sink(source, job.cfg.workdir / "stage-encode.mp4")  # no audio in this measurement: only video
+        start = time.perf_counter()
+        for result, meta in zip(results, metas):
+            sink.write(job.render(result, meta), meta)
+        sink.close()
+        times["encode"].append(time.perf_counter() - start)
+        source.close()
     return {"frames": n, **{f"{k}_fps": _median_rate(v, n) for k, v in times.items()}}
 
 
@@ -153,21 +166,22 @@ def pipeline(job: Job) -> dict:
 
     frames, metas = _decode_all(job)
     n = len(frames)
-    w, h = job.segmenter.size
+    w, h = job.models.size
+    batch = job.cfg.batch[0]
     times = {"pipelined": [], "sequential": [], "infer_alone": []}
     for r in range(job.cfg.repeats):
         times["infer_alone"].append(_infer_alone(job, frames, metas))
         for mode in ("pipelined", "sequential"):
-            audio: queue.Queue = queue.Queue()
-            with _source(job, audio, job.view in ("overlay", "side-by-side", "grid")) as source:
-                sink = _sink(job, source, audio, job.cfg.workdir / f"pipeline-{mode}.mp4")
-                start = time.perf_counter()
-                if mode == "pipelined":
-                    stats = Pipeline(source, job.infer, sink, model_shape=(h, w, 3), batch=job.run_cfg.batch).run()
-                    assert stats.frames_out == n, (stats.frames_out, n)
-                else:
-                    run_sequential(source, job.infer, sink, job.run_cfg.batch)
-                times[mode].append(time.perf_counter() - start)
+            source = _source(job, _display(job))
+            sink = _sink(source, job.cfg.workdir / f"pipeline-{mode}.mp4")
+            start = time.perf_counter()
+            if mode == "pipelined":
+                stats = Pipeline(source, job.infer, sink, model_shape=(h, w, 3), batch=batch,
+                                 render=job.render).run()
+                assert stats.frames_out == n, (stats.frames_out, n)
+            else:
+                run_sequential(source, job.infer, sink, batch, render=job.render)
+            times[mode].append(time.perf_counter() - start)
     fps = {k: _median_rate(v, n) for k, v in times.items()}
     return {"frames": n, **{f"{k}_fps": v for k, v in fps.items()},
             "ratios": {"pipeline_over_infer": fps["pipelined"] / fps["infer_alone"],
@@ -177,15 +191,15 @@ def pipeline(job: Job) -> dict:
 class _PassSource:
     """Decoded frames straight to the encoder (the identity model): no colour conversion."""
 
-    def __init__(self, path: Path, audio: queue.Queue) -> None:
+    def __init__(self, path: Path) -> None:
         from segsynth.stream import media
 
         self.container = media.open_video(path)
-        self.video, self.audio, self.audio_out = self.container.streams.video[0], list(self.container.streams.audio), audio
+        self.video, self.audio = self.container.streams.video[0], list(self.container.streams.audio)
         self.video.thread_type = "AUTO"
         self.problems: list[str] = []
 
-    def frames(self, stop):
+    def frames(self, stop, audio):
         import av
 
         from segsynth.stream import media
@@ -193,39 +207,36 @@ class _PassSource:
         dummy = np.zeros((1, 1, 3), np.uint8)
         for item in media.demux_decode(self.container, self.video, self.audio, self.problems):
             if isinstance(item, av.Packet):
-                self.audio_out.put(item)
+                audio(item)
             else:
-                yield dummy, {"frame": item, "t0": 0.0}
+                yield dummy, {"frame": item}
+
+    def close(self) -> None:
+        self.container.close()
 
 
 class _PassSink:
-    def __init__(self, source: _PassSource, out: Path, audio: queue.Queue) -> None:
+    def __init__(self, source: _PassSource, out: Path) -> None:
         from segsynth.stream import media
+        from segsynth.stream.sources import SourceInfo
 
         self.writer = media.MediaWriter(out, fragmented=True)
         c = self.writer.container
-        self.v = media.add_video_stream(c, "libx264", source.video, (source.video.codec_context.width,
-                                        source.video.codec_context.height), crf=20, preset="veryfast",
-                                        bitrate=None, b_frames=False)
+        v = source.video
+        info = SourceInfo(str(out), v.average_rate or 30, v.time_base)
+        self.v = media.add_video_stream(c, "libx264", info, (v.codec_context.width, v.codec_context.height), crf=20,
+                                        preset="veryfast", bitrate=None, b_frames=False)
         self.a = {s.index: c.add_stream_from_template(s) for s in source.audio}
-        self.audio = audio
 
-    def _audio(self) -> None:
-        while True:
-            try:
-                packet = self.audio.get_nowait()
-            except queue.Empty:
-                return
-            packet.stream = self.a[packet.stream.index]
-            self.writer.container.mux(packet)
+    def write_audio(self, packet) -> None:
+        packet.stream = self.a[packet.stream.index]
+        self.writer.container.mux(packet)
 
     def write(self, result, meta) -> None:
-        self._audio()
         self.writer.container.mux(self.v.encode(meta["frame"]))
 
     def close(self) -> None:
         self.writer.container.mux(self.v.encode(None))
-        self._audio()
         self.writer.close()
 
 
@@ -236,19 +247,19 @@ def passthrough(job: Job) -> dict:
 
     from segsynth.stream.pipeline import Pipeline
 
-    src = job.run_cfg.input
+    src = job.input
     n = job.results.get("frames") or _count_frames(src)
     ours, theirs = [], []
     ffmpeg = shutil.which("ffmpeg")
     for _ in range(job.cfg.repeats):
-        audio: queue.Queue = queue.Queue()
         start = time.perf_counter()  # like the ffmpeg CLI's time: opening and closing files included
-        source = _PassSource(src, audio)
+        source = _PassSource(src)
         try:
-            sink = _PassSink(source, job.cfg.workdir / "pass-segsynth.mp4", audio)
-            Pipeline(source, lambda frames, metas: [None] * len(metas), sink, model_shape=(1, 1, 3)).run()
-        finally:
-            source.container.close()
+            sink = _PassSink(source, job.cfg.workdir / "pass-segsynth.mp4")
+        except BaseException:
+            source.close()
+            raise
+        Pipeline(source, lambda frames, metas: [None] * len(metas), sink, model_shape=(1, 1, 3)).run()
         ours.append(time.perf_counter() - start)
         if ffmpeg:
             rate = round(float(source.video.average_rate or 30))
@@ -275,82 +286,49 @@ def _count_frames(path: Path) -> int:
         return sum(1 for p in c.demux(c.streams.video[0]) if p.size)
 
 
-class _LiveSource:
-    """A synthetic real-time camera: the input's frames, released at ``rate`` fps of wall time."""
+def _pictures(job: Job, count: int = 250) -> list[np.ndarray]:
+    """Up to ``count`` full-size frames of the input, for synthetic (in-memory) sources."""
+    import av
 
-    def __init__(self, frames: list, metas: list, count: int, rate: int) -> None:
-        self.frames_, self.metas, self.count, self.rate = frames, metas, count, rate
-        self.audio: list = []
-
-    def frames(self, stop):
-        start = time.perf_counter()
-        for i in range(self.count):
-            if stop.is_set():
-                return
-            delay = start + i / self.rate - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            meta = dict(self.metas[i % len(self.metas)])
-            meta["pts"], meta["index"] = i, i
-            yield self.frames_[i % len(self.frames_)], meta
+    with av.open(str(job.input)) as c:
+        out = []
+        for frame in c.decode(video=0):
+            out.append(frame.to_ndarray(format="rgb24"))
+            if len(out) == count:
+                break
+    return out
 
 
-class _MemorySink:
-    """Encodes into memory (live output without touching the disk)."""
+def _session(job: Job, source, sink, policy: str, ring_slots: int = 8, progress=None):
+    from segsynth.config import StreamConfig
+    from segsynth.stream.session import StreamSession
 
-    def __init__(self, job: Job, label_set) -> None:
-        import av
-
-        from segsynth.stream.render import compose
-
-        self.compose, self.job, self.label_set = compose, job, label_set
-        self.buffer = io.BytesIO()
-        self.container = av.open(self.buffer, "w", format="mpegts")
-        self.stream = None
-
-    def write(self, result, meta) -> None:
-        import av
-
-        size = meta["size"]
-        if self.stream is None:
-            self.stream = self.container.add_stream("libx264", rate=self.job.cfg.rate)
-            self.stream.width, self.stream.height = size[0] + size[0] % 2, size[1] + size[1] % 2
-            self.stream.pix_fmt, self.stream.options = "yuv420p", {"preset": "ultrafast", "tune": "zerolatency"}
-        picture = self.compose(self.job.view, meta.get("display"), result.labels, result.synth, self.label_set,
-                               size, (self.stream.width, self.stream.height), legend=False)
-        frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
-        frame.pts = meta["pts"]
-        self.container.mux(self.stream.encode(frame))
-
-    def close(self) -> None:
-        if self.stream is not None:
-            self.container.mux(self.stream.encode(None))
-        self.container.close()
+    cfg = StreamConfig(source="synthetic", sinks=("memory.mkv",), view=job.view, policy=policy,
+                       ring_slots=ring_slots, legend=False)
+    return StreamSession(cfg, job.models, source=source, sinks=[sink], progress=progress)
 
 
-def streams(job: Job, make_infer) -> dict:
-    """1..N concurrent live streams (latest policy) from a synthetic real-time source: per-stream
-    fps, end-to-end latency percentiles and drops, for each stream count."""
-    from segsynth.stream.pipeline import Pipeline
+def streams(job: Job) -> dict:
+    """1..N concurrent live streams (latest policy) from a synthetic real-time source, all over
+    one ModelSet: per-stream fps, end-to-end latency percentiles and drops, for each count."""
+    from segsynth.stream.sinks import MemorySink
+    from segsynth.stream.sources import SyntheticSource
 
-    frames, metas = _decode_all(job)
+    pictures = _pictures(job)
     count = job.cfg.frames
-    w, h = job.segmenter.size
     table = []
     counts = sorted({1, *[n for n in (2, 4, 8, 16) if n < job.cfg.streams], job.cfg.streams})
     for n in counts:
-        infers = [make_infer() for _ in range(n)]
-        pipes = [Pipeline(_LiveSource(frames, metas, count, job.cfg.rate), infer, _MemorySink(job, job.label_set),
-                          model_shape=(h, w, 3), batch=1, policy="latest", ring_slots=2) for infer in infers]
-        stats = [None] * n
-        threads = [threading.Thread(target=lambda i=i: stats.__setitem__(i, pipes[i].run())) for i in range(n)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        latencies = [lat * 1000 for p in pipes for lat in p.latencies]
-        row = {"streams": n, "fps_per_stream": statistics.mean(s.fps for s in stats),
-               "dropped_per_stream": statistics.mean(s.dropped for s in stats),
+        sessions = [_session(job, SyntheticSource(pictures, count, job.cfg.rate), MemorySink(job.cfg.rate),
+                             "latest", ring_slots=2) for _ in range(n)]
+        for s in sessions:
+            s.start()
+        for s in sessions:
+            s.join()
+        stats = [s.stats() for s in sessions]
+        latencies = [lat * 1000 for s in sessions for lat in s.pipeline.latency.recent]
+        row = {"streams": n, "fps_per_stream": statistics.mean(s["fps"] for s in stats),
+               "dropped_per_stream": statistics.mean(s["dropped"] for s in stats),
                "p50_ms": _pct(latencies, 50), "p95_ms": _pct(latencies, 95), "p99_ms": _pct(latencies, 99)}
         row["real_time"] = row["fps_per_stream"] >= 0.95 * job.cfg.rate and row["p99_ms"] < 100
         table.append(row)
@@ -377,20 +355,23 @@ class _RssProbe:
 
 
 def soak(job: Job) -> dict:
-    """RSS while the pipeline streams ``frames`` frames: at 10 % of the run and at the end."""
-    from segsynth.stream.pipeline import Pipeline
+    """RSS while one stream session runs ``frames`` frames (the input's pictures, repeated, from
+    memory, into an in-memory encoder): at 10 % of the run and at the end."""
+    from segsynth.stream.sinks import MemorySink
+    from segsynth.stream.sources import SyntheticSource
 
     n = job.cfg.frames
     probe = _RssProbe(max(1, n // 20))
-    audio: queue.Queue = queue.Queue()
-    w, h = job.segmenter.size
-    with _source(job, audio, job.view in ("overlay", "side-by-side", "grid")) as source:
-        sink = _sink(job, source, audio, job.cfg.workdir / "soak.mp4")
-        stats = Pipeline(source, job.infer, sink, model_shape=(h, w, 3), batch=job.run_cfg.batch,
-                         progress=probe).run()
+    session = _session(job, SyntheticSource(_pictures(job), n), MemorySink(), "lossless", progress=probe)
+    session.start()
+    session.join()
+    if session.error is not None:
+        raise session.error
+    stats = session.stats()
     early = next((rss for done, rss in probe.samples if done >= n // 10), None)
     late = probe.samples[-1][1] if probe.samples else None
-    out = {"frames": stats.frames_out, "rss_mib": probe.samples, "rss_at_10pct_mib": early, "rss_at_end_mib": late}
+    out = {"frames": stats["frames_out"], "fps": stats["fps"], "rss_mib": probe.samples, "rss_at_10pct_mib": early,
+           "rss_at_end_mib": late}
     if early and late:
         out["ratios"] = {"soak_rss_end_over_10pct": late / early}
     return out
@@ -421,7 +402,7 @@ def chain(job: Job) -> dict:
     onnx_path = d / "chain.onnx"
     run_export(ExportConfig(what="chain", out=onnx_path, checkpoint=d / "spade", deeplab=d / "deeplab.pth",
                             size=(h, w), seg_size=(h, w), batch=None))
-    backend = job.run_cfg.backend
+    backend = job.models.backend
     precisions = (False, True) if backend != "onnxruntime" else (False,)
     rows = []
     for fp16 in precisions:

@@ -48,6 +48,7 @@ class OnnxRuntimeRunner(Runner):
     """
 
     name = "onnxruntime"
+    thread_safe = True  # InferenceSession.run may be called from several threads at once
 
     def __init__(self, model: str | Path | bytes, *, threads: int | None = None,
                  providers: tuple[str, ...] = ("CPUExecutionProvider",), graph_optimization: str = "all",

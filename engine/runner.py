@@ -4,12 +4,16 @@ A Runner is created cheaply, then ``activate()``d (sessions, engines and device 
 made there) and ``deactivate()``d (everything released). ``infer(feed)`` maps input names
 to numpy arrays and returns a dict of output arrays. Runners are context managers.
 
-Threading: a Runner is owned by one thread at a time (the pipeline's infer stage); it is
-not safe to call ``infer`` from two threads at once.
+Threading: a Runner may be shared by several threads (one ``ModelSet`` serves many stream
+sessions). Backends whose sessions are thread-safe (onnxruntime) set ``thread_safe`` and run
+calls concurrently; for the others, ``infer``/``submit``/``wait`` are serialised by the
+runner's own lock, and a ``submit`` handle belongs to its caller until ``wait``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +35,11 @@ class Runner:
     and fill ``inputs``/``outputs``/``metadata`` in ``_activate_impl``."""
 
     name = "runner"
+    thread_safe = False  # True where the backend itself allows concurrent calls
 
     def __init__(self) -> None:
         self.is_active = False
+        self._guard = contextlib.nullcontext() if self.thread_safe else threading.RLock()
         self.inputs: dict[str, TensorMeta] = {}
         self.outputs: dict[str, TensorMeta] = {}
         self.metadata: dict[str, str] = {}  # the graph's custom metadata (segsynth.* keys)
@@ -50,7 +56,8 @@ class Runner:
         missing = set(self.inputs) - set(feed)
         if missing:
             raise BackendError(f"{self.name}: missing inputs {sorted(missing)}")
-        return self._infer_impl(feed)
+        with self._guard:
+            return self._infer_impl(feed)
 
     def submit(self, feed: dict[str, np.ndarray]):
         """Start ``feed`` and return a handle for ``wait``. Backends with their own streams

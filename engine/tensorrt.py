@@ -13,7 +13,8 @@ batch overlap the compute of the other.
 
 Precision control follows TensorRT 10 (``BuilderFlag.FP16``); TensorRT 11 changes how
 precision is requested (strongly typed networks), which this backend does not target.
-Threading: owned by the infer stage.
+Threading: calls are serialised by the runner's lock (several stream sessions may share the
+runner); a handle stays valid when another caller reuses its slot (its outputs are kept).
 """
 
 from __future__ import annotations
@@ -108,13 +109,29 @@ class _Slot:
             shape = max_shapes[name]
             self.host[name] = cuda.PinnedBuffer(shape, meta.dtype)
             self.device[name] = cuda.DeviceBuffer(self.host[name].nbytes)
-        self.pending: dict[str, tuple] | None = None
+        self.pending: _Pending | None = None
 
     def close(self) -> None:
         for buf in (*self.host.values(), *self.device.values()):
             buf.close()
         self.stream.close()
         self.done.close()
+
+
+class _Pending:
+    """The handle of one submitted batch: its slot until collected, then its outputs."""
+
+    def __init__(self, slot: _Slot, shapes: dict[str, tuple]) -> None:
+        self.slot, self.shapes, self.outputs = slot, shapes, None
+
+    def collect(self) -> dict[str, np.ndarray]:
+        if self.outputs is None:
+            slot = self.slot
+            slot.done.synchronize()
+            self.outputs = {name: slot.host[name].array.reshape(-1)[: int(np.prod(shape))].reshape(shape).copy()
+                            for name, shape in self.shapes.items()}
+            slot.pending, self.slot = None, None
+        return self.outputs
 
 
 class TensorRTRunner(Runner):
@@ -169,38 +186,39 @@ class TensorRTRunner(Runner):
             self.batch[2] if d == -1 else d for d in meta.shape) for name, meta in io.items()}
         self.slots = [_Slot(self.engine, io, max_shapes) for _ in range(2)]
 
-    def submit(self, feed: dict[str, np.ndarray]):
-        slot = self.slots[self._next]
-        self._next ^= 1
-        if slot.pending is not None:  # its previous batch was never collected: finish it first
-            self.wait(slot)
-        ctx = slot.context
-        for name, array in feed.items():
-            array = np.ascontiguousarray(array, dtype=self.inputs[name].dtype)
-            host = slot.host[name].array.reshape(-1)[: array.size].reshape(array.shape)
-            np.copyto(host, array)
-            slot.stream.copy_to_device(slot.device[name], slot.host[name], array.nbytes)
-            ctx.set_input_shape(name, array.shape)
-        for name, buf in slot.device.items():
-            ctx.set_tensor_address(name, int(buf.ptr))
-        if not ctx.execute_async_v3(slot.stream.handle):
-            raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
-        pending = {}
-        for name, meta in self.outputs.items():
-            shape = tuple(ctx.get_tensor_shape(name))
-            nbytes = int(np.prod(shape)) * meta.dtype.itemsize
-            slot.stream.copy_to_host(slot.host[name], slot.device[name], nbytes)
-            pending[name] = shape
-        slot.done.record(slot.stream)
-        slot.pending = pending
-        return slot
+    def submit(self, feed: dict[str, np.ndarray]) -> "_Pending":
+        """Upload, run and download on the next slot's stream; returns at once. Several
+        threads may submit: each gets its own handle, and a slot still holding an uncollected
+        batch keeps that batch's outputs in its handle before the slot is reused."""
+        with self._guard:
+            slot = self.slots[self._next]
+            self._next ^= 1
+            if slot.pending is not None:  # its previous batch was never collected: keep it for its owner
+                slot.pending.collect()
+            ctx = slot.context
+            for name, array in feed.items():
+                array = np.ascontiguousarray(array, dtype=self.inputs[name].dtype)
+                host = slot.host[name].array.reshape(-1)[: array.size].reshape(array.shape)
+                np.copyto(host, array)
+                slot.stream.copy_to_device(slot.device[name], slot.host[name], array.nbytes)
+                ctx.set_input_shape(name, array.shape)
+            for name, buf in slot.device.items():
+                ctx.set_tensor_address(name, int(buf.ptr))
+            if not ctx.execute_async_v3(slot.stream.handle):
+                raise BackendError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+            shapes = {}
+            for name, meta in self.outputs.items():
+                shape = tuple(ctx.get_tensor_shape(name))
+                nbytes = int(np.prod(shape)) * meta.dtype.itemsize
+                slot.stream.copy_to_host(slot.host[name], slot.device[name], nbytes)
+                shapes[name] = shape
+            slot.done.record(slot.stream)
+            slot.pending = _Pending(slot, shapes)
+            return slot.pending
 
-    def wait(self, slot: _Slot) -> dict[str, np.ndarray]:
-        slot.done.synchronize()
-        out = {name: slot.host[name].array.reshape(-1)[: int(np.prod(shape))].reshape(shape).copy()
-               for name, shape in slot.pending.items()}
-        slot.pending = None
-        return out
+    def wait(self, handle: "_Pending") -> dict[str, np.ndarray]:
+        with self._guard:
+            return handle.collect()
 
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.wait(self.submit(feed))

@@ -7,7 +7,7 @@ batch's outputs. With two batches in flight, the host-to-device copy of batch k+
 device-to-host copy of batch k-1 overlap the compute of batch k. The same class runs on
 the CPU (device="cpu", fp32), which is how its interface is tested where there is no GPU.
 
-Threading: owned by the infer stage.
+Threading: submit() is serialised by the runner's lock; handles are independent.
 """
 
 from __future__ import annotations
@@ -79,15 +79,16 @@ class TorchCudaRunner(Runner):
 
     def submit(self, feed: dict[str, np.ndarray]):
         """Start a batch on the next of two CUDA streams; returns a handle for ``wait``."""
-        if self.streams is None:
-            return self._run(feed), None
-        stream = self.streams[self._slot]
-        self._slot ^= 1
-        with self.torch.cuda.stream(stream):
-            host = self._run(feed)
-            event = self.torch.cuda.Event()
-            event.record(stream)
-        return host, event
+        with self._guard:
+            if self.streams is None:
+                return self._run(feed), None
+            stream = self.streams[self._slot]
+            self._slot ^= 1
+            with self.torch.cuda.stream(stream):
+                host = self._run(feed)
+                event = self.torch.cuda.Event()
+                event.record(stream)
+            return host, event
 
     def wait(self, handle) -> dict[str, np.ndarray]:
         host, event = handle

@@ -38,33 +38,81 @@ def _segment(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StopOnSignals:
+    """SIGINT/SIGTERM while a session runs: the first drains it (finish what was read, flush,
+    close), a second aborts it. The CLI owns the process's signals; sessions never touch them."""
+
+    def __init__(self, session) -> None:
+        self.session, self.signum, self._saved = session, None, {}
+
+    def __enter__(self) -> "_StopOnSignals":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        import signal
+
+        if self.signum is None:
+            self.signum = signum
+            log.warning("%s: stopping - finishing the frames already read (signal again to abort)",
+                        signal.Signals(signum).name)
+            self.session.stop(drain=True)
+        else:
+            self.session.stop(drain=False)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+
+
 def _run(args: argparse.Namespace) -> int:
+    import signal
     from pathlib import Path
 
-    from .config import RunConfig, parse_size
+    from .config import ModelConfig, StreamConfig, parse_size
+    from .errors import Interrupted
     from .stream.run import run
 
-    cfg = RunConfig(input=Path(args.input), output=Path(args.output), view=args.view, remap=args.remap,
-                    generator=args.generator, segmenter=args.segmenter, style=Path(args.style) if args.style else None,
-                    seed=args.seed, smooth=args.smooth, fit=args.fit, policy=args.policy, batch=args.batch,
-                    size=parse_size(args.size, "--size", "WxH") if args.size else None, codec=args.codec,
-                    crf=args.crf, preset=args.preset, bitrate=args.bitrate, stream=args.stream, threads=args.threads,
-                    legend=not args.no_legend, cache_dir=_cache_dir(args.cache_dir),
-                    backend=args.backend, fp16=not args.fp32)
-    stats, info = run(cfg, quiet=args.quiet)
-    if info["problems"] or (info["declared"] and stats.frames_in < info["declared"] and not info["interrupted"]):
-        declared = f" of the {info['declared']} it declares" if info["declared"] else ""
-        first = f": {info['problems'][0]}" if info["problems"] else ""
+    cfg = StreamConfig(source=args.input, sinks=(args.output,), view=args.view, remap=args.remap,
+                       style=Path(args.style) if args.style else None, seed=args.seed, smooth=args.smooth,
+                       fit=args.fit, policy=args.policy, batch=args.batch, codec=args.codec, crf=args.crf,
+                       preset=args.preset, bitrate=args.bitrate, stream=args.stream, fps=args.fps,
+                       legend=not args.no_legend)
+    models = ModelConfig(segmenter=args.segmenter, generator=args.generator,
+                         size=parse_size(args.size, "--size", "WxH") if args.size else None,
+                         threads=args.threads, cache_dir=_cache_dir(args.cache_dir), backend=args.backend,
+                         fp16=not args.fp32)
+    controls = []
+
+    def control(session):
+        controls.append(_StopOnSignals(session))
+        return controls[0]
+
+    stats, session = run(cfg, models, quiet=args.quiet, control=control)
+    declared = session.source.info.declared_frames
+    signum = controls[0].signum if controls else None
+    if stats["problems"] or (declared and stats["frames_in"] < declared and signum is None):
+        of = f" of the {declared} it declares" if declared else ""
+        first = f": {stats['problems'][0]}" if stats["problems"] else ""
         log.warning("warning: %s looks truncated or damaged: decoded %d frames%s and wrote them%s",
-                    cfg.input, stats.frames_in, declared, first)
-    log.info("wrote %s (%s): %d frames in, %d out, %d dropped, %.1f s, %.2f fps", cfg.output, info["view"],
-             stats.frames_in, stats.frames_out, stats.dropped, stats.seconds, stats.fps)
-    for name, t in stats.stages.items():
+                    cfg.source, stats["frames_in"], of, first)
+    log.info("wrote %s (%s): %d frames in, %d out, %d dropped, %.1f s, %.2f fps", args.output, stats["view"],
+             stats["frames_in"], stats["frames_out"], stats["dropped"], stats["seconds"], stats["fps"])
+    for name, t in stats["stages"].items():
         log.info("  %-7s mean %7.1f ms   p95 %7.1f ms", name, t["mean_ms"], t["p95_ms"])
-    if stats.latency:
-        log.info("  latency p50 %.0f ms, p95 %.0f ms (decode to mux)", stats.latency["p50_ms"], stats.latency["p95_ms"])
-    if info["interrupted"] is not None:
-        raise info["interrupted"]
+    if stats["latency_ms"]:
+        log.info("  latency p50 %.0f ms, p95 %.0f ms (decode to mux)", stats["latency_ms"]["p50"],
+                 stats["latency_ms"]["p95"])
+    if signum is not None:
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after {stats['frames_out']} frames; "
+                                  "the output holds them and is closed")
     return 0
 
 
@@ -234,7 +282,7 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import EXPORT_TARGETS, FITS, RUN_VIEWS, SEGMENT_VIEWS
+    from .config import EXPORT_TARGETS, FITS, SEGMENT_VIEWS, SESSION_VIEWS
 
     common = _common()
     parser = argparse.ArgumentParser(
@@ -266,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "paints a new frame; threaded decode -> infer -> encode, timestamps and audio kept.")
     p.add_argument("input", help="input video file")
     p.add_argument("output", help="output video (.mp4 written fragmented, .mkv, .mov, ...)")
-    p.add_argument("--view", choices=RUN_VIEWS, help="synth (default with a generator), labels (default without), "
-                                                     "overlay, side-by-side (input | synthesis), grid (2x2)")
+    p.add_argument("--view", choices=SESSION_VIEWS, help="synth (default with a generator), labels (default "
+                                                         "without), overlay, side-by-side (input | synthesis), grid "
+                                                         "(2x2), ids (class ids, lossless grayscale .mkv)")
     p.add_argument("--remap", metavar="RULES", help="rewrite classes before synthesis, e.g. 'person=animal'")
     p.add_argument("--generator", default="default", metavar="default|none|DIR|FILE.onnx",
                    help="SPADE generator: the bundled default, none (labels only), an official checkpoint directory, "
@@ -289,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="veryfast", help="x264/x265 preset (default veryfast)")
     p.add_argument("--bitrate", help="target bitrate instead of --crf, e.g. 4M")
     p.add_argument("--stream", type=int, metavar="INDEX", help="which video stream (default: the first)")
+    p.add_argument("--fps", type=float, help="frame rate of an image sequence input (default 25)")
     p.add_argument("--threads", type=int, help="inference threads per model (default: all cores)")
     p.add_argument("--no-legend", action="store_true", help="omit the legend box")
     p.add_argument("--cache-dir", help="where exported generators are cached (default ~/.cache/segsynth)")

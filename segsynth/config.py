@@ -3,6 +3,7 @@ HTTP API all build these), then passed down unchanged."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,23 +124,52 @@ def parse_overrides(items: list[str] | None) -> tuple[tuple[str, str], ...]:
 
 
 RUN_VIEWS = ("synth", "labels", "overlay", "side-by-side", "grid")
+SESSION_VIEWS = (*RUN_VIEWS, "ids")  # ids: raw class ids as lossless grayscale (segment)
 FITS = ("letterbox", "stretch")
+POLICIES = ("lossless", "latest")
+_STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def is_image_sequence(source: str) -> bool:
+    """An image2 pattern (``img_%04d.jpg``), a glob of images, or a folder: a video of images."""
+    path = Path(source)
+    return (path.suffix.lower() in IMAGE_EXTS and (re.search(r"%0?\d*d", path.name) is not None
+                                                  or any(c in path.name for c in "*?["))) or path.is_dir()
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """``segsynth run IN OUT``: segment, remap and re-synthesize every frame of a video."""
+class ModelConfig:
+    """Which models a ``ModelSet`` loads, and where they run."""
 
-    input: Path
-    output: Path
+    segmenter: str = "ade20k+voc"
+    generator: str = "default"
+    label_set: str | None = None  # of a custom segmenter ONNX without segsynth metadata
+    size: tuple[int, int] | None = None  # (W, H) synthesis resolution; default: the generator's own
+    backend: str = "auto"
+    threads: int | None = None
+    fp16: bool = True  # GPU backends only; the CPU backend always computes in fp32
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.size is not None and (self.size[0] % 32 or self.size[1] % 32):
+            raise InputError(f"--size {self.size[0]}x{self.size[1]}: SPADE needs multiples of 32")
+        if self.threads is not None and self.threads < 1:
+            raise InputError("--threads must be at least 1")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """One stream session: where frames come from, where results go, and how they are made.
+    Validated here, before any model is loaded; the CLI, config files and the HTTP API all
+    build this."""
+
+    source: str
+    sinks: tuple[str, ...]
     view: str | None = None  # None: synth with a generator, labels without one
     remap: str | None = None
-    generator: str = "default"
-    segmenter: str = "ade20k+voc"
     style: Path | None = None
     seed: int | None = None
     smooth: int = 1
-    size: tuple[int, int] | None = None  # (W, H) synthesis resolution; default: the generator's own
     fit: str | None = None  # letterbox | stretch; default: how the generator was trained
     policy: str = "lossless"
     batch: int = 1
@@ -148,35 +178,54 @@ class RunConfig:
     preset: str = "veryfast"
     bitrate: str | None = None
     stream: int | None = None  # absolute index of the video stream to use
-    threads: int | None = None
+    fps: float | None = None  # frame rate of image sequences (default 25, as ffmpeg)
     legend: bool = True
     ring_slots: int = 8
-    cache_dir: Path | None = None
-    backend: str = "auto"
-    fp16: bool = True  # GPU backends only; the CPU backend always computes in fp32
+    id: str | None = None  # the stream's name in stats and metrics
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "input", Path(self.input))
-        object.__setattr__(self, "output", Path(self.output))
-        if self.view is not None and self.view not in RUN_VIEWS:
-            raise InputError(f"unknown view {self.view!r}; choose one of: {', '.join(RUN_VIEWS)}")
-        if self.output.suffix.lower() not in VIDEO_EXTS:
-            raise InputError(f"{self.output}: the output of run must be a video ({', '.join(sorted(VIDEO_EXTS))})")
-        if self.input.suffix.lower() in IMAGE_EXTS:
-            raise InputError(f"{self.input} is an image; run works on video (use segment for images)")
-        if self.policy not in ("lossless", "latest"):
-            raise InputError("--policy must be lossless or latest")
+        source = str(self.source)
+        object.__setattr__(self, "source", source)
+        sinks = (self.sinks,) if isinstance(self.sinks, (str, Path)) else tuple(self.sinks)
+        object.__setattr__(self, "sinks", tuple(str(s) for s in sinks))
+        if self.style is not None:
+            object.__setattr__(self, "style", Path(self.style))
+        if not self.sinks:
+            raise InputError("sinks: at least one output is needed")
+        for sink in self.sinks:
+            if Path(sink).suffix.lower() not in VIDEO_EXTS:
+                raise InputError(f"{sink}: the output must be a video ({', '.join(sorted(VIDEO_EXTS))})")
+        if Path(source).suffix.lower() in IMAGE_EXTS and not is_image_sequence(source):
+            raise InputError(f"{source} is an image; run works on video (use segment for images, or an image "
+                             "sequence: a folder, a glob or a pattern like img_%04d.jpg)")
+        if self.view is not None and self.view not in SESSION_VIEWS:
+            raise InputError(f"view: unknown view {self.view!r}; choose one of: {', '.join(SESSION_VIEWS)}")
+        if self.view == "ids" and any(Path(s).suffix.lower() not in IDS_VIDEO_EXTS for s in self.sinks):
+            raise InputError("view: ids writes lossless FFV1 grayscale video; use .mkv")
+        if self.policy not in POLICIES:
+            raise InputError(f"policy: must be one of: {', '.join(POLICIES)}")
         if self.fit is not None and self.fit not in FITS:
-            raise InputError(f"--fit must be one of: {', '.join(FITS)}")
+            raise InputError(f"fit: must be one of: {', '.join(FITS)}")
         if not 1 <= self.smooth <= 15:
-            raise InputError("--smooth must be between 1 (off) and 15 frames")
+            raise InputError("smooth: must be between 1 (off) and 15 frames")
         if not 1 <= self.batch <= 64:
-            raise InputError("--batch must be between 1 and 64")
-        if not 0 <= self.crf <= 51:
-            raise InputError("--crf must be between 0 and 51")
+            raise InputError("batch: must be between 1 and 64")
         if self.ring_slots < max(2, self.batch):
-            raise InputError("the frame ring needs at least max(2, batch) slots")
-        if self.size is not None and (self.size[0] % 32 or self.size[1] % 32):
-            raise InputError(f"--size {self.size[0]}x{self.size[1]}: SPADE needs multiples of 32")
+            raise InputError("ring_slots: the frame ring needs at least max(2, batch) slots")
         if self.style is not None and self.seed is not None:
-            raise InputError("--style and --seed both set z; give one")
+            raise InputError("style and seed both set z; give one")
+        if self.fps is not None and not 0 < self.fps <= 1000:
+            raise InputError("fps: must be between 0 and 1000")
+        if self.id is not None and not _STREAM_ID.match(self.id):
+            raise InputError(f"id: {self.id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        from segsynth.stream.media import check_encoder_settings
+
+        from . import labels
+        from .errors import LabelError
+
+        try:
+            labels.check_rules(self.remap)
+        except LabelError as exc:
+            raise LabelError(f"remap: {exc}") from None
+        check_encoder_settings("ffv1" if self.view == "ids" else self.codec, crf=self.crf, preset=self.preset,
+                               bitrate=self.bitrate)

@@ -57,6 +57,25 @@ class LabelSet:
             return self.aliases[key]
         raise LabelError(f"unknown class {text!r} in label set {self.name}{self._suggest(text)}")
 
+    def nearest(self, name: str) -> tuple[int, str | None]:
+        """Id of ``name`` in this set, or of its nearest class by meaning when only another
+        known set has it (COCO-Stuff's bear -> ADE20K's animal), with a one-line note saying so.
+        A name no set knows raises LabelError with suggestions from this set."""
+        try:
+            return self.id_of(name), None
+        except LabelError:
+            for other in LABEL_SETS:
+                other_set = get(other)
+                if other_set.name == self.name or name_key(name) not in other_set.aliases:
+                    continue
+                hit = int(mapping(other_set, self)[other_set.aliases[name_key(name)]])
+                if hit != UNKNOWN:
+                    return hit, (f"{name.strip()!r} is not a class of {self.name} ({other_set.name} has it); "
+                                 f"using its nearest class {self.classes[hit]!r}")
+                raise LabelError(f"class {name.strip()!r} ({other_set.name}) has no counterpart in {self.name}"
+                                 f"{self._suggest(name)}") from None
+            raise
+
     def name_of(self, idx: int) -> str:
         return self.classes[idx] if idx < len(self.classes) else "unknown"
 
@@ -278,12 +297,39 @@ def mapping(src: LabelSet, dst: LabelSet) -> np.ndarray:
     return lut
 
 
+def parse_rules(rules: str | None) -> list[tuple[str, str]]:
+    """``SRC=DST[,SRC=DST...]`` -> [(src name, dst name)]; LabelError for malformed rules."""
+    pairs = []
+    for rule in (rules or "").split(","):
+        if not rule.strip():
+            continue
+        if rule.count("=") != 1:
+            raise LabelError(f"remap rule {rule.strip()!r} is not of the form SRC=DST (e.g. person=bear)")
+        left, right = (part.strip() for part in rule.split("="))
+        if not left or not right:
+            raise LabelError(f"remap rule {rule.strip()!r} is missing a class name")
+        pairs.append((left, right))
+    return pairs
+
+
+def check_rules(rules: str | None, label_set: str | None = None) -> None:
+    """Syntax and class names of remap rules, before any model is loaded: with ``label_set``
+    (the one the models will use, when known) every name must resolve in it (directly or by
+    meaning); without it, some known set must have it."""
+    for name in (n for pair in parse_rules(rules) for n in pair):
+        if label_set is not None:
+            get(label_set).nearest(name)
+        elif not name.strip().isdigit() and not any(name_key(name) in get(s).aliases for s in LABEL_SETS):
+            get("ade20k").id_of(name)  # raises, with suggestions from the default set
+
+
 class RemapTable:
     """Remap rules ``SRC=DST[,SRC=DST...]`` compiled into a 256-entry uint8 lookup table.
 
     ``SRC`` names a class of ``src`` and ``DST`` a class of ``dst`` (the same set unless the
     segmenter and the generator use different ones, in which case ``bridge`` - the by-name
-    mapping from one to the other - is applied first).
+    mapping from one to the other - is applied first). A name the set lacks but another known
+    set has maps to its nearest class by meaning; ``notes`` says where that happened.
     """
 
     def __init__(self, rules: str | None, src: LabelSet, dst: LabelSet | None = None) -> None:
@@ -291,15 +337,10 @@ class RemapTable:
         self.src, self.dst = src, dst
         self.lut = mapping(src, dst) if dst is not src else np.arange(256, dtype=np.uint8)
         self.rules: list[tuple[int, int]] = []
-        for rule in (rules or "").split(","):
-            if not rule.strip():
-                continue
-            if rule.count("=") != 1:
-                raise LabelError(f"remap rule {rule.strip()!r} is not of the form SRC=DST (e.g. person=bear)")
-            left, right = (part.strip() for part in rule.split("="))
-            if not left or not right:
-                raise LabelError(f"remap rule {rule.strip()!r} is missing a class name")
-            s, d = src.id_of(left), dst.id_of(right)
+        self.notes: list[str] = []
+        for left, right in parse_rules(rules):
+            (s, note_s), (d, note_d) = src.nearest(left), dst.nearest(right)
+            self.notes += [n for n in (note_s, note_d) if n]
             self.lut[s] = d
             self.rules.append((s, d))
 

@@ -7,7 +7,8 @@ A generator is an ONNX graph following the SPADE contract (``label`` [+ ``instan
 * an official-layout checkpoint directory: exported once (needs the export extra) into
   the cache directory, keyed by the checkpoint files' hash and the options.
 
-Threading: owned by the infer stage.
+Threading: stateless between calls; safe to share between sessions (the runners serialise
+where their backend needs it).
 """
 
 from __future__ import annotations

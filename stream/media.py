@@ -5,6 +5,7 @@ the same directory, renamed on success, removed on failure)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 from fractions import Fraction
 from pathlib import Path
@@ -100,6 +101,11 @@ def demux_decode(container, video, audio: list, problems: list[str]):
             yield packet
 
 
+def decode_audio(packet, problems: list[str]) -> list:
+    """The frames of one audio packet; an undecodable packet is skipped (and noted), as ffmpeg does."""
+    return _decode(packet.decode, problems)
+
+
 def _decode(decode, problems: list[str]) -> list:
     import av
 
@@ -165,27 +171,90 @@ def check_output(path: Path, *inputs: Path) -> None:
             raise OutputError(f"{path} would overwrite the input; choose another output name")
 
 
-# Audio codecs each container holds without re-encoding (the rest are re-encoded).
-_AUDIO_COPY = {
-    ".mp4": {"aac", "mp3", "ac3", "eac3", "alac", "opus", "flac"}, ".m4v": {"aac", "mp3", "ac3", "eac3", "alac"},
-    ".mov": {"aac", "mp3", "ac3", "eac3", "alac", "pcm_s16le", "pcm_s24le", "pcm_f32le"},
-    ".webm": {"opus", "vorbis"}, ".ts": {"aac", "mp3", "ac3", "eac3", "opus"},
-    ".avi": {"mp3", "ac3", "pcm_s16le", "pcm_u8"},
-}
+def _output_format(path: Path) -> str | None:
+    return _FORMATS.get(Path(path).suffix.lower())
 
 
-def audio_needs_transcode(stream, output: Path) -> bool:
-    allowed = _AUDIO_COPY.get(output.suffix.lower())
-    return allowed is not None and stream.codec_context.name not in allowed
+def audio_copy_plan(path: Path, templates) -> dict[int, bool]:
+    """For each input audio stream: True when the output format can hold its codec as it is
+    (copied), False when it must be re-encoded. FFmpeg answers (avformat_query_codec, which
+    PyAV asks when adding a stream from a template), on a scratch container in memory."""
+    import av
+
+    plan = {}
+    if not templates:
+        return plan
+    with av.open(io.BytesIO(), "w", format=_output_format(path) or "matroska") as scratch:
+        for template in templates:
+            try:
+                scratch.add_stream_from_template(template)
+                plan[template.index] = True
+            except (ValueError, av.FFmpegError):
+                plan[template.index] = False
+    return plan
 
 
-def add_audio_encoder(container, template, output: Path):
-    """An audio stream re-encoding ``template``'s audio for a container that cannot hold its codec."""
-    codec = "libopus" if output.suffix.lower() == ".webm" else "aac"
-    rate = 48000 if codec == "libopus" else (template.codec_context.sample_rate or 48000)
-    stream = container.add_stream(codec, rate=rate)
-    stream.layout = template.codec_context.layout.name if template.codec_context.layout else "stereo"
-    return stream
+class AudioOutput:
+    """One output audio track, fed from the encode thread: packets copied into the output (the
+    muxer's own bitstream filters adapt them, as the ffmpeg CLI's do), or decoded frames
+    re-encoded - AAC (Opus for WebM), resampled to the encoder's sample format, layout, rate
+    and frame size, whatever the input had."""
+
+    def __init__(self, container, template, *, copy: bool) -> None:
+        self.container, self.copy = container, copy
+        if copy:
+            self.stream = container.add_stream_from_template(template)
+            return
+        codec = "libopus" if container.format.name == "webm" else "aac"
+        ctx = template.codec_context
+        rate = 48000 if codec == "libopus" else (ctx.sample_rate or 48000)
+        self.stream = container.add_stream(codec, rate=rate)
+        channels = ctx.layout.nb_channels if ctx.layout else 2
+        self.stream.layout = ctx.layout.name if ctx.layout and channels <= 2 else "stereo"
+        self.resampler = None
+
+    def write(self, item) -> None:
+        if self.copy:
+            item.packet.stream = self.stream
+            self.container.mux(item.packet)
+            return
+        for frame in item.frames or ():
+            self._encode(frame)
+
+    def _encode(self, frame) -> None:
+        import av
+
+        if self.resampler is None:
+            ctx = self.stream.codec_context
+            self.resampler = av.AudioResampler(format=ctx.format.name, layout=ctx.layout.name, rate=ctx.sample_rate,
+                                               frame_size=ctx.frame_size or None)
+        for chunk in self.resampler.resample(frame):
+            chunk.pts = None  # the encoder counts samples
+            self.container.mux(self.stream.encode(chunk))
+
+    def flush(self) -> None:
+        if self.copy:
+            return
+        if self.resampler is not None:
+            for chunk in self.resampler.resample(None):
+                chunk.pts = None
+                self.container.mux(self.stream.encode(chunk))
+        self.container.mux(self.stream.encode(None))
+
+
+def copy_packet(packet):
+    """An independent copy of a demuxed packet (muxing consumes the packet it is given)."""
+    import av
+
+    copy = av.Packet(bytes(packet))
+    copy.pts, copy.dts, copy.time_base, copy.duration = packet.pts, packet.dts, packet.time_base, packet.duration
+    copy.is_keyframe = packet.is_keyframe
+    return copy
+
+
+def rescale(pts: int, src: Fraction, dst: Fraction) -> int:
+    """``pts`` in time base ``src`` expressed in ``dst`` (exact when ``dst`` is the same base)."""
+    return pts if src == dst else int(round(pts * Fraction(src) / Fraction(dst)))
 
 
 HARDWARE_H264 = ("h264_nvenc", "h264_qsv", "h264_vaapi")
@@ -209,14 +278,44 @@ def pick_encoder(codec: str) -> str:
     return "libx264"
 
 
-def check_encoder(codec: str) -> None:
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+                "placebo")  # x264/x265's own preset names (x264.h); FFmpeg exposes them only as a string option
+
+
+def check_encoder_settings(codec: str, *, crf: int, preset: str, bitrate: str | None) -> None:
+    """Codec, preset, CRF and bitrate, checked before any model is loaded: the codec must be a
+    video encoder of this FFmpeg, an x264/x265 preset one of theirs."""
     import av
 
-    if codec != "auto" and codec not in av.codecs_available:
-        raise InputError(f"--codec {codec}: not available here (this FFmpeg has no such encoder)")
+    if not 0 <= crf <= 51:
+        raise InputError(f"crf: {crf} is out of range (0-51)")
+    rate = parse_bitrate(bitrate) if bitrate else None
+    if codec == "auto":
+        return
+    if codec not in av.codecs_available:
+        raise InputError(f"codec: {codec} is not available here (this FFmpeg has no such encoder)")
+    if codec in ("libx264", "libx265") and preset not in X264_PRESETS:
+        raise InputError(f"preset: {preset!r} is not a {codec} preset; choose one of: {', '.join(X264_PRESETS)}")
+    try:
+        ctx = av.CodecContext.create(codec, "w")
+    except (av.FFmpegError, ValueError) as exc:
+        raise InputError(f"codec: {codec} is not an encoder here ({ffmpeg_message(exc)})") from exc
+    if ctx.type != "video":
+        raise InputError(f"codec: {codec} is not a video encoder")
 
 
-def add_video_stream(container, codec: str, template, size: tuple[int, int], *, crf: int, preset: str,
+def parse_bitrate(text: str) -> int:
+    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise InputError(f"bitrate: {text!r} is not a bitrate; expected e.g. 4M or 800k")
+    return value
+
+
+def add_video_stream(container, codec: str, info, size: tuple[int, int], *, crf: int, preset: str,
                      bitrate: str | None, b_frames: bool = True, pix_fmt: str = "yuv420p", low_latency: bool = False):
     """The output video stream: input time base (so input PTS pass through unchanged) and rate.
     ``b_frames=False`` for fragmented MP4: fragments cannot hold the negative decode times that
@@ -225,34 +324,26 @@ def add_video_stream(container, codec: str, template, size: tuple[int, int], *, 
     ~20 % slower with x264) unless ``low_latency``: frame threads hold back a few frames each."""
     import av
 
-    rate = template.average_rate or template.guessed_rate or 25
+    rate = info.rate  # a SourceInfo: the input's frame rate and timestamp base
     codec = pick_encoder(codec)
     try:
         stream = container.add_stream(codec, rate=rate)
     except (av.FFmpegError, ValueError) as exc:
-        raise InputError(f"--codec {codec}: not available here ({ffmpeg_message(exc)})") from exc
+        raise InputError(f"codec: {codec} is not available here ({ffmpeg_message(exc)})") from exc
     stream.width, stream.height = size
     stream.pix_fmt = pix_fmt
     stream.codec_context.thread_type = "SLICE" if low_latency else "AUTO"
-    stream.time_base = stream.codec_context.time_base = template.time_base
+    stream.time_base = stream.codec_context.time_base = info.time_base
     options = {}
     if codec.startswith("libx26"):
         options = {"preset": preset} if bitrate else {"crf": str(crf), "preset": preset}
     if bitrate:
-        stream.bit_rate = _parse_bitrate(bitrate)
+        stream.bit_rate = parse_bitrate(bitrate)
     if not b_frames:
         options["bf"] = "0"
         options["g"] = str(max(1, round(2 * float(rate))))  # a keyframe (and fragment) every 2 s
     stream.options = options
     return stream
-
-
-def _parse_bitrate(text: str) -> int:
-    scale = {"k": 1_000, "m": 1_000_000}.get(text[-1:].lower(), 1)
-    try:
-        return int(float(text[:-1] if scale > 1 else text) * scale)
-    except ValueError:
-        raise InputError(f"--bitrate {text!r}: expected e.g. 4M or 800k") from None
 
 
 @contextlib.contextmanager

@@ -1,51 +1,65 @@
 """The threaded decode -> infer -> encode pipeline.
 
     Source ─▶ DecodeStage ─▶ FrameRing (preallocated, bounded) ─▶ InferStage (batches)
-          ─▶ result queue (bounded) ─▶ EncodeStage ─▶ Sink            audio: Source -> Sink
+          ─▶ result queue (bounded) ─▶ EncodeStage (render, encode) ─▶ Sink      audio: Source -> Sink
 
 Each stage runs on its own thread and owns its codec/scaler contexts; PyAV releases the GIL
 while decoding, scaling and encoding, and onnxruntime while inferring, so the stages overlap.
 
-Shutdown is a state machine: ``running`` -> ``draining`` (SIGINT/SIGTERM or the end of the
-input: the decoder stops reading, everything already read is processed, the encoder is
-flushed and the output closed) -> ``closed``. A second signal, or an error in any stage,
-aborts: every stage stops at its next check and the output is closed as it is.
+Shutdown is a state machine: ``running`` -> ``draining`` (``stop(drain=True)`` or the end of
+the input: the decoder stops reading, everything already read is processed, the encoder is
+flushed and the output closed) -> ``closed``. ``stop(drain=False)``, or an error in any stage,
+aborts: every stage stops at its next check and the output is closed as it is (``failed``
+when a stage raised). The encode thread is the last to finish: it closes the sink, waits for
+the other two stages and then closes the source, so nothing is closed while still in use.
+The pipeline never installs signal handlers; whoever owns the process does (the CLI).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
 
-from segsynth.errors import Interrupted
-
 from .ring import FrameRing
 
 log = logging.getLogger("segsynth")
 _EOS = object()
+AUDIO_EOS = object()
+STAGES = ("decode", "infer", "encode")
 
 
 class StageTimer:
-    """Per-frame durations of one stage (milliseconds), for mean/p95 in the summary."""
+    """Per-frame durations of one stage: the mean over every frame (a running sum) and
+    percentiles over the last ``window`` frames, so a stream that runs for weeks keeps a
+    constant amount of memory. Written by one thread; read from any."""
 
-    def __init__(self, name: str) -> None:
-        self.name, self.samples = name, []
+    def __init__(self, window: int = 4096) -> None:
+        self.count, self.total = 0, 0.0
+        self.recent: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()  # a deque cannot be copied while another thread appends
 
     def add(self, seconds: float, frames: int = 1) -> None:
-        self.samples.extend([seconds * 1000 / frames] * frames)
+        per_frame = seconds / max(1, frames)
+        with self._lock:
+            self.count += frames
+            self.total += seconds
+            self.recent.extend([per_frame] * min(frames, self.recent.maxlen))
+
+    def percentiles(self, *qs: float) -> list[float]:
+        with self._lock:
+            data = np.array(self.recent, float)
+        return [float(np.percentile(data, q)) if data.size else 0.0 for q in qs]
 
     def summary(self) -> dict[str, float]:
-        if not self.samples:
-            return {"mean_ms": 0.0, "p95_ms": 0.0}
-        data = np.asarray(self.samples)
-        return {"mean_ms": float(data.mean()), "p95_ms": float(np.percentile(data, 95))}
+        mean = self.total / self.count if self.count else 0.0
+        return {"mean_ms": mean * 1000, "p95_ms": self.percentiles(95)[0] * 1000}
 
 
 @dataclass
@@ -55,8 +69,7 @@ class PipelineStats:
     dropped: int = 0
     seconds: float = 0.0
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
-    latency: dict[str, float] = field(default_factory=dict)  # decode start -> muxed, per frame
-    stopped_by: str | None = None
+    latency: dict[str, float] = field(default_factory=dict)  # decode start -> muxed, per frame (recent frames)
 
     @property
     def fps(self) -> float:
@@ -64,40 +77,52 @@ class PipelineStats:
 
 
 class Pipeline:
-    """Runs ``source`` -> ``infer`` -> ``sink`` on three threads.
+    """Runs ``source`` -> ``infer`` -> ``render`` -> ``sink`` on three threads.
 
-    ``source.frames()`` yields ``(model_rgb, meta)`` pairs (and forwards audio to the sink
-    itself); ``infer(batch, metas)`` returns one result per frame; ``sink.write(result, meta)``
-    encodes one frame and ``sink.close()`` flushes. ``progress.update()`` is called per frame
-    written (from the encode thread)."""
+    ``source.frames(stop, audio)`` yields ``(model_rgb, meta)`` pairs and hands audio packets
+    to ``audio``; ``infer(batch, metas)`` returns one result per frame; ``render(result, meta)``
+    makes the picture (default: the result itself); ``sink.write(picture, meta)`` encodes one
+    frame, ``sink.write_audio(item)`` muxes audio and ``sink.close()`` flushes; ``source.close()``
+    is called once every stage is done. ``observer`` (optional) gets ``stage(name, seconds,
+    frames)``, ``latency(seconds)`` and ``queues(ring, results, dropped)`` calls from the stage threads,
+    ``progress.update()`` is called per frame written (from the encode thread), and
+    ``on_done(pipeline)`` once at the very end, before ``join()`` returns."""
 
     def __init__(self, source, infer: Callable, sink, *, model_shape: tuple[int, int, int], batch: int = 1,
-                 policy: str = "lossless", ring_slots: int = 8, allocator=None, progress=None) -> None:
+                 policy: str = "lossless", ring_slots: int = 8, allocator=None, render: Callable | None = None,
+                 progress=None, observer=None, on_done: Callable | None = None, name: str = "segsynth") -> None:
         kwargs = {"allocator": allocator} if allocator is not None else {}
         self.ring = FrameRing(ring_slots, model_shape, np.uint8, policy, **kwargs)
         self.source, self.infer, self.sink, self.batch = source, infer, sink, batch
-        self.results: queue.Queue = queue.Queue(maxsize=max(2, ring_slots // max(1, batch)))
-        self.progress = progress
-        self.stop_reading, self.abort = threading.Event(), threading.Event()
-        self.errors: list[BaseException] = []
-        self.timers = {name: StageTimer(name) for name in ("decode", "infer", "encode")}
-        self.latencies: list[float] = []
-        self.state = "running"
-        self.frames_in = self.frames_out = 0
-        self._signal: int | None = None
-        self.interrupted: Interrupted | None = None
+        self.render = render or (lambda result, meta: result)
+        # Two batches of results are enough to keep the encoder busy, and keep what an update
+        # (a new remap) cannot reach any more to the batches already inferred.
+        self.results: queue.Queue = queue.Queue(maxsize=2 * max(1, batch))
+        self.audio: queue.Queue = queue.Queue()
+        self.progress, self.observer, self.on_done, self.name = progress, observer, on_done, name
+        self.stop_reading, self.abort, self.done = threading.Event(), threading.Event(), threading.Event()
+        self.errors: list[tuple[str, BaseException]] = []
+        self.timers = {stage: StageTimer() for stage in STAGES}
+        self.latency = StageTimer()
+        self.state = "created"
+        self.frames_in = self.frames_inferred = self.frames_out = 0
+        self._threads: list[threading.Thread] = []
+        self._started = self._ended = 0.0
+        self._audio_done = False
 
     # ---- stages ---------------------------------------------------------------------------
     def _decode(self) -> None:
         try:
-            frames = iter(self.source.frames(self.stop_reading))
+            frames = iter(self.source.frames(self.stop_reading, self.audio.put))
             while not self.abort.is_set():
                 start = time.perf_counter()
                 try:
                     rgb, meta = next(frames)
                 except StopIteration:
                     break
-                self.timers["decode"].add(time.perf_counter() - start)  # the work, not the wait below
+                spent = time.perf_counter() - start
+                self.timers["decode"].add(spent)  # the work, not the wait below
+                self._observe("stage", "decode", spent, 1)
                 slot = self.ring.acquire()
                 if slot is None:
                     break
@@ -105,10 +130,12 @@ class Pipeline:
                 slot.meta = {**meta, "t0": start}
                 self.frames_in += 1
                 self.ring.publish(slot)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            self._fail(exc)
+                self._observe("queues", self.ring.depth, self.results.qsize(), self.ring.dropped)
+        except BaseException as exc:  # noqa: BLE001 - reported by the pipeline
+            self._fail("decode", exc)
         finally:
             self.ring.close()
+            self.audio.put(AUDIO_EOS)
 
     def _infer(self) -> None:
         """Batches in order. An asynchronous infer step (``submit``/``finish`` on a GPU backend)
@@ -120,7 +147,10 @@ class Pipeline:
         def complete(handle, metas, spent):
             start = time.perf_counter()
             results = self.infer.finish(handle) if two_phase else handle
-            self.timers["infer"].add(spent + time.perf_counter() - start, len(metas))
+            spent += time.perf_counter() - start
+            self.timers["infer"].add(spent, len(metas))
+            self.frames_inferred += len(metas)
+            self._observe("stage", "infer", spent, len(metas))
             for result, meta in zip(results, metas):
                 self._put(self.results, (result, meta))
 
@@ -141,7 +171,7 @@ class Pipeline:
             if pending is not None and not self.abort.is_set():
                 complete(*pending)
         except BaseException as exc:  # noqa: BLE001
-            self._fail(exc)
+            self._fail("infer", exc)
         finally:
             self._put(self.results, _EOS, force=True)
 
@@ -153,22 +183,62 @@ class Pipeline:
                     break
                 result, meta = item
                 start = time.perf_counter()
-                self.sink.write(result, meta)
+                self.sink.write(self.render(result, meta), meta)  # the first write opens the output
+                self._pump_audio(block=False)  # then the audio read so far
                 now = time.perf_counter()
                 self.timers["encode"].add(now - start)
-                self.latencies.append(now - meta["t0"])
+                self.latency.add(now - meta["t0"])
                 self.frames_out += 1
+                self._observe("stage", "encode", now - start, 1)
+                self._observe("latency", now - meta["t0"])
                 if self.progress is not None:
                     self.progress.update()
+            if not self.abort.is_set():
+                self._pump_audio(block=True)  # the rest of the audio, up to the end of the input
         except BaseException as exc:  # noqa: BLE001
-            self._fail(exc)
+            self._fail("encode", exc)
         finally:
             try:
                 self.sink.close()
             except BaseException as exc:  # noqa: BLE001
-                self._fail(exc)
+                self._fail("encode", exc)
+            self._finish()
+
+    def _pump_audio(self, block: bool) -> None:
+        while not self._audio_done:
+            try:
+                item = self.audio.get(timeout=0.2) if block else self.audio.get_nowait()
+            except queue.Empty:
+                if block and not self.abort.is_set():
+                    continue
+                return
+            if item is AUDIO_EOS:
+                self._audio_done = True
+                return
+            self.sink.write_audio(item)
+
+    def _finish(self) -> None:
+        """Run by the encode thread, last: wait for the other stages, close the source."""
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join()
+        try:
+            self.source.close()
+        except BaseException as exc:  # noqa: BLE001
+            self._fail("decode", exc)
+        self._ended = time.perf_counter()
+        try:
+            if self.on_done is not None:
+                self.on_done(self)
+        finally:
+            self.state = "failed" if self.errors else "closed"
+            self.done.set()
 
     # ---- control ----------------------------------------------------------------------------
+    def _observe(self, what: str, *args) -> None:
+        if self.observer is not None:
+            getattr(self.observer, what)(*args)
+
     def _put(self, q: queue.Queue, item, force: bool = False) -> None:
         while True:
             if self.abort.is_set() and not force:
@@ -183,61 +253,65 @@ class Pipeline:
                     except queue.Empty:
                         pass
 
-    def _fail(self, exc: BaseException) -> None:
-        self.errors.append(exc)
+    def _fail(self, stage: str, exc: BaseException) -> None:
+        self.errors.append((stage, exc))
         self.abort.set()
         self.stop_reading.set()
         self.ring.close()
 
-    def _on_signal(self, signum, _frame) -> None:
-        if self._signal is None:
-            self._signal = signum
+    def start(self) -> None:
+        """Start the three stage threads; returns at once."""
+        if self.state != "created":
+            raise RuntimeError(f"a pipeline starts once (it is {self.state})")
+        self.state = "running"
+        self._started = time.perf_counter()
+        self._threads = [threading.Thread(target=fn, name=f"{self.name}-{stage}")
+                         for stage, fn in zip(STAGES, (self._decode, self._infer, self._encode))]
+        for t in self._threads:
+            t.start()
+
+    def stop(self, drain: bool = True) -> None:
+        """``drain``: stop reading and finish what was read; otherwise abort at the next check."""
+        if self.state in ("running", "draining"):
             self.state = "draining"
             self.stop_reading.set()
-            log.warning("%s: stopping - finishing the frames already read (signal again to abort)",
-                        signal.Signals(signum).name)
-        else:
-            self.abort.set()
-            self.ring.close()
+            if not drain:
+                self.abort.set()
+                self.ring.close()
 
-    def run(self) -> PipelineStats:
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                handlers[signum] = signal.signal(signum, self._on_signal)
-        threads = [threading.Thread(target=fn, name=f"segsynth-{name}")
-                   for name, fn in (("decode", self._decode), ("infer", self._infer), ("encode", self._encode))]
-        start = time.perf_counter()
-        try:
-            for t in threads:
-                t.start()
-            for t in threads:
-                while t.is_alive():
-                    t.join(timeout=0.2)
-        finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-        self.state = "closed"
-        if self.errors:
-            raise self.errors[0]
-        stats = PipelineStats(self.frames_in, self.frames_out, self.ring.dropped, time.perf_counter() - start,
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until every stage has finished and the source is closed; False on timeout."""
+        if self.state == "created":
+            return True
+        return self.done.wait(timeout)
+
+    def stats(self) -> PipelineStats:
+        end = self._ended or time.perf_counter()
+        stats = PipelineStats(self.frames_in, self.frames_out, self.ring.dropped,
+                              end - self._started if self._started else 0.0,
                               {name: t.summary() for name, t in self.timers.items()})
-        if self.latencies:
-            lat = np.asarray(self.latencies) * 1000
-            stats.latency = {"p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
-                             "p99_ms": float(np.percentile(lat, 99))}
-        if self._signal is not None:
-            stats.stopped_by = signal.Signals(self._signal).name
-            self.interrupted = Interrupted(self._signal, f"stopped by {stats.stopped_by} after {self.frames_out} "
-                                                         "frames; the output holds them and is closed")
+        if self.latency.count:
+            p50, p95, p99 = self.latency.percentiles(50, 95, 99)
+            stats.latency = {"p50_ms": p50 * 1000, "p95_ms": p95 * 1000, "p99_ms": p99 * 1000}
         return stats
 
+    def run(self) -> PipelineStats:
+        """start() and join(); raises the first stage error."""
+        self.start()
+        while not self.join(0.2):
+            pass
+        if self.errors:
+            raise self.errors[0][1]
+        return self.stats()
 
-def run_sequential(source, infer: Callable, sink, batch: int = 1) -> PipelineStats:
+
+def run_sequential(source, infer: Callable, sink, batch: int = 1, render: Callable | None = None) -> PipelineStats:
     """The same work in one loop on one thread: decode a batch, infer it, encode it. Used by
     the benchmark to show what the threads buy."""
+    render = render or (lambda result, meta: result)
     stats, start = PipelineStats(), time.perf_counter()
     stop = threading.Event()
+    audio: list = []
 
     def batches(items: Iterable):
         chunk = []
@@ -250,13 +324,19 @@ def run_sequential(source, infer: Callable, sink, batch: int = 1) -> PipelineSta
             yield chunk
 
     try:
-        for chunk in batches(source.frames(stop)):
+        for chunk in batches(source.frames(stop, audio.append)):
             stats.frames_in += len(chunk)
             results = infer(np.stack([rgb for rgb, _ in chunk]), [meta for _, meta in chunk])
+            for item in audio:
+                sink.write_audio(item)
+            audio.clear()
             for result, (_, meta) in zip(results, chunk):
-                sink.write(result, meta)
+                sink.write(render(result, meta), meta)
                 stats.frames_out += 1
+        for item in audio:
+            sink.write_audio(item)
     finally:
         sink.close()
+        source.close()
     stats.seconds = time.perf_counter() - start
     return stats

@@ -83,15 +83,35 @@ def pad_to(image: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray
     return np.pad(image, pad, mode="edge") if th != h or tw != w else image
 
 
+def fit_picture(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``picture`` at (W, H) ``size``: padded when it is at most one pixel smaller (even sizes),
+    otherwise scaled to fit, keeping its aspect, on black (a new view or input size mid-stream)."""
+    h, w = picture.shape[:2]
+    tw, th = size
+    if (w, h) == (tw, th) or (0 <= tw - w <= 1 and 0 <= th - h <= 1):
+        return pad_to(picture, size)
+    from PIL import Image
+
+    scale = min(tw / w, th / h)
+    cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
+    resample = Image.NEAREST if picture.ndim == 2 else Image.BILINEAR  # ids are never blended
+    scaled = np.asarray(Image.fromarray(picture).resize((cw, ch), resample))
+    out = np.zeros((th, tw, *picture.shape[2:]), np.uint8)
+    y, x = (th - ch) // 2, (tw - cw) // 2
+    out[y:y + ch, x:x + cw] = scaled
+    return out
+
+
 def compose(view: str, display: np.ndarray | None, label_map: np.ndarray, synth: np.ndarray | None,
-            label_set: LabelSet, frame_size: tuple[int, int], out_size: tuple[int, int],
+            label_set: LabelSet, frame_size: tuple[int, int], out_size: tuple[int, int] | None = None,
             legend: bool = True) -> np.ndarray:
-    """The picture ``segsynth run`` encodes for ``view``, at ``out_size`` (W, H).
+    """The picture a session encodes for ``view``, at ``out_size`` (W, H; default: its own).
 
     ``label_map`` is at the segmenter's size and ``synth`` at the generator's content size;
     both are scaled to ``frame_size`` (the upright input size). Views: synth; labels (colour
     map + legend); overlay (labels blended over the input); side-by-side (input | synthesis,
-    or input | labels without a generator); grid (2 x 2: input, labels, synthesis, overlay)."""
+    or input | labels without a generator); grid (2 x 2: input, labels, synthesis, overlay);
+    ids (the class ids as a grayscale picture)."""
     from .segmenter import resize_labels
 
     w, h = frame_size
@@ -105,7 +125,9 @@ def compose(view: str, display: np.ndarray | None, label_map: np.ndarray, synth:
         picture = labels.colorize(ids, label_set)
         return draw_legend(picture, ids, label_set) if legend else picture
 
-    if view == "synth":
+    if view == "ids":
+        out = ids
+    elif view == "synth":
         out = synth_up
     elif view == "labels":
         out = colour()
@@ -119,4 +141,4 @@ def compose(view: str, display: np.ndarray | None, label_map: np.ndarray, synth:
         out = np.concatenate([np.concatenate([frame, colour()], 1), np.concatenate([bottom_left, right_bottom], 1)], 0)
     else:
         raise ValueError(f"unknown view {view!r}")
-    return pad_to(out, out_size)
+    return pad_to(out, out_size) if out_size else out

@@ -1,8 +1,8 @@
 """``segsynth segment``: label an image or every frame of a video file.
 
-The video path is a simple single-threaded loop (demux -> decode -> segment -> render ->
-encode -> mux); the threaded pipeline lives in ``segsynth.stream.pipeline``. Video output
-keeps every frame with its input timestamp, and audio packets are copied untouched.
+Images are labelled in one call; a video is a stream session without a generator (the
+threaded pipeline of ``segsynth run``), written atomically. Video output keeps every frame
+with its input timestamp, and audio packets are copied untouched.
 """
 
 from __future__ import annotations
@@ -14,12 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from segsynth import labels
-from segsynth.config import SegmentConfig
-from segsynth.errors import InputError
+from segsynth.config import ModelConfig, SegmentConfig, StreamConfig
 
 from . import media
-from .progress import Progress
-from .render import pad_to, render
+from .render import render
 from .segmenter import load_segmenter, resize_labels, resize_rgb
 
 log = logging.getLogger("segsynth")
@@ -38,98 +36,58 @@ class SegmentSummary:
         return f"wrote {cfg.output} ({what}); classes: {top or 'none'}"
 
 
-class _ClassCounter:
-    def __init__(self) -> None:
-        self.counts = np.zeros(256, np.int64)
-
-    def add(self, label_map: np.ndarray) -> None:
-        self.counts += np.bincount(label_map.ravel(), minlength=256)
-
-    def fractions(self, label_set: labels.LabelSet) -> dict[str, float]:
-        total = self.counts.sum() or 1
-        return {label_set.name_of(i): self.counts[i] / total for i in np.argsort(-self.counts) if self.counts[i]}
-
-
 def run_segment(cfg: SegmentConfig, *, quiet: bool = False) -> SegmentSummary:
-    from segsynth.engine.select import resolve_backend
-
     media.check_input(cfg.input)
     media.check_output(cfg.output, cfg.input)
+    if not cfg.is_image:
+        return _segment_video(cfg, quiet)
+    from segsynth.engine.select import resolve_backend
+
     segmenter = load_segmenter(cfg.segmenter, label_set=cfg.label_set, threads=cfg.threads,
                                backend=resolve_backend(cfg.backend), fp16=cfg.fp16)
     try:
         remap = labels.RemapTable(cfg.remap, segmenter.label_set)
+        for note in remap.notes:
+            log.warning("notice: remap: %s", note)
         if remap:
             log.info("remap: %s", remap.describe())
         start = time.monotonic()
-        summary = (_segment_image if cfg.is_image else _segment_video)(cfg, segmenter, remap, quiet)
+        summary = _segment_image(cfg, segmenter, remap)
         summary.seconds = time.monotonic() - start
         return summary
     finally:
         segmenter.close()
 
 
-def _label(segmenter, remap: labels.RemapTable, model_input: np.ndarray, width: int, height: int) -> np.ndarray:
-    ids = remap(segmenter(model_input[None])[0])
-    return resize_labels(ids, width, height)
-
-
-def _segment_image(cfg, segmenter, remap, quiet) -> SegmentSummary:
+def _segment_image(cfg, segmenter, remap) -> SegmentSummary:
     frame = media.read_image(cfg.input)
     h, w = frame.shape[:2]
-    label_map = _label(segmenter, remap, resize_rgb(frame, *segmenter.size), w, h)
+    ids = remap(segmenter(resize_rgb(frame, *segmenter.size)[None])[0])
+    label_map = resize_labels(ids, w, h)
     picture = render(cfg.view, frame, label_map, segmenter.label_set, legend=cfg.legend)
     with media.atomic_output(cfg.output, cfg.input) as tmp:
         media.write_image(tmp, picture)
-    counter = _ClassCounter()
-    counter.add(label_map)
-    return SegmentSummary(frames=1, fractions=counter.fractions(segmenter.label_set))
+    counts = np.bincount(label_map.ravel(), minlength=256)
+    total = counts.sum() or 1
+    fractions = {segmenter.label_set.name_of(int(i)): counts[i] / total for i in np.argsort(-counts) if counts[i]}
+    return SegmentSummary(frames=1, fractions=fractions)
 
 
-def _segment_video(cfg, segmenter, remap, quiet) -> SegmentSummary:
-    import av
+def _segment_video(cfg: SegmentConfig, quiet: bool) -> SegmentSummary:
+    """A stream session without a generator, written atomically (the output appears when complete)."""
+    from .run import run
 
-    src = media.open_video(cfg.input)
-    counter = _ClassCounter()
-    frames = 0
-    with src, media.atomic_output(cfg.output, cfg.input) as tmp:
-        vin = src.streams.video[0]
-        vin.thread_type = "AUTO"
-        width, height = vin.codec_context.width, vin.codec_context.height
-        if not width or not height:
-            raise InputError(f"{cfg.input}: video stream has no frame size")
-        out_w = width * (2 if cfg.view == "side-by-side" else 1)
-        with media.MediaWriter(tmp) as writer:
-            dst = writer.container
-            ids = cfg.view == "ids"
-            vout = media.add_video_stream(dst, "ffv1" if ids else "libx264", vin, (out_w + out_w % 2, height + height % 2),
-                                          crf=cfg.crf, preset=cfg.preset, bitrate=None,
-                                          pix_fmt="gray" if ids else "yuv420p")
-            audio = {a.index: dst.add_stream_from_template(a) for a in src.streams.audio}
-            problems: list[str] = []
-            with Progress(f"segment {cfg.input.name}", vin.frames or None, enabled=not quiet) as progress:
-                for item in media.demux_decode(src, vin, list(src.streams.audio), problems):
-                    if isinstance(item, av.Packet):
-                        item.stream = audio[item.stream.index]
-                        dst.mux(item)
-                        continue
-                    model_input = item.reformat(width=segmenter.size[0], height=segmenter.size[1],
-                                                format="rgb24").to_ndarray()
-                    label_map = _label(segmenter, remap, model_input, width, height)
-                    counter.add(label_map)
-                    rgb = item.to_ndarray(format="rgb24") if not ids else None
-                    picture = pad_to(render(cfg.view, rgb, label_map, segmenter.label_set, legend=cfg.legend))
-                    out = av.VideoFrame.from_ndarray(picture, format="gray" if ids else "rgb24")
-                    out.pts, out.time_base = item.pts, item.time_base
-                    dst.mux(vout.encode(out))
-                    frames += 1
-                    progress.update()
-            if frames == 0:
-                raise InputError(f"{cfg.input}: no decodable video frames" + (f"; {problems[0]}" if problems else ""))
-            dst.mux(vout.encode(None))
-    if problems or (vin.frames and frames < vin.frames):
-        declared = f" of the {vin.frames} frames it declares" if vin.frames else ""
-        log.warning("warning: %s looks truncated or damaged: decoded %d%s and wrote them%s", cfg.input, frames,
-                    declared, f"; {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else "")
-                    if problems else "")
-    return SegmentSummary(frames=frames, fractions=counter.fractions(segmenter.label_set))
+    stream = StreamConfig(source=str(cfg.input), sinks=(str(cfg.output),), view=cfg.view, remap=cfg.remap,
+                          crf=cfg.crf, preset=cfg.preset, legend=cfg.legend)
+    models = ModelConfig(segmenter=cfg.segmenter, generator="none", label_set=cfg.label_set, threads=cfg.threads,
+                         backend=cfg.backend, fp16=cfg.fp16)
+    stats, session = run(stream, models, quiet=quiet, atomic=True, label="segment")
+    declared = session.source.info.declared_frames
+    problems = stats["problems"]
+    if problems or (declared and stats["frames_in"] < declared):
+        of = f" of the {declared} frames it declares" if declared else ""
+        log.warning("warning: %s looks truncated or damaged: decoded %d%s and wrote them%s", cfg.input,
+                    stats["frames_in"], of, f"; {problems[0]}" + (f" (+{len(problems) - 1} more)"
+                                                                   if len(problems) > 1 else "") if problems else "")
+    return SegmentSummary(frames=stats["frames_out"], seconds=stats["seconds"],
+                          fractions=session.infer.class_fractions())

@@ -4,7 +4,8 @@ The default is two DeepLabV3-MobileNetV2 models fused: ADE20K-150 for the scene 
 PASCAL VOC-21 for people, animals and vehicles, whose non-background pixels are painted
 over the scene map after mapping VOC names to ADE20K ids (person -> person, dog -> animal).
 
-Threading: a segmenter owns its runners; use it from one thread (the infer stage).
+Threading: a segmenter owns its runners and keeps no state between calls, so one instance
+serves many stream sessions at once (the runners serialise where their backend needs it).
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class OnnxSegmenter:
             raise ModelError(f"{self.source} is not a segmenter: expected input image[N,3,H,W] and output "
                              f"labels[N,H,W] or logits[N,C,H,W], got inputs {ins or 'none'} and outputs {got or 'none'}")
         self.input_name, self.output_name = image[0].name, outs[0].name
+        self.batch = image[0].shape[0] if isinstance(image[0].shape[0], int) else None  # None: any batch size
         h, w = image[0].shape[2:]
         if not (isinstance(h, int) and isinstance(w, int)):
             raise ModelError(f"{self.source}: segmenters need a fixed input size, got {h} x {w}")
@@ -88,11 +90,12 @@ class OnnxSegmenter:
     def submit(self, frames: np.ndarray):
         """Start N x H x W x 3 uint8 frames (at ``self.size``); ``finish`` returns their labels."""
         x = frames[..., ::-1] if self.bgr else frames
-        x = x.astype(np.float32).transpose(0, 3, 1, 2) * self.scale + self.offset
-        return self.runner.submit({self.input_name: np.ascontiguousarray(x)})
+        x = np.ascontiguousarray(x.astype(np.float32).transpose(0, 3, 1, 2) * self.scale + self.offset)
+        step = self.batch or len(x)  # a graph with a fixed batch size takes the frames in chunks of it
+        return [self.runner.submit({self.input_name: x[i:i + step]}) for i in range(0, len(x), step)]
 
-    def finish(self, handle) -> np.ndarray:
-        out = self.runner.wait(handle)[self.output_name]
+    def finish(self, handles) -> np.ndarray:
+        out = np.concatenate([self.runner.wait(h)[self.output_name] for h in handles])
         if self.output_name == "logits":
             out = out.argmax(1)
         return out.astype(np.uint8, copy=False)

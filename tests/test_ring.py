@@ -4,7 +4,7 @@ import time
 import numpy as np
 
 from segsynth.stream.ring import FrameRing
-from segsynth.stream.run import LabelSmoother
+from segsynth.stream.synth import LabelSmoother
 
 
 def test_lossless_ring_blocks_the_producer_and_keeps_order():
@@ -67,10 +67,10 @@ def test_label_smoother_takes_the_majority_of_the_last_k_frames():
 
 def test_letterbox_keeps_the_aspect_and_pads_with_dontcare():
     from segsynth import labels
-    from segsynth.stream.run import Synthesize, _content_box
+    from segsynth.stream.synth import Synthesize, content_box
 
-    assert _content_box((1280, 720), (64, 64)) == (0, 14, 64, 36)
-    assert _content_box((720, 1280), (64, 64)) == (14, 0, 36, 64)
+    assert content_box((1280, 720), (64, 64)) == (0, 14, 64, 36)
+    assert content_box((720, 1280), (64, 64)) == (14, 0, 36, 64)
 
     class FakeGenerator:  # stands in for the ONNX generator: records its input, paints ids as grey
         seen = None
@@ -99,10 +99,15 @@ def test_letterbox_keeps_the_aspect_and_pads_with_dontcare():
 def test_pipeline_keeps_order_with_synchronous_and_asynchronous_infer_steps():
     from segsynth.stream.pipeline import Pipeline
 
-    class ListSource:
-        def frames(self, stop):
+    class ListSource:  # the unit under test is the pipeline: a list stands in for a decoder
+        closed = False
+
+        def frames(self, stop, audio):
             for i in range(23):
                 yield np.full((2, 2, 3), i, np.uint8), {"index": i}
+
+        def close(self):
+            ListSource.closed = True
 
     class RecordingSink:
         def __init__(self):
@@ -111,6 +116,9 @@ def test_pipeline_keeps_order_with_synchronous_and_asynchronous_infer_steps():
         def write(self, result, meta):
             assert result == meta["index"] * 10
             self.seen.append(meta["index"])
+
+        def write_audio(self, item):
+            raise AssertionError("no audio here")
 
         def close(self):
             self.closed = True
@@ -121,17 +129,26 @@ def test_pipeline_keeps_order_with_synchronous_and_asynchronous_infer_steps():
 
     class AsyncInfer(SyncInfer):  # submit() returns early; finish() completes, in order
         asynchronous = True
-        submitted = 0
+
+        def __init__(self):
+            self.calls = []
 
         def submit(self, frames, metas):
-            AsyncInfer.submitted += 1
+            self.calls.append(("submit", metas[0]["index"]))
             return frames
 
         def finish(self, frames):
-            assert AsyncInfer.submitted >= 1
+            self.calls.append(("finish", int(frames[0, 0, 0, 0])))
             return SyncInfer.__call__(self, frames, None)
 
     for infer in (SyncInfer(), AsyncInfer()):
         sink = RecordingSink()
+        ListSource.closed = False
         stats = Pipeline(ListSource(), infer, sink, model_shape=(2, 2, 3), batch=4, ring_slots=5).run()
-        assert sink.seen == list(range(23)) and sink.closed and stats.frames_out == 23
+        assert sink.seen == list(range(23)) and sink.closed and ListSource.closed and stats.frames_out == 23
+    # double buffering: batch k+1 is submitted before batch k is finished, every batch once, in order
+    submitted = [i for kind, i in infer.calls if kind == "submit"]
+    assert [i for kind, i in infer.calls if kind == "finish"] == submitted and len(submitted) >= 6
+    expected = [("submit", submitted[0])] + [c for k, nxt in zip(submitted, submitted[1:])
+                                             for c in (("submit", nxt), ("finish", k))]
+    assert infer.calls == expected + [("finish", submitted[-1])]

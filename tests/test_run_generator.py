@@ -86,11 +86,38 @@ def test_style_needs_a_vae_generator_and_size_must_match(setup, tmp_path, astron
     assert proc.returncode == 2 and "multiples of 32" in proc.stderr
 
 
-def test_smoothing_and_letterbox_run(setup, tmp_path):
-    d, onnx_path, clip = setup
-    for extra in (["--smooth", "3"], ["--fit", "letterbox"], ["--fit", "stretch", "--batch", "3"]):
-        proc = run_cli("run", clip, tmp_path / "o.mp4", "--generator", onnx_path, "--segmenter", "voc", *extra)
+def test_smoothing_outvotes_a_one_frame_flicker(tmp_path, astronaut):
+    still, black = astronaut[::2, ::2], np.zeros((256, 256, 3), np.uint8)
+    flicker = write_clip(tmp_path / "flicker.mkv", [still] * 3 + [black] + [still] * 3,
+                         [Fraction(i, 25) for i in range(7)], codec="ffv1")  # lossless: equal frames decode equal
+    ids = {}
+    for k in ("1", "3"):
+        out = tmp_path / f"smooth{k}.mkv"
+        proc = run_cli("run", flicker, out, "--segmenter", "voc", "--generator", "none", "--view", "ids", "--smooth", k)
         assert proc.returncode == 0, proc.stderr
+        ids[k] = decode_video(out)[1]
+    assert (ids["1"][2] == 15).mean() > 0.2 and not (ids["1"][3] == 15).any()  # per frame: the person blinks out
+    assert np.array_equal(ids["3"][3], ids["3"][2]) and np.array_equal(ids["3"][3], ids["1"][2])  # smoothed: no blink
+    assert np.array_equal(ids["3"][4], ids["1"][2])  # and after it
+
+
+def test_letterbox_keeps_the_aspect_ratio_and_stretch_does_not(setup, tmp_path, astronaut):
+    _, onnx_path, _ = setup
+    wide = write_clip(tmp_path / "wide.mkv", [astronaut[::2, ::2][64:192]] * 2, [Fraction(i, 25) for i in range(2)],
+                      codec="ffv1")
+    square = write_clip(tmp_path / "square.mkv", [astronaut[::2, ::2]] * 2, [Fraction(i, 25) for i in range(2)],
+                        codec="ffv1")
+    pictures = {}
+    for clip in (wide, square):
+        for fit in ("letterbox", "stretch"):
+            out = tmp_path / f"{clip.stem}-{fit}.mkv"
+            proc = run_cli("run", clip, out, "--generator", onnx_path, "--segmenter", "voc", "--fit", fit,
+                           "--batch", "2", "--crf", "0")
+            assert proc.returncode == 0, proc.stderr
+            pictures[clip.stem, fit] = decode_video(out)[1][0].astype(int)
+    assert pictures["wide", "letterbox"].shape == pictures["wide", "stretch"].shape == (128, 256, 3)
+    assert np.abs(pictures["wide", "letterbox"] - pictures["wide", "stretch"]).mean() > 2  # another generator input
+    assert np.array_equal(pictures["square", "letterbox"], pictures["square", "stretch"])  # a square fits either way
 
 
 def test_bundled_default_generator_synthesizes_out_of_the_box_and_none_opts_out(setup, tmp_path):

@@ -1,0 +1,92 @@
+"""Prometheus metrics of stream sessions, in one private registry (never the global one, so
+embedding segsynth adds nothing to a host application's /metrics).
+
+Series carry a ``stream`` label (the session id: at most 64 characters from a fixed
+alphabet, checked by StreamConfig) and, where it applies, a ``stage`` (decode, infer,
+encode). A session's series exist while it runs and are removed when it closes, so the
+label values in the registry stay bounded by the streams alive at once.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+_SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+FRAMES = Counter("segsynth_frames", "Frames through a stage of a stream", ["stream", "stage"], registry=REGISTRY)
+DROPPED = Counter("segsynth_frames_dropped", "Frames dropped by the latest policy", ["stream"], registry=REGISTRY)
+STAGE_SECONDS = Histogram("segsynth_stage_seconds", "Time a stage spends per frame", ["stream", "stage"],
+                          buckets=_SECONDS, registry=REGISTRY)
+LATENCY = Histogram("segsynth_latency_seconds", "Per frame: decode start to muxed output", ["stream"],
+                    buckets=_SECONDS, registry=REGISTRY)
+QUEUE_DEPTH = Gauge("segsynth_queue_depth", "Frames waiting between stages", ["stream", "queue"], registry=REGISTRY)
+STREAM_UP = Gauge("segsynth_stream_up", "1 while the stream runs", ["stream"], registry=REGISTRY)
+RECONNECTS = Counter("segsynth_reconnects", "Reconnections of a live source", ["stream"], registry=REGISTRY)
+
+_STAGE_FRAMES = {"decode": "decoded", "infer": "inferred", "encode": "encoded"}
+_live: set[str] = set()
+_lock = threading.Lock()
+
+
+class StreamMetrics:
+    """The series of one stream; the pipeline's observer (called from its stage threads)."""
+
+    def __init__(self, stream: str) -> None:
+        with _lock:
+            if stream in _live:
+                raise ValueError(f"a stream called {stream!r} is already running")
+            _live.add(stream)
+        self.stream = stream
+        self._frames = {stage: FRAMES.labels(stream, name) for stage, name in _STAGE_FRAMES.items()}
+        self._seconds = {stage: STAGE_SECONDS.labels(stream, stage) for stage in _STAGE_FRAMES}
+        self._latency = LATENCY.labels(stream)
+        self._depth = {q: QUEUE_DEPTH.labels(stream, q) for q in ("ring", "results")}
+        self._dropped, self._reconnects = DROPPED.labels(stream), RECONNECTS.labels(stream)
+        self._up = STREAM_UP.labels(stream)
+        self._up.set(1)
+        self._last_dropped = 0
+
+    def stage(self, stage: str, seconds: float, frames: int) -> None:
+        self._frames[stage].inc(frames)
+        per_frame = seconds / max(1, frames)
+        for _ in range(frames):
+            self._seconds[stage].observe(per_frame)
+
+    def latency(self, seconds: float) -> None:
+        self._latency.observe(seconds)
+
+    def queues(self, ring: int, results: int, dropped: int) -> None:
+        """Queue depths now, and the stream's drop count so far (the counter follows it)."""
+        self._depth["ring"].set(ring)
+        self._depth["results"].set(results)
+        total = dropped
+        if total > self._last_dropped:
+            self._dropped.inc(total - self._last_dropped)
+            self._last_dropped = total
+
+    def reconnected(self) -> None:
+        self._reconnects.inc()
+
+    def close(self) -> None:
+        """Remove every series of this stream."""
+        self._up.set(0)
+        for metric, labelsets in ((FRAMES, [(self.stream, n) for n in _STAGE_FRAMES.values()]),
+                                  (STAGE_SECONDS, [(self.stream, s) for s in _STAGE_FRAMES]),
+                                  (QUEUE_DEPTH, [(self.stream, q) for q in ("ring", "results")]),
+                                  (LATENCY, [(self.stream,)]), (DROPPED, [(self.stream,)]),
+                                  (RECONNECTS, [(self.stream,)]), (STREAM_UP, [(self.stream,)])):
+            for labels in labelsets:
+                try:
+                    metric.remove(*labels)
+                except KeyError:
+                    pass
+        with _lock:
+            _live.discard(self.stream)
+
+
+def exposition() -> bytes:
+    """The registry in Prometheus' text format (what /metrics serves)."""
+    return generate_latest(REGISTRY)

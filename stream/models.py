@@ -1,0 +1,115 @@
+"""ModelSet: the segmenter and generator, loaded once and shared by every stream session of
+a process (the CLI's one run, the service's many streams, a bulk worker's files).
+
+Thread-safety: the models keep no per-call state and their runners serialise calls where
+the backend needs it (see segsynth.engine.runner), so any number of sessions may use one
+ModelSet at once. ``close()`` releases the models; the owner calls it after the sessions
+that use it have been joined.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from segsynth import labels
+from segsynth.config import ModelConfig
+from segsynth.errors import InputError
+
+from . import media
+from .generator import Generator, load_generator
+
+log = logging.getLogger("segsynth")
+
+
+class ModelSet:
+    def __init__(self, segmenter, generator: Generator | None, *, backend: str = "onnxruntime",
+                 config: ModelConfig | None = None) -> None:
+        self.segmenter, self.generator, self.backend = segmenter, generator, backend
+        self.config = config or ModelConfig()
+        # The label set sessions produce: the generator's (it paints those ids), else the segmenter's.
+        self.label_set = generator.label_set if generator is not None and generator.label_set else segmenter.label_set
+
+    @classmethod
+    def load(cls, segmenter: str = "ade20k+voc", generator: str = "default", **options) -> "ModelSet":
+        """Load each model once: ``segmenter`` (ade20k+voc, ade20k, voc or FILE.onnx) and
+        ``generator`` (default, none, DIR or FILE.onnx); ``options`` are ModelConfig's fields."""
+        from segsynth.engine.select import resolve_backend
+
+        from .segmenter import load_segmenter
+
+        cfg = ModelConfig(segmenter=segmenter, generator=generator, **options)
+        backend = resolve_backend(cfg.backend)
+        common = dict(threads=cfg.threads, backend=backend, fp16=cfg.fp16, cache_dir=cfg.cache_dir)
+        seg = load_segmenter(cfg.segmenter, label_set=cfg.label_set, **common)
+        gen = None
+        try:
+            gen = load_generator(cfg.generator, size=cfg.size, **common)
+            if gen is not None and cfg.size and tuple(cfg.size) != gen.size:
+                raise InputError(f"--size {cfg.size[0]}x{cfg.size[1]}: {gen.source} is exported at "
+                                 f"{gen.size[0]}x{gen.size[1]}; give a checkpoint directory to re-export")
+        except BaseException:
+            seg.close()
+            if gen is not None:
+                gen.close()
+            raise
+        return cls(seg, gen, backend=backend, config=cfg)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(W, H) of the frames the segmenter takes."""
+        return self.segmenter.size
+
+    def view(self, requested: str | None, *, style=None, seed: int | None = None) -> str:
+        """The view a session shows: ``requested``, or synth with a generator and labels
+        without; InputError for views (and z options) that need a generator when there is none."""
+        if self.generator is not None:
+            return requested or "synth"
+        if requested in ("synth", "grid") or style is not None or seed is not None:
+            why = "--generator none" if self.config.generator == "none" else "no bundled default"
+            raise InputError(f"no generator is available ({why}); pass --generator DIR|FILE.onnx or use "
+                             "--view labels|overlay|side-by-side")
+        if requested is None and self.config.generator != "none":
+            log.warning("notice: no default generator is available; showing --view labels (pass --generator "
+                        "DIR|FILE.onnx to synthesize)")
+        return requested or "labels"
+
+    def remap(self, rules: str | None) -> labels.RemapTable:
+        """Rules compiled for these models: segmenter ids in, generator ids out."""
+        table = labels.RemapTable(rules, self.segmenter.label_set, self.label_set)
+        for note in table.notes:
+            log.warning("notice: remap: %s", note)
+        if table:
+            log.info("remap: %s", table.describe())
+        return table
+
+    def z(self, *, style: Path | None = None, seed: int | None = None, quiet: bool = False) -> np.ndarray | None:
+        """The style vector for VAE generators: encoded from ``style``, else drawn from ``seed``
+        (one z for the whole video, so the style does not flicker); None for the others."""
+        gen = self.generator
+        if gen is None or not gen.uses_z:
+            if style is not None:
+                raise InputError("--style needs a VAE generator (use_vae) with a style encoder")
+            if seed is not None and not quiet:
+                log.warning("notice: --seed has no effect: this generator is deterministic (no z input)")
+            return None
+        if style is not None:
+            return gen.encode_style(style if isinstance(style, np.ndarray) else media.read_image(style))
+        rng = np.random.default_rng(seed or 0)
+        return rng.standard_normal((1, gen.z_dim)).astype(np.float32)
+
+    def fit(self, requested: str | None) -> str:
+        return requested or (self.generator.fit if self.generator is not None else "stretch")
+
+    def close(self) -> None:
+        self.segmenter.close()
+        if self.generator is not None:
+            self.generator.close()
+
+    def __enter__(self) -> "ModelSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

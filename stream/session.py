@@ -1,0 +1,200 @@
+"""StreamSession: one stream - a source, the infer step over a shared ModelSet, one or more
+sinks - running on the threaded pipeline, started, changed and stopped by a program.
+
+    models = ModelSet.load(segmenter="ade20k+voc", generator="default")
+    s = StreamSession(StreamConfig(source="in.mp4", sinks=["out.mp4"]), models)
+    s.start()                        # returns at once
+    s.update(remap="person=animal")  # from the next batch on; no restart, no rebuild
+    s.stop(drain=True); s.join(timeout=30)
+    s.state, s.stats()
+
+States: created -> running -> draining -> closed | failed. A session owns its threads and
+closes what it opened (source, outputs, metric series); it never installs signal handlers
+(the CLI and the service own signals). ``update``, ``stop``, ``join``, ``state`` and
+``stats`` may be called from any thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from pathlib import Path
+
+from segsynth.config import StreamConfig
+from segsynth.errors import InputError, OutputError, SegsynthError
+
+from . import media
+from .models import ModelSet
+from .pipeline import Pipeline
+from .render import compose
+from .sinks import Encoding, FileSink, TeeSink
+from .sources import open_source
+from .synth import Synthesize
+
+log = logging.getLogger("segsynth")
+DISPLAY_VIEWS = ("overlay", "side-by-side", "grid")  # views that show the input frame itself
+_ids = itertools.count(1)
+
+
+class StreamSession:
+    """``source`` and ``sinks`` override what ``config`` names (a SyntheticSource, a
+    MemorySink...); ``atomic`` file outputs appear under their name only when complete;
+    ``progress.update()`` is called per frame written."""
+
+    def __init__(self, config: StreamConfig, models: ModelSet, *, source=None, sinks: list | None = None,
+                 progress=None, atomic: bool = False) -> None:
+        self.config, self.models = config, models
+        self.id = config.id or f"stream-{next(_ids)}"
+        self.view = models.view(config.view, style=config.style, seed=config.seed)
+        table = models.remap(config.remap)
+        z = models.z(style=config.style, seed=config.seed)
+        gen = models.generator
+        self.infer = Synthesize(models.segmenter, gen, table, z, config.smooth, models.fit(config.fit),
+                                gen.size if gen is not None else None)
+        self._source, self._sinks, self.progress, self.atomic = source, sinks, progress, atomic
+        self.source = self.sink = self.pipeline = self.metrics = None
+        self.error: BaseException | None = None
+        self._last_view = self.view
+        self._lock = threading.Lock()
+        self._closed_early = False
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def start(self) -> "StreamSession":
+        """Open the source and start the stages; InputError/OutputError for what cannot be opened."""
+        from segsynth.metrics import StreamMetrics
+
+        with self._lock:
+            if self.pipeline is not None or self._closed_early:
+                raise RuntimeError(f"session {self.id} was started or stopped already")
+            cfg = self.config
+            source = self._source or open_source(cfg.source, stream=cfg.stream)
+            try:
+                source.model_size, source.need_display = self.models.size, self.view in DISPLAY_VIEWS
+                sinks = self._sinks or [self._file_sink(path, source) for path in cfg.sinks]
+                source.decode_audio = set().union(*(s.decoded_audio for s in sinks))
+                self.source, self.sinks = source, sinks
+                self.sink = sinks[0] if len(sinks) == 1 else TeeSink(sinks)
+                self.metrics = StreamMetrics(self.id)
+                w, h = self.models.size
+                self.pipeline = Pipeline(source, self.infer, self.sink, model_shape=(h, w, 3), batch=cfg.batch,
+                                         policy=cfg.policy, ring_slots=cfg.ring_slots,
+                                         allocator=self.models.segmenter.pinned_allocator(), render=self._render,
+                                         progress=self.progress, observer=self.metrics, on_done=self._finished,
+                                         name=f"segsynth-{self.id}")
+            except BaseException:
+                if self.metrics is not None:
+                    self.metrics.close()
+                source.close()
+                raise
+            self.pipeline.start()
+        return self
+
+    def _file_sink(self, path: str, source) -> FileSink:
+        cfg = self.config
+        media.check_output(Path(path), *([Path(source.info.name)] if not source.live else []))
+        encoding = Encoding(cfg.codec, cfg.crf, cfg.preset, cfg.bitrate, low_latency=cfg.policy == "latest",
+                            gray=self.view == "ids")
+        return FileSink(path, source.info, encoding, atomic=self.atomic)
+
+    def stop(self, drain: bool = True) -> None:
+        """``drain``: stop reading and finish (encode, flush, close) what was read; otherwise
+        abort: stop at the next check and close the outputs as they are."""
+        with self._lock:
+            if self.pipeline is None:
+                self._closed_early = True
+                return
+        self.pipeline.stop(drain)
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait until the session is closed or failed; False if ``timeout`` ran out first."""
+        return True if self.pipeline is None else self.pipeline.join(timeout)
+
+    @property
+    def state(self) -> str:
+        if self.pipeline is None:
+            return "closed" if self._closed_early else "created"
+        return self.pipeline.state
+
+    def _finished(self, pipeline: Pipeline) -> None:
+        """Called by the pipeline's last thread once everything is closed: a failed run leaves
+        no half-written output, an aborted one no atomic output; a finished one commits them."""
+        try:
+            if pipeline.errors:
+                self.error = self._explain(*pipeline.errors[0])
+            dropped = {id(sink) for sink, _ in getattr(self.sink, "failed", [])}  # by a TeeSink
+            for sink in self.sinks:
+                if pipeline.errors or id(sink) in dropped or (pipeline.abort.is_set() and getattr(sink, "atomic", False)):
+                    getattr(sink, "discard", lambda: None)()
+                else:
+                    getattr(sink, "commit", lambda: None)()
+        except BaseException as exc:  # noqa: BLE001 - a commit that fails (rename) fails the session
+            self.error = self._explain("encode", exc)
+            pipeline.errors.append(("encode", exc))
+        finally:
+            self.metrics.close()
+
+    def _explain(self, stage: str, exc: BaseException) -> BaseException:
+        """Media errors as one line that says which side failed; bugs keep their traceback."""
+        import av
+
+        if isinstance(exc, SegsynthError) or not isinstance(exc, (OSError, av.FFmpegError)):
+            return exc
+        if stage == "decode":
+            err = InputError(f"reading {self.source.info.name} failed: {media.ffmpeg_message(exc)}")
+        else:
+            err = OutputError(f"writing {', '.join(self.config.sinks) or 'the output'} failed: "
+                              f"{media.ffmpeg_message(exc)}")
+        err.__cause__ = exc
+        return err
+
+    # ---- changes while running ----------------------------------------------------------------
+    def update(self, *, remap: str | None = None, view: str | None = None, seed: int | None = None,
+               style=None) -> None:
+        """Change the remap rules, the view, or z (``seed`` or ``style`` image) of a running
+        session; each takes effect from the next batch. Bad values raise InputError and change
+        nothing."""
+        table = self.models.remap(remap) if remap is not None else None
+        z = self.models.z(style=style, seed=seed) if seed is not None or style is not None else None
+        if view is not None:
+            from segsynth.config import SESSION_VIEWS
+
+            if view not in SESSION_VIEWS:
+                raise InputError(f"view: unknown view {view!r}; choose one of: {', '.join(SESSION_VIEWS)}")
+            if (view == "ids") != (self.view == "ids"):
+                raise InputError("view: ids writes grayscale video; it cannot be switched to or from while running")
+            self.models.view(view)
+        self.infer.update(table=table, z=z)
+        if view is not None:
+            self.view = view
+            if self.source is not None:
+                self.source.need_display = view in DISPLAY_VIEWS
+
+    def _render(self, result, meta):
+        """The picture for the current view (encode thread). Frames read before a switch to a
+        view that shows the input have no input frame: they keep the view they were read with."""
+        view = self.view
+        if view in DISPLAY_VIEWS and meta.get("display") is None:
+            view = self._last_view
+        self._last_view = view
+        return compose(view, meta.get("display"), result.labels, result.synth, self.models.label_set, meta["size"],
+                       legend=self.config.legend)
+
+    # ---- reporting ------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """frames_in, frames_inferred, frames_out, dropped, reconnects, fps, seconds, latency_ms
+        {p50, p95, p99}, stages {decode, infer, encode: mean_ms, p95_ms}, queues, problems,
+        state and error. Percentiles cover the most recent frames (bounded memory)."""
+        p = self.pipeline
+        out = {"id": self.id, "state": self.state, "source": self.config.source, "sinks": list(self.config.sinks),
+               "view": self.view, "frames_in": 0, "frames_inferred": 0, "frames_out": 0, "dropped": 0,
+               "reconnects": 0, "fps": 0.0, "seconds": 0.0, "latency_ms": {}, "stages": {}, "queues": {},
+               "problems": list(self.source.problems) if self.source is not None else [],
+               "error": str(self.error) if self.error is not None else None}
+        if p is not None:
+            s = p.stats()
+            out.update(frames_in=s.frames_in, frames_inferred=p.frames_inferred, frames_out=s.frames_out,
+                       dropped=s.dropped, fps=s.fps, seconds=s.seconds, stages=s.stages,
+                       latency_ms={k.removesuffix("_ms"): v for k, v in s.latency.items()},
+                       queues={"ring": p.ring.depth, "results": p.results.qsize()})
+        return out

@@ -1,0 +1,236 @@
+"""Sinks: where a session's pictures go. Owned by the encode thread.
+
+A sink gets ``write(picture, meta)`` for each video frame (H x W x 3 RGB, or H x W ids for the
+ids view, with the frame's ``pts``/``time_base`` in ``meta``), ``write_audio(item)`` for the
+audio in between, and ``close()`` once at the end. The first picture fixes the output size;
+later pictures of another size (a view change, a resolution change mid-stream) are fitted
+into it. ``decoded_audio`` names the audio tracks a sink needs decoded (to re-encode them):
+the source decodes those, every other track arrives as packets to copy.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from segsynth.errors import OutputError
+
+from . import media
+from .render import fit_picture
+from .sources import AudioItem, SourceInfo
+
+log = logging.getLogger("segsynth")
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """Video encoder settings of a sink (validated in StreamConfig)."""
+
+    codec: str = "libx264"
+    crf: int = 20
+    preset: str = "veryfast"
+    bitrate: str | None = None
+    low_latency: bool = False  # slice threads: no frames held back by frame threading
+    gray: bool = False  # ids: lossless FFV1 grayscale
+
+
+class Sink(Protocol):
+    decoded_audio: set[int]
+
+    def write(self, picture: np.ndarray, meta: dict) -> None: ...
+
+    def write_audio(self, item: AudioItem) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class FileSink:
+    """A video file. Opened at the first picture (so bad input leaves no file); written as
+    fragmented MP4 / Matroska under its final name, so a killed run leaves a playable file,
+    or (``atomic``) under a temporary name that ``commit()`` renames once the run is complete.
+    ``discard()`` removes what a failed run wrote. Audio tracks are copied where the output format holds their codec (FFmpeg
+    is asked), and re-encoded otherwise."""
+
+    def __init__(self, path: str | Path, info: SourceInfo, encoding: Encoding = Encoding(), *,
+                 atomic: bool = False) -> None:
+        self.path, self.info, self.encoding, self.atomic = Path(path), info, encoding, atomic
+        self.target = self.path.parent / f".{self.path.stem}.partial{self.path.suffix}" if atomic else self.path
+        self.writer = self.container = self.vstream = None
+        self.out_size: tuple[int, int] | None = None
+        self.copy = media.audio_copy_plan(self.path, info.audio)  # track -> True (copy) / False (re-encode)
+        self.decoded_audio = {track for track, copy in self.copy.items() if not copy}
+        self.audio: dict[int, media.AudioOutput] = {}
+        self.last_pts: int | None = None
+
+    def _open(self, size: tuple[int, int]) -> None:
+        enc = self.encoding
+        w, h = size
+        self.out_size = (w + w % 2, h + h % 2)  # 4:2:0 needs even sizes: pad the last row/column
+        fragmented = not self.atomic
+        self.writer = media.MediaWriter(self.target, fragmented=fragmented)
+        self.container = self.writer.container
+        fragmented_mp4 = fragmented and self.path.suffix.lower() in (".mp4", ".m4v", ".mov")
+        self.vstream = media.add_video_stream(
+            self.container, "ffv1" if enc.gray else enc.codec, self.info, self.out_size, crf=enc.crf,
+            preset=enc.preset, bitrate=enc.bitrate, b_frames=not fragmented_mp4, low_latency=enc.low_latency,
+            pix_fmt="gray" if enc.gray else "yuv420p")
+        for template in self.info.audio:
+            self.audio[template.index] = media.AudioOutput(self.container, template, copy=self.copy[template.index])
+        self.container.start_encoding()
+
+    def write(self, picture: np.ndarray, meta: dict) -> None:
+        import av
+
+        if self.container is None:
+            self._open(picture.shape[1::-1])
+        picture = fit_picture(picture, self.out_size)
+        frame = av.VideoFrame.from_ndarray(picture, format="gray" if picture.ndim == 2 else "rgb24")
+        pts = media.rescale(meta["pts"], meta["time_base"], self.vstream.time_base)
+        if self.last_pts is not None and pts <= self.last_pts:
+            pts = self.last_pts + 1  # the muxer needs strictly increasing timestamps
+        frame.pts, frame.time_base, self.last_pts = pts, self.vstream.time_base, pts
+        self.container.mux(self.vstream.encode(frame))
+
+    def write_audio(self, item: AudioItem) -> None:
+        if self.container is not None:  # audio before the first picture is muxed after it: see Pipeline
+            self.audio[item.track].write(item)
+
+    def close(self) -> None:
+        if self.container is None:
+            return
+        try:
+            self.container.mux(self.vstream.encode(None))
+            for out in self.audio.values():
+                out.flush()
+        finally:
+            self.writer.close()
+            self.container = None
+
+    def commit(self) -> None:
+        """After ``close`` of a run that finished: an atomic output takes its final name."""
+        if self.atomic and self.writer is not None:
+            try:
+                self.target.replace(self.path)
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+
+    def discard(self) -> None:
+        """Remove the output of a failed run, or an atomic output of an aborted one (after ``close``)."""
+        if self.writer is not None:
+            if self.container is not None:
+                try:
+                    self.writer.close()
+                except Exception:  # noqa: BLE001 - the run failed already; the file goes anyway
+                    pass
+                self.container = None
+            self.target.unlink(missing_ok=True)
+
+
+class MemorySink:
+    """Encodes to MPEG-TS in memory, the way a live output would (no disk), keeping only the
+    last ``keep`` bytes: memory stays bounded however long the stream runs. ``bytes_out`` and
+    ``frames`` count everything written."""
+
+    decoded_audio: set[int] = set()
+
+    def __init__(self, rate: float = 25, keep: int = 1 << 20) -> None:
+        self.rate, self.keep = rate, keep
+        self.tail = bytearray()
+        self.bytes_out = self.frames = 0
+        self.container = self.stream = None
+
+    def _append(self, data: bytes) -> int:
+        self.bytes_out += len(data)
+        self.tail += data
+        del self.tail[: max(0, len(self.tail) - self.keep)]
+        return len(data)
+
+    def write(self, picture: np.ndarray, meta: dict) -> None:
+        import av
+
+        if self.stream is None:
+            self.container = av.open(_Tail(self._append), "w", format="mpegts")
+            h, w = picture.shape[:2]
+            self.stream = self.container.add_stream("libx264", rate=round(self.rate))
+            self.stream.width, self.stream.height = w + w % 2, h + h % 2
+            self.stream.pix_fmt, self.stream.options = "yuv420p", {"preset": "ultrafast", "tune": "zerolatency"}
+        picture = fit_picture(picture if picture.ndim == 3 else np.repeat(picture[..., None], 3, -1),
+                              (self.stream.width, self.stream.height))
+        frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+        frame.pts = self.frames
+        self.container.mux(self.stream.encode(frame))
+        self.frames += 1
+
+    def write_audio(self, item: AudioItem) -> None:
+        pass  # video only
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.container.mux(self.stream.encode(None))
+        if self.container is not None:
+            self.container.close()
+        self.container = self.stream = None
+
+
+class _Tail(io.RawIOBase):
+    """A write-only file object handing every write to ``append``."""
+
+    def __init__(self, append) -> None:
+        super().__init__()
+        self._append = append
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        return self._append(bytes(data))
+
+
+class TeeSink:
+    """One result written to several sinks. A sink that fails is closed and dropped with a
+    message, and the others go on; when every sink has failed, the first error is raised."""
+
+    def __init__(self, sinks: list) -> None:
+        self.sinks, self.failed = list(sinks), []
+        self.decoded_audio = set().union(*(s.decoded_audio for s in self.sinks))
+
+    def _guarded(self, sink, call) -> None:
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - one sink's failure must not stop the rest
+            log.warning("output %s failed and is dropped: %s", getattr(sink, "path", sink), exc)
+            self.sinks.remove(sink)
+            self.failed.append((sink, exc))
+            try:
+                sink.close()
+            except Exception:  # noqa: BLE001
+                pass
+            if not self.sinks:
+                raise self.failed[0][1] from None
+
+    def write(self, picture: np.ndarray, meta: dict) -> None:
+        for sink in list(self.sinks):
+            self._guarded(sink, lambda: sink.write(picture, meta))
+
+    def write_audio(self, item: AudioItem) -> None:
+        copiers = [s for s in self.sinks if item.track not in s.decoded_audio]
+        for sink in list(self.sinks):
+            mine = item  # muxing consumes a packet: every copying sink but the last gets its own copy
+            if sink in copiers and sink is not copiers[-1]:
+                mine = AudioItem(item.track, media.copy_packet(item.packet), item.frames)
+            self._guarded(sink, lambda: sink.write_audio(mine))
+
+    def close(self) -> None:
+        errors = []
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+        if errors:
+            raise errors[0]

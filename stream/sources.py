@@ -1,0 +1,190 @@
+"""Sources: where a session's frames come from.
+
+A source is opened (and checked) by the thread that starts the session, read by the decode
+thread, and closed once every stage is done (by the pipeline's encode thread, last). It
+yields ``(model_rgb, meta)``: the frame scaled to the segmenter's size, and ``meta`` with
+``index``, ``pts``/``time_base`` (output timestamps), ``size`` (the upright frame size) and
+``display`` (the full-size RGB frame, only while ``need_display`` is set). Audio packets go
+to the ``audio`` callback as ``AudioItem``s, untouched, and decoded as well for the tracks in
+``decode_audio`` (those a sink re-encodes). After ``open()``, ``info`` says what the sinks
+need to know.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+from segsynth.errors import InputError
+
+from . import media
+
+
+@dataclass
+class AudioItem:
+    """One demuxed audio packet: ``packet`` to copy; ``frames``, decoded by the source where a
+    sink re-encodes the track."""
+
+    track: int  # the input stream index
+    packet: object = None
+    frames: list | None = None
+
+
+@dataclass(frozen=True)
+class SourceInfo:
+    name: str  # for messages: a path or URL
+    rate: Fraction  # the video's average frame rate
+    time_base: Fraction  # of the ``pts`` in each frame's meta
+    audio: tuple = ()  # input audio streams, as templates for the sinks (their codec contexts are the sink's)
+    declared_frames: int | None = None
+
+
+class Source(Protocol):
+    live: bool
+    info: SourceInfo
+    model_size: tuple[int, int]
+    need_display: bool
+    decode_audio: set[int]
+    problems: list[str]
+
+    def open(self) -> "Source": ...
+
+    def frames(self, stop, audio: Callable) -> Iterator[tuple[np.ndarray, dict]]: ...
+
+    def close(self) -> None: ...
+
+
+class FileSource:
+    """A media file. Every input PyAV object is used by the decode thread only: it demuxes,
+    decodes the video (and the audio a sink re-encodes) and hands over self-contained packets
+    and frames. Sinks read the input audio streams' parameters once, as templates."""
+
+    live = False
+
+    def __init__(self, path, *, stream: int | None = None) -> None:
+        self.path, self.stream_index = path, stream
+        self.container = self.video = None
+        self.model_size, self.need_display = (513, 513), False
+        self.decode_audio: set[int] = set()
+        self.problems: list[str] = []
+        self.last_time = 0.0
+
+    def open(self) -> "FileSource":
+        self.container = media.open_video(self.path)
+        streams = self.container.streams
+        if self.stream_index is not None:
+            match = [s for s in streams if s.index == self.stream_index]
+            if not match or match[0].type != "video":
+                kinds = ", ".join(f"{s.index}:{s.type}" for s in streams)
+                self.close()
+                raise InputError(f"--stream {self.stream_index}: not a video stream of {self.path} (streams: {kinds})")
+            self.video = match[0]
+        else:
+            self.video = streams.video[0]
+        self.video.thread_type = "AUTO"
+        v = self.video
+        self.info = SourceInfo(str(self.path), Fraction(v.average_rate or v.guessed_rate or 25), v.time_base,
+                               tuple(streams.audio), v.frames or None)
+        return self
+
+    def frames(self, stop, audio: Callable) -> Iterator[tuple[np.ndarray, dict]]:
+        import av
+        from av.video.reformatter import VideoReformatter
+
+        scaler = VideoReformatter()  # this thread's own swscale context
+        w, h = self.model_size
+        index = 0
+        for item in media.demux_decode(self.container, self.video, list(self.info.audio), self.problems):
+            if stop.is_set():
+                return
+            if isinstance(item, av.Packet):
+                track = item.stream.index
+                audio(AudioItem(track, item, media.decode_audio(item, self.problems) if track in self.decode_audio
+                                else None))
+                continue
+            display = self.need_display
+            rotation = (item.rotation // 90) % 4 if item.rotation else 0
+            if rotation:  # turn the picture upright, as players (and ffmpeg's autorotate) do
+                upright = np.ascontiguousarray(np.rot90(item.to_ndarray(format="rgb24"), rotation))
+                model_rgb = scaler.reformat(av.VideoFrame.from_ndarray(upright, format="rgb24"), w, h, "rgb24",
+                                            interpolation="BILINEAR").to_ndarray()
+            else:
+                upright = item.to_ndarray(format="rgb24") if display else None
+                model_rgb = scaler.reformat(item, w, h, "rgb24", interpolation="BILINEAR").to_ndarray()
+            dh, dw = (item.height, item.width) if rotation % 2 == 0 else (item.width, item.height)
+            pts, tb = item.pts, item.time_base
+            if pts is None:  # raw streams without timestamps: frame index at the stream's rate
+                pts, tb = index, 1 / self.info.rate
+            yield model_rgb, {"index": index, "pts": pts, "time_base": tb, "size": (dw, dh),
+                              "display": upright if display else None}
+            index += 1
+            self.last_time = float(pts * tb)
+        self._check_complete(index)
+
+    def _check_complete(self, frames: int) -> None:
+        """Demuxers may stop at damage without an error: compare with what the file declares."""
+        stream = self.video
+        duration = float(stream.duration * stream.time_base) if stream.duration else (
+            self.container.duration / 1e6 if self.container.duration else None)
+        rate = float(self.info.rate)
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        if duration and frames and self.last_time < start + duration - 3 / rate and not self.problems:
+            self.problems.append(f"the video stopped at {self.last_time:.2f} s of the {duration:.2f} s it declares")
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+
+
+class SyntheticSource:
+    """Frames from memory: ``pictures`` (full-size RGB) repeated until ``count`` frames, released
+    at ``rate`` fps of wall time (a real-time camera: ``live``) or as fast as they are taken
+    (``rate=None``). Timestamps count frames at ``rate`` (25 when unpaced). For benchmarks and
+    tests of long runs: a million frames cost no disk."""
+
+    def __init__(self, pictures: list[np.ndarray], count: int, rate: float | None = None) -> None:
+        if not pictures:
+            raise InputError("a synthetic source needs at least one picture")
+        self.pictures, self.count, self.rate = pictures, count, rate
+        self.live = rate is not None
+        self.info = SourceInfo("synthetic", Fraction(rate or 25).limit_denominator(1001),
+                               1 / Fraction(rate or 25).limit_denominator(1001), (), count)
+        self.model_size, self.need_display = (513, 513), False
+        self.decode_audio: set[int] = set()
+        self.problems: list[str] = []
+        self._scaled: dict[int, np.ndarray] = {}
+
+    def open(self) -> "SyntheticSource":
+        return self
+
+    def frames(self, stop, audio: Callable) -> Iterator[tuple[np.ndarray, dict]]:
+        from .segmenter import resize_rgb
+
+        start = time.perf_counter()
+        for i in range(self.count):
+            if stop.is_set():
+                return
+            if self.rate:
+                delay = start + i / self.rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            k = i % len(self.pictures)
+            picture = self.pictures[k]
+            if k not in self._scaled or self._scaled[k].shape[1::-1] != tuple(self.model_size):
+                self._scaled[k] = resize_rgb(picture, *self.model_size)
+            h, w = picture.shape[:2]
+            yield self._scaled[k], {"index": i, "pts": i, "time_base": self.info.time_base, "size": (w, h),
+                                    "display": picture if self.need_display else None}
+
+    def close(self) -> None:
+        self._scaled.clear()
+
+
+def open_source(spec: str, *, stream: int | None = None) -> Source:
+    """The source a StreamConfig names (a media file today), opened."""
+    return FileSource(spec, stream=stream).open()
