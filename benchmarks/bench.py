@@ -92,7 +92,7 @@ def _print(name: str, result: dict) -> None:
             log.info("  %s batch %-2d %-16s %7.2f fps", r["precision"], r["batch"],
                      "double-buffered" if r["double_buffered"] else "one at a time", r["fps"])
     elif name == "soak":
-        log.info("  %d frames: RSS %.0f MiB at 10%%, %.0f MiB at the end", result["frames"],
+        log.info("  %d frames at %.0f fps: RSS %.0f MiB at 10%%, %.0f MiB at the end", result["frames"], result["fps"],
                  result["rss_at_10pct_mib"] or 0, result["rss_at_end_mib"] or 0)
     else:
         log.info("  %s", ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
