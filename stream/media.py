@@ -75,6 +75,45 @@ def open_video(path: str | Path):
     return container
 
 
+def open_image_sequence(spec: str | Path, fps: float | None = None):
+    """A folder of images, a glob (``shots/*.png``) or an image2 pattern (``img_%04d.jpg``)
+    opened as a video at ``fps`` (25 by default, as ffmpeg), in name order."""
+    import glob as globbing
+
+    import av
+
+    from segsynth.config import IMAGE_EXTS
+
+    spec = Path(spec)
+    if spec.is_dir():
+        files = [p for p in spec.iterdir() if p.suffix.lower() in IMAGE_EXTS]
+        if not files:
+            raise InputError(f"{spec}: a folder with no images ({', '.join(sorted(IMAGE_EXTS))})")
+        ext = max({p.suffix for p in files}, key=lambda e: sum(p.suffix == e for p in files))
+        pattern, kind = str(spec / f"*{ext}"), "glob"
+    elif "%" in spec.name:
+        pattern, kind = str(spec), "sequence"
+        try:
+            first = [spec.parent / (spec.name % i) for i in range(5)]  # ffmpeg looks for a start in 0-4
+        except (TypeError, ValueError):
+            raise InputError(f"{spec}: not an image2 pattern (expected one %d, e.g. img_%04d.jpg)") from None
+        if not any(f.is_file() for f in first):
+            raise InputError(f"{spec}: no image matches the pattern (tried {first[0].name} ... {first[-1].name})")
+    else:
+        pattern, kind = str(spec), "glob"
+        if not globbing.glob(pattern):
+            raise InputError(f"{spec}: no image matches the pattern")
+    options = {"framerate": str(fps or 25), "pattern_type": kind}
+    try:
+        container = av.open(pattern, "r", format="image2", options=options)
+    except (av.FFmpegError, UnicodeDecodeError) as exc:
+        raise InputError(f"{spec}: not a readable image sequence ({ffmpeg_message(exc)})") from exc
+    if not container.streams.video:
+        container.close()
+        raise InputError(f"{spec}: has no pictures")
+    return container
+
+
 def demux_decode(container, video, audio: list, problems: list[str]):
     """Yield, in file order, audio packets (untouched, for remuxing) and decoded video frames.
 

@@ -24,7 +24,7 @@ def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, contr
         atomic: bool = False, label: str = "run") -> tuple[dict, StreamSession]:
     """Run the session to its end; returns its final ``stats()`` and the session. Raises the
     session's error (InputError, OutputError, ...) if it failed."""
-    source = open_source(cfg.source, stream=cfg.stream)
+    source = open_source(cfg.source, stream=cfg.stream, fps=cfg.fps)
     try:
         for sink in cfg.sinks:
             media.check_output(Path(sink), Path(cfg.source))

@@ -68,7 +68,7 @@ class StreamSession:
             if self.pipeline is not None or self._closed_early:
                 raise RuntimeError(f"session {self.id} was started or stopped already")
             cfg = self.config
-            source = self._source or open_source(cfg.source, stream=cfg.stream)
+            source = self._source or open_source(cfg.source, stream=cfg.stream, fps=cfg.fps)
             try:
                 source.model_size, source.need_display = self.models.size, self.view in DISPLAY_VIEWS
                 sinks = self._sinks or [self._file_sink(path, source) for path in cfg.sinks]

@@ -59,14 +59,15 @@ class Source(Protocol):
 
 
 class FileSource:
-    """A media file. Every input PyAV object is used by the decode thread only: it demuxes,
+    """A media file, or an image sequence (a folder, glob or image2 pattern, at ``fps``). Every
+    input PyAV object is used by the decode thread only: it demuxes,
     decodes the video (and the audio a sink re-encodes) and hands over self-contained packets
     and frames. Sinks read the input audio streams' parameters once, as templates."""
 
     live = False
 
-    def __init__(self, path, *, stream: int | None = None) -> None:
-        self.path, self.stream_index = path, stream
+    def __init__(self, path, *, stream: int | None = None, fps: float | None = None) -> None:
+        self.path, self.stream_index, self.fps = path, stream, fps
         self.container = self.video = None
         self.model_size, self.need_display = (513, 513), False
         self.decode_audio: set[int] = set()
@@ -74,7 +75,10 @@ class FileSource:
         self.last_time = 0.0
 
     def open(self) -> "FileSource":
-        self.container = media.open_video(self.path)
+        from segsynth.config import is_image_sequence
+
+        sequence = is_image_sequence(str(self.path))
+        self.container = media.open_image_sequence(self.path, self.fps) if sequence else media.open_video(self.path)
         streams = self.container.streams
         if self.stream_index is not None:
             match = [s for s in streams if s.index == self.stream_index]
@@ -185,6 +189,6 @@ class SyntheticSource:
         self._scaled.clear()
 
 
-def open_source(spec: str, *, stream: int | None = None) -> Source:
-    """The source a StreamConfig names (a media file today), opened."""
-    return FileSource(spec, stream=stream).open()
+def open_source(spec: str, *, stream: int | None = None, fps: float | None = None) -> Source:
+    """The source a StreamConfig names (a media file or an image sequence today), opened."""
+    return FileSource(spec, stream=stream, fps=fps).open()
