@@ -263,3 +263,30 @@ def test_a_segmenter_with_a_fixed_batch_size_takes_larger_batches_in_chunks(tmp_
     finally:
         fixed.close()
         dynamic.close()
+
+
+def test_view_update_switches_the_picture_and_keeps_the_output_size(tmp_path, astronaut, tiny_segmenter):
+    from segsynth.stream import ModelSet, StreamSession
+    from segsynth.stream.sources import SyntheticSource
+
+    out = tmp_path / "v.mkv"
+    picture = astronaut[::4, ::4]  # 128 x 128
+    with ModelSet.load(str(tiny_segmenter), "none") as models:
+        s = StreamSession(StreamConfig(source="synthetic", sinks=[out], view="labels", legend=False, crf=0), models,
+                          source=SyntheticSource([picture], count=30, rate=30))
+        s.start()
+        while s.stats()["frames_out"] < 5:
+            time.sleep(0.01)
+        with pytest.raises(InputError, match="cannot be switched"):
+            s.update(view="ids")
+        s.update(view="side-by-side")  # input | labels, 256 x 128, fitted into the 128 x 128 output
+        assert s.join(30) and s.state == "closed"
+    _, frames = decode_video(out)
+    first, last = frames[0].astype(int), frames[-1].astype(int)
+    assert first.shape == last.shape == (128, 128, 3)
+    assert first[:32].mean() > 20 and last[:30].max() < 20  # letterbox bars above and below the wide view
+    from PIL import Image
+
+    half = np.asarray(Image.fromarray(picture).resize((64, 64), Image.BILINEAR)).astype(int)
+    left = last[32:96, :64]  # the input, scaled to half: the photo itself, not the colour map
+    assert np.abs(left - half).mean() < 10 < np.abs(first[32:96, :64] - half).mean()
