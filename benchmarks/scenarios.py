@@ -230,13 +230,13 @@ class _PassSink:
 
     def write_audio(self, packet) -> None:
         packet.stream = self.a[packet.stream.index]
-        self.writer.container.mux(packet)
+        self.writer.mux(packet)
 
     def write(self, result, meta) -> None:
-        self.writer.container.mux(self.v.encode(meta["frame"]))
+        self.writer.mux(self.v.encode(meta["frame"]))
 
     def close(self) -> None:
-        self.writer.container.mux(self.v.encode(None))
+        self.writer.mux(self.v.encode(None))
         self.writer.close()
 
 

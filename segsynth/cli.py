@@ -98,7 +98,7 @@ def _run(args: argparse.Namespace) -> int:
     stats, session = run(cfg, models, quiet=args.quiet, control=control)
     declared = session.source.info.declared_frames
     signum = controls[0].signum if controls else None
-    if stats["problems"] or (declared and stats["frames_in"] < declared and signum is None):
+    if stats["problems"]:  # damage, or a video that ends before the time it declares
         of = f" of the {declared} it declares" if declared else ""
         first = f": {stats['problems'][0]}" if stats["problems"] else ""
         log.warning("warning: %s looks truncated or damaged: decoded %d frames%s and wrote them%s",

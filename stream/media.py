@@ -75,6 +75,28 @@ def open_video(path: str | Path):
     return container
 
 
+class BestEffortTimestamps:
+    """A decoded frame's timestamp the way FFmpeg's ``best_effort_timestamp`` picks it
+    (libavcodec's guess_correct_pts, which PyAV does not expose): its pts, unless the stream's
+    pts have gone backwards more often than its dts (packed B-frames, broken muxers), then its
+    dts. None when the frame has neither. One per video stream, owned by the decode thread."""
+
+    def __init__(self) -> None:
+        self.faulty_pts = self.faulty_dts = 0
+        self.last_pts = self.last_dts = None
+
+    def __call__(self, pts: int | None, dts: int | None) -> int | None:
+        if dts is not None:
+            self.faulty_dts += self.last_dts is not None and dts <= self.last_dts
+            self.last_dts = dts
+        if pts is not None:
+            self.faulty_pts += self.last_pts is not None and pts <= self.last_pts
+            self.last_pts = pts
+        if pts is not None and (self.faulty_pts <= self.faulty_dts or dts is None):
+            return pts
+        return dts
+
+
 def open_image_sequence(spec: str | Path, fps: float | None = None):
     """A folder of images, a glob (``shots/*.png``) or an image2 pattern (``img_%04d.jpg``)
     opened as a video at ``fps`` (25 by default, as ffmpeg), in name order."""
@@ -165,7 +187,13 @@ class MediaWriter:
     negative timestamps (AAC priming packets) instead of shifting every stream, so video PTS
     stay exactly those of the input. ``fragmented`` MP4/MOV write a fragment per keyframe and
     at least every second, so a killed writer leaves a playable file (Matroska is playable
-    when cut anyway). Owns the file and the container; ``close()`` closes both."""
+    when cut anyway); the first fragment also carries the header (``delay_moov``: codecs such
+    as AC-3 and ADTS AAC give the configuration MP4 needs only with their first packet). Owns
+    the file and the container; ``close()`` closes both.
+
+    ``mux()`` is the only way in: once FFmpeg has refused a packet (or the header), the
+    container is ``broken`` and is never handed another packet - muxing after a failed header
+    crashes libavformat - and ``close()`` closes it without writing more."""
 
     def __init__(self, path: Path, fragmented: bool = False) -> None:
         import av
@@ -173,7 +201,7 @@ class MediaWriter:
         ext = path.suffix.lower()
         options = {"avoid_negative_ts": "disabled"} if ext in (".mkv", ".webm", ".mp4", ".m4v", ".mov") else {}
         if fragmented and ext in (".mp4", ".m4v", ".mov"):
-            options["movflags"] = "frag_keyframe+empty_moov+default_base_moof"
+            options["movflags"] = "frag_keyframe+empty_moov+delay_moov+default_base_moof"
             options["frag_duration"] = "1000000"
         try:
             self.file = open(path, "wb")
@@ -184,6 +212,16 @@ class MediaWriter:
         except (av.FFmpegError, OSError, ValueError) as exc:
             self.file.close()
             raise OutputError(f"cannot write {path}: {ffmpeg_message(exc)}") from exc
+        self.path, self.broken = path, False
+
+    def mux(self, packets) -> None:
+        if self.broken:
+            raise OutputError(f"writing {self.path} failed earlier; nothing more is written")
+        try:
+            self.container.mux(packets)
+        except BaseException:
+            self.broken = True
+            raise
 
     def close(self) -> None:
         try:
@@ -234,51 +272,67 @@ def audio_copy_plan(path: Path, templates) -> dict[int, bool]:
 
 
 class AudioOutput:
-    """One output audio track, fed from the encode thread: packets copied into the output (the
-    muxer's own bitstream filters adapt them, as the ffmpeg CLI's do), or decoded frames
-    re-encoded - AAC (Opus for WebM), resampled to the encoder's sample format, layout, rate
-    and frame size, whatever the input had."""
+    """One output audio track, fed from the encode thread: packets copied into the output, or
+    decoded frames re-encoded - AAC (Opus for WebM), resampled to the encoder's sample format,
+    layout, rate and frame size, whatever the input had. ``packets(item)`` and ``flush()``
+    return what to mux. ADTS AAC (MPEG-TS, HLS) goes through FFmpeg's ``aac_adtstoasc`` into
+    formats that need the codec's configuration in their header (MP4, Matroska), as the ffmpeg
+    CLI does; ``ready`` stays False until the first packet has given that configuration."""
 
     def __init__(self, container, template, *, copy: bool) -> None:
-        self.container, self.copy = container, copy
+        from av.bitstream import BitStreamFilterContext
+
+        self.copy, self.bsf, self.resampler = copy, None, None
+        ctx = template.codec_context
         if copy:
             self.stream = container.add_stream_from_template(template)
+            if ctx.name == "aac" and not ctx.extradata and container.format.name not in ("mpegts", "adts"):
+                self.bsf = BitStreamFilterContext("aac_adtstoasc", template)
+            self.ready = self.bsf is None
             return
         codec = "libopus" if container.format.name == "webm" else "aac"
-        ctx = template.codec_context
         rate = 48000 if codec == "libopus" else (ctx.sample_rate or 48000)
         self.stream = container.add_stream(codec, rate=rate)
+        # The standard layout for the channel count (AVI/WAV PCM often declare none, which AAC
+        # refuses); more than two channels: 5.1 where it is 5.1, otherwise a stereo downmix.
         channels = ctx.layout.nb_channels if ctx.layout else 2
-        self.stream.layout = ctx.layout.name if ctx.layout and channels <= 2 else "stereo"
-        self.resampler = None
+        self.stream.layout = {1: "mono", 6: "5.1"}.get(channels, "stereo")
+        self.stream.codec_context.open()  # now, for its frame size
+        self.ready = True
 
-    def write(self, item) -> None:
-        if self.copy:
-            item.packet.stream = self.stream
-            self.container.mux(item.packet)
-            return
-        for frame in item.frames or ():
-            self._encode(frame)
+    def packets(self, item) -> list:
+        if not self.copy:
+            return [p for frame in item.frames or () for p in self._encode(frame)]
+        out = self.bsf.filter(item.packet) if self.bsf is not None else [item.packet]
+        for packet in out:
+            if not self.ready and packet.has_sidedata("new_extradata"):
+                self.stream.codec_context.extradata = bytes(packet.get_sidedata("new_extradata"))
+                self.ready = True
+            packet.stream = self.stream
+        return out
 
-    def _encode(self, frame) -> None:
+    def _encode(self, frame) -> list:
         import av
 
         if self.resampler is None:
             ctx = self.stream.codec_context
             self.resampler = av.AudioResampler(format=ctx.format.name, layout=ctx.layout.name, rate=ctx.sample_rate,
                                                frame_size=ctx.frame_size or None)
+        out = []
         for chunk in self.resampler.resample(frame):
             chunk.pts = None  # the encoder counts samples
-            self.container.mux(self.stream.encode(chunk))
+            out += self.stream.encode(chunk)
+        return out
 
-    def flush(self) -> None:
+    def flush(self) -> list:
         if self.copy:
-            return
+            return []
+        out = []
         if self.resampler is not None:
             for chunk in self.resampler.resample(None):
                 chunk.pts = None
-                self.container.mux(self.stream.encode(chunk))
-        self.container.mux(self.stream.encode(None))
+                out += self.stream.encode(chunk)
+        return out + self.stream.encode(None)
 
 
 def copy_packet(packet):

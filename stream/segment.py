@@ -84,7 +84,7 @@ def _segment_video(cfg: SegmentConfig, quiet: bool) -> SegmentSummary:
     stats, session = run(stream, models, quiet=quiet, atomic=True, label="segment")
     declared = session.source.info.declared_frames
     problems = stats["problems"]
-    if problems or (declared and stats["frames_in"] < declared):
+    if problems:  # damage, or a video that ends before the time it declares
         of = f" of the {declared} frames it declares" if declared else ""
         log.warning("warning: %s looks truncated or damaged: decoded %d%s and wrote them%s", cfg.input,
                     stats["frames_in"], of, f"; {problems[0]}" + (f" (+{len(problems) - 1} more)"

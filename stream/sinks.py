@@ -66,6 +66,7 @@ class FileSink:
         self.decoded_audio = {track for track, copy in self.copy.items() if not copy}
         self.audio: dict[int, media.AudioOutput] = {}
         self.last_pts: int | None = None
+        self.held: list = []  # packets muxed before every track knows its codec configuration
 
     def _open(self, size: tuple[int, int]) -> None:
         enc = self.encoding
@@ -81,7 +82,24 @@ class FileSink:
             pix_fmt="gray" if enc.gray else "yuv420p")
         for template in self.info.audio:
             self.audio[template.index] = media.AudioOutput(self.container, template, copy=self.copy[template.index])
-        self.container.start_encoding()
+
+    HOLD_LIMIT = 1024  # packets; ffmpeg's muxing queue gives up at about the same point
+
+    def _mux(self, packets: list) -> None:
+        """Mux, or hold the packets while a copied track still waits for its first packet (the
+        header, written with the first mux, needs its configuration)."""
+        if self.held or not all(out.ready for out in self.audio.values()):
+            self.held += packets
+            if not all(out.ready for out in self.audio.values()):
+                if len(self.held) > self.HOLD_LIMIT:
+                    waiting = [i for i, out in self.audio.items() if not out.ready]
+                    raise OutputError(f"writing {self.path}: audio stream {waiting[0]} of {self.info.name} sent no "
+                                      f"packet in the first {self.HOLD_LIMIT} packets; its codec configuration is "
+                                      "unknown")
+                return
+            packets, self.held = self.held, []
+        if packets:
+            self.writer.mux(packets)
 
     def write(self, picture: np.ndarray, meta: dict) -> None:
         import av
@@ -90,23 +108,27 @@ class FileSink:
             self._open(picture.shape[1::-1])
         picture = fit_picture(picture, self.out_size)
         frame = av.VideoFrame.from_ndarray(picture, format="gray" if picture.ndim == 2 else "rgb24")
-        pts = media.rescale(meta["pts"], meta["time_base"], self.vstream.time_base)
+        tb = self.vstream.codec_context.time_base  # the encoder's (the muxer may pick another for the stream)
+        pts = media.rescale(meta["pts"], meta["time_base"], tb)
         if self.last_pts is not None and pts <= self.last_pts:
-            pts = self.last_pts + 1  # the muxer needs strictly increasing timestamps
-        frame.pts, frame.time_base, self.last_pts = pts, self.vstream.time_base, pts
-        self.container.mux(self.vstream.encode(frame))
+            pts = self.last_pts + 1  # encoder and muxer need strictly increasing timestamps
+        frame.pts, frame.time_base, self.last_pts = pts, tb, pts
+        self._mux(self.vstream.encode(frame))
 
     def write_audio(self, item: AudioItem) -> None:
         if self.container is not None:  # audio before the first picture is muxed after it: see Pipeline
-            self.audio[item.track].write(item)
+            self._mux(self.audio[item.track].packets(item))
 
     def close(self) -> None:
         if self.container is None:
             return
         try:
-            self.container.mux(self.vstream.encode(None))
-            for out in self.audio.values():
-                out.flush()
+            if not self.writer.broken:  # flush the encoders, unless FFmpeg refused the output already
+                self._mux(self.vstream.encode(None))
+                for out in self.audio.values():
+                    self._mux(out.flush())
+                if self.held:
+                    self.writer.mux(self.held)  # a track that never sent a packet: as far as it goes
         finally:
             self.writer.close()
             self.container = None
@@ -143,6 +165,7 @@ class MemorySink:
         self.tail = bytearray()
         self.bytes_out = self.frames = 0
         self.container = self.stream = None
+        self.broken = False
 
     def _append(self, data: bytes) -> int:
         self.bytes_out += len(data)
@@ -163,14 +186,17 @@ class MemorySink:
                               (self.stream.width, self.stream.height))
         frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
         frame.pts = self.frames
-        self.container.mux(self.stream.encode(frame))
+        packets = self.stream.encode(frame)
+        self.broken = True  # until the mux returns: a refused packet leaves the muxer unusable
+        self.container.mux(packets)
+        self.broken = False
         self.frames += 1
 
     def write_audio(self, item: AudioItem) -> None:
         pass  # video only
 
     def close(self) -> None:
-        if self.stream is not None:
+        if self.stream is not None and not self.broken:
             self.container.mux(self.stream.encode(None))
         if self.container is not None:
             self.container.close()

@@ -101,7 +101,7 @@ class FileSource:
 
         scaler = VideoReformatter()  # this thread's own swscale context
         w, h = self.model_size
-        index = 0
+        index, best_effort, last = 0, media.BestEffortTimestamps(), None
         for item in media.demux_decode(self.container, self.video, list(self.info.audio), self.problems):
             if stop.is_set():
                 return
@@ -120,12 +120,13 @@ class FileSource:
                 upright = item.to_ndarray(format="rgb24") if display else None
                 model_rgb = scaler.reformat(item, w, h, "rgb24", interpolation="BILINEAR").to_ndarray()
             dh, dw = (item.height, item.width) if rotation % 2 == 0 else (item.width, item.height)
-            pts, tb = item.pts, item.time_base
-            if pts is None:  # raw streams without timestamps: frame index at the stream's rate
-                pts, tb = index, 1 / self.info.rate
+            tb = item.time_base or self.info.time_base
+            pts = best_effort(item.pts, item.dts)
+            if pts is None:  # no timestamps at all: one frame on from the last, at the stream's rate
+                pts = 0 if last is None else last + max(1, round(1 / (self.info.rate * tb)))
             yield model_rgb, {"index": index, "pts": pts, "time_base": tb, "size": (dw, dh),
                               "display": upright if display else None}
-            index += 1
+            index, last = index + 1, pts
             self.last_time = float(pts * tb)
         self._check_complete(index)
 
