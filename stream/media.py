@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
@@ -107,25 +108,28 @@ def open_image_sequence(spec: str | Path, fps: float | None = None):
     from segsynth.config import IMAGE_EXTS
 
     spec = Path(spec)
+    options = {"framerate": str(fps or 25), "pattern_type": "glob"}
     if spec.is_dir():
         files = [p for p in spec.iterdir() if p.suffix.lower() in IMAGE_EXTS]
         if not files:
             raise InputError(f"{spec}: a folder with no images ({', '.join(sorted(IMAGE_EXTS))})")
         ext = max({p.suffix for p in files}, key=lambda e: sum(p.suffix == e for p in files))
-        pattern, kind = str(spec / f"*{ext}"), "glob"
+        pattern = str(spec / f"*{ext}")
     elif "%" in spec.name:
-        pattern, kind = str(spec), "sequence"
-        try:
-            first = [spec.parent / (spec.name % i) for i in range(5)]  # ffmpeg looks for a start in 0-4
-        except (TypeError, ValueError):
-            raise InputError(f"{spec}: not an image2 pattern (expected one %d, e.g. img_%04d.jpg)") from None
-        if not any(f.is_file() for f in first):
-            raise InputError(f"{spec}: no image matches the pattern (tried {first[0].name} ... {first[-1].name})")
+        match = re.fullmatch(r"(.*?)%0?\d*d(.*)", spec.name)
+        if match is None:
+            raise InputError(f"{spec}: not an image2 pattern (expected one %d, e.g. img_%04d.jpg)")
+        numbered = re.compile(re.escape(match[1]) + r"(\d+)" + re.escape(match[2]))
+        folder = spec.parent if spec.parent.is_dir() else None
+        numbers = sorted(int(m[1]) for p in (folder.iterdir() if folder else ()) if (m := numbered.fullmatch(p.name)))
+        if not numbers:
+            raise InputError(f"{spec}: no image matches the pattern")
+        # the first number there: ffmpeg itself looks for a start only in 0-4
+        pattern, options["pattern_type"], options["start_number"] = str(spec), "sequence", str(numbers[0])
     else:
-        pattern, kind = str(spec), "glob"
+        pattern = str(spec)
         if not globbing.glob(pattern):
             raise InputError(f"{spec}: no image matches the pattern")
-    options = {"framerate": str(fps or 25), "pattern_type": kind}
     try:
         container = av.open(pattern, "r", format="image2", options=options)
     except (av.FFmpegError, UnicodeDecodeError) as exc:
@@ -252,22 +256,23 @@ def _output_format(path: Path) -> str | None:
     return _FORMATS.get(Path(path).suffix.lower())
 
 
-def audio_copy_plan(path: Path, templates) -> dict[int, bool]:
-    """For each input audio stream: True when the output format can hold its codec as it is
-    (copied), False when it must be re-encoded. FFmpeg answers (avformat_query_codec, which
-    PyAV asks when adding a stream from a template), on a scratch container in memory."""
+def audio_copy_plan(path: Path, tracks) -> dict[int, bool]:
+    """For each input audio track (``AudioTrack``): True when the output format can hold its
+    codec as it is (copied), False when it must be re-encoded. FFmpeg answers
+    (avformat_query_codec, which PyAV asks when adding a stream from a template), on a scratch
+    container in memory."""
     import av
 
     plan = {}
-    if not templates:
+    if not tracks:
         return plan
     with av.open(io.BytesIO(), "w", format=_output_format(path) or "matroska") as scratch:
-        for template in templates:
+        for track in tracks:
             try:
-                scratch.add_stream_from_template(template)
-                plan[template.index] = True
+                scratch.add_stream_from_template(track.template)
+                plan[track.index] = True
             except (ValueError, av.FFmpegError):
-                plan[template.index] = False
+                plan[track.index] = False
     return plan
 
 
@@ -277,26 +282,30 @@ class AudioOutput:
     layout, rate and frame size, whatever the input had. ``packets(item)`` and ``flush()``
     return what to mux. ADTS AAC (MPEG-TS, HLS) goes through FFmpeg's ``aac_adtstoasc`` into
     formats that need the codec's configuration in their header (MP4, Matroska), as the ffmpeg
-    CLI does; ``ready`` stays False until the first packet has given that configuration."""
+    CLI does; ``ready`` stays False until the first packet has given that configuration.
+    Channels without an order (AVI and WAV PCM often give only a count) get FFmpeg's default
+    order for their count, which MP4 needs."""
 
-    def __init__(self, container, template, *, copy: bool) -> None:
+    def __init__(self, container, track, *, copy: bool) -> None:
         from av.bitstream import BitStreamFilterContext
 
         self.copy, self.bsf, self.resampler = copy, None, None
-        ctx = template.codec_context
         if copy:
-            self.stream = container.add_stream_from_template(template)
-            if ctx.name == "aac" and not ctx.extradata and container.format.name not in ("mpegts", "adts"):
-                self.bsf = BitStreamFilterContext("aac_adtstoasc", template)
+            import av
+
+            self.stream = container.add_stream_from_template(track.template)
+            if track.layout == f"{track.channels} channels":  # no channel order (AVI, WAV): MP4 wants one
+                self.stream.codec_context.layout = av.AudioLayout(f"{track.channels}c")  # FFmpeg's default order
+            if track.codec == "aac" and not track.has_config and container.format.name not in ("mpegts", "adts"):
+                self.bsf = BitStreamFilterContext("aac_adtstoasc", track.template)
             self.ready = self.bsf is None
             return
         codec = "libopus" if container.format.name == "webm" else "aac"
-        rate = 48000 if codec == "libopus" else (ctx.sample_rate or 48000)
+        rate = 48000 if codec == "libopus" else (track.sample_rate or 48000)
         self.stream = container.add_stream(codec, rate=rate)
-        # The standard layout for the channel count (AVI/WAV PCM often declare none, which AAC
-        # refuses); more than two channels: 5.1 where it is 5.1, otherwise a stereo downmix.
-        channels = ctx.layout.nb_channels if ctx.layout else 2
-        self.stream.layout = {1: "mono", 6: "5.1"}.get(channels, "stereo")
+        # The standard layout for the channel count (AAC refuses channels without an order); more
+        # than two channels: 5.1 where it is 5.1, otherwise a stereo downmix.
+        self.stream.layout = {1: "mono", 6: "5.1"}.get(track.channels, "stereo")
         self.stream.codec_context.open()  # now, for its frame size
         self.ready = True
 
@@ -363,8 +372,7 @@ def pick_encoder(codec: str) -> str:
         try:
             ctx = av.CodecContext.create(name, "w")
             ctx.width, ctx.height, ctx.pix_fmt, ctx.time_base = 256, 256, "yuv420p", Fraction(1, 25)
-            ctx.open()
-            ctx.close()
+            ctx.open()  # PyAV closes it when the object goes
             return name
         except Exception:  # noqa: BLE001 - not built in, no device, or no driver: try the next
             continue
@@ -372,29 +380,30 @@ def pick_encoder(codec: str) -> str:
 
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
-                "placebo")  # x264/x265's own preset names (x264.h); FFmpeg exposes them only as a string option
+                "placebo")  # x264/x265's own names (x264.h); FFmpeg has them only as a free-form string option
 
 
 def check_encoder_settings(codec: str, *, crf: int, preset: str, bitrate: str | None) -> None:
-    """Codec, preset, CRF and bitrate, checked before any model is loaded: the codec must be a
-    video encoder of this FFmpeg, an x264/x265 preset one of theirs."""
+    """Codec, preset, CRF and bitrate, checked before any model is loaded: the codec (``auto``
+    resolved to what it picks here) must be a video encoder of this FFmpeg, and an x264/x265
+    preset (the encoders segsynth hands one) one of theirs."""
     import av
 
     if not 0 <= crf <= 51:
         raise InputError(f"crf: {crf} is out of range (0-51)")
-    rate = parse_bitrate(bitrate) if bitrate else None
-    if codec == "auto":
-        return
-    if codec not in av.codecs_available:
-        raise InputError(f"codec: {codec} is not available here (this FFmpeg has no such encoder)")
-    if codec in ("libx264", "libx265") and preset not in X264_PRESETS:
-        raise InputError(f"preset: {preset!r} is not a {codec} preset; choose one of: {', '.join(X264_PRESETS)}")
+    if bitrate:
+        parse_bitrate(bitrate)
+    name = pick_encoder(codec)
+    if name not in av.codecs_available:
+        raise InputError(f"codec: {name} is not available here (this FFmpeg has no such encoder)")
     try:
-        ctx = av.CodecContext.create(codec, "w")
+        ctx = av.CodecContext.create(name, "w")
     except (av.FFmpegError, ValueError) as exc:
-        raise InputError(f"codec: {codec} is not an encoder here ({ffmpeg_message(exc)})") from exc
+        raise InputError(f"codec: {name} is not an encoder here ({ffmpeg_message(exc)})") from exc
     if ctx.type != "video":
-        raise InputError(f"codec: {codec} is not a video encoder")
+        raise InputError(f"codec: {name} is not a video encoder")
+    if name.startswith("libx26") and preset not in X264_PRESETS:  # (opening one to ask prints x264's own error)
+        raise InputError(f"preset: {preset!r} is not a {name} preset; choose one of: {', '.join(X264_PRESETS)}")
 
 
 def parse_bitrate(text: str) -> int:

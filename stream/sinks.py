@@ -53,8 +53,8 @@ class FileSink:
     """A video file. Opened at the first picture (so bad input leaves no file); written as
     fragmented MP4 / Matroska under its final name, so a killed run leaves a playable file,
     or (``atomic``) under a temporary name that ``commit()`` renames once the run is complete.
-    ``discard()`` removes what a failed run wrote. Audio tracks are copied where the output format holds their codec (FFmpeg
-    is asked), and re-encoded otherwise."""
+    ``discard()`` removes what a failed run wrote. Audio tracks are copied where the output
+    format holds their codec (FFmpeg is asked), and re-encoded otherwise."""
 
     def __init__(self, path: str | Path, info: SourceInfo, encoding: Encoding = Encoding(), *,
                  atomic: bool = False) -> None:
@@ -80,8 +80,8 @@ class FileSink:
             self.container, "ffv1" if enc.gray else enc.codec, self.info, self.out_size, crf=enc.crf,
             preset=enc.preset, bitrate=enc.bitrate, b_frames=not fragmented_mp4, low_latency=enc.low_latency,
             pix_fmt="gray" if enc.gray else "yuv420p")
-        for template in self.info.audio:
-            self.audio[template.index] = media.AudioOutput(self.container, template, copy=self.copy[template.index])
+        for track in self.info.audio:
+            self.audio[track.index] = media.AudioOutput(self.container, track, copy=self.copy[track.index])
 
     HOLD_LIMIT = 1024  # packets; ffmpeg's muxing queue gives up at about the same point
 

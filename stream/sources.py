@@ -35,11 +35,31 @@ class AudioItem:
 
 
 @dataclass(frozen=True)
+class AudioTrack:
+    """What sinks know of an input audio stream, read when the source is opened."""
+
+    index: int
+    codec: str
+    sample_rate: int
+    channels: int
+    layout: str  # FFmpeg's name: "stereo", "5.1", or "2 channels" when the file gives no channel order
+    has_config: bool  # the codec's configuration is in the stream header (not for ADTS AAC)
+    template: object  # the input stream: its codec parameters are copied for stream copies, nothing else
+
+    @classmethod
+    def of(cls, stream) -> "AudioTrack":
+        ctx = stream.codec_context
+        layout = ctx.layout
+        return cls(stream.index, ctx.name, ctx.sample_rate or 0, layout.nb_channels if layout else 0,
+                   layout.name if layout else "", bool(ctx.extradata), stream)
+
+
+@dataclass(frozen=True)
 class SourceInfo:
     name: str  # for messages: a path or URL
     rate: Fraction  # the video's average frame rate
     time_base: Fraction  # of the ``pts`` in each frame's meta
-    audio: tuple = ()  # input audio streams, as templates for the sinks (their codec contexts are the sink's)
+    audio: tuple[AudioTrack, ...] = ()
     declared_frames: int | None = None
 
 
@@ -62,7 +82,8 @@ class FileSource:
     """A media file, or an image sequence (a folder, glob or image2 pattern, at ``fps``). Every
     input PyAV object is used by the decode thread only: it demuxes,
     decodes the video (and the audio a sink re-encodes) and hands over self-contained packets
-    and frames. Sinks read the input audio streams' parameters once, as templates."""
+    and frames. What sinks need of the audio streams is read at ``open()`` (``AudioTrack``);
+    they copy a stream's codec parameters, never touch its decoder."""
 
     live = False
 
@@ -92,7 +113,7 @@ class FileSource:
         self.video.thread_type = "AUTO"
         v = self.video
         self.info = SourceInfo(str(self.path), Fraction(v.average_rate or v.guessed_rate or 25), v.time_base,
-                               tuple(streams.audio), v.frames or None)
+                               tuple(AudioTrack.of(a) for a in streams.audio), v.frames or None)
         return self
 
     def frames(self, stop, audio: Callable) -> Iterator[tuple[np.ndarray, dict]]:
@@ -102,7 +123,8 @@ class FileSource:
         scaler = VideoReformatter()  # this thread's own swscale context
         w, h = self.model_size
         index, best_effort, last = 0, media.BestEffortTimestamps(), None
-        for item in media.demux_decode(self.container, self.video, list(self.info.audio), self.problems):
+        audio_streams = [track.template for track in self.info.audio]
+        for item in media.demux_decode(self.container, self.video, audio_streams, self.problems):
             if stop.is_set():
                 return
             if isinstance(item, av.Packet):

@@ -93,11 +93,22 @@ def test_remap_across_label_sets_bridges_by_name_first():
     ("person=", "missing a class name"),
     ("a=b=c", "not of the form"),
     ("persn=animal", "did you mean: person"),
-    ("person=bear", "unknown class 'bear' in label set ade20k"),
+    ("person=wombat", "unknown class 'wombat' in label set ade20k"),
 ])
 def test_bad_remap_rules(rules, message):
     with pytest.raises(LabelError, match=message):
         labels.RemapTable(rules, labels.get("ade20k"))
+
+
+def test_a_class_of_another_set_maps_to_its_nearest_by_meaning():
+    ade, voc = labels.get("ade20k"), labels.get("voc")
+    table = labels.RemapTable("person=bear, giraffe=car", ade)  # COCO-Stuff has bear and giraffe, ADE20K neither
+    assert table.lut[ade.id_of("person")] == ade.id_of("animal") and table.lut[ade.id_of("animal")] == ade.id_of("car")
+    assert table.notes == ["'bear' is not a class of ade20k (coco-stuff has it); using its nearest class 'animal'",
+                           "'giraffe' is not a class of ade20k (coco-stuff has it); using its nearest class 'animal'"]
+    with pytest.raises(LabelError, match="class 'bear' .coco-stuff. has no counterpart in voc"):
+        labels.RemapTable("person=bear", voc)
+    assert labels.RemapTable("person=animal", ade).notes == []
 
 
 def test_palettes_are_stable_and_distinct():
