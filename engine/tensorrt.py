@@ -224,19 +224,20 @@ class TensorRTRunner(Runner):
         return self.wait(self.submit(feed))
 
     def pinned_allocator(self):
-        pool = []
+        """Page-locked buffers, freed when the runner deactivates (every session's: the runner
+        is shared, so one session's call must not drop another's pool)."""
+        pool = self.__dict__.setdefault("_pinned", [])
 
         def allocate(shape, dtype):
             buf = cuda.PinnedBuffer(shape, dtype)
-            pool.append(buf)  # freed when the runner deactivates
+            pool.append(buf)
             return buf.array
 
-        self._pinned = pool
         return allocate
 
     def _deactivate_impl(self) -> None:
         for slot in getattr(self, "slots", []):
             slot.close()
-        for buf in getattr(self, "_pinned", []):
+        for buf in self.__dict__.pop("_pinned", []):
             buf.close()
         self.slots, self.engine, self.runtime = [], None, None

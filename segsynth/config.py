@@ -192,6 +192,8 @@ class StreamConfig:
             object.__setattr__(self, "style", Path(self.style))
         if not self.sinks:
             raise InputError("sinks: at least one output is needed")
+        if len({Path(s).resolve() for s in self.sinks}) < len(self.sinks):
+            raise InputError("sinks: the same output is named twice")
         for sink in self.sinks:
             if Path(sink).suffix.lower() not in VIDEO_EXTS:
                 raise InputError(f"{sink}: the output must be a video ({', '.join(sorted(VIDEO_EXTS))})")
@@ -216,7 +218,7 @@ class StreamConfig:
             raise InputError("style and seed both set z; give one")
         if self.fps is not None and not 0 < self.fps <= 1000:
             raise InputError("fps: must be between 0 and 1000")
-        if self.id is not None and not _STREAM_ID.match(self.id):
+        if self.id is not None and not _STREAM_ID.fullmatch(self.id):
             raise InputError(f"id: {self.id!r} must be 1-64 letters, digits, '.', '_' or '-'")
         from segsynth.stream.media import check_encoder_settings
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 from fractions import Fraction
@@ -16,6 +17,7 @@ import numpy as np
 
 from segsynth.errors import InputError, OutputError
 
+log = logging.getLogger("segsynth")
 MAX_SIDE = 16384  # larger declared frame sizes are damaged or hostile files
 
 
@@ -256,24 +258,31 @@ def _output_format(path: Path) -> str | None:
     return _FORMATS.get(Path(path).suffix.lower())
 
 
-def audio_copy_plan(path: Path, tracks) -> dict[int, bool]:
-    """For each input audio track (``AudioTrack``): True when the output format can hold its
-    codec as it is (copied), False when it must be re-encoded. FFmpeg answers
-    (avformat_query_codec, which PyAV asks when adding a stream from a template), on a scratch
-    container in memory."""
-    import av
+class AudioTemplates:
+    """Copies of the input audio streams' codec parameters, made by the thread that builds a
+    sink (before any stage runs) in a scratch container of the output's format, in memory:
+    ``copy[track]`` says whether that format holds the track's codec as it is (FFmpeg answers:
+    avformat_query_codec, which PyAV asks when adding a stream from a template), and
+    ``streams[track]`` is a template the encode thread can use without touching an input
+    stream, which the decode thread is reading. ``close()`` frees the scratch container."""
 
-    plan = {}
-    if not tracks:
-        return plan
-    with av.open(io.BytesIO(), "w", format=_output_format(path) or "matroska") as scratch:
+    def __init__(self, path: Path, tracks) -> None:
+        import av
+
+        self.copy: dict[int, bool] = {}
+        self.streams: dict[int, object] = {}
+        self.scratch = av.open(io.BytesIO(), "w", format=_output_format(path) or "matroska") if tracks else None
         for track in tracks:
             try:
-                scratch.add_stream_from_template(track.template)
-                plan[track.index] = True
+                self.streams[track.index] = self.scratch.add_stream_from_template(track.template)
+                self.copy[track.index] = True
             except (ValueError, av.FFmpegError):
-                plan[track.index] = False
-    return plan
+                self.copy[track.index] = False
+
+    def close(self) -> None:
+        if self.scratch is not None:
+            self.scratch.close()
+            self.scratch = None
 
 
 class AudioOutput:
@@ -286,18 +295,18 @@ class AudioOutput:
     Channels without an order (AVI and WAV PCM often give only a count) get FFmpeg's default
     order for their count, which MP4 needs."""
 
-    def __init__(self, container, track, *, copy: bool) -> None:
+    def __init__(self, container, track, template=None) -> None:
+        """``template``: the track's copy in an ``AudioTemplates`` (copied), or None (re-encoded)."""
+        import av
         from av.bitstream import BitStreamFilterContext
 
-        self.copy, self.bsf, self.resampler = copy, None, None
-        if copy:
-            import av
-
-            self.stream = container.add_stream_from_template(track.template)
+        self.copy, self.bsf, self.resampler, self.next_pts, self.skipped = template is not None, None, None, None, 0
+        if self.copy:
+            self.stream = container.add_stream_from_template(template)
             if track.layout == f"{track.channels} channels":  # no channel order (AVI, WAV): MP4 wants one
                 self.stream.codec_context.layout = av.AudioLayout(f"{track.channels}c")  # FFmpeg's default order
             if track.codec == "aac" and not track.has_config and container.format.name not in ("mpegts", "adts"):
-                self.bsf = BitStreamFilterContext("aac_adtstoasc", track.template)
+                self.bsf = BitStreamFilterContext("aac_adtstoasc", template)
             self.ready = self.bsf is None
             return
         codec = "libopus" if container.format.name == "webm" else "aac"
@@ -312,7 +321,16 @@ class AudioOutput:
     def packets(self, item) -> list:
         if not self.copy:
             return [p for frame in item.frames or () for p in self._encode(frame)]
-        out = self.bsf.filter(item.packet) if self.bsf is not None else [item.packet]
+        import av
+
+        try:
+            out = self.bsf.filter(item.packet) if self.bsf is not None else [item.packet]
+        except av.FFmpegError as exc:  # a damaged ADTS header: skip the packet, as ffmpeg does
+            if not self.skipped:
+                log.warning("warning: skipping damaged audio packets of stream %d (%s)", item.track,
+                            ffmpeg_message(exc))
+            self.skipped += 1
+            return []
         for packet in out:
             if not self.ready and packet.has_sidedata("new_extradata"):
                 self.stream.codec_context.extradata = bytes(packet.get_sidedata("new_extradata"))
@@ -323,24 +341,29 @@ class AudioOutput:
     def _encode(self, frame) -> list:
         import av
 
+        ctx = self.stream.codec_context
         if self.resampler is None:
-            ctx = self.stream.codec_context
             self.resampler = av.AudioResampler(format=ctx.format.name, layout=ctx.layout.name, rate=ctx.sample_rate,
                                                frame_size=ctx.frame_size or None)
+        if self.next_pts is None:  # start where the input's audio starts (the video keeps its timestamps too)
+            self.next_pts = rescale(frame.pts, frame.time_base, Fraction(1, ctx.sample_rate)) if (
+                frame.pts is not None and frame.time_base) else 0
+        return self._encode_chunks(self.resampler.resample(frame))
+
+    def _encode_chunks(self, chunks) -> list:
+        """Consecutive samples, counted from the first frame's time (gaps are not kept)."""
         out = []
-        for chunk in self.resampler.resample(frame):
-            chunk.pts = None  # the encoder counts samples
+        rate = self.stream.codec_context.sample_rate
+        for chunk in chunks:
+            chunk.pts, chunk.time_base = self.next_pts, Fraction(1, rate)
+            self.next_pts += chunk.samples
             out += self.stream.encode(chunk)
         return out
 
     def flush(self) -> list:
         if self.copy:
             return []
-        out = []
-        if self.resampler is not None:
-            for chunk in self.resampler.resample(None):
-                chunk.pts = None
-                out += self.stream.encode(chunk)
+        out = self._encode_chunks(self.resampler.resample(None)) if self.resampler is not None else []
         return out + self.stream.encode(None)
 
 

@@ -8,7 +8,8 @@ while decoding, scaling and encoding, and onnxruntime while inferring, so the st
 
 Shutdown is a state machine: ``running`` -> ``draining`` (``stop(drain=True)`` or the end of
 the input: the decoder stops reading, everything already read is processed, the encoder is
-flushed and the output closed) -> ``closed``. ``stop(drain=False)``, or an error in any stage,
+flushed and the output closed; at the end of the input the state stays ``running`` until it
+is ``closed``) -> ``closed``. ``stop(drain=False)``, or an error in any stage,
 aborts: every stage stops at its next check and the output is closed as it is (``failed``
 when a stage raised). The encode thread is the last to finish: it closes the sink, waits for
 the other two stages and then closes the source, so nothing is closed while still in use.
@@ -105,15 +106,18 @@ class Pipeline:
         self.timers = {stage: StageTimer() for stage in STAGES}
         self.latency = StageTimer()
         self.state = "created"
+        self.cut_short = False  # the encoder stopped before the end of what was read (an abort)
         self.frames_in = self.frames_inferred = self.frames_out = 0
+        self._state_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._started = self._ended = 0.0
         self._audio_done = False
 
     # ---- stages ---------------------------------------------------------------------------
     def _decode(self) -> None:
+        frames = None
         try:
-            frames = iter(self.source.frames(self.stop_reading, self.audio.put))
+            frames = self.source.frames(self.stop_reading, self.audio.put)
             while not self.abort.is_set():
                 start = time.perf_counter()
                 try:
@@ -134,6 +138,8 @@ class Pipeline:
         except BaseException as exc:  # noqa: BLE001 - reported by the pipeline
             self._fail("decode", exc)
         finally:
+            if frames is not None and hasattr(frames, "close"):
+                frames.close()  # the source's generator ends here, on its own thread, not at garbage collection
             self.ring.close()
             self.audio.put(AUDIO_EOS)
 
@@ -163,7 +169,10 @@ class Pipeline:
                 metas = [s.meta for s in slots]
                 frames = np.stack([s.data for s in slots])
                 self.ring.release(slots)  # the batch is copied: the decoder may refill the slots
-                handle = self.infer.submit(frames, metas) if two_phase else self.infer(frames, metas)
+                if not two_phase:
+                    complete(self.infer(frames, metas), metas, time.perf_counter() - start)
+                    continue
+                handle = self.infer.submit(frames, metas)
                 spent = time.perf_counter() - start
                 if pending is not None:
                     complete(*pending)
@@ -180,6 +189,7 @@ class Pipeline:
             while True:
                 item = self.results.get()
                 if item is _EOS or self.abort.is_set():
+                    self.cut_short = item is not _EOS
                     break
                 result, meta = item
                 start = time.perf_counter()
@@ -193,7 +203,7 @@ class Pipeline:
                 self._observe("latency", now - meta["t0"])
                 if self.progress is not None:
                     self.progress.update()
-            if not self.abort.is_set():
+            if not self.cut_short:
                 self._pump_audio(block=True)  # the rest of the audio, up to the end of the input
         except BaseException as exc:  # noqa: BLE001
             self._fail("encode", exc)
@@ -211,6 +221,7 @@ class Pipeline:
             except queue.Empty:
                 if block and not self.abort.is_set():
                     continue
+                self.cut_short = self.cut_short or block  # aborted before the end of the audio
                 return
             if item is AUDIO_EOS:
                 self._audio_done = True
@@ -231,7 +242,8 @@ class Pipeline:
             if self.on_done is not None:
                 self.on_done(self)
         finally:
-            self.state = "failed" if self.errors else "closed"
+            with self._state_lock:
+                self.state = "failed" if self.errors else "closed"
             self.done.set()
 
     # ---- control ----------------------------------------------------------------------------
@@ -261,29 +273,39 @@ class Pipeline:
 
     def start(self) -> None:
         """Start the three stage threads; returns at once."""
-        if self.state != "created":
-            raise RuntimeError(f"a pipeline starts once (it is {self.state})")
-        self.state = "running"
+        with self._state_lock:
+            if self.state != "created":
+                raise RuntimeError(f"a pipeline starts once (it is {self.state})")
+            self.state = "running"
         self._started = time.perf_counter()
         self._threads = [threading.Thread(target=fn, name=f"{self.name}-{stage}")
                          for stage, fn in zip(STAGES, (self._decode, self._infer, self._encode))]
-        for t in self._threads:
+        for t in self._threads:  # the encode thread, started last, finishes the others
             t.start()
 
     def stop(self, drain: bool = True) -> None:
         """``drain``: stop reading and finish what was read; otherwise abort at the next check."""
-        if self.state in ("running", "draining"):
+        with self._state_lock:
+            if self.state not in ("running", "draining"):
+                return  # not started, or finished: a final state is never overwritten
             self.state = "draining"
-            self.stop_reading.set()
-            if not drain:
-                self.abort.set()
-                self.ring.close()
+        self.stop_reading.set()
+        if not drain:
+            self.abort.set()
+            self.ring.close()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until every stage has finished and the source is closed; False on timeout."""
+        """Wait until every stage has finished, its thread has ended and the source is closed;
+        False on timeout. A source blocked inside a read (a stalled network mount) is waited
+        for: sources bound their reads with timeouts of their own."""
         if self.state == "created":
             return True
-        return self.done.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self.done.wait(timeout):
+            return False
+        last = self._threads[-1]
+        last.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not last.is_alive()
 
     def stats(self) -> PipelineStats:
         end = self._ended or time.perf_counter()
@@ -327,12 +349,12 @@ def run_sequential(source, infer: Callable, sink, batch: int = 1, render: Callab
         for chunk in batches(source.frames(stop, audio.append)):
             stats.frames_in += len(chunk)
             results = infer(np.stack([rgb for rgb, _ in chunk]), [meta for _, meta in chunk])
+            for result, (_, meta) in zip(results, chunk):
+                sink.write(render(result, meta), meta)  # video first: the first write opens the output
+                stats.frames_out += 1
             for item in audio:
                 sink.write_audio(item)
             audio.clear()
-            for result, (_, meta) in zip(results, chunk):
-                sink.write(render(result, meta), meta)
-                stats.frames_out += 1
         for item in audio:
             sink.write_audio(item)
     finally:

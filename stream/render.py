@@ -85,7 +85,8 @@ def pad_to(image: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray
 
 def fit_picture(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``picture`` at (W, H) ``size``: padded when it is at most one pixel smaller (even sizes),
-    otherwise scaled to fit, keeping its aspect, on black (a new view or input size mid-stream)."""
+    otherwise scaled to fit, keeping its aspect, on black - or, for class ids, on 255, unknown
+    (a new view or input size mid-stream)."""
     h, w = picture.shape[:2]
     tw, th = size
     if (w, h) == (tw, th) or (0 <= tw - w <= 1 and 0 <= th - h <= 1):
@@ -96,7 +97,7 @@ def fit_picture(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
     resample = Image.NEAREST if picture.ndim == 2 else Image.BILINEAR  # ids are never blended
     scaled = np.asarray(Image.fromarray(picture).resize((cw, ch), resample))
-    out = np.zeros((th, tw, *picture.shape[2:]), np.uint8)
+    out = np.full((th, tw, *picture.shape[2:]), labels.UNKNOWN if picture.ndim == 2 else 0, np.uint8)
     y, x = (th - ch) // 2, (tw - cw) // 2
     out[y:y + ch, x:x + cw] = scaled
     return out

@@ -25,6 +25,7 @@ def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, contr
     """Run the session to its end; returns its final ``stats()`` and the session. Raises the
     session's error (InputError, OutputError, ...) if it failed."""
     source = open_source(cfg.source, stream=cfg.stream, fps=cfg.fps)
+    session = None
     try:
         for sink in cfg.sinks:
             media.check_output(Path(sink), Path(cfg.source))
@@ -33,16 +34,17 @@ def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, contr
                           enabled=not quiet) as progress:
                 session = StreamSession(cfg, models, source=source, progress=progress, atomic=atomic)
                 with (control(session) if control else contextlib.nullcontext()):
-                    session.start()
                     try:
+                        session.start()
                         while not session.join(0.2):  # short waits: the main thread stays free for signals
                             pass
-                    except BaseException:  # KeyboardInterrupt without a handler: abort, close, re-raise
+                    except BaseException:  # e.g. KeyboardInterrupt without a handler: abort, wait, re-raise
                         session.stop(drain=False)
-                        session.join(60)
+                        _join_through_interrupts(session)  # the models and the source outlive the stages
                         raise
     except BaseException:
-        source.close()  # closed by the session once started; closing twice is harmless
+        if session is None or session.pipeline is None:
+            source.close()  # not handed over: a started session closes its source itself
         raise
     if session.error is not None:
         raise session.error
@@ -51,3 +53,12 @@ def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, contr
         raise InputError(f"{cfg.source}: no decodable video frames" +
                          (f"; {stats['problems'][0]}" if stats["problems"] else ""))
     return stats, session
+
+
+def _join_through_interrupts(session: StreamSession) -> None:
+    while True:
+        try:
+            session.join()
+            return
+        except KeyboardInterrupt:
+            continue

@@ -9,7 +9,8 @@ sinks - running on the threaded pipeline, started, changed and stopped by a prog
     s.state, s.stats()
 
 States: created -> running -> draining -> closed | failed. A session owns its threads and
-closes what it opened (source, outputs, metric series); it never installs signal handlers
+closes its source, outputs and metric series (also a source or sinks handed to it); it never
+installs signal handlers
 (the CLI and the service own signals). ``update``, ``stop``, ``join``, ``state`` and
 ``stats`` may be called from any thread.
 """
@@ -55,9 +56,8 @@ class StreamSession:
         self._source, self._sinks, self.progress, self.atomic = source, sinks, progress, atomic
         self.source = self.sink = self.pipeline = self.metrics = None
         self.error: BaseException | None = None
-        self._last_view = self.view
         self._lock = threading.Lock()
-        self._closed_early = False
+        self._stop_requested: bool | None = None  # the drain flag of the first stop() (or an abort after it)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> "StreamSession":
@@ -65,29 +65,38 @@ class StreamSession:
         from segsynth.metrics import StreamMetrics
 
         with self._lock:
-            if self.pipeline is not None or self._closed_early:
+            if self.pipeline is not None or self._stop_requested is not None:
                 raise RuntimeError(f"session {self.id} was started or stopped already")
             cfg = self.config
             source = self._source or open_source(cfg.source, stream=cfg.stream, fps=cfg.fps)
+            sinks = []
             try:
                 source.model_size, source.need_display = self.models.size, self.view in DISPLAY_VIEWS
                 sinks = self._sinks or [self._file_sink(path, source) for path in cfg.sinks]
                 source.decode_audio = set().union(*(s.decoded_audio for s in sinks))
                 self.source, self.sinks = source, sinks
                 self.sink = sinks[0] if len(sinks) == 1 else TeeSink(sinks)
-                self.metrics = StreamMetrics(self.id)
+                try:
+                    self.metrics = StreamMetrics(self.id)
+                except ValueError as exc:
+                    raise InputError(f"id: {exc}") from None
                 w, h = self.models.size
                 self.pipeline = Pipeline(source, self.infer, self.sink, model_shape=(h, w, 3), batch=cfg.batch,
                                          policy=cfg.policy, ring_slots=cfg.ring_slots,
                                          allocator=self.models.segmenter.pinned_allocator(), render=self._render,
                                          progress=self.progress, observer=self.metrics, on_done=self._finished,
                                          name=f"segsynth-{self.id}")
+                self.pipeline.start()
             except BaseException:
+                self.pipeline = None
                 if self.metrics is not None:
                     self.metrics.close()
+                for sink in sinks:
+                    sink.close()  # nothing was written yet; this releases what the sink holds
                 source.close()
                 raise
-            self.pipeline.start()
+        if self._stop_requested is not None:  # a stop (a signal) arrived while starting
+            self.pipeline.stop(self._stop_requested)
         return self
 
     def _file_sink(self, path: str, source) -> FileSink:
@@ -95,16 +104,17 @@ class StreamSession:
         media.check_output(Path(path), *([Path(source.info.name)] if not source.live else []))
         encoding = Encoding(cfg.codec, cfg.crf, cfg.preset, cfg.bitrate, low_latency=cfg.policy == "latest",
                             gray=self.view == "ids")
-        return FileSink(path, source.info, encoding, atomic=self.atomic)
+        return FileSink(path, source.info, encoding, atomic=self.atomic, tag=self.id)
 
     def stop(self, drain: bool = True) -> None:
         """``drain``: stop reading and finish (encode, flush, close) what was read; otherwise
-        abort: stop at the next check and close the outputs as they are."""
-        with self._lock:
-            if self.pipeline is None:
-                self._closed_early = True
-                return
-        self.pipeline.stop(drain)
+        abort: stop at the next check and close the outputs as they are. Safe from a signal
+        handler, also while ``start()`` runs on the same thread."""
+        if self._stop_requested is None or not drain:
+            self._stop_requested = drain
+        pipeline = self.pipeline
+        if pipeline is not None:
+            pipeline.stop(drain)
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the session is closed or failed; False if ``timeout`` ran out first."""
@@ -113,26 +123,27 @@ class StreamSession:
     @property
     def state(self) -> str:
         if self.pipeline is None:
-            return "closed" if self._closed_early else "created"
+            return "closed" if self._stop_requested is not None else "created"
         return self.pipeline.state
 
     def _finished(self, pipeline: Pipeline) -> None:
         """Called by the pipeline's last thread once everything is closed: a failed run leaves
-        no half-written output, an aborted one no atomic output; a finished one commits them."""
-        try:
-            if pipeline.errors:
-                self.error = self._explain(*pipeline.errors[0])
-            dropped = {id(sink) for sink, _ in getattr(self.sink, "failed", [])}  # by a TeeSink
-            for sink in self.sinks:
-                if pipeline.errors or id(sink) in dropped or (pipeline.abort.is_set() and getattr(sink, "atomic", False)):
+        no half-written output, a run cut short no atomic output; a finished one commits them.
+        Each sink is settled on its own, so one failing rename leaves no other output unsettled."""
+        if pipeline.errors:
+            self.error = self._explain(*pipeline.errors[0])
+        dropped = {id(sink) for sink, _ in getattr(self.sink, "failed", [])}  # by a TeeSink
+        for sink in self.sinks:
+            try:
+                if pipeline.errors or id(sink) in dropped or (pipeline.cut_short and getattr(sink, "atomic", False)):
                     getattr(sink, "discard", lambda: None)()
                 else:
                     getattr(sink, "commit", lambda: None)()
-        except BaseException as exc:  # noqa: BLE001 - a commit that fails (rename) fails the session
-            self.error = self._explain("encode", exc)
-            pipeline.errors.append(("encode", exc))
-        finally:
-            self.metrics.close()
+            except BaseException as exc:  # noqa: BLE001 - a commit that fails (rename) fails the session
+                if self.error is None:
+                    self.error = self._explain("encode", exc)
+                pipeline.errors.append(("encode", exc))
+        self.metrics.close()
 
     def _explain(self, stage: str, exc: BaseException) -> BaseException:
         """Media errors as one line that says which side failed; bugs keep their traceback."""
@@ -172,11 +183,10 @@ class StreamSession:
 
     def _render(self, result, meta):
         """The picture for the current view (encode thread). Frames read before a switch to a
-        view that shows the input have no input frame: they keep the view they were read with."""
+        view that shows the input have no input frame: they show the synthesis (or the labels)."""
         view = self.view
         if view in DISPLAY_VIEWS and meta.get("display") is None:
-            view = self._last_view
-        self._last_view = view
+            view = "synth" if result.synth is not None else "labels"
         return compose(view, meta.get("display"), result.labels, result.synth, self.models.label_set, meta["size"],
                        legend=self.config.legend)
 

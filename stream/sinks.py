@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -57,15 +58,17 @@ class FileSink:
     format holds their codec (FFmpeg is asked), and re-encoded otherwise."""
 
     def __init__(self, path: str | Path, info: SourceInfo, encoding: Encoding = Encoding(), *,
-                 atomic: bool = False) -> None:
+                 atomic: bool = False, tag: str = "") -> None:
         self.path, self.info, self.encoding, self.atomic = Path(path), info, encoding, atomic
-        self.target = self.path.parent / f".{self.path.stem}.partial{self.path.suffix}" if atomic else self.path
+        unique = f"{os.getpid()}{'-' + tag if tag else ''}"  # two runs writing one name never share a temporary file
+        self.target = self.path.parent / f".{self.path.stem}.partial-{unique}{self.path.suffix}" if atomic else self.path
         self.writer = self.container = self.vstream = None
         self.out_size: tuple[int, int] | None = None
-        self.copy = media.audio_copy_plan(self.path, info.audio)  # track -> True (copy) / False (re-encode)
-        self.decoded_audio = {track for track, copy in self.copy.items() if not copy}
+        self.templates = media.AudioTemplates(self.path, info.audio)  # read now, before any stage runs
+        self.decoded_audio = {track for track, copy in self.templates.copy.items() if not copy}
         self.audio: dict[int, media.AudioOutput] = {}
         self.last_pts: int | None = None
+        self.shift = 0  # added to input timestamps after they jumped back
         self.held: list = []  # packets muxed before every track knows its codec configuration
 
     def _open(self, size: tuple[int, int]) -> None:
@@ -81,9 +84,11 @@ class FileSink:
             preset=enc.preset, bitrate=enc.bitrate, b_frames=not fragmented_mp4, low_latency=enc.low_latency,
             pix_fmt="gray" if enc.gray else "yuv420p")
         for track in self.info.audio:
-            self.audio[track.index] = media.AudioOutput(self.container, track, copy=self.copy[track.index])
+            self.audio[track.index] = media.AudioOutput(self.container, track, self.templates.streams.get(track.index))
+        self.templates.close()
 
-    HOLD_LIMIT = 1024  # packets; ffmpeg's muxing queue gives up at about the same point
+    HOLD_LIMIT = 1024  # packets (ffmpeg's muxing queue gives up at about the same point) ...
+    HOLD_BYTES = 64 << 20  # ... or bytes
 
     def _mux(self, packets: list) -> None:
         """Mux, or hold the packets while a copied track still waits for its first packet (the
@@ -91,7 +96,7 @@ class FileSink:
         if self.held or not all(out.ready for out in self.audio.values()):
             self.held += packets
             if not all(out.ready for out in self.audio.values()):
-                if len(self.held) > self.HOLD_LIMIT:
+                if len(self.held) > self.HOLD_LIMIT or sum(p.size for p in self.held) > self.HOLD_BYTES:
                     waiting = [i for i, out in self.audio.items() if not out.ready]
                     raise OutputError(f"writing {self.path}: audio stream {waiting[0]} of {self.info.name} sent no "
                                       f"packet in the first {self.HOLD_LIMIT} packets; its codec configuration is "
@@ -109,9 +114,14 @@ class FileSink:
         picture = fit_picture(picture, self.out_size)
         frame = av.VideoFrame.from_ndarray(picture, format="gray" if picture.ndim == 2 else "rgb24")
         tb = self.vstream.codec_context.time_base  # the encoder's (the muxer may pick another for the stream)
-        pts = media.rescale(meta["pts"], meta["time_base"], tb)
+        pts = media.rescale(meta["pts"], meta["time_base"], tb) + self.shift
         if self.last_pts is not None and pts <= self.last_pts:
-            pts = self.last_pts + 1  # encoder and muxer need strictly increasing timestamps
+            # Encoder and muxer need strictly increasing timestamps. A repeat moves on by one
+            # tick; a jump back (a timestamp reset, concatenated streams) moves this frame and
+            # every later one to one frame after the last, so the timeline goes on from there.
+            step = 1 if pts == self.last_pts else max(1, round(1 / (self.info.rate * tb)))
+            self.shift += self.last_pts + step - pts
+            pts = self.last_pts + step
         frame.pts, frame.time_base, self.last_pts = pts, tb, pts
         self._mux(self.vstream.encode(frame))
 
@@ -120,6 +130,7 @@ class FileSink:
             self._mux(self.audio[item.track].packets(item))
 
     def close(self) -> None:
+        self.templates.close()
         if self.container is None:
             return
         try:
@@ -196,11 +207,13 @@ class MemorySink:
         pass  # video only
 
     def close(self) -> None:
-        if self.stream is not None and not self.broken:
-            self.container.mux(self.stream.encode(None))
-        if self.container is not None:
-            self.container.close()
-        self.container = self.stream = None
+        try:
+            if self.stream is not None and not self.broken:
+                self.container.mux(self.stream.encode(None))
+        finally:
+            if self.container is not None:
+                self.container.close()
+            self.container = self.stream = None
 
 
 class _Tail(io.RawIOBase):
@@ -252,11 +265,5 @@ class TeeSink:
             self._guarded(sink, lambda: sink.write_audio(mine))
 
     def close(self) -> None:
-        errors = []
-        for sink in self.sinks:
-            try:
-                sink.close()
-            except Exception as exc:  # noqa: BLE001
-                errors.append(exc)
-        if errors:
-            raise errors[0]
+        for sink in list(self.sinks):
+            self._guarded(sink, sink.close)  # a sink failing to close is dropped like one failing to write

@@ -28,21 +28,25 @@ def ffmpeg(*args) -> None:
                    timeout=120)
 
 
-def audio_seconds(path: Path) -> list[float]:
-    """Decoded duration of every audio stream, in seconds (what a listener gets)."""
+def audio_seconds(path: Path) -> list[tuple[float, float]]:
+    """(decoded duration, first timestamp) of every audio stream, in seconds (what a listener gets, when)."""
     import av
 
     with av.open(str(path)) as c:
         samples = {s.index: 0 for s in c.streams.audio}
+        starts: dict[int, float] = {}
         for packet in c.demux(*c.streams.audio) if samples else ():  # one pass: no seeking back between tracks
-            samples[packet.stream.index] += sum(f.samples for f in packet.decode())
-        return [samples[s.index] / s.codec_context.sample_rate for s in c.streams.audio]
+            for frame in packet.decode():
+                samples[packet.stream.index] += frame.samples
+                starts.setdefault(packet.stream.index, float(frame.pts * frame.time_base))
+        return [(samples[s.index] / s.codec_context.sample_rate, starts.get(s.index, 0.0)) for s in c.streams.audio]
 
 
-def check_like_ffmpeg(src: Path, tmp_path: Path, *extra: str, audio_tracks: int | None = None) -> tuple[list, list]:
+def check_like_ffmpeg(src: Path, tmp_path: Path, *extra: str, audio_tracks: int | None = None,
+                      ext: str = ".mp4") -> tuple[list, list]:
     """Run segsynth and the ffmpeg CLI on ``src``; both must succeed, and segsynth must keep as
-    many frames as ffmpeg, with strictly increasing timestamps, and the audio."""
-    ours, theirs = tmp_path / "ours.mp4", tmp_path / "ffmpeg.mp4"
+    many frames as ffmpeg, with strictly increasing timestamps, and the audio, in sync."""
+    ours, theirs = tmp_path / f"ours{ext}", tmp_path / "ffmpeg.mp4"
     proc = run_cli("run", src, ours, *FAST, *extra)
     assert proc.returncode == 0, proc.stderr
     ffmpeg("-i", src, "-map", "0:v:0", "-map", "0:a?", "-c:v", "libx264", "-preset", "veryfast", "-fps_mode",
@@ -54,8 +58,10 @@ def check_like_ffmpeg(src: Path, tmp_path: Path, *extra: str, audio_tracks: int 
     assert abs((t_ours[-1] - t_ours[0]) - (t_ref[-1] - t_ref[0])) <= 0.05, (t_ours[::20], t_ref[::20])
     a_ours, a_ref = audio_seconds(ours), audio_seconds(theirs)
     assert len(a_ours) == (audio_tracks if audio_tracks is not None else len(a_ref))
-    for ours_s, ref_s in zip(a_ours, a_ref):
+    for (ours_s, ours_t0), (ref_s, ref_t0) in zip(a_ours, a_ref):
         assert abs(ours_s - ref_s) <= 0.05, (a_ours, a_ref)
+        # in sync: the audio starts where it does against the video, as in ffmpeg's output
+        assert abs((ours_t0 - t_ours[0]) - (ref_t0 - t_ref[0])) <= 0.05, (ours_t0, t_ours[0], ref_t0, t_ref[0])
     return t_ours, f_ours
 
 
@@ -85,6 +91,13 @@ def test_avi_with_pcm_audio_to_mp4(tmp_path, codec, channels):
 
     with av.open(str(tmp_path / "ours.mp4")) as c:
         assert c.streams.audio[0].codec_context.layout.nb_channels == channels
+
+
+def test_ts_starting_late_re_encoded_for_webm_keeps_audio_in_sync(tmp_path):
+    src = tmp_path / "late.ts"  # WebM cannot hold AAC: the audio is re-encoded to Opus
+    ffmpeg(*VIDEO, *TONE, "-t", "2", "-c:v", "libx264", "-c:a", "aac", "-output_ts_offset", "100", src)
+    times, _ = check_like_ffmpeg(src, tmp_path, "--codec", "libvpx-vp9", ext=".webm")
+    assert times[0] > 100
 
 
 def test_wmv_with_wma_audio_to_mp4(tmp_path):

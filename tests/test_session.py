@@ -79,6 +79,14 @@ def test_eight_sessions_over_one_modelset_match_lone_runs(tmp_path, astronaut, m
     assert np.abs(decode_video(tmp_path / "s1.mp4")[1][0].astype(int) - dog).sum(-1).min() < 30
 
 
+def _wait_for_frames(session, frames: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while session.stats()["frames_out"] < frames:
+        assert session.state not in ("failed", "closed"), session.stats()
+        assert time.monotonic() < deadline, f"fewer than {frames} frames after {timeout} s"
+        time.sleep(0.01)
+
+
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -127,8 +135,7 @@ def test_remap_update_changes_the_output_two_batches_later_only_where_the_class_
         s = StreamSession(StreamConfig(source="synthetic", sinks=[out], view="ids", batch=2), models,
                           source=source)
         s.start()
-        while s.stats()["frames_out"] < 12:
-            time.sleep(0.01)
+        _wait_for_frames(s, 12)
         inferred = s.stats()["frames_inferred"]
         s.update(remap="person=dog")
         with pytest.raises(LabelError, match="did you mean"):
@@ -205,8 +212,7 @@ def test_metrics_follow_a_session_and_vanish_with_it(tmp_path, astronaut, tiny_s
         s = StreamSession(StreamConfig(source="synthetic", sinks=["x.mp4"], view="labels", id="cam-1"), models,
                           source=SyntheticSource([astronaut[::8, ::8]], count=400, rate=100), sinks=[sink])
         s.start()
-        while s.stats()["frames_out"] < 50:
-            time.sleep(0.01)
+        _wait_for_frames(s, 50)
         live = series("cam-1")
         assert live[("segsynth_stream_up", None)] == 1
         assert live[("segsynth_frames_total", "decoded")] >= 50 and ("segsynth_frames_total", "encoded") in live
@@ -275,12 +281,14 @@ def test_view_update_switches_the_picture_and_keeps_the_output_size(tmp_path, as
         s = StreamSession(StreamConfig(source="synthetic", sinks=[out], view="labels", legend=False, crf=0), models,
                           source=SyntheticSource([picture], count=30, rate=30))
         s.start()
-        while s.stats()["frames_out"] < 5:
-            time.sleep(0.01)
+        _wait_for_frames(s, 5)
         with pytest.raises(InputError, match="cannot be switched"):
             s.update(view="ids")
+        for view in ("overlay", "labels", "side-by-side", "labels", "overlay"):  # faster than frames arrive
+            s.update(view=view)  # frames read before a switch have no input picture: never a failure
+        time.sleep(0.2)
         s.update(view="side-by-side")  # input | labels, 256 x 128, fitted into the 128 x 128 output
-        assert s.join(30) and s.state == "closed"
+        assert s.join(30) and s.state == "closed", s.stats()
     _, frames = decode_video(out)
     first, last = frames[0].astype(int), frames[-1].astype(int)
     assert first.shape == last.shape == (128, 128, 3)
