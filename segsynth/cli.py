@@ -77,14 +77,21 @@ def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .config import ModelConfig, StreamConfig, parse_size
-    from .errors import Interrupted
+    from .errors import InputError, Interrupted
     from .stream.run import run
 
-    cfg = StreamConfig(source=args.input, sinks=(args.output,), view=args.view, remap=args.remap,
+    outputs = [*args.outputs, *(args.out or []), *([f"mjpeg://{args.preview}"] if args.preview else [])]
+    if not outputs:
+        raise InputError("run needs an output: run IN OUT [OUT ...], --out OUT or --preview HOST:PORT")
+    cfg = StreamConfig(source=args.input, sinks=tuple(outputs), view=args.view, remap=args.remap,
                        style=Path(args.style) if args.style else None, seed=args.seed, smooth=args.smooth,
                        fit=args.fit, policy=args.policy, batch=args.batch, codec=args.codec, crf=args.crf,
                        preset=args.preset, bitrate=args.bitrate, stream=args.stream, fps=args.fps,
-                       legend=not args.no_legend)
+                       legend=not args.no_legend, max_frames=args.frames, duration=args.duration,
+                       segment_time=args.segment_time, rtsp_transport=args.rtsp_transport,
+                       stall_timeout=args.stall_timeout, reconnect_max=args.reconnect_max,
+                       camera_size=parse_size(args.camera_size, "--camera-size", "WxH") if args.camera_size else None,
+                       camera_fps=args.camera_fps)
     models = ModelConfig(segmenter=args.segmenter, generator=args.generator,
                          size=parse_size(args.size, "--size", "WxH") if args.size else None,
                          threads=args.threads, cache_dir=_cache_dir(args.cache_dir), backend=args.backend,
@@ -95,24 +102,43 @@ def _run(args: argparse.Namespace) -> int:
         controls.append(_StopOnSignals(session))
         return controls[0]
 
-    stats, session = run(cfg, models, quiet=args.quiet, control=control)
+    stats, session = run(cfg, models, quiet=args.quiet, control=control, stats_json=args.stats_json)
     declared = session.source.info.declared_frames
     signum = controls[0].signum if controls else None
-    if stats["problems"]:  # damage, or a video that ends before the time it declares
+    if stats["problems"] and session.source.live:
+        log.warning("warning: %s: %d problems, e.g. %s", cfg.source, len(stats["problems"]), stats["problems"][0])
+    elif stats["problems"]:  # damage, or a video that ends before the time it declares
         of = f" of the {declared} it declares" if declared else ""
         first = f": {stats['problems'][0]}" if stats["problems"] else ""
         log.warning("warning: %s looks truncated or damaged: decoded %d frames%s and wrote them%s",
                     cfg.source, stats["frames_in"], of, first)
-    log.info("wrote %s (%s): %d frames in, %d out, %d dropped, %.1f s, %.2f fps", args.output, stats["view"],
-             stats["frames_in"], stats["frames_out"], stats["dropped"], stats["seconds"], stats["fps"])
+    log.info("wrote %s (%s): %d frames in, %d out, %d dropped, reconnects %d, %.1f s, %.2f fps",
+             ", ".join(outputs), stats["view"], stats["frames_in"], stats["frames_out"], stats["dropped"],
+             stats["reconnects"], stats["seconds"], stats["fps"])
+    for out in stats.get("outputs", []):
+        if not out["ok"] or out["reconnects"] or out["skipped"]:
+            log.info("  output %s: %s, reconnects %d, %d frames skipped", out["name"],
+                     "ok" if out["ok"] else "dropped", out["reconnects"], out["skipped"])
     for name, t in stats["stages"].items():
         log.info("  %-7s mean %7.1f ms   p95 %7.1f ms", name, t["mean_ms"], t["p95_ms"])
     if stats["latency_ms"]:
-        log.info("  latency p50 %.0f ms, p95 %.0f ms (decode to mux)", stats["latency_ms"]["p50"],
-                 stats["latency_ms"]["p95"])
+        lat = stats["latency_ms"]
+        log.info("  latency p50 %.0f ms, p95 %.0f ms, p99 %.0f ms (arrival to mux)", lat["p50"], lat["p95"],
+                 lat["p99"])
     if signum is not None:
         raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after {stats['frames_out']} frames; "
                                   "the output holds them and is closed")
+    return 0
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from .stream.live import describe_cameras
+
+    cameras = describe_cameras()
+    if not cameras:
+        print("no cameras found (no /dev/video* devices)")
+    for device, name in cameras:
+        print(f"{device}\t{name}")
     return 0
 
 
@@ -312,8 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common], help="segment, remap and re-synthesize every frame of a video",
                        description="The main job: DeepLab labels every frame, --remap rewrites the labels, SPADE "
                                    "paints a new frame; threaded decode -> infer -> encode, timestamps and audio kept.")
-    p.add_argument("input", help="input video file")
-    p.add_argument("output", help="output video (.mp4 written fragmented, .mkv, .mov, ...)")
+    p.add_argument("input", help="input: a video file, an image sequence, rtsp:// rtsps:// rtmp:// srt:// "
+                   "http(s):// (incl. HLS .m3u8), a camera (/dev/videoN, v4l2:N) or lavfi:GRAPH")
+    p.add_argument("outputs", nargs="*", metavar="OUTPUT",
+                   help="one or more outputs: video files (.mp4 written fragmented, .mkv, ...), rtsp:// or "
+                   "rtmp:// or srt:// (pushed to a server), DIR/NAME.m3u8 (HLS)")
+    p.add_argument("--out", action="append", metavar="OUTPUT", help="another output (may be repeated)")
+    p.add_argument("--preview", metavar="HOST:PORT", help="serve an MJPEG preview, e.g. 127.0.0.1:8090")
+    p.add_argument("--frames", type=int, metavar="N", help="stop after N frames (like ffmpeg -frames:v)")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this much input (like ffmpeg -t)")
+    p.add_argument("--stats-json", metavar="FILE", help="write the final statistics as JSON")
+    p.add_argument("--segment-time", type=float, metavar="SECONDS",
+                   help="file outputs: start a new file (NAME-00000.mp4, ...) every SECONDS")
+    p.add_argument("--rtsp-transport", choices=["tcp", "udp"], default="tcp", help="RTSP input transport (tcp)")
+    p.add_argument("--stall-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="live: a source that sends no frame this long is lost and reconnected (default 5)")
+    p.add_argument("--reconnect-max", type=int, metavar="N",
+                   help="live: give up after N reconnect attempts in a row (default: never)")
+    p.add_argument("--camera-size", metavar="WxH", help="camera capture size, e.g. 1280x720")
+    p.add_argument("--camera-fps", type=float, metavar="N", help="camera capture rate")
     p.add_argument("--view", choices=SESSION_VIEWS, help="synth (default with a generator), labels (default "
                                                          "without), overlay, side-by-side (input | synthesis), grid "
                                                          "(2x2), ids (class ids, lossless grayscale .mkv)")
@@ -328,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", metavar="WxH", help="synthesis resolution (default: the generator's own)")
     p.add_argument("--fit", choices=FITS, help="how frames meet the synthesis size (default: as the generator "
                                                "was trained; letterbox keeps the aspect ratio)")
-    p.add_argument("--policy", choices=["lossless", "latest"], default="lossless",
-                   help="lossless: every frame in order; latest: drop the oldest queued frame (live)")
+    p.add_argument("--policy", choices=["lossless", "latest"], default=None,
+                   help="lossless: every frame in order (default for files); latest: drop the oldest queued frame "
+                   "under load (default for live sources)")
     p.add_argument("--batch", type=int, default=1, help="frames per inference batch (default 1)")
     p.add_argument("--codec", default="libx264",
                    help="video encoder: libx264 (default), libx265, h264_nvenc, ..., or auto (a hardware H.264 "
@@ -344,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where exported generators are cached (default ~/.cache/segsynth)")
     _add_backend(p)
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("devices", parents=[common], help="list the cameras run can read (/dev/videoN)")
+    p.set_defaults(func=_devices)
 
     p = sub.add_parser("bench", parents=[common], help="measure fps, latency and scaling, side by side",
                        description="Scenarios: engine (model only), stages (decode/infer/encode alone), pipeline "

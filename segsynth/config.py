@@ -130,6 +130,23 @@ POLICIES = ("lossless", "latest")
 _STREAM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
+PUSH_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "srt")
+RTSP_TRANSPORTS = ("tcp", "udp")
+
+
+def sink_kind(spec: str) -> str:
+    """file | push (RTSP/RTMP/SRT to a server) | hls (a playlist and its segments) | preview (MJPEG over HTTP)."""
+    scheme = spec.split("://", 1)[0].lower() if "://" in spec else ""
+    if scheme in PUSH_SCHEMES:
+        return "push"
+    if scheme == "mjpeg":
+        return "preview"
+    if scheme:
+        raise InputError(f"{spec}: outputs are files, rtsp://, rtmp://, srt://, an .m3u8 playlist or "
+                         "mjpeg://HOST:PORT (--preview)")
+    return "hls" if spec.lower().endswith(".m3u8") else "file"
+
+
 def is_image_sequence(source: str) -> bool:
     """An image2 pattern (``img_%04d.jpg``), a glob of images, or a folder: a video of images."""
     path = Path(source)
@@ -171,7 +188,7 @@ class StreamConfig:
     seed: int | None = None
     smooth: int = 1
     fit: str | None = None  # letterbox | stretch; default: how the generator was trained
-    policy: str = "lossless"
+    policy: str | None = None  # None: latest for live sources, lossless for files
     batch: int = 1
     codec: str = "libx264"
     crf: int = 20
@@ -180,8 +197,16 @@ class StreamConfig:
     stream: int | None = None  # absolute index of the video stream to use
     fps: float | None = None  # frame rate of image sequences (default 25, as ffmpeg)
     legend: bool = True
-    ring_slots: int = 8
+    ring_slots: int | None = None  # frames queued before infer; default 8, or 2 batches for latest (low latency)
     id: str | None = None  # the stream's name in stats and metrics
+    max_frames: int | None = None  # stop (drain) after this many frames, like ffmpeg -frames:v
+    duration: float | None = None  # ... or after this many seconds of input, like ffmpeg -t
+    segment_time: float | None = None  # file outputs: a new file every so many seconds
+    rtsp_transport: str = "tcp"
+    stall_timeout: float = 5.0  # live: seconds without a frame before the source counts as lost
+    reconnect_max: int | None = None  # live: reconnects in a row before giving up (None: forever)
+    camera_size: tuple[int, int] | None = None  # (W, H)
+    camera_fps: float | None = None
 
     def __post_init__(self) -> None:
         source = str(self.source)
@@ -192,19 +217,29 @@ class StreamConfig:
             object.__setattr__(self, "style", Path(self.style))
         if not self.sinks:
             raise InputError("sinks: at least one output is needed")
-        if len({Path(s).resolve() for s in self.sinks}) < len(self.sinks):
+        kinds = [sink_kind(s) for s in self.sinks]
+        names = [str(Path(s).resolve()) if k in ("file", "hls") else s.rstrip("/") for s, k in zip(self.sinks, kinds)]
+        if len(set(names)) < len(names):
             raise InputError("sinks: the same output is named twice")
-        for sink in self.sinks:
-            if Path(sink).suffix.lower() not in VIDEO_EXTS:
-                raise InputError(f"{sink}: the output must be a video ({', '.join(sorted(VIDEO_EXTS))})")
-        if Path(source).suffix.lower() in IMAGE_EXTS and not is_image_sequence(source):
+        for sink, kind in zip(self.sinks, kinds):
+            if kind == "file" and Path(sink).suffix.lower() not in VIDEO_EXTS:
+                raise InputError(f"{sink}: the output must be a video ({', '.join(sorted(VIDEO_EXTS))}), a stream "
+                                 "URL (rtsp://, rtmp://, srt://), an .m3u8 playlist or mjpeg://HOST:PORT")
+            if kind == "preview":
+                from segsynth.stream.preview import parse_address
+
+                parse_address(sink)
+        from segsynth.stream.live import is_live
+
+        if not is_live(source) and Path(source).suffix.lower() in IMAGE_EXTS and not is_image_sequence(source):
             raise InputError(f"{source} is an image; run works on video (use segment for images, or an image "
                              "sequence: a folder, a glob or a pattern like img_%04d.jpg)")
         if self.view is not None and self.view not in SESSION_VIEWS:
             raise InputError(f"view: unknown view {self.view!r}; choose one of: {', '.join(SESSION_VIEWS)}")
-        if self.view == "ids" and any(Path(s).suffix.lower() not in IDS_VIDEO_EXTS for s in self.sinks):
+        if self.view == "ids" and any(k != "file" or Path(s).suffix.lower() not in IDS_VIDEO_EXTS
+                                      for s, k in zip(self.sinks, kinds)):
             raise InputError("view: ids writes lossless FFV1 grayscale video; use .mkv")
-        if self.policy not in POLICIES:
+        if self.policy is not None and self.policy not in POLICIES:
             raise InputError(f"policy: must be one of: {', '.join(POLICIES)}")
         if self.fit is not None and self.fit not in FITS:
             raise InputError(f"fit: must be one of: {', '.join(FITS)}")
@@ -212,12 +247,26 @@ class StreamConfig:
             raise InputError("smooth: must be between 1 (off) and 15 frames")
         if not 1 <= self.batch <= 64:
             raise InputError("batch: must be between 1 and 64")
-        if self.ring_slots < max(2, self.batch):
+        if self.ring_slots is not None and self.ring_slots < max(2, self.batch):
             raise InputError("ring_slots: the frame ring needs at least max(2, batch) slots")
         if self.style is not None and self.seed is not None:
             raise InputError("style and seed both set z; give one")
         if self.fps is not None and not 0 < self.fps <= 1000:
             raise InputError("fps: must be between 0 and 1000")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise InputError("frames: must be at least 1")
+        if self.duration is not None and not self.duration > 0:
+            raise InputError("duration: must be more than 0 seconds")
+        if self.segment_time is not None and not self.segment_time >= 1:
+            raise InputError("segment_time: must be at least 1 second")
+        if self.rtsp_transport not in RTSP_TRANSPORTS:
+            raise InputError(f"rtsp_transport: must be one of: {', '.join(RTSP_TRANSPORTS)}")
+        if not 0.5 <= self.stall_timeout <= 600:
+            raise InputError("stall_timeout: must be between 0.5 and 600 seconds")
+        if self.reconnect_max is not None and self.reconnect_max < 0:
+            raise InputError("reconnect_max: must be 0 or more")
+        if self.camera_fps is not None and not 0 < self.camera_fps <= 240:
+            raise InputError("camera_fps: must be between 0 and 240")
         if self.id is not None and not _STREAM_ID.fullmatch(self.id):
             raise InputError(f"id: {self.id!r} must be 1-64 letters, digits, '.', '_' or '-'")
         from segsynth.stream.media import check_encoder_settings

@@ -242,6 +242,26 @@ class MediaWriter:
         self.close()
 
 
+class URLWriter:
+    """An output FFmpeg writes itself: a network push (RTSP, RTMP, SRT), an HLS playlist and
+    its segments, or a segmented file series. The same interface as ``MediaWriter``; opening
+    and every write are bounded by ``timeout`` seconds (a server that stops reading)."""
+
+    def __init__(self, url: str, fmt: str, options: dict, timeout: float = 5.0) -> None:
+        import av
+
+        try:
+            self.container = av.open(url, "w", format=fmt, options=options, timeout=timeout)
+        except (av.FFmpegError, OSError, ValueError) as exc:
+            raise OutputError(f"cannot open {url}: {ffmpeg_message(exc)}") from exc
+        self.path, self.broken = url, False
+
+    mux = MediaWriter.mux
+
+    def close(self) -> None:
+        self.container.close()
+
+
 def check_output(path: Path, *inputs: Path) -> None:
     """Fail early (before any work) on an output that cannot be written or would overwrite an input."""
     parent = path.parent if str(path.parent) else Path(".")
@@ -266,12 +286,13 @@ class AudioTemplates:
     ``streams[track]`` is a template the encode thread can use without touching an input
     stream, which the decode thread is reading. ``close()`` frees the scratch container."""
 
-    def __init__(self, path: Path, tracks) -> None:
+    def __init__(self, path: Path, tracks, fmt: str | None = None) -> None:
         import av
 
         self.copy: dict[int, bool] = {}
         self.streams: dict[int, object] = {}
-        self.scratch = av.open(io.BytesIO(), "w", format=_output_format(path) or "matroska") if tracks else None
+        fmt = fmt or _output_format(path) or "matroska"
+        self.scratch = av.open(io.BytesIO(), "w", format=fmt) if tracks else None
         for track in tracks:
             try:
                 self.streams[track.index] = self.scratch.add_stream_from_template(track.template)

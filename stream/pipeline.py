@@ -91,7 +91,8 @@ class Pipeline:
 
     def __init__(self, source, infer: Callable, sink, *, model_shape: tuple[int, int, int], batch: int = 1,
                  policy: str = "lossless", ring_slots: int = 8, allocator=None, render: Callable | None = None,
-                 progress=None, observer=None, on_done: Callable | None = None, name: str = "segsynth") -> None:
+                 progress=None, observer=None, on_done: Callable | None = None, name: str = "segsynth",
+                 max_frames: int | None = None, duration: float | None = None) -> None:
         kwargs = {"allocator": allocator} if allocator is not None else {}
         self.ring = FrameRing(ring_slots, model_shape, np.uint8, policy, **kwargs)
         self.source, self.infer, self.sink, self.batch = source, infer, sink, batch
@@ -101,6 +102,7 @@ class Pipeline:
         self.results: queue.Queue = queue.Queue(maxsize=2 * max(1, batch))
         self.audio: queue.Queue = queue.Queue()
         self.progress, self.observer, self.on_done, self.name = progress, observer, on_done, name
+        self.max_frames, self.duration = max_frames, duration  # the end of the input, when reached first
         self.stop_reading, self.abort, self.done = threading.Event(), threading.Event(), threading.Event()
         self.errors: list[tuple[str, BaseException]] = []
         self.timers = {stage: StageTimer() for stage in STAGES}
@@ -115,23 +117,32 @@ class Pipeline:
 
     # ---- stages ---------------------------------------------------------------------------
     def _decode(self) -> None:
-        frames = None
+        frames, first = None, None
         try:
             frames = self.source.frames(self.stop_reading, self.audio.put)
             while not self.abort.is_set():
+                if self.max_frames is not None and self.frames_in >= self.max_frames:
+                    break
                 start = time.perf_counter()
                 try:
                     rgb, meta = next(frames)
                 except StopIteration:
                     break
-                spent = time.perf_counter() - start
+                seconds = float(meta["pts"] * meta["time_base"])
+                first = seconds if first is None else first
+                if self.duration is not None and seconds - first >= self.duration:
+                    break
+                # A live source says when the frame's packet arrived (waiting for the network is
+                # not decoding); latency counts from there, glass to glass
+                arrival = meta.pop("arrival", start)
+                spent = time.perf_counter() - max(start, arrival)
                 self.timers["decode"].add(spent)  # the work, not the wait below
                 self._observe("stage", "decode", spent, 1)
                 slot = self.ring.acquire()
                 if slot is None:
                     break
                 np.copyto(slot.data, rgb)
-                slot.meta = {**meta, "t0": start}
+                slot.meta = {**meta, "t0": arrival}
                 self.frames_in += 1
                 self.ring.publish(slot)
                 self._observe("queues", self.ring.depth, self.results.qsize(), self.ring.dropped)

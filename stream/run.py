@@ -21,16 +21,24 @@ from .sources import open_source
 
 
 def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, control=None,
-        atomic: bool = False, label: str = "run") -> tuple[dict, StreamSession]:
+        atomic: bool = False, label: str = "run", stats_json: str | None = None) -> tuple[dict, StreamSession]:
     """Run the session to its end; returns its final ``stats()`` and the session. Raises the
-    session's error (InputError, OutputError, ...) if it failed."""
-    source = open_source(cfg.source, stream=cfg.stream, fps=cfg.fps)
+    session's error (InputError, OutputError, ...) if it failed. ``stats_json``: where the
+    final stats are written (also when the session failed)."""
+    from segsynth.config import sink_kind
+
+    source = open_source(cfg)
     session = None
     try:
         for sink in cfg.sinks:
-            media.check_output(Path(sink), Path(cfg.source))
+            if sink_kind(sink) in ("file", "hls"):
+                media.check_output(Path(sink), *([] if source.live else [Path(cfg.source)]))
+        if stats_json:
+            media.check_output(Path(stats_json), *([] if source.live else [Path(cfg.source)]))
         with ModelSet.load(**vars(model_cfg)) as models:
-            with Progress(f"{label} {Path(cfg.source).name}", source.info.declared_frames,
+            total = cfg.max_frames if source.live else min(filter(None, (source.info.declared_frames, cfg.max_frames)),
+                                                           default=None)
+            with Progress(f"{label} {cfg.source if source.live else Path(cfg.source).name}", total,
                           enabled=not quiet) as progress:
                 session = StreamSession(cfg, models, source=source, progress=progress, atomic=atomic)
                 with (control(session) if control else contextlib.nullcontext()):
@@ -46,6 +54,9 @@ def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, contr
         if session is None or session.pipeline is None:
             source.close()  # not handed over: a started session closes its source itself
         raise
+    finally:
+        if stats_json and session is not None and session.pipeline is not None:
+            _write_json(Path(stats_json), session.stats())
     if session.error is not None:
         raise session.error
     stats = session.stats()
@@ -62,3 +73,10 @@ def _join_through_interrupts(session: StreamSession) -> None:
             return
         except KeyboardInterrupt:
             continue
+
+
+def _write_json(path: Path, stats: dict) -> None:
+    import json
+
+    with media.atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(stats, indent=2) + "\n")

@@ -29,7 +29,7 @@ from . import media
 from .models import ModelSet
 from .pipeline import Pipeline
 from .render import compose
-from .sinks import Encoding, FileSink, TeeSink
+from .sinks import PUSH_FORMATS, Encoding, FileSink, StreamingSink, TeeSink, hls_sink, segment_sink
 from .sources import open_source
 from .synth import Synthesize
 
@@ -58,6 +58,7 @@ class StreamSession:
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._stop_requested: bool | None = None  # the drain flag of the first stop() (or an abort after it)
+        self.policy = config.policy
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> "StreamSession":
@@ -68,11 +69,14 @@ class StreamSession:
             if self.pipeline is not None or self._stop_requested is not None:
                 raise RuntimeError(f"session {self.id} was started or stopped already")
             cfg = self.config
-            source = self._source or open_source(cfg.source, stream=cfg.stream, fps=cfg.fps)
+            source = self._source or open_source(cfg)
             sinks = []
             try:
                 source.model_size, source.need_display = self.models.size, self.view in DISPLAY_VIEWS
-                sinks = self._sinks or [self._file_sink(path, source) for path in cfg.sinks]
+                self.policy = cfg.policy or ("latest" if source.live else "lossless")
+                sinks = self._sinks or []
+                for spec in () if self._sinks else cfg.sinks:
+                    sinks.append(self._make_sink(spec, source))
                 source.decode_audio = set().union(*(s.decoded_audio for s in sinks))
                 self.source, self.sinks = source, sinks
                 self.sink = sinks[0] if len(sinks) == 1 else TeeSink(sinks)
@@ -80,12 +84,16 @@ class StreamSession:
                     self.metrics = StreamMetrics(self.id)
                 except ValueError as exc:
                     raise InputError(f"id: {exc}") from None
+                if hasattr(source, "on_reconnect"):
+                    source.on_reconnect = self.metrics.reconnected
                 w, h = self.models.size
                 self.pipeline = Pipeline(source, self.infer, self.sink, model_shape=(h, w, 3), batch=cfg.batch,
-                                         policy=cfg.policy, ring_slots=cfg.ring_slots,
+                                         policy=self.policy,
+                                         ring_slots=cfg.ring_slots or (2 * cfg.batch if self.policy == "latest" else 8),
                                          allocator=self.models.segmenter.pinned_allocator(), render=self._render,
                                          progress=self.progress, observer=self.metrics, on_done=self._finished,
-                                         name=f"segsynth-{self.id}")
+                                         name=f"segsynth-{self.id}", max_frames=cfg.max_frames,
+                                         duration=cfg.duration)
                 self.pipeline.start()
             except BaseException:
                 self.pipeline = None
@@ -99,12 +107,29 @@ class StreamSession:
             self.pipeline.stop(self._stop_requested)
         return self
 
-    def _file_sink(self, path: str, source) -> FileSink:
-        cfg = self.config
-        media.check_output(Path(path), *([Path(source.info.name)] if not source.live else []))
-        encoding = Encoding(cfg.codec, cfg.crf, cfg.preset, cfg.bitrate, low_latency=cfg.policy == "latest",
-                            gray=self.view == "ids")
-        return FileSink(path, source.info, encoding, atomic=self.atomic, tag=self.id)
+    def _make_sink(self, spec: str, source):
+        """The sink an output string names: a file (or a file series), a push to a server, an
+        HLS playlist, an MJPEG preview."""
+        from segsynth.config import sink_kind
+
+        cfg, kind = self.config, sink_kind(spec)
+        if kind == "preview":
+            from .preview import PreviewSink
+
+            return PreviewSink(spec)
+        live = kind in ("push", "hls") or self.policy == "latest"
+        encoding = Encoding(cfg.codec, cfg.crf, cfg.preset, cfg.bitrate, low_latency=live, gray=self.view == "ids")
+        if kind == "push":
+            scheme = spec.split("://", 1)[0].lower()
+            options = {"rtsp_transport": "tcp"} if scheme.startswith("rtsp") else {}
+            return StreamingSink(spec, source.info, encoding, fmt=PUSH_FORMATS[scheme], options=options,
+                                 retries=cfg.reconnect_max)
+        media.check_output(Path(spec), *([Path(source.info.name)] if not source.live else []))
+        if kind == "hls":
+            return hls_sink(spec, source.info, encoding)
+        if cfg.segment_time:
+            return segment_sink(spec, source.info, encoding, cfg.segment_time)
+        return FileSink(spec, source.info, encoding, atomic=self.atomic, tag=self.id)
 
     def stop(self, drain: bool = True) -> None:
         """``drain``: stop reading and finish (encode, flush, close) what was read; otherwise
@@ -203,6 +228,11 @@ class StreamSession:
                "error": str(self.error) if self.error is not None else None}
         if p is not None:
             s = p.stats()
+            failed = {id(sink) for sink, _ in getattr(self.sink, "failed", [])}
+            out["outputs"] = [{"name": getattr(k, "name", str(k)), "ok": id(k) not in failed,
+                               "reconnects": getattr(k, "reconnects", 0), "skipped": getattr(k, "skipped", 0)}
+                              for k in self.sinks]
+            out["reconnects"] = getattr(self.source, "reconnects", 0)
             out.update(frames_in=s.frames_in, frames_inferred=p.frames_inferred, frames_out=s.frames_out,
                        dropped=s.dropped, fps=s.fps, seconds=s.seconds, stages=s.stages,
                        latency_ms={k.removesuffix("_ms"): v for k, v in s.latency.items()},

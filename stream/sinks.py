@@ -13,6 +13,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -58,33 +60,41 @@ class FileSink:
     format holds their codec (FFmpeg is asked), and re-encoded otherwise."""
 
     def __init__(self, path: str | Path, info: SourceInfo, encoding: Encoding = Encoding(), *,
-                 atomic: bool = False, tag: str = "") -> None:
+                 atomic: bool = False, tag: str = "", fmt: str | None = None) -> None:
         self.path, self.info, self.encoding, self.atomic = Path(path), info, encoding, atomic
+        self.name = str(path)  # for messages (a URL stays a URL)
         unique = f"{os.getpid()}{'-' + tag if tag else ''}"  # two runs writing one name never share a temporary file
         self.target = self.path.parent / f".{self.path.stem}.partial-{unique}{self.path.suffix}" if atomic else self.path
         self.writer = self.container = self.vstream = None
         self.out_size: tuple[int, int] | None = None
-        self.templates = media.AudioTemplates(self.path, info.audio)  # read now, before any stage runs
+        self.templates = media.AudioTemplates(self.path, info.audio, fmt)  # read now, before any stage runs
         self.decoded_audio = {track for track, copy in self.templates.copy.items() if not copy}
         self.audio: dict[int, media.AudioOutput] = {}
         self.last_pts: int | None = None
         self.shift = 0  # added to input timestamps after they jumped back
         self.held: list = []  # packets muxed before every track knows its codec configuration
 
+    def _make_writer(self):
+        """The container to write, and whether its video may use B-frames."""
+        fragmented = not self.atomic
+        fragmented_mp4 = fragmented and self.path.suffix.lower() in (".mp4", ".m4v", ".mov")
+        return media.MediaWriter(self.target, fragmented=fragmented), not fragmented_mp4
+
     def _open(self, size: tuple[int, int]) -> None:
         enc = self.encoding
         w, h = size
         self.out_size = (w + w % 2, h + h % 2)  # 4:2:0 needs even sizes: pad the last row/column
-        fragmented = not self.atomic
-        self.writer = media.MediaWriter(self.target, fragmented=fragmented)
+        self.writer, b_frames = self._make_writer()
         self.container = self.writer.container
-        fragmented_mp4 = fragmented and self.path.suffix.lower() in (".mp4", ".m4v", ".mov")
         self.vstream = media.add_video_stream(
             self.container, "ffv1" if enc.gray else enc.codec, self.info, self.out_size, crf=enc.crf,
-            preset=enc.preset, bitrate=enc.bitrate, b_frames=not fragmented_mp4, low_latency=enc.low_latency,
+            preset=enc.preset, bitrate=enc.bitrate, b_frames=b_frames, low_latency=enc.low_latency,
             pix_fmt="gray" if enc.gray else "yuv420p")
         for track in self.info.audio:
             self.audio[track.index] = media.AudioOutput(self.container, track, self.templates.streams.get(track.index))
+        self._templates_used()
+
+    def _templates_used(self) -> None:
         self.templates.close()
 
     HOLD_LIMIT = 1024  # packets (ffmpeg's muxing queue gives up at about the same point) ...
@@ -98,7 +108,7 @@ class FileSink:
             if not all(out.ready for out in self.audio.values()):
                 if len(self.held) > self.HOLD_LIMIT or sum(p.size for p in self.held) > self.HOLD_BYTES:
                     waiting = [i for i, out in self.audio.items() if not out.ready]
-                    raise OutputError(f"writing {self.path}: audio stream {waiting[0]} of {self.info.name} sent no "
+                    raise OutputError(f"writing {self.name}: audio stream {waiting[0]} of {self.info.name} sent no "
                                       f"packet in the first {self.HOLD_LIMIT} packets; its codec configuration is "
                                       "unknown")
                 return
@@ -162,6 +172,111 @@ class FileSink:
                     pass
                 self.container = None
             self.target.unlink(missing_ok=True)
+
+
+PUSH_FORMATS = {"rtsp": "rtsp", "rtsps": "rtsp", "rtmp": "flv", "rtmps": "flv", "srt": "mpegts"}
+_QUERY_FORMATS = {"rtsp": "mpegts", "hls": "mpegts"}  # muxers FFmpeg cannot ask about codecs: what they carry
+
+
+class StreamingSink(FileSink):
+    """An output FFmpeg writes itself (``fmt``, ``options``): RTSP/RTMP/SRT push to a server,
+    an HLS playlist with its segments, or a file series cut every few seconds (``segment``).
+    Encoded for live viewing: no B-frames and a keyframe every 2 s, so a player can join at any
+    segment. A push that fails (the server went away) is reopened with backoff, frames in
+    between skipped, at most ``retries`` times in a row (None: forever); then the failure is
+    raised (a TeeSink drops this sink and the others go on)."""
+
+    def __init__(self, url: str, info: SourceInfo, encoding: Encoding, *, fmt: str, options: dict,
+                 retries: int | None = 0, timeout: float = 5.0, query_format: str | None = None) -> None:
+        super().__init__(url, info, encoding, fmt=query_format or _QUERY_FORMATS.get(fmt, fmt))
+        self.url, self.fmt, self.options, self.retries, self.timeout = url, fmt, options, retries, timeout
+        self.failures = self.reconnects = self.skipped = 0
+        self.retry_at: float | None = None
+        from .live import Backoff
+
+        self.backoff = Backoff()
+
+    def _make_writer(self):
+        return media.URLWriter(self.url, self.fmt, dict(self.options), self.timeout), False
+
+    def _templates_used(self) -> None:
+        pass  # kept for a reopen; closed with the sink
+
+    def _guard(self, call) -> None:
+        import av
+
+        if self.retry_at is not None and time.monotonic() < self.retry_at:
+            self.skipped += 1
+            return
+        reopening = self.retry_at is not None
+        try:
+            call()
+        except (OutputError, av.FFmpegError, OSError) as exc:
+            self._drop_connection()
+            self.failures += 1
+            if self.retries is not None and self.failures > self.retries:
+                raise OutputError(f"{self.url}: {media.ffmpeg_message(exc)}" +
+                                  (f" (after {self.failures - 1} retries)" if self.failures > 1 else "")) from exc
+            delay = self.backoff.next()
+            self.retry_at = time.monotonic() + delay
+            log.warning("output %s failed (%s); retrying in %.1f s", self.url, media.ffmpeg_message(exc), delay)
+            return
+        if reopening and self.container is not None:
+            self.reconnects += 1
+            log.warning("output %s: reconnected", self.url)
+        self.retry_at, self.failures = None, 0
+        self.backoff.reset()
+
+    def _drop_connection(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception:  # noqa: BLE001 - the connection is gone already
+                pass
+        self.writer = self.container = self.vstream = None
+        self.audio, self.held = {}, []
+
+    def write(self, picture: np.ndarray, meta: dict) -> None:
+        self._guard(lambda: FileSink.write(self, picture, meta))
+
+    def write_audio(self, item: AudioItem) -> None:
+        if self.container is not None:
+            self._guard(lambda: FileSink.write_audio(self, item))
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.templates.close()
+
+    def commit(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass  # a stream that was sent is not taken back
+
+
+def hls_sink(path: str, info: SourceInfo, encoding: Encoding, segment_seconds: float = 2.0,
+             keep: int = 6) -> StreamingSink:
+    """An HLS playlist and its MPEG-TS segments next to it; segments that fell out of the playlist are deleted."""
+    playlist = Path(path)
+    options = {"hls_time": f"{segment_seconds:g}", "hls_list_size": str(keep),
+               "hls_flags": "delete_segments+independent_segments+temp_file",
+               "hls_segment_filename": str(playlist.with_name(f"{playlist.stem}_%05d.ts"))}
+    return StreamingSink(str(playlist), info, encoding, fmt="hls", options=options)
+
+
+def segment_sink(path: str, info: SourceInfo, encoding: Encoding, seconds: float) -> StreamingSink:
+    """Files of ``seconds`` each (cut at the next keyframe): ``out-00000.mp4``, ``out-00001.mp4``,
+    ... or the names of a pattern with ``%d`` in it. Each is a fragmented MP4 or a Matroska file,
+    playable while it is written; timestamps go on across files."""
+    p = Path(path)
+    pattern = str(p) if re.search(r"%0?\d*d", p.name) else str(p.with_name(f"{p.stem}-%05d{p.suffix}"))
+    fmt = media._output_format(p) or "matroska"
+    options = {"segment_time": f"{seconds:g}", "segment_format": fmt, "reset_timestamps": "0"}
+    if fmt in ("mp4", "mov"):
+        options["segment_format_options"] = "movflags=frag_keyframe+empty_moov+default_base_moof"
+    return StreamingSink(pattern, info, encoding, fmt="segment", options=options, query_format=fmt)
 
 
 class MemorySink:

@@ -212,6 +212,13 @@ class SyntheticSource:
         self._scaled.clear()
 
 
-def open_source(spec: str, *, stream: int | None = None, fps: float | None = None) -> Source:
-    """The source a StreamConfig names (a media file or an image sequence today), opened."""
-    return FileSource(spec, stream=stream, fps=fps).open()
+def open_source(cfg) -> Source:
+    """The source a StreamConfig names, opened: a live stream (network, camera, lavfi graph),
+    or a media file or image sequence."""
+    from .live import LiveOptions, LiveSource, is_live
+
+    if is_live(cfg.source):
+        options = LiveOptions(cfg.rtsp_transport, cfg.stall_timeout, reconnect_max=cfg.reconnect_max,
+                              camera_size=cfg.camera_size, camera_fps=cfg.camera_fps)
+        return LiveSource(cfg.source, options, stream=cfg.stream).open()
+    return FileSource(cfg.source, stream=cfg.stream, fps=cfg.fps).open()

@@ -1,0 +1,394 @@
+"""Live sources: network streams (RTSP, RTMP, SRT, HTTP/HLS), webcams and lavfi test graphs.
+
+A live source reads until it is stopped. When the stream drops, stalls (nothing for
+``stall_timeout`` seconds) or fails to reopen, it reconnects with exponential backoff and
+jitter, at most ``reconnect_max`` times in a row (None: forever), and rebases timestamps so
+the output timeline goes on strictly increasing across the gap (the gap itself is kept: a
+frame after it is as far from the last one before as the wall clock says). Every network
+source is opened with FFmpeg open/read timeouts and an explicit ``protocol_whitelist``; an
+HLS playlist is checked, at every (re)connect, to name only http(s) URLs on the host it
+was given.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import random
+import re
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from segsynth.errors import InputError
+
+from . import media
+from .sources import AudioItem, AudioTrack, SourceInfo
+
+log = logging.getLogger("segsynth")
+TIME_BASE = Fraction(1, 90000)  # of live output timestamps (RTP's video clock)
+JUMP = 1.0  # seconds a real-time stream's timestamps may run off the wall clock before they are re-anchored
+NETWORK = {"rtsp": "rtsp,rtsps,rtp,srtp,udp,tcp,tls", "rtsps": "rtsp,rtsps,rtp,srtp,udp,tcp,tls",
+           "rtmp": "rtmp,rtmps,tcp,tls", "rtmps": "rtmp,rtmps,tcp,tls", "srt": "srt,udp",
+           "http": "http,https,tcp,tls,crypto", "https": "http,https,tcp,tls,crypto"}
+
+
+def is_live(spec: str) -> bool:
+    """Whether a source string names a live source (a network URL, a camera, a lavfi graph)."""
+    scheme = urllib.parse.urlsplit(spec).scheme.lower()
+    return scheme in NETWORK or spec.startswith(("lavfi:", "v4l2:", "/dev/video"))
+
+
+@dataclass(frozen=True)
+class LiveOptions:
+    rtsp_transport: str = "tcp"
+    stall_timeout: float = 5.0  # seconds without a frame: the source is lost
+    open_timeout: float = 10.0
+    reconnect_max: int | None = None  # reconnects in a row; None: forever
+    camera_size: tuple[int, int] | None = None  # (W, H)
+    camera_fps: float | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """What ``av.open`` gets for a source string."""
+
+    url: str
+    format: str | None
+    options: dict
+    paced: bool = False  # produced faster than real time (lavfi): released at its own rate
+    clocked: bool = False  # frames arrive as they are captured: timestamps should follow the wall clock
+
+
+def target(spec: str, opts: LiveOptions) -> Target:
+    """The FFmpeg URL, format and options of a live source string; InputError for what is refused."""
+    if spec.startswith("lavfi:"):
+        graph = spec[len("lavfi:"):]
+        if not graph:
+            raise InputError("lavfi: needs a filter graph, e.g. lavfi:testsrc2=size=640x360:rate=30")
+        if re.search(r"(^|[^a-z])(movie|amovie)\s*=", graph):
+            raise InputError(f"{spec}: movie sources read files; name the file as the input instead")
+        return Target(graph, "lavfi", {}, paced=True)
+    if spec.startswith(("v4l2:", "/dev/video")):
+        device = f"/dev/video{spec[5:]}" if spec.startswith("v4l2:") else spec
+        if not re.fullmatch(r"/dev/video\d+", device):
+            raise InputError(f"{spec}: a camera is /dev/videoN or v4l2:N")
+        if not Path(device).exists():
+            raise InputError(f"{device}: no such device (cameras here: {', '.join(list_cameras()) or 'none'})")
+        options = {}
+        if opts.camera_size:
+            options["video_size"] = f"{opts.camera_size[0]}x{opts.camera_size[1]}"
+        if opts.camera_fps:
+            options["framerate"] = f"{opts.camera_fps:g}"
+        return Target(device, "v4l2", options, clocked=True)
+    parts = urllib.parse.urlsplit(spec)
+    scheme = parts.scheme.lower()
+    if scheme not in NETWORK:
+        raise InputError(f"{spec}: not a supported live source (rtsp://, rtsps://, rtmp://, srt://, http(s)://, "
+                         "/dev/videoN, v4l2:N, lavfi:GRAPH)")
+    if not parts.hostname:
+        raise InputError(f"{spec}: no host in the URL")
+    options = {"protocol_whitelist": NETWORK[scheme]}
+    if scheme in ("rtsp", "rtsps"):
+        options["rtsp_transport"] = opts.rtsp_transport
+    if scheme in ("http", "https"):
+        options["reconnect"] = "0"  # reconnecting is ours, with the timestamps rebased
+    return Target(spec, None, options, clocked=scheme in ("rtsp", "rtsps", "rtmp", "rtmps", "srt"))
+
+
+def check_playlist(url: str, timeout: float, *, depth: int = 0, seen: set | None = None) -> None:
+    """An HLS playlist (and the variant playlists it names) may point only at http(s) URLs on
+    the host of ``url``; anything else (``file:``, another protocol, another host) is refused.
+    Checked before FFmpeg opens it, so FFmpeg never follows such a URL."""
+    seen = set() if seen is None else seen
+    origin = urllib.parse.urlsplit(url)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 - http(s) only (checked)
+            text = reply.read(1 << 20).decode("utf-8", "replace")
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"cannot fetch the playlist: {exc}") from exc
+    if not text.lstrip().startswith("#EXTM3U"):
+        return  # not a playlist after all: FFmpeg reads it as a media stream
+    uris = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    uris += re.findall(r'URI="([^"]*)"', text)
+    for uri in uris:
+        full = urllib.parse.urljoin(url, uri)
+        parts = urllib.parse.urlsplit(full)
+        if parts.scheme.lower() not in ("http", "https") or (parts.hostname, parts.port) != (origin.hostname,
+                                                                                              origin.port):
+            raise InputError(f"{url}: the playlist points at {full}, outside {origin.scheme}://{origin.netloc}; "
+                             "refused (an HLS playlist may only name http(s) URLs on its own host)")
+        if full not in seen and depth < 2 and parts.path.lower().endswith((".m3u8", ".m3u")):
+            seen.add(full)
+            check_playlist(full, timeout, depth=depth + 1, seen=seen)
+
+
+def list_cameras() -> list[str]:
+    return sorted(glob.glob("/dev/video[0-9]*"), key=lambda p: int(re.sub(r"\D", "", p) or 0))
+
+
+def describe_cameras() -> list[tuple[str, str]]:
+    """(device, name) of each V4L2 camera, as the kernel names them."""
+    out = []
+    for device in list_cameras():
+        name_file = Path("/sys/class/video4linux") / Path(device).name / "name"
+        try:
+            name = name_file.read_text().strip()
+        except OSError:
+            name = "?"
+        out.append((device, name))
+    return out
+
+
+class Lost(Exception):
+    """The live stream dropped or stalled: reconnect."""
+
+
+class Backoff:
+    """Exponential backoff with jitter: ``initial * 2**k`` up to ``cap`` seconds, each delay
+    drawn between half and all of it (so many clients of one camera do not retry in step)."""
+
+    def __init__(self, initial: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> None:
+        self.initial, self.cap, self.failures = initial, cap, 0
+        self.rng = rng or random.Random()
+
+    def next(self) -> float:
+        delay = min(self.cap, self.initial * 2 ** self.failures)
+        self.failures += 1
+        return delay * self.rng.uniform(0.5, 1.0)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class _Timeline:
+    """Source seconds -> output seconds, for one stream of one connection, checked against the
+    wall clock. Frames may arrive in a burst (a server sends its buffered GOP on connect):
+    timestamps running ahead of the clock pull the clock along. A single step far ahead of
+    the clock (more than JUMP: RTSP's first RTCP report re-synchronising the timestamps, a
+    camera rebooting its clock) is a jump, not time that passed: the stream goes on from where
+    it was. A jump back goes on from the last timestamp."""
+
+    def __init__(self, offset: float, start: float, wall: float, clocked: bool, step: float) -> None:
+        self.offset, self.start, self.wall, self.clocked, self.step = offset, start, wall, clocked, step
+        self.last: float | None = None
+
+    def __call__(self, t: float) -> float:
+        out = t + self.offset
+        on_clock = self.start + time.monotonic() - self.wall
+        if self.clocked and out - on_clock > JUMP:
+            self.offset = max(on_clock, self.step + (self.last if self.last is not None else self.start)) - t
+        elif self.last is not None and out < self.last - JUMP:
+            self.offset = self.last + self.step - t
+        out = t + self.offset
+        if out > on_clock:
+            self.wall -= out - on_clock  # a burst: the clock was late
+        self.last = out
+        return out
+
+
+class LiveSource:
+    """A live stream, read until stopped (or given up after ``reconnect_max`` reconnects in a
+    row). Output timestamps are in ``TIME_BASE`` from 0, strictly increasing across
+    reconnects; each frame's ``meta["arrival"]`` is when its packet left the demuxer (the
+    start of glass-to-glass latency). Audio packets are rebased the same way and copied or
+    re-encoded as for files (after a reconnect the stream must keep its audio codec)."""
+
+    live = True
+
+    def __init__(self, spec: str, options: LiveOptions = LiveOptions(), *, stream: int | None = None,
+                 on_reconnect: Callable[[], None] | None = None) -> None:
+        self.spec, self.opts, self.stream_index = spec, options, stream
+        self.target = target(spec, options)
+        self.container = self.video = None
+        self.model_size, self.need_display = (513, 513), False
+        self.decode_audio: set[int] = set()
+        self.problems: list[str] = []
+        self.reconnects = 0
+        self.on_reconnect = on_reconnect
+        self.backoff = Backoff()
+        self._next_out = 0.0  # seconds on the output timeline where the next connection starts
+        self._last_pts: int | None = None
+        self._last_frame_wall = time.monotonic()
+
+    # ---- connections ------------------------------------------------------------------------------
+    def _connect(self):
+        import av
+
+        t = self.target
+        if t.format is None and urllib.parse.urlsplit(t.url).path.lower().endswith((".m3u8", ".m3u")):
+            check_playlist(t.url, self.opts.open_timeout)
+        try:
+            container = av.open(t.url, "r", format=t.format, options=dict(t.options),
+                                timeout=(self.opts.open_timeout, self.opts.stall_timeout))
+        except av.FFmpegError as exc:
+            raise ConnectionError(media.ffmpeg_message(exc)) from exc
+        if not container.streams.video:
+            container.close()
+            raise InputError(f"{self.spec}: has no video stream")
+        if self.stream_index is not None:
+            match = [s for s in container.streams if s.index == self.stream_index and s.type == "video"]
+            if not match:
+                container.close()
+                raise InputError(f"--stream {self.stream_index}: not a video stream of {self.spec}")
+            video = match[0]
+        else:
+            video = container.streams.video[0]
+        video.thread_type = "AUTO"
+        return container, video
+
+    def open(self) -> "LiveSource":
+        """The first connection: a source that cannot be opened at all fails at once (exit 2),
+        as a typo in a URL should; losing it later reconnects."""
+        try:
+            self.container, self.video = self._connect()
+        except ConnectionError as exc:
+            raise InputError(f"cannot open {self.spec}: {exc}") from None
+        v = self.video
+        rate = Fraction(v.average_rate or v.guessed_rate or self.opts.camera_fps or 25).limit_denominator(1001)
+        if not 1 <= rate <= 240:
+            rate = Fraction(25)
+        self.info = SourceInfo(self.spec, rate, TIME_BASE,
+                               tuple(AudioTrack.of(a) for a in self.container.streams.audio), None)
+        return self
+
+    def _reconnect(self, stop, cause: str) -> bool:
+        """After a loss: close, wait, reopen. False when stopped; InputError when given up."""
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+        attempts = 0
+        while not stop.is_set():
+            if self.opts.reconnect_max is not None and attempts >= self.opts.reconnect_max:
+                raise InputError(f"lost {self.spec} ({cause}); gave up after {attempts} reconnect attempt"
+                                 f"{'s' if attempts != 1 else ''}")
+            delay = self.backoff.next()
+            attempts += 1
+            log.warning("%s: %s; reconnecting in %.1f s (attempt %d)", self.spec, cause, delay, attempts)
+            if stop.wait(delay):
+                return False
+            began = time.monotonic()  # what the new connection sends first is from about now
+            try:
+                self.container, self.video = self._connect()
+            except (ConnectionError, InputError) as exc:
+                cause = f"reopening failed: {exc}"
+                continue
+            if self._last_pts is not None:  # the gap, as the wall clock measured it, stays in the output
+                self._next_out += max(0.0, began - self._last_frame_wall - float(1 / self.info.rate))
+            self.reconnects += 1
+            if self.on_reconnect is not None:
+                self.on_reconnect()
+            log.warning("%s: reconnected (reconnects %d)", self.spec, self.reconnects)
+            return True
+        return False
+
+    # ---- reading ----------------------------------------------------------------------------------
+    def frames(self, stop, audio: Callable) -> Iterator[tuple[np.ndarray, dict]]:
+        index = 0
+        while not stop.is_set():
+            try:
+                for item in self._connection(stop, audio, index):
+                    index += 1
+                    yield item
+                if stop.is_set():
+                    return
+                cause = "the stream ended"
+            except Lost as exc:
+                cause = str(exc)
+            if not self._reconnect(stop, cause):
+                return
+
+    def _connection(self, stop, audio: Callable, index: int) -> Iterator[tuple[np.ndarray, dict]]:
+        """The frames of one connection, timestamps rebased onto the output timeline."""
+        import av
+        from av.video.reformatter import VideoReformatter
+
+        scaler = VideoReformatter()
+        w, h = self.model_size
+        container, video = self.container, self.video
+        tracks = {t.index for t in self.info.audio}
+        audio_streams = [s for s in container.streams.audio if s.index in tracks]
+        first = None  # (source seconds, wall time) of this connection's first timestamp
+        timelines: dict = {}  # "video" or an audio track -> its _Timeline
+        audio_dts: dict[int, int] = {}
+        last_frame_wall = time.monotonic()
+        best_effort = media.BestEffortTimestamps()
+        got_frame = False
+        try:
+            packets = container.demux(video, *audio_streams)
+            while not stop.is_set():
+                try:
+                    packet = next(packets)
+                except StopIteration:
+                    return
+                except av.FFmpegError as exc:
+                    raise Lost(media.ffmpeg_message(exc)) from None
+                arrival = time.perf_counter()
+                if time.monotonic() - last_frame_wall > self.opts.stall_timeout:
+                    raise Lost(f"no video for {self.opts.stall_timeout:g} s")
+                if packet.dts is None and packet.pts is None:
+                    if packet.stream.type == "video" and packet.size == 0:
+                        continue  # the demuxer's flush packet
+                    if packet.stream.type != "video":
+                        continue
+                tb = packet.time_base
+                t = float((packet.pts if packet.pts is not None else packet.dts or 0) * tb)
+                if first is None:
+                    first = (t, time.monotonic())
+                kind = packet.stream.index if packet.stream.type == "audio" else "video"
+                if kind not in timelines:  # every stream starts on the connection's first timestamp
+                    timelines[kind] = _Timeline(self._next_out - first[0], self._next_out, first[1],
+                                                self.target.clocked, float(1 / self.info.rate))
+                if kind != "video":
+                    shift = round(timelines[kind](t) / tb) - round(t / tb)
+                    packet.pts = None if packet.pts is None else packet.pts + shift
+                    packet.dts = None if packet.dts is None else packet.dts + shift
+                    if packet.dts is not None and kind in audio_dts and packet.dts <= audio_dts[kind]:
+                        continue  # a muxer takes no audio packet that goes back in time
+                    audio_dts[kind] = packet.dts if packet.dts is not None else audio_dts.get(kind)
+                    audio(AudioItem(kind, packet, media.decode_audio(packet, self.problems)
+                                    if kind in self.decode_audio else None))
+                    continue
+                try:
+                    decoded = packet.decode()
+                except av.FFmpegError as exc:
+                    self.problems[:] = self.problems[-20:] + [f"skipped an undecodable packet "
+                                                              f"({media.ffmpeg_message(exc)})"]
+                    continue
+                for frame in decoded:
+                    src_pts = best_effort(frame.pts, frame.dts)
+                    ft = float(src_pts * frame.time_base) if src_pts is not None else t
+                    if self.target.paced:  # a generated source: release it at its own rate
+                        delay = first[1] + (ft - first[0]) - time.monotonic()
+                        if delay > 0 and stop.wait(delay):
+                            return
+                        arrival = time.perf_counter()  # released now: as if it had just arrived
+                    pts = round(timelines["video"](ft) / TIME_BASE)
+                    if self._last_pts is not None and pts <= self._last_pts:
+                        pts = self._last_pts + 1
+                    self._last_pts = pts
+                    model_rgb = scaler.reformat(frame, w, h, "rgb24", interpolation="BILINEAR").to_ndarray()
+                    display = frame.to_ndarray(format="rgb24") if self.need_display else None
+                    last_frame_wall, got_frame = time.monotonic(), True
+                    yield model_rgb, {"index": index, "pts": pts, "time_base": TIME_BASE,
+                                      "size": (frame.width, frame.height), "display": display, "arrival": arrival}
+                    index += 1
+        finally:
+            if got_frame:
+                self.backoff.reset()
+            if self._last_pts is not None:
+                # the next connection starts one frame after this one's last frame, plus the
+                # wall time until it delivers (added in ``_reconnect``)
+                self._next_out = float(self._last_pts * TIME_BASE) + float(1 / self.info.rate)
+                self._last_frame_wall = last_frame_wall
+
+    def close(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
