@@ -64,6 +64,7 @@ class Target:
     options: dict
     paced: bool = False  # produced faster than real time (lavfi): released at its own rate
     clocked: bool = False  # frames arrive as they are captured: timestamps should follow the wall clock
+    vod_possible: bool = False  # HTTP: a file or a finished playlist (a known duration) is not live
 
 
 def target(spec: str, opts: LiveOptions) -> Target:
@@ -99,7 +100,8 @@ def target(spec: str, opts: LiveOptions) -> Target:
         options["rtsp_transport"] = opts.rtsp_transport
     if scheme in ("http", "https"):
         options["reconnect"] = "0"  # reconnecting is ours, with the timestamps rebased
-    return Target(spec, None, options, clocked=scheme in ("rtsp", "rtsps", "rtmp", "rtmps", "srt"))
+    return Target(spec, None, options, clocked=scheme in ("rtsp", "rtsps", "rtmp", "rtmps", "srt"),
+                  vod_possible=scheme in ("http", "https"))
 
 
 def check_playlist(url: str, timeout: float, *, depth: int = 0, seen: set | None = None) -> None:
@@ -194,7 +196,7 @@ class _Timeline:
 
 
 class LiveSource:
-    """A live stream, read until stopped (or given up after ``reconnect_max`` reconnects in a
+    """A live stream (or a file over HTTP, which is read like a file: ``live`` is False), read until stopped (or given up after ``reconnect_max`` reconnects in a
     row). Output timestamps are in ``TIME_BASE`` from 0, strictly increasing across
     reconnects; each frame's ``meta["arrival"]`` is when its packet left the demuxer (the
     start of glass-to-glass latency). Audio packets are rebased the same way and copied or
@@ -251,6 +253,8 @@ class LiveSource:
         except ConnectionError as exc:
             raise InputError(f"cannot open {self.spec}: {exc}") from None
         v = self.video
+        if self.target.vod_possible and self.container.duration:
+            self.live = False  # a file or a finished HLS playlist over HTTP: read it all, to its end
         rate = Fraction(v.average_rate or v.guessed_rate or self.opts.camera_fps or 25).limit_denominator(1001)
         if not 1 <= rate <= 240:
             rate = Fraction(25)
@@ -296,10 +300,12 @@ class LiveSource:
                 for item in self._connection(stop, audio, index):
                     index += 1
                     yield item
-                if stop.is_set():
-                    return
+                if stop.is_set() or not self.live:
+                    return  # a file over HTTP ends where it ends
                 cause = "the stream ended"
             except Lost as exc:
+                if not self.live:  # starting a file again would repeat it
+                    raise InputError(f"reading {self.spec} failed: {exc}") from None
                 cause = str(exc)
             if not self._reconnect(stop, cause):
                 return
@@ -332,13 +338,11 @@ class LiveSource:
                 arrival = time.perf_counter()
                 if time.monotonic() - last_frame_wall > self.opts.stall_timeout:
                     raise Lost(f"no video for {self.opts.stall_timeout:g} s")
-                if packet.dts is None and packet.pts is None:
-                    if packet.stream.type == "video" and packet.size == 0:
-                        continue  # the demuxer's flush packet
-                    if packet.stream.type != "video":
-                        continue
+                stamp = packet.pts if packet.pts is not None else packet.dts
+                if stamp is None and packet.stream.type != "video":
+                    continue  # an audio flush packet; a video one flushes the decoder below
                 tb = packet.time_base
-                t = float((packet.pts if packet.pts is not None else packet.dts or 0) * tb)
+                t = float(stamp * tb) if stamp is not None else (first[0] if first else 0.0)
                 if first is None:
                     first = (t, time.monotonic())
                 kind = packet.stream.index if packet.stream.type == "audio" else "video"

@@ -218,7 +218,7 @@ class MediaWriter:
         except (av.FFmpegError, OSError, ValueError) as exc:
             self.file.close()
             raise OutputError(f"cannot write {path}: {ffmpeg_message(exc)}") from exc
-        self.path, self.broken = path, False
+        self.path, self.broken, self.muxed = path, False, False
 
     def mux(self, packets) -> None:
         if self.broken:
@@ -228,6 +228,7 @@ class MediaWriter:
         except BaseException:
             self.broken = True
             raise
+        self.muxed = self.muxed or bool(packets)
 
     def close(self) -> None:
         try:
@@ -254,7 +255,7 @@ class URLWriter:
             self.container = av.open(url, "w", format=fmt, options=options, timeout=timeout)
         except (av.FFmpegError, OSError, ValueError) as exc:
             raise OutputError(f"cannot open {url}: {ffmpeg_message(exc)}") from exc
-        self.path, self.broken = url, False
+        self.path, self.broken, self.muxed = url, False, False
 
     mux = MediaWriter.mux
 

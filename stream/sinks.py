@@ -73,6 +73,8 @@ class FileSink:
         self.last_pts: int | None = None
         self.shift = 0  # added to input timestamps after they jumped back
         self.held: list = []  # packets muxed before every track knows its codec configuration
+        self.keyframe_every: float | None = None  # seconds: keyframes by time (live outputs), not by frame count
+        self._next_key: float | None = None
 
     def _make_writer(self):
         """The container to write, and whether its video may use B-frames."""
@@ -133,6 +135,13 @@ class FileSink:
             self.shift += self.last_pts + step - pts
             pts = self.last_pts + step
         frame.pts, frame.time_base, self.last_pts = pts, tb, pts
+        if self.keyframe_every:  # dropped frames must not stretch the keyframe interval
+            seconds = float(pts * tb)
+            if self._next_key is None or seconds >= self._next_key:
+                from av.video.frame import PictureType
+
+                frame.pict_type = PictureType.I
+                self._next_key = seconds + self.keyframe_every
         self._mux(self.vstream.encode(frame))
 
     def write_audio(self, item: AudioItem) -> None:
@@ -191,6 +200,7 @@ class StreamingSink(FileSink):
         super().__init__(url, info, encoding, fmt=query_format or _QUERY_FORMATS.get(fmt, fmt))
         self.url, self.fmt, self.options, self.retries, self.timeout = url, fmt, options, retries, timeout
         self.failures = self.reconnects = self.skipped = 0
+        self.keyframe_every = 2.0
         self.retry_at: float | None = None
         from .live import Backoff
 
@@ -208,7 +218,7 @@ class StreamingSink(FileSink):
         if self.retry_at is not None and time.monotonic() < self.retry_at:
             self.skipped += 1
             return
-        reopening = self.retry_at is not None
+        self.retry_at = None
         try:
             call()
         except (OutputError, av.FFmpegError, OSError) as exc:
@@ -221,11 +231,11 @@ class StreamingSink(FileSink):
             self.retry_at = time.monotonic() + delay
             log.warning("output %s failed (%s); retrying in %.1f s", self.url, media.ffmpeg_message(exc), delay)
             return
-        if reopening and self.container is not None:
+        if self.failures and self.writer is not None and self.writer.muxed:  # data went through again
             self.reconnects += 1
+            self.failures = 0
+            self.backoff.reset()
             log.warning("output %s: reconnected", self.url)
-        self.retry_at, self.failures = None, 0
-        self.backoff.reset()
 
     def _drop_connection(self) -> None:
         if self.writer is not None:
@@ -234,7 +244,7 @@ class StreamingSink(FileSink):
             except Exception:  # noqa: BLE001 - the connection is gone already
                 pass
         self.writer = self.container = self.vstream = None
-        self.audio, self.held = {}, []
+        self.audio, self.held, self._next_key = {}, [], None
 
     def write(self, picture: np.ndarray, meta: dict) -> None:
         self._guard(lambda: FileSink.write(self, picture, meta))
@@ -244,8 +254,12 @@ class StreamingSink(FileSink):
             self._guard(lambda: FileSink.write_audio(self, item))
 
     def close(self) -> None:
+        import av
+
         try:
             super().close()
+        except (av.FFmpegError, OSError) as exc:
+            raise OutputError(f"{self.url}: {media.ffmpeg_message(exc)}") from exc
         finally:
             self.templates.close()
 
@@ -269,11 +283,11 @@ def hls_sink(path: str, info: SourceInfo, encoding: Encoding, segment_seconds: f
 def segment_sink(path: str, info: SourceInfo, encoding: Encoding, seconds: float) -> StreamingSink:
     """Files of ``seconds`` each (cut at the next keyframe): ``out-00000.mp4``, ``out-00001.mp4``,
     ... or the names of a pattern with ``%d`` in it. Each is a fragmented MP4 or a Matroska file,
-    playable while it is written; timestamps go on across files."""
+    playable while it is written, starting at time 0 (as recorders such as Frigate write them)."""
     p = Path(path)
     pattern = str(p) if re.search(r"%0?\d*d", p.name) else str(p.with_name(f"{p.stem}-%05d{p.suffix}"))
     fmt = media._output_format(p) or "matroska"
-    options = {"segment_time": f"{seconds:g}", "segment_format": fmt, "reset_timestamps": "0"}
+    options = {"segment_time": f"{seconds:g}", "segment_format": fmt, "reset_timestamps": "1"}
     if fmt in ("mp4", "mov"):
         options["segment_format_options"] = "movflags=frag_keyframe+empty_moov+default_base_moof"
     return StreamingSink(pattern, info, encoding, fmt="segment", options=options, query_format=fmt)
@@ -357,7 +371,7 @@ class TeeSink:
         try:
             call()
         except Exception as exc:  # noqa: BLE001 - one sink's failure must not stop the rest
-            log.warning("output %s failed and is dropped: %s", getattr(sink, "path", sink), exc)
+            log.warning("output %s failed and is dropped: %s", getattr(sink, "name", sink), exc)
             self.sinks.remove(sink)
             self.failed.append((sink, exc))
             try:

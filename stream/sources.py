@@ -217,6 +217,10 @@ def open_source(cfg) -> Source:
     or a media file or image sequence."""
     from .live import LiveOptions, LiveSource, is_live
 
+    scheme = cfg.source.split("://", 1)[0].lower() if "://" in cfg.source else ""
+    if scheme and not is_live(cfg.source) and scheme != "file":
+        raise InputError(f"{cfg.source}: not a supported input (files, rtsp://, rtsps://, rtmp://, srt://, http(s)://, "
+                         "/dev/videoN, v4l2:N, lavfi:GRAPH)")
     if is_live(cfg.source):
         options = LiveOptions(cfg.rtsp_transport, cfg.stall_timeout, reconnect_max=cfg.reconnect_max,
                               camera_size=cfg.camera_size, camera_fps=cfg.camera_fps)

@@ -106,6 +106,15 @@ def write_clip(path: Path, frames: list[np.ndarray], times: list[Fraction], *, a
 
 
 @pytest.fixture(scope="session")
+def tiny_segmenter(tmp_path_factory) -> Path:
+    """A 1x1-convolution VOC segmenter at 64x64 (benchmarks/tiny.py): plumbing tests measure
+    the pipeline, not the model."""
+    from segsynth.benchmarks import tiny
+
+    return tiny.segmenter(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
 def astronaut() -> np.ndarray:
     from PIL import Image
 

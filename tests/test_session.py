@@ -27,13 +27,6 @@ def _clip(path: Path, picture: np.ndarray, frames: int, shift: int, audio: float
     return write_clip(path, pictures, [Fraction(i, 25) for i in range(frames)], audio_seconds=audio)
 
 
-@pytest.fixture(scope="module")
-def tiny_segmenter(tmp_path_factory) -> Path:
-    from segsynth.benchmarks import tiny
-
-    return tiny.segmenter(tmp_path_factory.mktemp("tiny") / "tiny.onnx")
-
-
 def _count_sessions(monkeypatch) -> list:
     """Every onnxruntime InferenceSession made from now on (the real class, counted)."""
     import onnxruntime

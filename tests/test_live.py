@@ -1,0 +1,355 @@
+"""Live video on loopback, against real servers and receivers started here: GStreamer's
+gst-rtsp-server (a camera publishing H.264 + AAC), ffmpeg listening for RTSP and RTMP pushes,
+a Python HTTP server for HLS. Every server is bounded in time and stops by itself."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import http.server
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, run_cli
+
+pytestmark = pytest.mark.network
+SERVER = REPO / "tests" / "helpers" / "rtsp_server.py"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _has_rtsp_server() -> bool:
+    probe = ("import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer, Gst;"
+             "Gst.init(None); assert all(Gst.ElementFactory.find(e) for e in "
+             "('x264enc', 'avenc_aac', 'rtph264pay', 'rtpmp4gpay', 'videotestsrc', 'audiotestsrc'))")
+    try:
+        return subprocess.run([SYSTEM_PYTHON, "-c", probe], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+needs_rtsp_server = pytest.mark.skipif(
+    os.environ.get("CI") != "true" and not _has_rtsp_server(),
+    reason="gst-rtsp-server not installed (apt-get install gstreamer1.0-rtsp gir1.2-gst-rtsp-server-1.0 python3-gi "
+           "gstreamer1.0-plugins-ugly gstreamer1.0-libav; .ci/run does)")
+
+
+@contextlib.contextmanager
+def rtsp_camera(port: int, lifetime: float = 90):
+    """gst-rtsp-server publishing live video + audio at rtsp://127.0.0.1:PORT/live."""
+    proc = subprocess.Popen([SYSTEM_PYTHON, str(SERVER), str(port), "--lifetime", str(lifetime)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY"), f"the RTSP server did not start: {line} {proc.stderr.read()}"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def video_times(path: Path) -> list[float]:
+    import av
+
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        return sorted(float(p.pts * p.time_base) for p in c.demux(stream) if p.pts is not None)
+
+
+def probe(path: Path | str) -> dict:
+    out = subprocess.run(["ffprobe", "-v", "error", "-show_streams", "-show_format", "-of", "json", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def segsynth_cmd(*args) -> list[str]:
+    return [str(Path(sys.executable).with_name("segsynth")), *map(str, args)]
+
+
+# ---- RTSP in, with the server killed and restarted mid-run -------------------------------------
+@needs_rtsp_server
+def test_rtsp_run_reconnects_across_a_server_restart(tmp_path, tiny_segmenter):
+    port = free_port()
+    out, stats_file = tmp_path / "live.mp4", tmp_path / "stats.json"
+    with rtsp_camera(port) as server:
+        run = subprocess.Popen(segsynth_cmd("run", f"rtsp://127.0.0.1:{port}/live", out, "--duration", 16,
+                                            "--segmenter", tiny_segmenter, "--generator", "none",
+                                            "--stats-json", stats_file),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 30
+            while not (out.exists() and out.stat().st_size > 2000) and time.monotonic() < deadline:
+                time.sleep(0.2)  # the first frames are written
+            time.sleep(1)
+            server.kill()  # the camera drops off the network
+            server.wait(10)
+            down = time.monotonic()
+            time.sleep(3)
+            with rtsp_camera(port):  # ... and comes back on the same address
+                _, err = run.communicate(timeout=90)
+                up = time.monotonic()
+        finally:
+            run.kill()
+    assert run.returncode == 0, err
+    stats = json.loads(stats_file.read_text())
+    assert stats["reconnects"] >= 1, err
+    assert re.search(r"rtsp://127\.0\.0\.1:\d+/live: .+; reconnecting in [\d.]+ s \(attempt 1\)", err), err
+    assert f"reconnects {stats['reconnects']}" in err  # the summary line
+    info = probe(out)
+    kinds = sorted(s["codec_type"] for s in info["streams"])
+    assert kinds == ["audio", "video"], info
+    times = video_times(out)
+    gaps = np.diff(times)
+    assert (gaps > 0).all(), "output timestamps must strictly increase across the reconnect"
+    # The outage stays in the timeline as the wall clock measured it (at least the 3 s the
+    # server was away), and what follows it is new video: frames keep coming after the gap.
+    i = int(np.argmax(gaps))
+    assert 3.0 <= gaps[i] <= up - down + 6, (gaps[i], up - down)
+    assert times[-1] - times[i + 1] >= 3.0, ("too little video after the reconnect", times[i], gaps[i], times[-1])
+    assert len(times) - (i + 1) >= 10
+    assert 14.0 <= times[-1] - times[0] <= 16.5  # --duration 16 of input time
+    assert stats["latency_ms"]["p99"] > 0 and stats["dropped"] >= 0
+
+
+@needs_rtsp_server
+def test_a_stalled_camera_counts_as_lost_within_the_stall_timeout(tiny_segmenter):
+    from segsynth.errors import InputError
+    from segsynth.stream.live import LiveOptions, LiveSource
+
+    port = free_port()
+    with rtsp_camera(port) as server:
+        source = LiveSource(f"rtsp://127.0.0.1:{port}/live", LiveOptions(stall_timeout=1.0, reconnect_max=0)).open()
+        stop = threading.Event()
+        frames = source.frames(stop, lambda item: None)
+        try:
+            for _ in range(5):
+                next(frames)
+            os.kill(server.pid, signal.SIGSTOP)  # the camera hangs: the connection stays open, nothing comes
+            start = time.monotonic()
+            with pytest.raises(InputError, match=r"lost rtsp://.*gave up after 0 reconnect attempts"):
+                for _ in frames:
+                    assert time.monotonic() - start < 10
+            assert time.monotonic() - start < 6  # 1 s stall timeout (+ FFmpeg's own shutdown)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+            frames.close()
+            source.close()
+
+
+# ---- outputs: RTSP and RTMP push, HLS, MJPEG preview, file series -------------------------------
+def _receiver(args: list[str], out: Path) -> subprocess.Popen:
+    return subprocess.Popen(["ffmpeg", "-nostdin", "-v", "error", *args, "-c", "copy", "-y", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _mjpeg_frames(url: str, count: int, timeout: float = 20) -> list[bytes]:
+    """Read ``count`` JPEG parts of a multipart/x-mixed-replace stream."""
+    frames = []
+    with urllib.request.urlopen(url, timeout=timeout) as reply:
+        kind = reply.headers["Content-Type"]
+        boundary = re.search(r"boundary=(\S+)", kind)[1].encode()
+        while len(frames) < count:
+            line = reply.readline()
+            if line.strip() == b"--" + boundary:
+                headers = {}
+                while (h := reply.readline().strip()):
+                    k, _, v = h.decode().partition(":")
+                    headers[k.lower()] = v.strip()
+                assert headers["content-type"] == "image/jpeg"
+                frames.append(reply.read(int(headers["content-length"])))
+    return frames
+
+
+def test_push_hls_preview_and_file_series_outputs_at_once(tmp_path, tiny_segmenter):
+    from PIL import Image
+
+    rtsp_port, rtmp_port, preview_port = free_port(), free_port(), free_port()
+    rtsp_got, rtmp_got = tmp_path / "rtsp.mkv", tmp_path / "rtmp.flv"
+    receivers = [_receiver(["-rtsp_flags", "listen", "-timeout", "30", "-i", f"rtsp://127.0.0.1:{rtsp_port}/out"],
+                           rtsp_got),
+                 _receiver(["-listen", "1", "-timeout", "30", "-i", f"rtmp://127.0.0.1:{rtmp_port}/live/key"],
+                           rtmp_got)]
+    hls = tmp_path / "hls" / "index.m3u8"
+    hls.parent.mkdir()
+    try:
+        time.sleep(1)  # the receivers listen
+        run = subprocess.Popen(segsynth_cmd(
+            "run", "lavfi:testsrc2=size=320x240:rate=15", f"rtsp://127.0.0.1:{rtsp_port}/out",
+            f"rtmp://127.0.0.1:{rtmp_port}/live/key", hls, "--out", tmp_path / "rec.mp4", "--segment-time", 2,
+            "--preview", f"127.0.0.1:{preview_port}", "--duration", 17, "--segmenter", tiny_segmenter,
+            "--generator", "none", "--stats-json", tmp_path / "stats.json"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        frames = None
+        while frames is None and time.monotonic() < deadline:
+            try:
+                frames = _mjpeg_frames(f"http://127.0.0.1:{preview_port}/stream.mjpg", 3)
+            except OSError:
+                time.sleep(0.3)
+        with urllib.request.urlopen(f"http://127.0.0.1:{preview_port}/snapshot.jpg", timeout=10) as reply:
+            snapshot = reply.read()
+        _, err = run.communicate(timeout=120)
+        for r in receivers:
+            r.wait(30)
+    finally:
+        for p in [*receivers, *(locals().get("run") and [run] or [])]:
+            p.kill()
+    assert run.returncode == 0, err
+    # the preview: JPEG frames of the output picture
+    assert frames is not None and len(frames) == 3
+    for jpeg in [*frames, snapshot]:
+        with Image.open(__import__("io").BytesIO(jpeg)) as img:
+            assert img.format == "JPEG" and img.size == (320, 240)
+    # RTSP and RTMP pushes arrived, decodable, about as long as the run
+    for got in (rtsp_got, rtmp_got):
+        times = video_times(got)
+        assert len(times) >= 30, got
+        assert times[-1] - times[0] >= 12, (got, times[-1] - times[0])
+        assert (np.diff(times) >= 0).all()  # (a receiver may stamp its first two RTP packets alike)
+    # HLS: a playlist ffprobe plays, of at most 6 segments, the oldest deleted
+    text = hls.read_text()
+    listed = re.findall(r"^index_\d+\.ts$", text, re.M)
+    assert 1 <= len(listed) <= 6 and "#EXT-X-ENDLIST" in text
+    on_disk = sorted(p.name for p in hls.parent.glob("index_*.ts"))
+    assert "index_00000.ts" not in on_disk and set(listed) <= set(on_disk)
+    assert probe(hls)["streams"][0]["codec_name"] == "h264"
+    # the file series: one file per ~2 s (cut at keyframes), each playable on its own from 0
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    series = sorted(tmp_path.glob("rec-*.mp4"))
+    assert len(series) >= 6, series
+    counts = []
+    for part in series[:-1]:
+        times = video_times(part)
+        assert times[0] == 0 and 1.5 <= times[-1] <= 2.6, (part, times[-1])
+        counts.append(len(times))
+    counts.append(len(video_times(series[-1])))
+    assert sum(counts) == stats["frames_out"]
+    assert all(o["ok"] for o in stats["outputs"]) and len(stats["outputs"]) == 5
+
+
+def test_a_failing_push_is_retried_then_dropped_and_the_file_goes_on(tmp_path, tiny_segmenter):
+    nobody = free_port()  # nothing listens there
+    out = tmp_path / "kept.mp4"
+    r = run_cli("run", "lavfi:testsrc2=size=160x120:rate=15", out, f"rtmp://127.0.0.1:{nobody}/live/x",
+                "--reconnect-max", 1, "--frames", 40, "--segmenter", tiny_segmenter, "--generator", "none",
+                "--stats-json", tmp_path / "s.json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert re.search(rf"output rtmp://127\.0\.0\.1:{nobody}/live/x failed .*; retrying in", r.stderr), r.stderr
+    assert re.search(rf"output rtmp://127\.0\.0\.1:{nobody}/live/x failed and is dropped", r.stderr), r.stderr
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert [o["ok"] for o in stats["outputs"]] == [True, False]
+    assert stats["frames_out"] == 40 and len(video_times(out)) == 40
+
+
+# ---- HLS input and its safety --------------------------------------------------------------------
+@contextlib.contextmanager
+def http_dir(directory: Path):
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    handler = functools.partial(Quiet, directory=str(directory))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture(scope="module")
+def hls_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("hls-in")
+    subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=10", "-t", "3",
+                    "-c:v", "libx264", "-g", "10", "-f", "hls", "-hls_time", "1", "-hls_list_size", "0",
+                    str(d / "ok.m3u8")], check=True, timeout=60)
+    segment = "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\n{}\n#EXT-X-ENDLIST\n"
+    (d / "local.m3u8").write_text(segment.format("file:///etc/passwd"))
+    (d / "elsewhere.m3u8").write_text(segment.format("http://127.0.0.2:9/ok0.ts"))
+    (d / "master.m3u8").write_text("#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=100000\nlocal.m3u8\n")
+    (d / "crypto.m3u8").write_text(segment.format("crypto+file:///etc/passwd"))
+    return d
+
+
+def test_hls_over_http_is_read_like_a_file(tmp_path, hls_dir, tiny_segmenter):
+    with http_dir(hls_dir) as base:
+        r = run_cli("run", f"{base}/ok.m3u8", tmp_path / "o.mp4", "--segmenter", tiny_segmenter, "--generator",
+                    "none", "--stats-json", tmp_path / "s.json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    stats = json.loads((tmp_path / "s.json").read_text())
+    assert stats["frames_out"] == 30 and stats["dropped"] == 0 and stats["reconnects"] == 0  # all of it, once
+
+
+@pytest.mark.parametrize("name, why", [("local.m3u8", "file:///etc/passwd"), ("elsewhere.m3u8", "127.0.0.2"),
+                                       ("master.m3u8", "file:///etc/passwd"), ("crypto.m3u8", "crypto")])
+def test_hls_playlists_that_leave_their_host_are_refused(tmp_path, hls_dir, name, why):
+    with http_dir(hls_dir) as base:
+        r = run_cli("run", f"{base}/{name}", tmp_path / "o.mp4", "--generator", "none", timeout=60)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "refused" in lines[0] and why in lines[0], r.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
+# ---- cameras and bad live inputs -------------------------------------------------------------------
+def test_devices_lists_cameras_or_says_there_are_none():
+    r = run_cli("devices")
+    assert r.returncode == 0, r.stderr
+    cameras = sorted(Path("/dev").glob("video[0-9]*"))
+    if cameras:
+        assert all(str(c) in r.stdout for c in cameras)
+    else:
+        assert "no cameras found" in r.stdout
+
+
+@pytest.mark.parametrize("source, message", [
+    ("/dev/video9", "/dev/video9: no such device"),
+    ("v4l2:9", "/dev/video9: no such device"),
+    ("lavfi:movie=/etc/passwd", "movie sources read files"),
+    ("gopher://127.0.0.1/x", "not a supported input"),
+    ("rtsp://127.0.0.1:{port}/nothing", "cannot open rtsp://127.0.0.1:"),
+])
+def test_bad_live_inputs_fail_with_one_line_and_exit_2(tmp_path, source, message):
+    if Path("/dev/video9").exists() and "video9" in message:
+        pytest.skip("this machine has a /dev/video9")
+    source = source.format(port=free_port())
+    r = run_cli("run", source, tmp_path / "o.mp4", "--generator", "none", timeout=60)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_frames_duration_and_stats_json_on_a_lavfi_source(tmp_path, tiny_segmenter):
+    r = run_cli("run", "lavfi:testsrc2=size=160x120:rate=25", tmp_path / "a.mp4", "--duration", 2,
+                "--segmenter", tiny_segmenter, "--generator", "none", "--policy", "lossless",
+                "--stats-json", tmp_path / "a.json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    times = video_times(tmp_path / "a.mp4")
+    assert len(times) == 50 and times[-1] - times[0] == pytest.approx(1.96, abs=0.01)
+    stats = json.loads((tmp_path / "a.json").read_text())
+    assert stats["frames_out"] == 50 and stats["seconds"] >= 1.8  # released in real time, not at once
+    r = run_cli("run", "lavfi:testsrc2=size=160x120:rate=25", tmp_path / "b.mkv", "--frames", 7,
+                "--segmenter", tiny_segmenter, "--generator", "none", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert len(video_times(tmp_path / "b.mkv")) == 7
