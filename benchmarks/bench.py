@@ -68,7 +68,10 @@ def run_bench(cfg: BenchConfig) -> dict:
 
 
 def _derived_ratios(report: dict) -> None:
-    """Ratios between scenarios of the same run: end-to-end pipeline vs the models alone."""
+    """Ratios between scenarios of the same run: end-to-end pipeline vs the models alone, and
+    how the latency of a live stream drifts under each policy."""
+    for policy, d in report["scenarios"].get("streams", {}).get("live", {}).items():
+        report["ratios"][f"live_{policy}_p99_last_over_first"] = d["p99_last_over_first"]
     engine, pipeline = report["scenarios"].get("engine"), report["scenarios"].get("pipeline")
     if engine and pipeline:
         batch = report["config"]["batch"][0]
@@ -87,6 +90,11 @@ def _print(name: str, result: dict) -> None:
             log.info("  %2d streams: %5.2f fps/stream, %5.1f dropped/stream, latency p50 %6.0f p95 %6.0f p99 %6.0f ms%s",
                      r["streams"], r["fps_per_stream"], r["dropped_per_stream"], r["p50_ms"], r["p95_ms"],
                      r["p99_ms"], "  (real time)" if r["real_time"] else "")
+        for policy, d in result.get("live", {}).items():
+            log.info("  live %-8s %3.0f s, model slower than the %d fps source: %5.2f fps out, %5d dropped, "
+                     "latency p99 first %.0f s %6.0f ms, last %.0f s %6.0f ms: ratio %.2f", policy, d["seconds"],
+                     result["rate"], d["fps"], d["dropped"], d["window_s"], d["p99_first_ms"], d["window_s"],
+                     d["p99_last_ms"], d["p99_last_over_first"])
     elif name == "chain":
         for r in result["rows"]:
             log.info("  %s batch %-2d %-16s %7.2f fps", r["precision"], r["batch"],

@@ -36,6 +36,7 @@ class BenchConfig:
     backend: str = "auto"
     fp16: bool = True
     chain_size: tuple[int, int] = (512, 256)  # (W, H) frames for the chain scenario
+    live_seconds: float = 180.0  # streams: how long each policy runs against a source faster than the model
 
 
 @dataclass
@@ -334,7 +335,54 @@ def streams(job: Job) -> dict:
         table.append(row)
         job.results.setdefault("latency_samples", {})[n] = latencies
     realtime = [r["streams"] for r in table if r["real_time"]]
-    return {"rate": job.cfg.rate, "rows": table, "max_real_time_streams": max(realtime, default=0)}
+    out = {"rate": job.cfg.rate, "rows": table, "max_real_time_streams": max(realtime, default=0)}
+    if job.cfg.live_seconds:
+        out["live"] = {policy: _live_drift(job, pictures, policy) for policy in ("latest", "lossless")}
+    return out
+
+
+class _Timed:
+    """A sink wrapper recording (seconds since start, latency) of each frame as it is written."""
+
+    def __init__(self, sink) -> None:
+        self.sink, self.samples, self.start = sink, [], time.perf_counter()
+        self.decoded_audio = sink.decoded_audio
+
+    def write(self, picture, meta) -> None:
+        self.sink.write(picture, meta)
+        now = time.perf_counter()
+        self.samples.append((now - self.start, now - meta["t0"]))
+
+    def write_audio(self, item) -> None:
+        self.sink.write_audio(item)
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def _live_drift(job: Job, pictures: list, policy: str) -> dict:
+    """One stream from a real-time source for ``live_seconds``: latency p99 over the first
+    and the last third of the run. With a model slower than the source, ``latest`` should
+    hold it flat (ratio near 1) while ``lossless`` lets the queue, and the latency, grow."""
+    from segsynth.stream.sinks import MemorySink
+    from segsynth.stream.sources import SyntheticSource
+
+    seconds = job.cfg.live_seconds
+    sink = _Timed(MemorySink(job.cfg.rate))
+    session = _session(job, SyntheticSource(pictures, int(seconds * job.cfg.rate), job.cfg.rate), sink, policy,
+                       ring_slots=2 if policy == "latest" else 8)
+    session.start()
+    time.sleep(seconds)
+    session.stop(drain=False)  # lossless would otherwise work off its backlog for a long time
+    session.join()
+    stats = session.stats()
+    third = seconds / 3
+    first = [lat * 1000 for t, lat in sink.samples if t < third]
+    last = [lat * 1000 for t, lat in sink.samples if t >= seconds - third]
+    p99_first, p99_last = _pct(first, 99), _pct(last, 99)
+    return {"seconds": seconds, "window_s": third, "frames_out": stats["frames_out"], "dropped": stats["dropped"],
+            "fps": stats["frames_out"] / seconds, "p99_first_ms": p99_first, "p99_last_ms": p99_last,
+            "p99_last_over_first": p99_last / p99_first if p99_first else 0.0}
 
 
 def _rss_mib() -> float:

@@ -156,7 +156,8 @@ def _bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(scenarios=tuple(args.scenarios) or DEFAULT_SCENARIOS, size=parse_size(args.size, "--size", "WxH"),
                       frames=args.frames, batch=batches, streams=args.streams, repeats=args.repeats, rate=args.rate,
                       segmenter=args.segmenter, generator=args.generator, threads=args.threads,
-                      input=Path(args.input) if args.input else None, backend=args.backend, fp16=not args.fp32)
+                      input=Path(args.input) if args.input else None, backend=args.backend, fp16=not args.fp32,
+                      live_seconds=args.live_seconds)
     if cfg.frames < 10 or cfg.repeats < 1 or cfg.streams < 1 or min(batches) < 1:
         raise SegsynthError("--frames must be >= 10, --repeats, --streams and --batch >= 1")
     report = run_bench(cfg)
@@ -405,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--streams", type=int, default=2, help="most concurrent live streams (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per measurement; medians are reported")
     p.add_argument("--input", help="a video to use instead of the generated one")
+    p.add_argument("--live-seconds", type=float, default=180, metavar="S",
+                   help="streams: run one live stream S seconds per policy and compare the latency p99 of the first "
+                   "and last third (default 180; 0 skips)")
     p.add_argument("--segmenter", default="ade20k+voc")
     p.add_argument("--generator", default="default")
     p.add_argument("--threads", type=int, help="inference threads")

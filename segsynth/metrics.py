@@ -20,7 +20,7 @@ FRAMES = Counter("segsynth_frames", "Frames through a stage of a stream", ["stre
 DROPPED = Counter("segsynth_frames_dropped", "Frames dropped by the latest policy", ["stream"], registry=REGISTRY)
 STAGE_SECONDS = Histogram("segsynth_stage_seconds", "Time a stage spends per frame", ["stream", "stage"],
                           buckets=_SECONDS, registry=REGISTRY)
-LATENCY = Histogram("segsynth_latency_seconds", "Per frame: decode start to muxed output", ["stream"],
+LATENCY = Histogram("segsynth_latency_seconds", "Per frame: arrival at the decoder to muxed output (glass to glass)", ["stream"],
                     buckets=_SECONDS, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("segsynth_queue_depth", "Frames waiting between stages", ["stream", "queue"], registry=REGISTRY)
 STREAM_UP = Gauge("segsynth_stream_up", "1 while the stream runs", ["stream"], registry=REGISTRY)

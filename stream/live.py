@@ -172,10 +172,10 @@ class Backoff:
 class _Timeline:
     """Source seconds -> output seconds, for one stream of one connection, checked against the
     wall clock. Frames may arrive in a burst (a server sends its buffered GOP on connect):
-    timestamps running ahead of the clock pull the clock along. A single step far ahead of
-    the clock (more than JUMP: RTSP's first RTCP report re-synchronising the timestamps, a
-    camera rebooting its clock) is a jump, not time that passed: the stream goes on from where
-    it was. A jump back goes on from the last timestamp."""
+    timestamps running ahead of the clock pull the clock along. A step far ahead of the clock
+    (more than JUMP: RTSP's first RTCP report re-synchronising the timestamps, a camera
+    rebooting its clock) is a jump, not time that passed: the stream goes on from the clock
+    (never before its last frame). A jump back goes on one frame after the last."""
 
     def __init__(self, offset: float, start: float, wall: float, clocked: bool, step: float) -> None:
         self.offset, self.start, self.wall, self.clocked, self.step = offset, start, wall, clocked, step
@@ -196,8 +196,9 @@ class _Timeline:
 
 
 class LiveSource:
-    """A live stream (or a file over HTTP, which is read like a file: ``live`` is False), read until stopped (or given up after ``reconnect_max`` reconnects in a
-    row). Output timestamps are in ``TIME_BASE`` from 0, strictly increasing across
+    """A live stream, read until stopped, or until ``reconnect_max`` reconnects in a row have
+    failed: then the stream ends as a file would (what was written is kept) and ``lost`` says
+    why. A file over HTTP is read like a file (``live`` is False). Output timestamps are in ``TIME_BASE`` from 0, strictly increasing across
     reconnects; each frame's ``meta["arrival"]`` is when its packet left the demuxer (the
     start of glass-to-glass latency). Audio packets are rebased the same way and copied or
     re-encoded as for files (after a reconnect the stream must keep its audio codec)."""
@@ -213,6 +214,7 @@ class LiveSource:
         self.decode_audio: set[int] = set()
         self.problems: list[str] = []
         self.reconnects = 0
+        self.lost: str | None = None  # why the stream ended, when it was given up
         self.on_reconnect = on_reconnect
         self.backoff = Backoff()
         self._next_out = 0.0  # seconds on the output timeline where the next connection starts
@@ -307,7 +309,12 @@ class LiveSource:
                 if not self.live:  # starting a file again would repeat it
                     raise InputError(f"reading {self.spec} failed: {exc}") from None
                 cause = str(exc)
-            if not self._reconnect(stop, cause):
+            try:
+                if not self._reconnect(stop, cause):
+                    return
+            except InputError as exc:  # given up: the end of this stream, not a failed run
+                self.lost = str(exc)
+                self.problems.append(self.lost)
                 return
 
     def _connection(self, stop, audio: Callable, index: int) -> Iterator[tuple[np.ndarray, dict]]:

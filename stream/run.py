@@ -59,6 +59,8 @@ def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, contr
             _write_json(Path(stats_json), session.stats())
     if session.error is not None:
         raise session.error
+    if getattr(source, "lost", None):  # the outputs are complete and kept; the run still failed
+        raise InputError(source.lost)
     stats = session.stats()
     if stats["frames_out"] == 0:
         raise InputError(f"{cfg.source}: no decodable video frames" +

@@ -170,7 +170,8 @@ class FileSource:
 
 class SyntheticSource:
     """Frames from memory: ``pictures`` (full-size RGB) repeated until ``count`` frames, released
-    at ``rate`` fps of wall time (a real-time camera: ``live``) or as fast as they are taken
+    at ``rate`` fps of wall time (a real-time camera: ``live``; each frame's ``arrival`` is when
+    it was due, so a reader that falls behind sees the latency grow) or as fast as they are taken
     (``rate=None``). Timestamps count frames at ``rate`` (25 when unpaced). For benchmarks and
     tests of long runs: a million frames cost no disk."""
 
@@ -205,8 +206,11 @@ class SyntheticSource:
             if k not in self._scaled or self._scaled[k].shape[1::-1] != tuple(self.model_size):
                 self._scaled[k] = resize_rgb(picture, *self.model_size)
             h, w = picture.shape[:2]
-            yield self._scaled[k], {"index": i, "pts": i, "time_base": self.info.time_base, "size": (w, h),
-                                    "display": picture if self.need_display else None}
+            meta = {"index": i, "pts": i, "time_base": self.info.time_base, "size": (w, h),
+                    "display": picture if self.need_display else None}
+            if self.rate:  # a camera: the frame arrived when it was due, however late it is read
+                meta["arrival"] = start + i / self.rate
+            yield self._scaled[k], meta
 
     def close(self) -> None:
         self._scaled.clear()

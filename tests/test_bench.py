@@ -9,7 +9,8 @@ from conftest import run_cli
 def test_quick_bench_reports_every_scenario(tmp_path):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = run_cli("bench", "--frames", "50", "--size", "320x240", "--repeats", "1", "--segmenter", "voc",
-                   "--streams", "2", "--batch", "1,2", "--json", out, "--plot", png, timeout=600)
+                   "--streams", "2", "--batch", "1,2", "--live-seconds", "6", "--json", out, "--plot", png,
+                   timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["version"] == 1
@@ -19,6 +20,9 @@ def test_quick_bench_reports_every_scenario(tmp_path):
         assert report["ratios"][key] > 0, key
     assert [r["batch"] for r in report["scenarios"]["engine"]["rows"] if r["model"] == "segmenter"] == [1, 2]
     assert [r["streams"] for r in report["scenarios"]["streams"]["rows"]] == [1, 2]
+    live = report["scenarios"]["streams"]["live"]
+    assert set(live) == {"latest", "lossless"} and all(d["frames_out"] > 0 for d in live.values())
+    assert report["ratios"]["live_latest_p99_last_over_first"] > 0
     assert report["scenarios"]["pipeline"]["frames"] == 50 and report["scenarios"]["soak"]["frames"] == 50
     assert png.stat().st_size > 10_000
     assert "ratios (same run)" in proc.stderr and "machine:" in proc.stderr

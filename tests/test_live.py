@@ -130,8 +130,7 @@ def test_rtsp_run_reconnects_across_a_server_restart(tmp_path, tiny_segmenter):
 
 
 @needs_rtsp_server
-def test_a_stalled_camera_counts_as_lost_within_the_stall_timeout(tiny_segmenter):
-    from segsynth.errors import InputError
+def test_a_stalled_camera_counts_as_lost_within_the_stall_timeout():
     from segsynth.stream.live import LiveOptions, LiveSource
 
     port = free_port()
@@ -144,14 +143,29 @@ def test_a_stalled_camera_counts_as_lost_within_the_stall_timeout(tiny_segmenter
                 next(frames)
             os.kill(server.pid, signal.SIGSTOP)  # the camera hangs: the connection stays open, nothing comes
             start = time.monotonic()
-            with pytest.raises(InputError, match=r"lost rtsp://.*gave up after 0 reconnect attempts"):
-                for _ in frames:
-                    assert time.monotonic() - start < 10
+            for _ in frames:
+                assert time.monotonic() - start < 10
             assert time.monotonic() - start < 6  # 1 s stall timeout (+ FFmpeg's own shutdown)
+            assert re.fullmatch(r"lost rtsp://.* gave up after 0 reconnect attempts", source.lost), source.lost
         finally:
             os.kill(server.pid, signal.SIGCONT)
             frames.close()
             source.close()
+
+
+@needs_rtsp_server
+def test_a_camera_given_up_after_reconnect_max_keeps_what_was_recorded(tmp_path, tiny_segmenter):
+    port = free_port()
+    out = tmp_path / "kept.mp4"
+    with rtsp_camera(port, lifetime=6):  # goes away for good after 6 s
+        r = run_cli("run", f"rtsp://127.0.0.1:{port}/live", out, "--reconnect-max", 1, "--segmenter", tiny_segmenter,
+                    "--generator", "none", "--stats-json", tmp_path / "s.json", timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert re.search(r"error: lost rtsp://127\.0\.0\.1:\d+/live \(reopening failed: .*\); gave up after 1 "
+                     r"reconnect attempt$", r.stderr.strip()), r.stderr
+    times = video_times(out)  # complete and playable, under its name
+    assert len(times) >= 10 and (np.diff(times) > 0).all()
+    assert json.loads((tmp_path / "s.json").read_text())["frames_out"] == len(times)
 
 
 # ---- outputs: RTSP and RTMP push, HLS, MJPEG preview, file series -------------------------------
@@ -353,3 +367,58 @@ def test_frames_duration_and_stats_json_on_a_lavfi_source(tmp_path, tiny_segment
                 "--segmenter", tiny_segmenter, "--generator", "none", timeout=60)
     assert r.returncode == 0, r.stderr
     assert len(video_times(tmp_path / "b.mkv")) == 7
+
+
+# ---- units: backoff, timeline rebasing, output strings ----------------------------------------------
+def test_backoff_grows_exponentially_with_jitter_up_to_its_cap_and_resets():
+    import random
+
+    from segsynth.stream.live import Backoff
+
+    b = Backoff(initial=0.5, cap=8.0, rng=random.Random(1))
+    delays = [b.next() for _ in range(8)]
+    for k, d in enumerate(delays):
+        full = min(8.0, 0.5 * 2 ** k)
+        assert full / 2 <= d <= full, (k, d)
+    assert len({round(d / min(8.0, 0.5 * 2 ** k), 6) for k, d in enumerate(delays)}) > 1  # jittered, not in step
+    b.reset()
+    assert b.next() <= 0.5
+
+
+def test_timeline_keeps_bursts_and_backlogs_and_cuts_jumps(monkeypatch):
+    from segsynth.stream import live
+
+    clock = [100.0]
+    monkeypatch.setattr(live.time, "monotonic", lambda: clock[0])
+    tl = live._Timeline(offset=10.0 - 5.0, start=10.0, wall=100.0, clocked=True, step=0.04)
+    assert tl(5.0) == 10.0
+    # a burst: 0.8 s of frames at once are kept as they are (the clock was late)
+    assert [round(tl(5.0 + k * 0.2), 3) for k in range(1, 5)] == [10.2, 10.4, 10.6, 10.8]
+    clock[0] += 1.0
+    assert round(tl(6.0), 3) == 11.0  # and then in step with the clock
+    # a single step 3 s ahead of the clock (which the burst moved to 11.8) is a jump: the
+    # stream goes on from the clock, and keeps its own pace from there
+    assert round(tl(9.04), 3) == 11.8
+    clock[0] += 0.5
+    assert round(tl(9.54), 3) == 12.3
+    # back by more than a second: goes on one frame after the last
+    assert round(tl(2.0), 3) == 12.34
+    # a backlog (behind the clock) is kept: frames read late are not moved
+    clock[0] += 5.0
+    assert round(tl(2.04), 3) == 12.38
+
+
+@pytest.mark.parametrize("sinks, message", [
+    (("ftp://127.0.0.1/x",), "outputs are files, rtsp://"),
+    (("out.txt",), "the output must be a video"),
+    (("a.m3u8", "a.m3u8"), "the same output is named twice"),
+    (("mjpeg://127.0.0.1",), "expected HOST:PORT"),
+])
+def test_output_strings_are_checked_before_anything_runs(sinks, message):
+    from segsynth.config import StreamConfig
+    from segsynth.errors import InputError
+
+    with pytest.raises(InputError, match=message):
+        StreamConfig(source="in.mp4", sinks=sinks)
+    with pytest.raises(InputError, match="ids writes lossless"):
+        StreamConfig(source="in.mp4", sinks=("rtsp://127.0.0.1/x",), view="ids")
