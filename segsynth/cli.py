@@ -131,6 +131,35 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .config import ModelConfig
+    from .errors import InputError
+    from .service import LOOPBACK, serve
+    from .stream.models import ModelSet
+
+    token = args.token
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise InputError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
+        if not token:
+            raise InputError(f"--token-file {args.token_file}: the file is empty")
+    if args.host not in LOOPBACK and not token:  # before any model loads
+        raise InputError(f"--host {args.host}: listening beyond loopback needs --token or --token-file")
+    if args.media_root and not Path(args.media_root).is_dir():
+        raise InputError(f"--media-root {args.media_root}: not a directory")
+    model_cfg = ModelConfig(segmenter=args.segmenter, generator=args.generator, threads=args.threads,
+                            cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32)
+    with ModelSet.load(**vars(model_cfg)) as models:
+        return serve(host=args.host, port=args.port, models=models, token=token,
+                     config=Path(args.config) if args.config else None,
+                     media_root=Path(args.media_root) if args.media_root else None,
+                     protect_metrics=args.protect_metrics, grace=args.grace)
+
+
 def _devices(args: argparse.Namespace) -> int:
     from .stream.live import describe_cameras
 
@@ -389,6 +418,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where exported generators are cached (default ~/.cache/segsynth)")
     _add_backend(p)
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("serve", parents=[common], help="many live streams in one service: HTTP API and /metrics",
+                       description="Run stream sessions over one set of models behind an HTTP API "
+                       "(/v1/streams, /healthz, /readyz, /metrics; OpenAPI at /openapi.json).")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback; others need a token)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--config", metavar="streams.yaml", help="streams to start at boot ('streams:' list of POST bodies)")
+    p.add_argument("--token", help="every /v1 call needs 'Authorization: Bearer TOKEN'")
+    p.add_argument("--token-file", metavar="FILE", help="read the token from FILE")
+    p.add_argument("--protect-metrics", action="store_true", help="/metrics needs the token too")
+    p.add_argument("--media-root", metavar="DIR", help="file sources and outputs must lie under DIR")
+    p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
+                   help="on SIGTERM/SIGINT: drain streams this long, then abort them (default 10)")
+    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx")
+    p.add_argument("--generator", default="default", metavar="default|none|DIR|FILE.onnx")
+    p.add_argument("--threads", type=int, help="inference threads per model")
+    p.add_argument("--cache-dir", help="where exported generators are cached")
+    _add_backend(p)
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("devices", parents=[common], help="list the cameras run can read (/dev/videoN)")
     p.set_defaults(func=_devices)

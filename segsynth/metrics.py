@@ -90,3 +90,60 @@ class StreamMetrics:
 def exposition() -> bytes:
     """The registry in Prometheus' text format (what /metrics serves)."""
     return generate_latest(REGISTRY)
+
+
+_PROCESS: CollectorRegistry | None = None
+
+
+def process_exposition() -> bytes:
+    """Process metrics (CPU seconds, resident memory, open fds, threads) and, where a GPU and
+    nvidia-ml-py are there, GPU memory and utilisation: what a service adds to /metrics."""
+    global _PROCESS
+    with _lock:
+        if _PROCESS is None:
+            from prometheus_client import PlatformCollector, ProcessCollector
+
+            _PROCESS = CollectorRegistry(auto_describe=True)
+            ProcessCollector(registry=_PROCESS)
+            PlatformCollector(registry=_PROCESS)
+            _PROCESS.register(_ThreadsCollector())
+            gpu = _GpuCollector.create()
+            if gpu is not None:
+                _PROCESS.register(gpu)
+    return generate_latest(_PROCESS)
+
+
+class _ThreadsCollector:
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        yield GaugeMetricFamily("segsynth_process_threads", "Threads of the process", value=threading.active_count())
+
+
+class _GpuCollector:
+    """GPU memory and utilisation through NVML (nvidia-ml-py); absent without a GPU."""
+
+    def __init__(self, nvml, handles) -> None:
+        self.nvml, self.handles = nvml, handles
+
+    @classmethod
+    def create(cls):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        except Exception:  # noqa: BLE001 - no package, no driver, no GPU: no GPU metrics
+            return None
+        return cls(pynvml, handles) if handles else None
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        used = GaugeMetricFamily("segsynth_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        util = GaugeMetricFamily("segsynth_gpu_utilization_ratio", "GPU busy fraction", labels=["gpu"])
+        for i, h in enumerate(self.handles):
+            used.add_metric([str(i)], self.nvml.nvmlDeviceGetMemoryInfo(h).used)
+            util.add_metric([str(i)], self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100)
+        yield used
+        yield util

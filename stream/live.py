@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from segsynth.errors import InputError
+from segsynth.errors import InputError, SourceError
 
 from . import media
 from .sources import AudioItem, AudioTrack, SourceInfo
@@ -248,12 +248,12 @@ class LiveSource:
         return container, video
 
     def open(self) -> "LiveSource":
-        """The first connection: a source that cannot be opened at all fails at once (exit 2),
+        """The first connection: a source that cannot be opened at all fails at once (exit 6),
         as a typo in a URL should; losing it later reconnects."""
         try:
             self.container, self.video = self._connect()
         except ConnectionError as exc:
-            raise InputError(f"cannot open {self.spec}: {exc}") from None
+            raise SourceError(f"cannot open {self.spec}: {exc}") from None
         v = self.video
         if self.target.vod_possible and self.container.duration:
             self.live = False  # a file or a finished HLS playlist over HTTP: read it all, to its end
@@ -265,14 +265,14 @@ class LiveSource:
         return self
 
     def _reconnect(self, stop, cause: str) -> bool:
-        """After a loss: close, wait, reopen. False when stopped; InputError when given up."""
+        """After a loss: close, wait, reopen. False when stopped; SourceError when given up."""
         if self.container is not None:
             self.container.close()
             self.container = None
         attempts = 0
         while not stop.is_set():
             if self.opts.reconnect_max is not None and attempts >= self.opts.reconnect_max:
-                raise InputError(f"lost {self.spec} ({cause}); gave up after {attempts} reconnect attempt"
+                raise SourceError(f"lost {self.spec} ({cause}); gave up after {attempts} reconnect attempt"
                                  f"{'s' if attempts != 1 else ''}")
             delay = self.backoff.next()
             attempts += 1
@@ -312,7 +312,7 @@ class LiveSource:
             try:
                 if not self._reconnect(stop, cause):
                     return
-            except InputError as exc:  # given up: the end of this stream, not a failed run
+            except SourceError as exc:  # given up: the end of this stream, not a failed run
                 self.lost = str(exc)
                 self.problems.append(self.lost)
                 return

@@ -128,10 +128,11 @@ class Pipeline:
                     rgb, meta = next(frames)
                 except StopIteration:
                     break
-                seconds = float(meta["pts"] * meta["time_base"])
-                first = seconds if first is None else first
-                if self.duration is not None and seconds - first >= self.duration:
-                    break
+                if self.duration is not None:
+                    seconds = float(meta["pts"] * meta["time_base"])
+                    first = seconds if first is None else first
+                    if seconds - first >= self.duration:
+                        break
                 # A live source says when the frame's packet arrived (waiting for the network is
                 # not decoding); latency counts from there, glass to glass
                 arrival = meta.pop("arrival", start)

@@ -120,8 +120,8 @@ def _handler(sink: PreviewSink):
                     return self._reply(503, "text/plain", b"too many viewers\n")
                 sink.clients += 1
             try:
-                if snapshot:
-                    _, frame = sink.next_frame(0, 5)  # frames count from 1: any frame at all
+                if snapshot:  # a frame made after the request (none are made while nobody watches)
+                    _, frame = sink.next_frame(sink.seq, 5)
                     return self._reply(200, "image/jpeg", frame) if frame else self._reply(
                         503, "text/plain", b"no frame yet\n")
                 self.send_response(200)

@@ -11,7 +11,7 @@ import contextlib
 from pathlib import Path
 
 from segsynth.config import ModelConfig, StreamConfig
-from segsynth.errors import InputError
+from segsynth.errors import InputError, SourceError
 
 from . import media
 from .models import ModelSet
@@ -60,7 +60,7 @@ def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, contr
     if session.error is not None:
         raise session.error
     if getattr(source, "lost", None):  # the outputs are complete and kept; the run still failed
-        raise InputError(source.lost)
+        raise SourceError(source.lost)
     stats = session.stats()
     if stats["frames_out"] == 0:
         raise InputError(f"{cfg.source}: no decodable video frames" +

@@ -160,7 +160,7 @@ def test_a_camera_given_up_after_reconnect_max_keeps_what_was_recorded(tmp_path,
     with rtsp_camera(port, lifetime=6):  # goes away for good after 6 s
         r = run_cli("run", f"rtsp://127.0.0.1:{port}/live", out, "--reconnect-max", 1, "--segmenter", tiny_segmenter,
                     "--generator", "none", "--stats-json", tmp_path / "s.json", timeout=120)
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 6, r.stderr  # a source lost for good (SourceError)
     assert re.search(r"error: lost rtsp://127\.0\.0\.1:\d+/live \(reopening failed: .*\); gave up after 1 "
                      r"reconnect attempt$", r.stderr.strip()), r.stderr
     times = video_times(out)  # complete and playable, under its name
@@ -341,7 +341,6 @@ def test_devices_lists_cameras_or_says_there_are_none():
     ("v4l2:9", "/dev/video9: no such device"),
     ("lavfi:movie=/etc/passwd", "movie sources read files"),
     ("gopher://127.0.0.1/x", "not a supported input"),
-    ("rtsp://127.0.0.1:{port}/nothing", "cannot open rtsp://127.0.0.1:"),
 ])
 def test_bad_live_inputs_fail_with_one_line_and_exit_2(tmp_path, source, message):
     if Path("/dev/video9").exists() and "video9" in message:
@@ -354,7 +353,16 @@ def test_bad_live_inputs_fail_with_one_line_and_exit_2(tmp_path, source, message
     assert not (tmp_path / "o.mp4").exists()
 
 
-def test_frames_duration_and_stats_json_on_a_lavfi_source(tmp_path, tiny_segmenter):
+def test_an_unreachable_camera_fails_at_once_with_exit_6(tmp_path):
+    r = run_cli("run", f"rtsp://127.0.0.1:{free_port()}/nothing", tmp_path / "o.mp4", "--generator", "none",
+                timeout=60)
+    assert r.returncode == 6, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and re.search(r"cannot open rtsp://127\.0\.0\.1:\d+/nothing: Connection refused",
+                                         lines[0]), r.stderr
+
+
+def test_frames_duration_and_stats_json_on_a_lavfi_source(tmp_path, tiny_segmenter, people_clip):
     r = run_cli("run", "lavfi:testsrc2=size=160x120:rate=25", tmp_path / "a.mp4", "--duration", 2,
                 "--segmenter", tiny_segmenter, "--generator", "none", "--policy", "lossless",
                 "--stats-json", tmp_path / "a.json", timeout=60)
@@ -367,6 +375,13 @@ def test_frames_duration_and_stats_json_on_a_lavfi_source(tmp_path, tiny_segment
                 "--segmenter", tiny_segmenter, "--generator", "none", timeout=60)
     assert r.returncode == 0, r.stderr
     assert len(video_times(tmp_path / "b.mkv")) == 7
+    # files too: the first 3 of the clip's 8 frames, with its own timestamps, and the stats
+    r = run_cli("run", people_clip, tmp_path / "c.mp4", "--frames", 3, "--segmenter", tiny_segmenter,
+                "--generator", "none", "--stats-json", tmp_path / "c.json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert video_times(tmp_path / "c.mp4") == pytest.approx([0.0, 0.04, 0.08])
+    stats = json.loads((tmp_path / "c.json").read_text())
+    assert stats["frames_out"] == 3 and stats["dropped"] == 0 and stats["state"] == "closed"
 
 
 # ---- units: backoff, timeline rebasing, output strings ----------------------------------------------

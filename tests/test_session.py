@@ -125,8 +125,8 @@ def test_remap_update_changes_the_output_two_batches_later_only_where_the_class_
     picture = astronaut[::2, ::2]
     with ModelSet.load("voc", "none") as models:
         source = SyntheticSource([picture], count=40, rate=12)  # slower than the model: no backlog
-        s = StreamSession(StreamConfig(source="synthetic", sinks=[out], view="ids", batch=2), models,
-                          source=source)
+        s = StreamSession(StreamConfig(source="synthetic", sinks=[out], view="ids", batch=2, policy="lossless"),
+                          models, source=source)  # a live source defaults to latest; this test needs every frame
         s.start()
         _wait_for_frames(s, 12)
         inferred = s.stats()["frames_inferred"]

@@ -1,0 +1,414 @@
+"""``segsynth serve``: many stream sessions in one process over one ModelSet, behind a small
+HTTP API (FastAPI + uvicorn) with Prometheus metrics.
+
+    GET    /v1/streams          the streams and their state
+    POST   /v1/streams          start one (the body: ``StreamSpec``) -> 201
+    GET    /v1/streams/{id}     its config, state and stats()
+    PATCH  /v1/streams/{id}     change remap, view or seed while it runs
+    DELETE /v1/streams/{id}     drain and close it
+    GET    /healthz, /readyz, /metrics
+
+``Service`` holds the sessions and is usable without HTTP (tests, embedding); ``create_app``
+puts the API in front of it. Bad input is a 4xx with ``{"error": ..., "field": ...}``.
+"""
+
+
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError, SegsynthError
+
+log = logging.getLogger("segsynth")
+MAX_BODY = 64 << 10  # bytes of JSON a request may send
+SPEC_FIELDS = ("id", "source", "sinks", "view", "remap", "seed", "style", "policy", "smooth", "fit", "batch",
+               "segmenter", "generator", "max_frames", "duration", "segment_time", "rtsp_transport",
+               "stall_timeout", "reconnect_max")
+PATCH_FIELDS = ("remap", "view", "seed")
+
+
+class ServiceError(InputError):
+    """A request the service refuses: ``status`` is the HTTP code, ``field`` the body field at fault."""
+
+    def __init__(self, message: str, field: str | None = None, status: int = 422) -> None:
+        super().__init__(message)
+        self.field, self.status = field, status
+
+
+def _check_text(value, field: str) -> None:
+    """Strings from a request: no control characters (a NUL cuts a path short in C), valid Unicode."""
+    if value is None:
+        return
+    if not isinstance(value, str):
+        raise ServiceError(f"{field}: a string is needed", field)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ServiceError(f"{field}: not valid Unicode text", field) from None
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ServiceError(f"{field}: control characters are not allowed", field)
+
+
+def _field_of(message: str, fields=SPEC_FIELDS) -> str | None:
+    """StreamConfig's messages start with the field they are about ("view: unknown view ...")."""
+    match = re.match(r"^(\w+):", message)
+    return match[1] if match and match[1] in fields else None
+
+
+class Service:
+    """The streams of one process, sharing ``models``. ``media_root``: where file sources and
+    file outputs may be (None: anywhere). Thread-safe."""
+
+    def __init__(self, models, *, media_root: Path | None = None, max_streams: int = 64) -> None:
+        self.models, self.max_streams = models, max_streams
+        self.media_root = media_root.resolve() if media_root else None
+        self.sessions: dict[str, Any] = {}
+        self.specs: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._closing = False
+
+    # ---- requests --------------------------------------------------------------------------
+    def add(self, spec: dict):
+        from segsynth.config import StreamConfig, sink_kind
+        from segsynth.stream.live import is_live
+        from segsynth.stream.session import StreamSession
+
+        unknown = sorted(set(spec) - set(SPEC_FIELDS))
+        if unknown:
+            raise ServiceError(f"unknown field {unknown[0]!r}", unknown[0])
+        if not isinstance(spec.get("source"), str) or not spec["source"]:
+            raise ServiceError("source: a string is needed (a file, rtsp://..., lavfi:...)", "source")
+        if not isinstance(spec.get("sinks", []), (list, tuple)):
+            raise ServiceError("sinks: a list of outputs is needed", "sinks")
+        for name in ("source", "id", "remap", "style", "view", "policy", "fit"):
+            _check_text(spec.get(name), name)
+        for sink in spec.get("sinks") or ():
+            _check_text(sink, "sinks")
+        for name, loaded in (("segmenter", self.models.config.segmenter), ("generator", self.models.config.generator)):
+            if spec.get(name) not in (None, loaded):
+                raise ServiceError(f"{name}: this service runs {name} {loaded!r}; start another service for "
+                                   f"{spec[name]!r}", name)
+        fields = {k: v for k, v in spec.items() if k not in ("segmenter", "generator")}
+        fields["sinks"] = tuple(fields.get("sinks") or ())
+        try:
+            if not is_live(fields["source"]):
+                self._check_local(fields["source"], "source")
+            for sink in fields["sinks"]:
+                if isinstance(sink, str) and sink_kind(sink) in ("file", "hls"):
+                    self._check_local(sink, "sinks")
+            config = StreamConfig(**fields)
+        except ServiceError:
+            raise
+        except TypeError as exc:  # a value of the wrong type
+            raise ServiceError(str(exc)) from None
+        except InputError as exc:
+            msg = str(exc)
+            named = "source" if msg.startswith(fields["source"]) else "sinks" if any(
+                isinstance(k, str) and msg.startswith(k) for k in fields["sinks"]) else None
+            raise ServiceError(msg, _field_of(msg) or named) from None
+        try:
+            self.models.remap(config.remap)  # a name no label set knows is refused here
+        except InputError as exc:
+            raise ServiceError(f"remap: {exc}", "remap") from None
+        try:
+            session = StreamSession(config, self.models)
+        except InputError as exc:
+            raise ServiceError(str(exc), _field_of(str(exc))) from None
+        with self._lock:
+            if self._closing:
+                raise ServiceError("the service is shutting down", status=503)
+            if session.id in self.sessions:
+                raise ServiceError(f"id: a stream called {session.id!r} exists already", "id", 409)
+            if len(self.sessions) >= self.max_streams:
+                raise ServiceError(f"at most {self.max_streams} streams; delete one first", status=429)
+            self.sessions[session.id] = session  # reserved: a second POST with this id is refused
+        try:
+            session.start()
+        except SegsynthError as exc:
+            with self._lock:
+                self.sessions.pop(session.id, None)
+            raise ServiceError(str(exc), _field_of(str(exc)) or "source") from None
+        except BaseException:
+            with self._lock:
+                self.sessions.pop(session.id, None)
+            raise
+        self.specs[session.id] = {k: v for k, v in spec.items() if v is not None}
+        log.info("stream %s: started (%s)", session.id, config.source)
+        return session
+
+    def _check_local(self, path: str, field: str) -> None:
+        if self.media_root is None:
+            return
+        resolved = Path(path).resolve()
+        if resolved != self.media_root and self.media_root not in resolved.parents:
+            raise ServiceError(f"{field}: {path} is outside the media root {self.media_root}", field, 403)
+
+    def get(self, stream_id: str):
+        session = self.sessions.get(stream_id)
+        if session is None:
+            raise ServiceError(f"no stream called {stream_id!r}", status=404)
+        return session
+
+    def describe(self, session) -> dict:
+        return {"id": session.id, "state": session.state, "config": self.specs.get(session.id, {}),
+                "stats": session.stats()}
+
+    def update(self, stream_id: str, patch: dict) -> None:
+        session = self.get(stream_id)
+        unknown = sorted(set(patch) - set(PATCH_FIELDS))
+        if unknown:
+            raise ServiceError(f"unknown field {unknown[0]!r} (a running stream can change: "
+                               f"{', '.join(PATCH_FIELDS)})", unknown[0])
+        for name in ("remap", "view"):
+            _check_text(patch.get(name), name)
+        if session.state not in ("running", "created"):
+            raise ServiceError(f"stream {stream_id} is {session.state}", status=409)
+        try:
+            session.update(**patch)
+        except TypeError as exc:
+            raise ServiceError(str(exc)) from None
+        except InputError as exc:
+            raise ServiceError(str(exc), _field_of(str(exc), PATCH_FIELDS) or next(iter(patch), None)) from None
+        self.specs[stream_id].update({k: v for k, v in patch.items() if v is not None})
+
+    def remove(self, stream_id: str, timeout: float = 30.0) -> dict:
+        """Drain and close a stream; its metric series go with it."""
+        session = self.get(stream_id)
+        session.stop(drain=True)
+        if not session.join(timeout):
+            session.stop(drain=False)
+            session.join(10)
+        with self._lock:
+            self.sessions.pop(stream_id, None)
+            self.specs.pop(stream_id, None)
+        log.info("stream %s: removed", stream_id)
+        return session.stats()
+
+    def shutdown(self, grace: float = 10.0) -> None:
+        """Stop accepting, drain every stream, abort what is not done after ``grace`` seconds."""
+        with self._lock:
+            self._closing = True
+            sessions = list(self.sessions.values())
+        for s in sessions:
+            s.stop(drain=True)
+        deadline = time.monotonic() + grace
+        for s in sessions:
+            if not s.join(max(0.0, deadline - time.monotonic())):
+                log.warning("stream %s: not drained within %.0f s; aborted", s.id, grace)
+                s.stop(drain=False)
+                s.join(10)
+        with self._lock:
+            self.sessions.clear()
+            self.specs.clear()
+
+
+def load_config(path: Path) -> list[dict]:
+    """streams.yaml: ``streams:`` a list of POST bodies, started at boot."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise InputError(f"--config {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"--config {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    streams = (data or {}).get("streams") if isinstance(data, dict) else None
+    if not isinstance(streams, list) or not all(isinstance(s, dict) for s in streams):
+        raise InputError(f"--config {path}: expected 'streams:' with a list of streams (source, sinks, ...)")
+    return streams
+
+
+# ---- HTTP ----------------------------------------------------------------------------------------
+def create_app(service: Service, *, token: str | None = None, protect_metrics: bool = False,
+               grace: float = 10.0):
+    import hmac
+    from contextlib import asynccontextmanager
+
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from pydantic import BaseModel, ConfigDict
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from segsynth import __version__, metrics
+
+    class StreamSpec(BaseModel):
+        """A stream to start: what ``segsynth run`` takes, as JSON."""
+
+        model_config = ConfigDict(extra="forbid")
+        source: str
+        sinks: list[str] = []
+        id: str | None = None
+        view: str | None = None
+        remap: str | None = None
+        seed: int | None = None
+        style: str | None = None
+        policy: str | None = None
+        smooth: int | None = None
+        fit: str | None = None
+        batch: int | None = None
+        segmenter: str | None = None
+        generator: str | None = None
+        max_frames: int | None = None
+        duration: float | None = None
+        segment_time: float | None = None
+        rtsp_transport: str | None = None
+        stall_timeout: float | None = None
+        reconnect_max: int | None = None
+
+    class StreamPatch(BaseModel):
+        """What a running stream can change."""
+
+        model_config = ConfigDict(extra="forbid")
+        remap: str | None = None
+        view: str | None = None
+        seed: int | None = None
+
+    def check_token(request: Request) -> None:
+        if token is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise ServiceError("a valid 'Authorization: Bearer TOKEN' header is needed", status=401)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(service.shutdown, grace)  # SIGTERM/SIGINT: uvicorn stops accepting first
+
+    app = FastAPI(title="segsynth", version=__version__, lifespan=lifespan)
+    auth = [Depends(check_token)]
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request, exc: ServiceError):
+        return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return JSONResponse({"error": f"malformed JSON: {first.get('msg')}", "field": None}, status_code=400)
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "extra_forbidden":
+            message = "unknown field"
+        return JSONResponse({"error": f"{'.'.join(loc) + ': ' if loc else ''}{message}",
+                             "field": loc[0] if loc else None}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc: StarletteHTTPException):
+        return JSONResponse({"error": str(exc.detail), "field": None}, status_code=exc.status_code)
+
+    @app.middleware("http")
+    async def cap_body(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return JSONResponse({"error": f"request body over {MAX_BODY} bytes", "field": None}, status_code=413)
+        if length is None and request.method in ("POST", "PATCH", "PUT"):
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > MAX_BODY:
+                    return JSONResponse({"error": f"request body over {MAX_BODY} bytes", "field": None},
+                                        status_code=413)
+            request._body = body  # read once: handlers get it from here
+        return await call_next(request)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> dict:
+        m = service.models
+        return {"status": "ready", "segmenter": m.config.segmenter, "generator": m.config.generator,
+                "backend": m.backend, "streams": len(service.sessions)}
+
+    @app.get("/metrics", dependencies=auth if protect_metrics else [])
+    def metrics_endpoint() -> Response:
+        return Response(metrics.exposition() + metrics.process_exposition(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/streams", dependencies=auth)
+    def list_streams() -> dict:
+        return {"streams": [service.describe(s) for s in list(service.sessions.values())]}
+
+    @app.post("/v1/streams", status_code=201, dependencies=auth)
+    def add_stream(spec: StreamSpec) -> dict:
+        return service.describe(service.add(spec.model_dump(exclude_none=True)))
+
+    @app.get("/v1/streams/{stream_id}", dependencies=auth)
+    def get_stream(stream_id: str) -> dict:
+        return service.describe(service.get(stream_id))
+
+    @app.patch("/v1/streams/{stream_id}", dependencies=auth)
+    def patch_stream(stream_id: str, patch: StreamPatch) -> dict:
+        service.update(stream_id, patch.model_dump(exclude_none=True))
+        return service.describe(service.get(stream_id))
+
+    @app.delete("/v1/streams/{stream_id}", dependencies=auth)
+    def delete_stream(stream_id: str) -> dict:
+        return {"id": stream_id, "stats": service.remove(stream_id)}
+
+    return app
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def serve(*, host: str, port: int, models, token: str | None, config: Path | None, media_root: Path | None,
+          protect_metrics: bool, grace: float) -> int:
+    import uvicorn
+
+    if host not in LOOPBACK and not token:
+        raise InputError(f"--host {host}: listening beyond loopback needs --token or --token-file")
+    boot = load_config(config) if config else []
+    service = Service(models, media_root=media_root)
+    try:
+        for i, spec in enumerate(boot, 1):  # a bad stream in the config stops the service before it listens
+            try:
+                service.add(spec)
+            except ServiceError as exc:
+                raise InputError(f"--config {config}: stream {i}: {exc}") from None
+    except BaseException:
+        service.shutdown(grace)
+        raise
+    app = create_app(service, token=token, protect_metrics=protect_metrics, grace=grace)
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                    timeout_graceful_shutdown=grace, lifespan="on"))
+    log.info("serving on http://%s:%d (%d streams at boot)", host, port, len(boot))
+    server.run()
+    if not server.started:
+        raise InputError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
+    log.info("stopped: every stream drained and closed")
+    return 0
+
+
+def _uvicorn_server():
+    import contextlib
+    import signal
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """SIGTERM/SIGINT stop the service gracefully (stop accepting, drain every stream) and
+        ``serve`` returns 0; uvicorn itself would re-raise the signal after its shutdown."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return Server
+
+
+def _Server(config):  # noqa: N802 - a class made on first use (uvicorn is an optional dependency)
+    return _uvicorn_server()(config)

@@ -1,0 +1,304 @@
+"""``segsynth serve`` on loopback: a real uvicorn server started here (the installed command),
+its HTTP API and /metrics, scraped by a real Prometheus; and the Service under it, in
+process, for the leak check (16 streams added and removed 50 times)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.network
+RED = "lavfi:color=c=red:size=160x120:rate=10"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(base: str, method: str, path: str, body=None, *, raw: bytes | None = None, headers: dict | None = None):
+    """(status, decoded JSON or text) of one request."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(base + path, data=data, method=method,
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as reply:
+            status, text = reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        status, text = exc.code, exc.read().decode()
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
+
+
+@contextlib.contextmanager
+def service(tmp_path: Path, segmenter: Path, *args):
+    port = free_port()
+    root = tmp_path / "media"
+    root.mkdir(exist_ok=True)
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("segsynth")), "serve", "--port", str(port),
+                             "--segmenter", str(segmenter), "--generator", "none", "--media-root", str(root),
+                             "--grace", "10", *map(str, args)],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            stdin=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if api(base, "GET", "/healthz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the service did not come up"
+            time.sleep(0.2)
+        yield base, root, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def series(base: str, name: str, **labels) -> float | None:
+    """The value of one series in /metrics, or None when it is not there."""
+    status, text = api(base, "GET", "/metrics")
+    assert status == 200
+    for line in text.splitlines():
+        m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if m and all(f'{k}="{v}"' in m[1] for k, v in labels.items()):
+            return float(m[2])
+    return None
+
+
+def snapshot(url: str) -> np.ndarray:
+    from PIL import Image
+
+    with urllib.request.urlopen(url, timeout=30) as reply:
+        return np.asarray(Image.open(io.BytesIO(reply.read())).convert("RGB"))
+
+
+def voc_class_of_red(segmenter: Path) -> str:
+    """The class the tiny segmenter gives a flat red picture (onnxruntime run here, on the
+    DeepLab contract's input: RGB scaled to -1..1, NCHW)."""
+    import onnxruntime
+
+    from segsynth import labels
+
+    sess = onnxruntime.InferenceSession(str(segmenter), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 3, 64, 64), np.float32)
+    x[:, 0], x[:, 1:] = 1.0, -1.0
+    ids = np.argmax(sess.run(None, {sess.get_inputs()[0].name: x})[0], axis=1)
+    return labels.get("voc").classes[int(np.bincount(ids.ravel()).argmax())]
+
+
+def test_streams_metrics_live_patch_and_delete_on_a_real_server(tmp_path, tiny_segmenter, people_clip):
+    with service(tmp_path, tiny_segmenter) as (base, root, _):
+        preview = free_port()
+        status, live = api(base, "POST", "/v1/streams", {"id": "cam", "source": RED, "view": "labels",
+                                                          "sinks": [str(root / "cam.mkv"), f"mjpeg://127.0.0.1:{preview}"]})
+        assert status == 201, live
+        assert live["id"] == "cam" and live["state"] == "running"
+        shutil.copy(people_clip, root / "clip.mp4")
+        status, clip = api(base, "POST", "/v1/streams", {"source": str(root / "clip.mp4"),
+                                                          "sinks": [str(root / "clip-out.mp4")]})
+        assert status == 201, clip
+        # frames flow: the counter grows between two scrapes
+        first = series(base, "segsynth_frames_total", stream="cam", stage="encoded") or 0
+        time.sleep(1.5)
+        assert series(base, "segsynth_frames_total", stream="cam", stage="encoded") > first
+        # the file stream ends by itself, with every frame
+        deadline = time.monotonic() + 30
+        while api(base, "GET", f"/v1/streams/{clip['id']}")[1]["state"] != "closed":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert api(base, "GET", f"/v1/streams/{clip['id']}")[1]["stats"]["frames_out"] == 8
+        # PATCH the remap: the picture changes without a restart
+        before = snapshot(f"http://127.0.0.1:{preview}/snapshot.jpg")[60, 40]
+        name = voc_class_of_red(tiny_segmenter)
+        target = "cat" if name != "cat" else "dog"
+        status, patched = api(base, "PATCH", "/v1/streams/cam", {"remap": f"{name}={target}"})
+        assert status == 200, patched
+        assert patched["config"]["remap"] == f"{name}={target}"
+        deadline = time.monotonic() + 20
+        while np.abs(snapshot(f"http://127.0.0.1:{preview}/snapshot.jpg")[60, 40].astype(int) - before).max() < 40:
+            assert time.monotonic() < deadline, "the remap did not reach the picture"
+            time.sleep(0.3)
+        status, listed = api(base, "GET", "/v1/streams")
+        assert status == 200 and {s["id"] for s in listed["streams"]} == {"cam", clip["id"]}
+        # DELETE drains the stream and removes its series
+        status, gone = api(base, "DELETE", "/v1/streams/cam")
+        assert status == 200 and gone["stats"]["state"] == "closed"
+        assert series(base, "segsynth_frames_total", stream="cam", stage="encoded") is None
+        assert series(base, "segsynth_stream_up", stream="cam") is None
+        assert api(base, "GET", "/v1/streams/cam")[0] == 404
+        assert api(base, "DELETE", f"/v1/streams/{clip['id']}")[0] == 200
+        # the outputs are complete files
+        from conftest import decode_video
+
+        assert len(decode_video(root / "clip-out.mp4")[0]) == 8
+        assert len(decode_video(root / "cam.mkv")[0]) >= 10
+
+
+def test_bad_requests_are_4xx_with_a_clear_json_error(tmp_path, tiny_segmenter):
+    with service(tmp_path, tiny_segmenter) as (base, root, _):
+        out = str(root / "o.mkv")
+        cases = [
+            ({"source": RED, "sinks": [out], "colour": "red"}, 422, "colour"),
+            ({"source": RED, "sinks": [out], "remap": "person=unobtainium"}, 422, "remap"),
+            ({"source": "gopher://127.0.0.1/x", "sinks": [out]}, 422, "source"),
+            ({"source": "/etc/hostname", "sinks": [out]}, 403, "source"),
+            ({"source": RED, "sinks": ["/tmp/elsewhere.mkv"]}, 403, "sinks"),
+            ({"source": RED, "sinks": [out], "view": "sepia"}, 422, "view"),
+            ({"source": RED, "sinks": [out], "seed": "many"}, 422, "seed"),
+            ({"source": RED, "sinks": [out], "segmenter": "ade20k"}, 422, "segmenter"),
+            ({"sinks": [out]}, 422, "source"),
+        ]
+        for body, code, field in cases:
+            status, reply = api(base, "POST", "/v1/streams", body)
+            assert status == code and reply["field"] == field and reply["error"], (body, status, reply)
+        status, reply = api(base, "POST", "/v1/streams", raw=b'{"source": ')
+        assert status == 400 and "malformed JSON" in reply["error"]
+        status, reply = api(base, "POST", "/v1/streams", raw=json.dumps({"source": "x" * 70000}).encode())
+        assert status == 413 and "65536 bytes" in reply["error"]
+        for method in ("GET", "PATCH", "DELETE"):
+            status, reply = api(base, method, "/v1/streams/nope", {} if method == "PATCH" else None)
+            assert status == 404 and "nope" in reply["error"], (method, reply)
+        status, made = api(base, "POST", "/v1/streams", {"id": "twice", "source": RED, "sinks": [out]})
+        assert status == 201
+        assert api(base, "POST", "/v1/streams", {"id": "twice", "source": RED, "sinks": [str(root / "p.mkv")]})[0] == 409
+        status, reply = api(base, "PATCH", "/v1/streams/twice", {"view": "ids"})
+        assert status == 422 and reply["field"] == "view"
+        status, reply = api(base, "PATCH", "/v1/streams/twice", {"source": "x"})
+        assert status == 422 and reply["field"] == "source"
+        assert {p.name for p in root.iterdir()} <= {"o.mkv"}  # refused streams wrote nothing
+        # the OpenAPI document, and schemathesis finds no server error in it
+        status, schema = api(base, "GET", "/openapi.json")
+        assert status == 200 and "/v1/streams" in schema["paths"]
+        st = shutil.which("schemathesis") or str(Path(sys.executable).with_name("schemathesis"))
+        r = subprocess.run([st, "--no-color", "run", f"{base}/openapi.json", "--checks", "not_a_server_error",
+                            "--max-examples", "25"], capture_output=True, text=True, timeout=300,
+                           cwd=root)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+
+
+def test_tokens_guard_the_api_and_non_loopback_needs_one(tmp_path, tiny_segmenter):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    with service(tmp_path, tiny_segmenter, "--token-file", token_file) as (base, _, _):
+        assert api(base, "GET", "/v1/streams")[0] == 401
+        assert api(base, "GET", "/v1/streams", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert api(base, "GET", "/v1/streams", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        assert api(base, "GET", "/metrics")[0] == 200 and api(base, "GET", "/healthz")[0] == 200
+        status, ready = api(base, "GET", "/readyz")
+        assert status == 200 and ready["status"] == "ready"
+    from conftest import run_cli
+
+    r = run_cli("serve", "--host", "0.0.0.0", "--generator", "none", timeout=60)
+    assert r.returncode == 2 and "needs --token" in r.stderr, r.stderr
+
+
+def test_boot_config_streams_and_sigterm_drains_them(tmp_path, tiny_segmenter):
+    root = tmp_path / "media"
+    root.mkdir()
+    config = tmp_path / "streams.yaml"
+    config.write_text(f"streams:\n  - id: boot\n    source: \"{RED}\"\n    sinks: [\"{root / 'boot.mp4'}\"]\n")
+    with service(tmp_path, tiny_segmenter, "--config", config) as (base, _, proc):
+        status, boot = api(base, "GET", "/v1/streams/boot")
+        assert status == 200 and boot["state"] == "running"
+        time.sleep(1)
+        proc.terminate()
+        assert proc.wait(30) == 0
+    from conftest import decode_video
+
+    times, _ = decode_video(root / "boot.mp4")  # drained: flushed and closed
+    assert len(times) >= 5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("streams:\n  - source: gopher://x\n    sinks: [o.mp4]\n")
+    from conftest import run_cli
+
+    r = run_cli("serve", "--config", bad, "--segmenter", tiny_segmenter, "--generator", "none",
+                "--port", free_port(), timeout=60)
+    assert r.returncode == 2 and "stream 1: gopher://x: not a supported input" in r.stderr, r.stderr
+
+
+def test_prometheus_scrapes_the_service(tmp_path, tiny_segmenter):
+    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
+    if not (prometheus and promtool) and os.environ.get("CI") != "true":
+        pytest.skip("prometheus not installed (apt-get install prometheus; .ci/run does)")
+    with service(tmp_path, tiny_segmenter) as (base, root, _):
+        assert api(base, "POST", "/v1/streams", {"id": "scraped", "source": RED,
+                                                 "sinks": [str(root / "s.mkv")]})[0] == 201
+        status, text = api(base, "GET", "/metrics")
+        lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
+        assert lint.returncode == 0, lint.stdout + lint.stderr
+        port = free_port()
+        (tmp_path / "prom.yml").write_text(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+            f"scrape_configs:\n  - job_name: segsynth\n    static_configs:\n      - targets: ['{base[7:]}']\n")
+        prom = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prom.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            query = urllib.parse.quote('rate(segsynth_frames_total{stage="encoded"}[30s]) > 0')
+            deadline, result = time.monotonic() + 60, []
+            while not result and time.monotonic() < deadline:
+                time.sleep(1)
+                try:
+                    status, reply = api(f"http://127.0.0.1:{port}", "GET", f"/api/v1/query?query={query}")
+                except OSError:
+                    continue
+                result = reply["data"]["result"] if status == 200 else []
+            assert result, "Prometheus saw no frames"
+            assert result[0]["metric"]["stream"] == "scraped" and float(result[0]["value"][1]) > 0
+        finally:
+            prom.terminate()
+            prom.wait(30)
+
+
+def test_sixteen_streams_added_and_removed_fifty_times_leak_nothing(tmp_path, tiny_segmenter):
+    from segsynth import metrics
+    from segsynth.service import Service
+    from segsynth.stream.models import ModelSet
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with ModelSet.load(str(tiny_segmenter), "none") as models:
+        svc = Service(models, media_root=tmp_path)
+        svc.add({"id": "warm", "source": RED, "sinks": [str(tmp_path / "warm.mkv")]})  # first-use allocations
+        svc.remove("warm")
+        threads, handles = threading.active_count(), fds()
+        for round_ in range(50):
+            for i in range(16):
+                svc.add({"id": f"s{i}", "source": "lavfi:color=c=blue:size=32x32:rate=5",
+                         "sinks": [str(tmp_path / f"s{i}.mkv")], "policy": "latest"})
+            if round_ == 0:
+                assert threading.active_count() >= threads + 16 * 3
+            for i in range(16):
+                svc.remove(f"s{i}")
+        assert threading.active_count() == threads
+        assert fds() == handles
+        assert 'stream="s' not in metrics.exposition().decode()
+        assert svc.sessions == {} and svc.specs == {}
