@@ -91,14 +91,20 @@ def _print(name: str, result: dict) -> None:
                      r["streams"], r["fps_per_stream"], r["dropped_per_stream"], r["p50_ms"], r["p95_ms"],
                      r["p99_ms"], "  (real time)" if r["real_time"] else "")
         for policy, d in result.get("live", {}).items():
-            log.info("  live %-8s %3.0f s, model slower than the %d fps source: %5.2f fps out, %5d dropped, "
+            log.info("  live %-8s %3.0f s, model %s the %d fps source: %5.2f fps out, %5d dropped, "
                      "latency p99 first %.0f s %6.0f ms, last %.0f s %6.0f ms: ratio %.2f", policy, d["seconds"],
-                     result["rate"], d["fps"], d["dropped"], d["window_s"], d["p99_first_ms"], d["window_s"],
+                     "slower than" if d["model_slower"] else "keeps up with", result["rate"], d["fps"], d["dropped"], d["window_s"], d["p99_first_ms"], d["window_s"],
                      d["p99_last_ms"], d["p99_last_over_first"])
     elif name == "chain":
         for r in result["rows"]:
             log.info("  %s batch %-2d %-16s %7.2f fps", r["precision"], r["batch"],
                      "double-buffered" if r["double_buffered"] else "one at a time", r["fps"])
+    elif name == "service":
+        log.info("  %d streams (%s, 1 fps): RSS %.1f -> %.1f MiB (%.2f MiB per stream; %.1f after removal), CPU idle "
+                 "%.3f cores, %.3f cores per stream", result["streams"], result["size"], result["rss_before_mib"],
+                 result["rss_with_streams_mib"], result["rss_per_stream_mib"], result["rss_after_removal_mib"],
+                 result["rss_after_second_round_mib"],
+                 result["cpu_cores_idle_service"], result["cpu_cores_per_stream"])
     elif name == "soak":
         log.info("  %d frames at %.0f fps: RSS %.0f MiB at 10%%, %.0f MiB at the end", result["frames"], result["fps"],
                  result["rss_at_10pct_mib"] or 0, result["rss_at_end_mib"] or 0)

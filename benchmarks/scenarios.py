@@ -15,8 +15,9 @@ import numpy as np
 
 
 log = logging.getLogger("segsynth")
-SCENARIOS = ("engine", "stages", "pipeline", "passthrough", "streams", "soak", "chain")
-DEFAULT_SCENARIOS = SCENARIOS[:-1]  # chain needs the export extra (torch); ask for it by name
+SCENARIOS = ("engine", "stages", "pipeline", "passthrough", "streams", "soak", "service", "chain")
+# chain needs the export extra (torch), service the serve extra: ask for them by name
+DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("service", "chain"))
 
 
 @dataclass(frozen=True)
@@ -379,10 +380,13 @@ def _live_drift(job: Job, pictures: list, policy: str) -> dict:
     third = seconds / 3
     first = [lat * 1000 for t, lat in sink.samples if t < third]
     last = [lat * 1000 for t, lat in sink.samples if t >= seconds - third]
+    if not first or not last:
+        raise RuntimeError(f"live {policy}: no frame was written in the first or the last {third:.0f} s")
     p99_first, p99_last = _pct(first, 99), _pct(last, 99)
     return {"seconds": seconds, "window_s": third, "frames_out": stats["frames_out"], "dropped": stats["dropped"],
-            "fps": stats["frames_out"] / seconds, "p99_first_ms": p99_first, "p99_last_ms": p99_last,
-            "p99_last_over_first": p99_last / p99_first if p99_first else 0.0}
+            "fps": stats["frames_out"] / seconds, "model_slower": stats["frames_in"] > stats["frames_out"] * 1.05
+            or stats["frames_out"] / seconds < 0.95 * job.cfg.rate,
+            "p99_first_ms": p99_first, "p99_last_ms": p99_last, "p99_last_over_first": p99_last / p99_first}
 
 
 def _rss_mib() -> float:
@@ -423,6 +427,49 @@ def soak(job: Job) -> dict:
     if early and late:
         out["ratios"] = {"soak_rss_end_over_10pct": late / early}
     return out
+
+
+def _cpu_cores(seconds: float) -> float:
+    """CPU time of this process over ``seconds`` of wall time, in cores."""
+    start = time.process_time()
+    time.sleep(seconds)
+    return (time.process_time() - start) / seconds
+
+
+def service(job: Job) -> dict:
+    """What a stream costs ``segsynth serve`` when it has little to do: the Service (the layer
+    under the HTTP API) with no stream, then with ``streams`` streams from 1 fps lavfi cameras
+    at ``--size`` into .mkv files: RSS per added stream, and CPU (in cores) of the idle service
+    and per stream. The model's own cost is in it (one frame a second per stream)."""
+    from segsynth.service import Service
+
+    n, (w, h) = job.cfg.streams, job.cfg.size
+    svc = Service(job.models)
+    svc.add({"id": "warm", "source": f"lavfi:color=c=gray:size={w}x{h}:rate=1",
+             "sinks": [str(job.cfg.workdir / "warm.mkv")]})  # first-use allocations are not per stream
+    time.sleep(2)
+    svc.remove("warm")
+    idle, rss_before = _cpu_cores(5), _rss_mib()
+    for i in range(n):
+        svc.add({"id": f"svc{i}", "source": f"lavfi:testsrc2=size={w}x{h}:rate=1",
+                 "sinks": [str(job.cfg.workdir / f"svc{i}.mkv")]})
+    time.sleep(3)
+    busy, rss_with = _cpu_cores(10), _rss_mib()
+    frames = sum(s.stats()["frames_out"] for s in svc.sessions.values())
+    threads = threading.active_count()
+    svc.shutdown(10)
+    rss_after = _rss_mib()
+    svc = Service(job.models)  # a second round: memory freed by the first is reused, not added to
+    for i in range(n):
+        svc.add({"id": f"svc{i}", "source": f"lavfi:testsrc2=size={w}x{h}:rate=1",
+                 "sinks": [str(job.cfg.workdir / f"svc{i}.mkv")]})
+    time.sleep(3)
+    svc.shutdown(10)
+    rss_second = _rss_mib()
+    return {"rss_after_second_round_mib": rss_second,"streams": n, "size": f"{w}x{h}", "frames_out": frames, "threads_with_streams": threads,
+            "cpu_cores_idle_service": idle, "cpu_cores_with_streams": busy,
+            "cpu_cores_per_stream": (busy - idle) / n, "rss_before_mib": rss_before, "rss_with_streams_mib": rss_with,
+            "rss_after_removal_mib": rss_after, "rss_per_stream_mib": (rss_with - rss_before) / n}
 
 
 def chain(job: Job) -> dict:

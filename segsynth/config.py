@@ -147,6 +147,11 @@ def sink_kind(spec: str) -> str:
     return "hls" if spec.lower().endswith(".m3u8") else "file"
 
 
+def check_seed(seed) -> None:
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**32):
+        raise InputError("seed: must be a whole number from 0 to 4294967295")
+
+
 def is_image_sequence(source: str) -> bool:
     """An image2 pattern (``img_%04d.jpg``), a glob of images, or a folder: a video of images."""
     path = Path(source)
@@ -249,6 +254,7 @@ class StreamConfig:
             raise InputError("batch: must be between 1 and 64")
         if self.ring_slots is not None and self.ring_slots < max(2, self.batch):
             raise InputError("ring_slots: the frame ring needs at least max(2, batch) slots")
+        check_seed(self.seed)
         if self.style is not None and self.seed is not None:
             raise InputError("style and seed both set z; give one")
         if self.fps is not None and not 0 < self.fps <= 1000:

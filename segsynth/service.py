@@ -96,13 +96,21 @@ class Service:
         try:
             if not is_live(fields["source"]):
                 self._check_local(fields["source"], "source")
+            if fields.get("style") is not None:
+                self._check_local(fields["style"], "style")
             for sink in fields["sinks"]:
-                if isinstance(sink, str) and sink_kind(sink) in ("file", "hls"):
+                kind = sink_kind(sink)
+                if kind in ("file", "hls"):
                     self._check_local(sink, "sinks")
+                elif kind == "preview":
+                    from segsynth.stream.preview import parse_address
+
+                    if parse_address(sink)[0] not in LOOPBACK:  # a listener the token does not guard
+                        raise ServiceError(f"sinks: {sink}: previews listen on loopback only", "sinks", 403)
             config = StreamConfig(**fields)
         except ServiceError:
             raise
-        except TypeError as exc:  # a value of the wrong type
+        except (TypeError, ValueError) as exc:  # a value of the wrong type, a malformed URL
             raise ServiceError(str(exc)) from None
         except InputError as exc:
             msg = str(exc)
@@ -125,18 +133,27 @@ class Service:
             if len(self.sessions) >= self.max_streams:
                 raise ServiceError(f"at most {self.max_streams} streams; delete one first", status=429)
             self.sessions[session.id] = session  # reserved: a second POST with this id is refused
+            self.specs[session.id] = {k: v for k, v in spec.items() if v is not None}
         try:
             session.start()
         except SegsynthError as exc:
-            with self._lock:
-                self.sessions.pop(session.id, None)
+            self._forget(session.id)
             raise ServiceError(str(exc), _field_of(str(exc)) or "source") from None
         except BaseException:
-            with self._lock:
-                self.sessions.pop(session.id, None)
+            self._forget(session.id)
             raise
-        self.specs[session.id] = {k: v for k, v in spec.items() if v is not None}
         log.info("stream %s: started (%s)", session.id, config.source)
+        return session
+
+    def _forget(self, stream_id: str) -> None:
+        with self._lock:
+            self.sessions.pop(stream_id, None)
+            self.specs.pop(stream_id, None)
+
+    def _started(self, stream_id: str):
+        session = self.get(stream_id)
+        if session.state == "created":
+            raise ServiceError(f"stream {stream_id} is still starting; try again", status=409)
         return session
 
     def _check_local(self, path: str, field: str) -> None:
@@ -157,13 +174,19 @@ class Service:
                 "stats": session.stats()}
 
     def update(self, stream_id: str, patch: dict) -> None:
-        session = self.get(stream_id)
+        from segsynth.config import check_seed
+
+        session = self._started(stream_id)
         unknown = sorted(set(patch) - set(PATCH_FIELDS))
         if unknown:
             raise ServiceError(f"unknown field {unknown[0]!r} (a running stream can change: "
                                f"{', '.join(PATCH_FIELDS)})", unknown[0])
         for name in ("remap", "view"):
             _check_text(patch.get(name), name)
+        try:
+            check_seed(patch.get("seed"))
+        except InputError as exc:
+            raise ServiceError(str(exc), "seed") from None
         if session.state not in ("running", "created"):
             raise ServiceError(f"stream {stream_id} is {session.state}", status=409)
         try:
@@ -172,18 +195,16 @@ class Service:
             raise ServiceError(str(exc)) from None
         except InputError as exc:
             raise ServiceError(str(exc), _field_of(str(exc), PATCH_FIELDS) or next(iter(patch), None)) from None
-        self.specs[stream_id].update({k: v for k, v in patch.items() if v is not None})
+        self.specs.get(stream_id, {}).update({k: v for k, v in patch.items() if v is not None})
 
     def remove(self, stream_id: str, timeout: float = 30.0) -> dict:
         """Drain and close a stream; its metric series go with it."""
-        session = self.get(stream_id)
+        session = self._started(stream_id)
         session.stop(drain=True)
         if not session.join(timeout):
             session.stop(drain=False)
             session.join(10)
-        with self._lock:
-            self.sessions.pop(stream_id, None)
-            self.specs.pop(stream_id, None)
+        self._forget(stream_id)
         log.info("stream %s: removed", stream_id)
         return session.stats()
 
@@ -381,8 +402,12 @@ def serve(*, host: str, port: int, models, token: str | None, config: Path | Non
     server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                     timeout_graceful_shutdown=grace, lifespan="on"))
     log.info("serving on http://%s:%d (%d streams at boot)", host, port, len(boot))
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        server.started = False
     if not server.started:
+        service.shutdown(grace)
         raise InputError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
     log.info("stopped: every stream drained and closed")
     return 0

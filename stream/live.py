@@ -41,8 +41,26 @@ NETWORK = {"rtsp": "rtsp,rtsps,rtp,srtp,udp,tcp,tls", "rtsps": "rtsp,rtsps,rtp,s
 
 def is_live(spec: str) -> bool:
     """Whether a source string names a live source (a network URL, a camera, a lavfi graph)."""
-    scheme = urllib.parse.urlsplit(spec).scheme.lower()
+    scheme = spec.split("://", 1)[0].lower() if "://" in spec else ""
     return scheme in NETWORK or spec.startswith(("lavfi:", "v4l2:", "/dev/video"))
+
+
+# lavfi graphs may use these filters only: generators and plain picture transforms, none of
+# which reads a file or opens a URL (movie, drawtext's textfile, ... are not among them)
+LAVFI_FILTERS = {"color", "testsrc", "testsrc2", "smptebars", "smptehdbars", "rgbtestsrc", "yuvtestsrc", "pal75bars",
+                 "pal100bars", "mandelbrot", "life", "cellauto", "gradients", "nullsrc", "allrgb", "allyuv",
+                 "sine", "anullsrc", "scale", "format", "fps", "setpts", "hflip", "vflip", "crop", "pad", "hue",
+                 "boxblur", "noise", "null", "transpose", "rotate", "eq", "negate"}
+
+
+def check_lavfi(graph: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_=:.,;#+\-]*", graph):
+        raise InputError(f"lavfi:{graph}: only letters, digits and = : . , ; # + - are allowed in a lavfi graph")
+    for part in re.split(r"[,;]", graph):
+        name = part.split("=", 1)[0].strip()
+        if name and name not in LAVFI_FILTERS:
+            raise InputError(f"lavfi:{graph}: filter {name!r} is not allowed here (generators and plain transforms "
+                             f"only: {', '.join(sorted(LAVFI_FILTERS))})")
 
 
 @dataclass(frozen=True)
@@ -73,8 +91,7 @@ def target(spec: str, opts: LiveOptions) -> Target:
         graph = spec[len("lavfi:"):]
         if not graph:
             raise InputError("lavfi: needs a filter graph, e.g. lavfi:testsrc2=size=640x360:rate=30")
-        if re.search(r"(^|[^a-z])(movie|amovie)\s*=", graph):
-            raise InputError(f"{spec}: movie sources read files; name the file as the input instead")
+        check_lavfi(graph)
         return Target(graph, "lavfi", {}, paced=True)
     if spec.startswith(("v4l2:", "/dev/video")):
         device = f"/dev/video{spec[5:]}" if spec.startswith("v4l2:") else spec
@@ -88,7 +105,11 @@ def target(spec: str, opts: LiveOptions) -> Target:
         if opts.camera_fps:
             options["framerate"] = f"{opts.camera_fps:g}"
         return Target(device, "v4l2", options, clocked=True)
-    parts = urllib.parse.urlsplit(spec)
+    try:
+        parts = urllib.parse.urlsplit(spec)
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError as exc:
+        raise InputError(f"{spec}: not a valid URL ({exc})") from None
     scheme = parts.scheme.lower()
     if scheme not in NETWORK:
         raise InputError(f"{spec}: not a supported live source (rtsp://, rtsps://, rtmp://, srt://, http(s)://, "
@@ -104,31 +125,68 @@ def target(spec: str, opts: LiveOptions) -> Target:
                   vod_possible=scheme in ("http", "https"))
 
 
-def check_playlist(url: str, timeout: float, *, depth: int = 0, seen: set | None = None) -> None:
-    """An HLS playlist (and the variant playlists it names) may point only at http(s) URLs on
-    the host of ``url``; anything else (``file:``, another protocol, another host) is refused.
-    Checked before FFmpeg opens it, so FFmpeg never follows such a URL."""
-    seen = set() if seen is None else seen
-    origin = urllib.parse.urlsplit(url)
+class _SameHost(urllib.request.HTTPRedirectHandler):
+    """Redirects are followed only on the host the URL names."""
+
+    def __init__(self, origin) -> None:
+        self.origin = origin
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        _check_same_host(self.origin, urllib.parse.urljoin(req.full_url, newurl), "redirects to")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _check_same_host(origin, url: str, verb: str) -> None:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as reply:  # noqa: S310 - http(s) only (checked)
-            text = reply.read(1 << 20).decode("utf-8", "replace")
+        parts = urllib.parse.urlsplit(url)
+        same = parts.scheme.lower() in ("http", "https") and (parts.hostname, parts.port) == (origin.hostname,
+                                                                                              origin.port)
+    except ValueError:
+        same = False
+    if not same:
+        raise InputError(f"{origin.geturl()}: the playlist {verb} {url}, outside {origin.scheme}://{origin.netloc}; "
+                         "refused (an HLS playlist may only name http(s) URLs on its own host)")
+
+
+PLAYLIST_BYTES = 4 << 20  # larger "playlists" are refused
+PLAYLISTS = 16  # variant playlists checked at most
+
+
+def check_playlist(url: str, timeout: float, *, seen: set | None = None) -> float | None:
+    """When ``url`` (http/https) answers with an HLS playlist, it and the variant playlists it
+    names may point only at http(s) URLs on the host of ``url`` (redirects included); ``file:``,
+    other protocols and other hosts are refused. Returns the longest target duration (s) of
+    the playlists, None when the URL is not a playlist. Checked before FFmpeg opens the URL
+    and again at each reconnect; playlist reloads FFmpeg makes while it reads are not."""
+    seen = set() if seen is None else seen
+    seen.add(url)
+    origin = urllib.parse.urlsplit(url)
+    opener = urllib.request.build_opener(_SameHost(origin))
+    try:
+        with opener.open(url, timeout=timeout) as reply:
+            head = reply.read(4096)
+            if not head.lstrip().startswith(b"#EXTM3U") and "mpegurl" not in reply.headers.get("Content-Type", ""):
+                return None  # not a playlist: FFmpeg reads it as a media stream
+            body = head + reply.read(PLAYLIST_BYTES + 1 - len(head))
+            base = reply.geturl()
+    except InputError:
+        raise
     except (OSError, ValueError) as exc:
         raise ConnectionError(f"cannot fetch the playlist: {exc}") from exc
-    if not text.lstrip().startswith("#EXTM3U"):
-        return  # not a playlist after all: FFmpeg reads it as a media stream
-    uris = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-    uris += re.findall(r'URI="([^"]*)"', text)
+    if len(body) > PLAYLIST_BYTES:
+        raise InputError(f"{url}: a playlist over {PLAYLIST_BYTES >> 20} MiB; refused")
+    text = body.decode("utf-8", "replace")
+    uris = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    uris += [quoted or bare for quoted, bare in re.findall(r'URI=(?:"([^"]*)"|([^,\s]+))', text)]
+    durations = [float(d) for d in re.findall(r"#EXT-X-TARGETDURATION:\s*([\d.]+)", text)]
     for uri in uris:
-        full = urllib.parse.urljoin(url, uri)
-        parts = urllib.parse.urlsplit(full)
-        if parts.scheme.lower() not in ("http", "https") or (parts.hostname, parts.port) != (origin.hostname,
-                                                                                              origin.port):
-            raise InputError(f"{url}: the playlist points at {full}, outside {origin.scheme}://{origin.netloc}; "
-                             "refused (an HLS playlist may only name http(s) URLs on its own host)")
-        if full not in seen and depth < 2 and parts.path.lower().endswith((".m3u8", ".m3u")):
-            seen.add(full)
-            check_playlist(full, timeout, depth=depth + 1, seen=seen)
+        full = urllib.parse.urljoin(base, uri)
+        _check_same_host(origin, full, "points at")
+        if full not in seen and urllib.parse.urlsplit(full).path.lower().endswith((".m3u8", ".m3u")):
+            if len(seen) >= PLAYLISTS:
+                raise InputError(f"{url}: more than {PLAYLISTS} variant playlists; refused")
+            durations.append(check_playlist(full, timeout, seen=seen) or 0.0)
+    return max(durations, default=0.0)
 
 
 def list_cameras() -> list[str]:
@@ -161,7 +219,7 @@ class Backoff:
         self.rng = rng or random.Random()
 
     def next(self) -> float:
-        delay = min(self.cap, self.initial * 2 ** self.failures)
+        delay = min(self.cap, self.initial * 2 ** min(self.failures, 32))
         self.failures += 1
         return delay * self.rng.uniform(0.5, 1.0)
 
@@ -220,17 +278,23 @@ class LiveSource:
         self._next_out = 0.0  # seconds on the output timeline where the next connection starts
         self._last_pts: int | None = None
         self._last_frame_wall = time.monotonic()
+        self._failed_in_a_row = 0  # reconnect attempts since the last frame
+        self._audio_dts: dict[int, int] = {}  # per track, across connections: muxers refuse going back
+        self._audio_end = 0.0  # output seconds of the latest audio packet
+        self.paced, self.hls, self.stall = self.target.paced, False, options.stall_timeout
 
     # ---- connections ------------------------------------------------------------------------------
     def _connect(self):
         import av
 
         t = self.target
-        if t.format is None and urllib.parse.urlsplit(t.url).path.lower().endswith((".m3u8", ".m3u")):
-            check_playlist(t.url, self.opts.open_timeout)
+        if t.vod_possible:
+            segment = check_playlist(t.url, self.opts.open_timeout)
+            if segment:  # HLS: FFmpeg waits up to a segment inside one read at the live edge
+                self.hls, self.stall = True, max(self.opts.stall_timeout, 2 * segment + 1)
         try:
             container = av.open(t.url, "r", format=t.format, options=dict(t.options),
-                                timeout=(self.opts.open_timeout, self.opts.stall_timeout))
+                                timeout=(self.opts.open_timeout, self.stall))
         except av.FFmpegError as exc:
             raise ConnectionError(media.ffmpeg_message(exc)) from exc
         if not container.streams.video:
@@ -257,6 +321,8 @@ class LiveSource:
         v = self.video
         if self.target.vod_possible and self.container.duration:
             self.live = False  # a file or a finished HLS playlist over HTTP: read it all, to its end
+        elif self.hls:
+            self.paced = True  # live HLS comes a segment at a time: release it at its own rate
         rate = Fraction(v.average_rate or v.guessed_rate or self.opts.camera_fps or 25).limit_denominator(1001)
         if not 1 <= rate <= 240:
             rate = Fraction(25)
@@ -269,14 +335,14 @@ class LiveSource:
         if self.container is not None:
             self.container.close()
             self.container = None
-        attempts = 0
         while not stop.is_set():
+            attempts = self._failed_in_a_row  # counted until a frame arrives, across reconnects
             if self.opts.reconnect_max is not None and attempts >= self.opts.reconnect_max:
                 raise SourceError(f"lost {self.spec} ({cause}); gave up after {attempts} reconnect attempt"
-                                 f"{'s' if attempts != 1 else ''}")
+                                  f"{'s' if attempts != 1 else ''}")
             delay = self.backoff.next()
-            attempts += 1
-            log.warning("%s: %s; reconnecting in %.1f s (attempt %d)", self.spec, cause, delay, attempts)
+            self._failed_in_a_row += 1
+            log.warning("%s: %s; reconnecting in %.1f s (attempt %d)", self.spec, cause, delay, attempts + 1)
             if stop.wait(delay):
                 return False
             began = time.monotonic()  # what the new connection sends first is from about now
@@ -329,7 +395,6 @@ class LiveSource:
         audio_streams = [s for s in container.streams.audio if s.index in tracks]
         first = None  # (source seconds, wall time) of this connection's first timestamp
         timelines: dict = {}  # "video" or an audio track -> its _Timeline
-        audio_dts: dict[int, int] = {}
         last_frame_wall = time.monotonic()
         best_effort = media.BestEffortTimestamps()
         got_frame = False
@@ -343,8 +408,8 @@ class LiveSource:
                 except av.FFmpegError as exc:
                     raise Lost(media.ffmpeg_message(exc)) from None
                 arrival = time.perf_counter()
-                if time.monotonic() - last_frame_wall > self.opts.stall_timeout:
-                    raise Lost(f"no video for {self.opts.stall_timeout:g} s")
+                if time.monotonic() - last_frame_wall > self.stall:
+                    raise Lost(f"no video for {self.stall:g} s")
                 stamp = packet.pts if packet.pts is not None else packet.dts
                 if stamp is None and packet.stream.type != "video":
                     continue  # an audio flush packet; a video one flushes the decoder below
@@ -360,9 +425,12 @@ class LiveSource:
                     shift = round(timelines[kind](t) / tb) - round(t / tb)
                     packet.pts = None if packet.pts is None else packet.pts + shift
                     packet.dts = None if packet.dts is None else packet.dts + shift
-                    if packet.dts is not None and kind in audio_dts and packet.dts <= audio_dts[kind]:
-                        continue  # a muxer takes no audio packet that goes back in time
-                    audio_dts[kind] = packet.dts if packet.dts is not None else audio_dts.get(kind)
+                    if packet.dts is not None:
+                        dts = round(packet.dts * tb / TIME_BASE)
+                        if kind in self._audio_dts and dts <= self._audio_dts[kind]:
+                            continue  # a muxer takes no audio packet that goes back in time
+                        self._audio_dts[kind] = dts
+                        self._audio_end = max(self._audio_end, float(packet.dts * tb))
                     audio(AudioItem(kind, packet, media.decode_audio(packet, self.problems)
                                     if kind in self.decode_audio else None))
                     continue
@@ -375,7 +443,7 @@ class LiveSource:
                 for frame in decoded:
                     src_pts = best_effort(frame.pts, frame.dts)
                     ft = float(src_pts * frame.time_base) if src_pts is not None else t
-                    if self.target.paced:  # a generated source: release it at its own rate
+                    if self.paced:  # a generated source or live HLS: release it at its own rate
                         delay = first[1] + (ft - first[0]) - time.monotonic()
                         if delay > 0 and stop.wait(delay):
                             return
@@ -386,9 +454,10 @@ class LiveSource:
                     self._last_pts = pts
                     model_rgb = scaler.reformat(frame, w, h, "rgb24", interpolation="BILINEAR").to_ndarray()
                     display = frame.to_ndarray(format="rgb24") if self.need_display else None
-                    last_frame_wall, got_frame = time.monotonic(), True
+                    got_frame, self._failed_in_a_row = True, 0
                     yield model_rgb, {"index": index, "pts": pts, "time_base": TIME_BASE,
                                       "size": (frame.width, frame.height), "display": display, "arrival": arrival}
+                    last_frame_wall = time.monotonic()  # after the yield: a busy consumer is no stall
                     index += 1
         finally:
             if got_frame:
@@ -396,7 +465,7 @@ class LiveSource:
             if self._last_pts is not None:
                 # the next connection starts one frame after this one's last frame, plus the
                 # wall time until it delivers (added in ``_reconnect``)
-                self._next_out = float(self._last_pts * TIME_BASE) + float(1 / self.info.rate)
+                self._next_out = max(float(self._last_pts * TIME_BASE) + float(1 / self.info.rate), self._audio_end)
                 self._last_frame_wall = last_frame_wall
 
     def close(self) -> None:

@@ -367,13 +367,16 @@ class AudioOutput:
         if self.resampler is None:
             self.resampler = av.AudioResampler(format=ctx.format.name, layout=ctx.layout.name, rate=ctx.sample_rate,
                                                frame_size=ctx.frame_size or None)
+        at = rescale(frame.pts, frame.time_base, Fraction(1, ctx.sample_rate)) if (
+            frame.pts is not None and frame.time_base) else None
         if self.next_pts is None:  # start where the input's audio starts (the video keeps its timestamps too)
-            self.next_pts = rescale(frame.pts, frame.time_base, Fraction(1, ctx.sample_rate)) if (
-                frame.pts is not None and frame.time_base) else 0
+            self.next_pts = at or 0
+        elif at is not None and at - self.next_pts > ctx.sample_rate // 2:
+            self.next_pts = at  # a gap of over half a second (a live source reconnected) stays a gap
         return self._encode_chunks(self.resampler.resample(frame))
 
     def _encode_chunks(self, chunks) -> list:
-        """Consecutive samples, counted from the first frame's time (gaps are not kept)."""
+        """Consecutive samples, counted from the first frame's time (gaps under half a second closed)."""
         out = []
         rate = self.stream.codec_context.sample_rate
         for chunk in chunks:

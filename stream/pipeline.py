@@ -121,8 +121,8 @@ class Pipeline:
         try:
             frames = self.source.frames(self.stop_reading, self.audio.put)
             while not self.abort.is_set():
-                if self.max_frames is not None and self.frames_in >= self.max_frames:
-                    break
+                if self.max_frames is not None and self.frames_in >= self.max_frames and self.ring.policy == "lossless":
+                    break  # every frame read is written: read no more (latest may drop some: the encoder counts)
                 start = time.perf_counter()
                 try:
                     rgb, meta = next(frames)
@@ -204,6 +204,9 @@ class Pipeline:
                     self.cut_short = item is not _EOS
                     break
                 result, meta = item
+                if self.max_frames is not None and self.frames_out >= self.max_frames:
+                    self.stop_reading.set()  # --frames N: N frames out, like ffmpeg -frames:v
+                    continue
                 start = time.perf_counter()
                 self.sink.write(self.render(result, meta), meta)  # the first write opens the output
                 self._pump_audio(block=False)  # then the audio read so far

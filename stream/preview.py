@@ -90,6 +90,7 @@ class PreviewSink:
 def _handler(sink: PreviewSink):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.0"
+        timeout = 30  # seconds a viewer may stop reading before it is dropped
 
         def log_message(self, fmt, *args) -> None:
             log.debug("preview: " + fmt, *args)
@@ -136,7 +137,7 @@ def _handler(sink: PreviewSink):
                     seq = new
                     self.wfile.write(f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: "
                                      f"{len(frame)}\r\n\r\n".encode() + frame + b"\r\n")
-            except (BrokenPipeError, ConnectionResetError):
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
                 pass
             finally:
                 with sink._cond:

@@ -190,6 +190,9 @@ class StreamSession:
         """Change the remap rules, the view, or z (``seed`` or ``style`` image) of a running
         session; each takes effect from the next batch. Bad values raise InputError and change
         nothing."""
+        from segsynth.config import check_seed
+
+        check_seed(seed)
         table = self.models.remap(remap) if remap is not None else None
         z = self.models.z(style=style, seed=seed) if seed is not None or style is not None else None
         if view is not None:

@@ -276,8 +276,11 @@ def hls_sink(path: str, info: SourceInfo, encoding: Encoding, segment_seconds: f
     playlist = Path(path)
     options = {"hls_time": f"{segment_seconds:g}", "hls_list_size": str(keep),
                "hls_flags": "delete_segments+independent_segments+temp_file",
-               "hls_segment_filename": str(playlist.with_name(f"{playlist.stem}_%05d.ts"))}
-    return StreamingSink(str(playlist), info, encoding, fmt="hls", options=options)
+               "hls_segment_filename": str(playlist.resolve().with_name(f"{playlist.stem}_%05d.ts"))}
+    # absolute: FFmpeg never reads "proto:name" in a path starting with "/" as a protocol
+    sink = StreamingSink(str(playlist.resolve()), info, encoding, fmt="hls", options=options)
+    sink.name = str(path)
+    return sink
 
 
 def segment_sink(path: str, info: SourceInfo, encoding: Encoding, seconds: float) -> StreamingSink:
@@ -290,7 +293,10 @@ def segment_sink(path: str, info: SourceInfo, encoding: Encoding, seconds: float
     options = {"segment_time": f"{seconds:g}", "segment_format": fmt, "reset_timestamps": "1"}
     if fmt in ("mp4", "mov"):
         options["segment_format_options"] = "movflags=frag_keyframe+empty_moov+default_base_moof"
-    return StreamingSink(pattern, info, encoding, fmt="segment", options=options, query_format=fmt)
+    sink = StreamingSink(str(Path(pattern).resolve()), info, encoding, fmt="segment", options=options,
+                         query_format=fmt)
+    sink.name = str(path)
+    return sink
 
 
 class MemorySink:

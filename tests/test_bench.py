@@ -22,7 +22,9 @@ def test_quick_bench_reports_every_scenario(tmp_path):
     assert [r["streams"] for r in report["scenarios"]["streams"]["rows"]] == [1, 2]
     live = report["scenarios"]["streams"]["live"]
     assert set(live) == {"latest", "lossless"} and all(d["frames_out"] > 0 for d in live.values())
-    assert report["ratios"]["live_latest_p99_last_over_first"] > 0
+    # the voc segmenter is slower than the 30 fps source: lossless latency grows, latest less so
+    ratios = report["ratios"]
+    assert ratios["live_lossless_p99_last_over_first"] > ratios["live_latest_p99_last_over_first"] > 0
     assert report["scenarios"]["pipeline"]["frames"] == 50 and report["scenarios"]["soak"]["frames"] == 50
     assert png.stat().st_size > 10_000
     assert "ratios (same run)" in proc.stderr and "machine:" in proc.stderr

@@ -104,8 +104,8 @@ def test_rtsp_run_reconnects_across_a_server_restart(tmp_path, tiny_segmenter):
             down = time.monotonic()
             time.sleep(3)
             with rtsp_camera(port):  # ... and comes back on the same address
-                _, err = run.communicate(timeout=90)
                 up = time.monotonic()
+                _, err = run.communicate(timeout=90)
         finally:
             run.kill()
     assert run.returncode == 0, err
@@ -122,7 +122,7 @@ def test_rtsp_run_reconnects_across_a_server_restart(tmp_path, tiny_segmenter):
     # The outage stays in the timeline as the wall clock measured it (at least the 3 s the
     # server was away), and what follows it is new video: frames keep coming after the gap.
     i = int(np.argmax(gaps))
-    assert 3.0 <= gaps[i] <= up - down + 6, (gaps[i], up - down)
+    assert 3.0 <= gaps[i] <= up - down + 4, (gaps[i], up - down)  # + backoff and the reconnect itself
     assert times[-1] - times[i + 1] >= 3.0, ("too little video after the reconnect", times[i], gaps[i], times[-1])
     assert len(times) - (i + 1) >= 10
     assert 14.0 <= times[-1] - times[0] <= 16.5  # --duration 16 of input time
@@ -339,7 +339,10 @@ def test_devices_lists_cameras_or_says_there_are_none():
 @pytest.mark.parametrize("source, message", [
     ("/dev/video9", "/dev/video9: no such device"),
     ("v4l2:9", "/dev/video9: no such device"),
-    ("lavfi:movie=/etc/passwd", "movie sources read files"),
+    ("lavfi:movie=/etc/passwd", "only letters, digits"),
+    ("lavfi:movie@x=f", "only letters, digits"),
+    ("lavfi:color=s=64x64,drawtext=textfile=a", "filter 'drawtext' is not allowed"),
+    ("http://[", "not a valid URL"),
     ("gopher://127.0.0.1/x", "not a supported input"),
 ])
 def test_bad_live_inputs_fail_with_one_line_and_exit_2(tmp_path, source, message):

@@ -174,6 +174,12 @@ def test_bad_requests_are_4xx_with_a_clear_json_error(tmp_path, tiny_segmenter):
             ({"source": RED, "sinks": [out], "seed": "many"}, 422, "seed"),
             ({"source": RED, "sinks": [out], "segmenter": "ade20k"}, 422, "segmenter"),
             ({"sinks": [out]}, 422, "source"),
+            ({"source": "lavfi:color=s=64x64,drawtext=textfile=/etc/passwd", "sinks": [out]}, 422, "source"),
+            ({"source": "http://[", "sinks": [out]}, 422, "source"),
+            ({"source": RED, "sinks": ["mjpeg://0.0.0.0:9"]}, 403, "sinks"),
+            ({"source": RED, "sinks": [out], "seed": -1}, 422, "seed"),
+            ({"source": RED, "sinks": [out], "style": "/etc/hostname"}, 403, "style"),
+            ({"source": "a\u0000b", "sinks": [out]}, 422, "source"),
         ]
         for body, code, field in cases:
             status, reply = api(base, "POST", "/v1/streams", body)
