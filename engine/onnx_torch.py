@@ -45,6 +45,9 @@ class OnnxTorchModule:
                                "use --backend onnxruntime")
 
     def to(self, device, half: bool = False) -> "OnnxTorchModule":
+        """Move the constants to ``device``; ``half``: compute in float16 throughout (every
+        float32 tensor, from the constants, the feed or any node such as a Cast to float, is
+        float16), so no op meets float32 and float16 at once."""
         import torch
 
         def move(t):
@@ -52,16 +55,24 @@ class OnnxTorchModule:
             return t.half() if half and t.dtype == torch.float32 else t
 
         self.consts = {k: move(v) for k, v in self.consts.items()}
+        self.half = half
         return self
 
+    half = False
+
     def __call__(self, **feed):
+        import torch
+
         env = dict(self.consts)
-        env.update(feed)
+        env.update({k: v.half() if self.half and v.dtype == torch.float32 else v for k, v in feed.items()})
         env[""] = None
         for op, ins, outs, attrs in self.nodes:
             result = _OPS[op]([env[i] for i in ins], attrs)
             if not isinstance(result, tuple):
                 result = (result,)
+            if self.half:
+                result = tuple(r.half() if isinstance(r, torch.Tensor) and r.dtype == torch.float32 else r
+                               for r in result)
             env.update(zip(outs, result))
         return {name: env[name] for name in self.outputs}
 

@@ -45,6 +45,8 @@ class TorchCudaRunner(Runner):
         half = self.fp16 and self.device.type == "cuda"
         self.half = half
         self.module = OnnxTorchModule(self.model_path).to(self.device, half=half)
+        if self.device.type == "cuda":  # the copies and .half() ran on the default stream; inference uses side streams
+            torch.cuda.synchronize(self.device)
         self.inputs, self.outputs, self.metadata = describe_onnx(self.module.proto)
         self.forward = torch.compile(self.module.__call__, mode="reduce-overhead") if self.compile else self.module.__call__
         self.streams = [torch.cuda.Stream(self.device) for _ in range(2)] if self.device.type == "cuda" else None

@@ -89,6 +89,26 @@ def test_torch_interpreter_matches_onnxruntime(model, exported):
             assert err < 1e-4, (name, err)
 
 
+@pytest.mark.parametrize("model", ["g.onnx", "v.onnx", "e.onnx"])
+def test_torch_interpreter_in_fp16_runs_every_generator_close_to_fp32(model, exported):
+    """FP16 as the torch-cuda backend runs it, on the CPU: float16 throughout, Casts to float
+    included (they brought float32 back: 'Input type (float) and bias type (c10::Half)')."""
+    from segsynth.engine.onnx_torch import OnnxTorchModule
+
+    with OnnxRuntimeRunner(exported / model) as ort_runner:
+        feed = _feed(ort_runner, batch=1)
+        want = ort_runner.infer(feed)
+    module = OnnxTorchModule(exported / model).to("cpu", half=True)
+    with torch.inference_mode():
+        got = module(**{k: torch.from_numpy(v) for k, v in feed.items()})
+    for name, value in want.items():
+        assert got[name].dtype == torch.float16, name
+        out = got[name].float().numpy()
+        assert np.isfinite(out).all()
+        err = np.abs(out - value).max() / (np.abs(value).max() + 1e-9)
+        assert err < 0.05, (name, err)  # float16 carries ~3 significant digits
+
+
 def test_engine_keys_and_stale_entries(tmp_path, caplog):
     key = EngineKey("abc", "NVIDIA H100 80GB HBM3", "9.0", "10.7.0", "fp16", "image:1x3x513x513")
     variants = [key.__class__(**{**key.__dict__, field: value}) for field, value in
