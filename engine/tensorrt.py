@@ -63,6 +63,15 @@ def batch_profile(onnx_bytes: bytes, batch: tuple[int, int, int]) -> dict:
     return shapes
 
 
+def timing_cache_name(key: EngineKey) -> str:
+    """One timing cache per GPU model, compute capability and TensorRT version (tactic timings
+    of one do not hold for another)."""
+    import re
+
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", key.gpu).strip("-")
+    return f"timing-{gpu}-sm{key.compute_capability.replace('.', '')}-trt{key.tensorrt}.cache"
+
+
 def build_engine(onnx_bytes: bytes, *, fp16: bool, shapes: dict, workspace_bytes: int,
                  timing_cache: Path | None = None) -> bytes:
     trt = import_tensorrt()
@@ -86,7 +95,10 @@ def build_engine(onnx_bytes: bytes, *, fp16: bool, shapes: dict, workspace_bytes
     config.add_optimization_profile(profile)
     cache_bytes = timing_cache.read_bytes() if timing_cache and timing_cache.is_file() else b""
     cache = config.create_timing_cache(cache_bytes)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):  # a cache of another GPU or version
+        log.warning("warning: the timing cache %s does not fit this GPU/TensorRT; building without it", timing_cache)
+        cache = config.create_timing_cache(b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
     log.info("building a TensorRT %s engine (minutes on first use; cached afterwards)", "FP16" if fp16 else "FP32")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -163,7 +175,7 @@ class TensorRTRunner(Runner):
         engine_bytes = self.cache.load(key)
         if engine_bytes is None:
             engine_bytes = build_engine(onnx_bytes, fp16=self.fp16, shapes=shapes, workspace_bytes=self.workspace_bytes,
-                                        timing_cache=self.cache.directory / "timing.cache")
+                                        timing_cache=self.cache.directory / timing_cache_name(key))
             log.info("engine cached at %s", self.cache.store(key, engine_bytes))
         logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(logger)

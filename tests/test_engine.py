@@ -109,6 +109,19 @@ def test_torch_interpreter_in_fp16_runs_every_generator_close_to_fp32(model, exp
         assert err < 0.05, (name, err)  # float16 carries ~3 significant digits
 
 
+def test_timing_caches_are_kept_per_gpu_and_tensorrt_version():
+    from segsynth.engine.tensorrt import timing_cache_name
+
+    h100 = EngineKey("a" * 64, "NVIDIA H100 80GB HBM3", "9.0", "10.7.0", "fp16", "image:1x3x513x513")
+    names = {timing_cache_name(h100),
+             timing_cache_name(EngineKey("a" * 64, "NVIDIA H200", "9.0", "10.7.0", "fp16", "image:1x3x513x513")),
+             timing_cache_name(EngineKey("a" * 64, "NVIDIA H100 80GB HBM3", "9.0", "10.8.0", "fp16", "x")),
+             timing_cache_name(EngineKey("a" * 64, "NVIDIA L4", "8.9", "10.7.0", "fp16", "x"))}
+    assert len(names) == 4 and all("/" not in n and " " not in n for n in names)
+    other_graph = EngineKey("b" * 64, "NVIDIA H100 80GB HBM3", "9.0", "10.7.0", "fp32", "label:1x1x256x512")
+    assert timing_cache_name(other_graph) == timing_cache_name(h100)  # timings are per GPU, shared by graphs
+
+
 def test_engine_keys_and_stale_entries(tmp_path, caplog):
     key = EngineKey("abc", "NVIDIA H100 80GB HBM3", "9.0", "10.7.0", "fp16", "image:1x3x513x513")
     variants = [key.__class__(**{**key.__dict__, field: value}) for field, value in
