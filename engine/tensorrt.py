@@ -63,6 +63,14 @@ def batch_profile(onnx_bytes: bytes, batch: tuple[int, int, int]) -> dict:
     return shapes
 
 
+def public_shape(engine_shape: tuple, graph_meta) -> tuple:
+    """TensorRT gives dynamic dims as -1; the Runner contract names them (the graph's own name,
+    e.g. "N", or "N" where the graph has none)."""
+    names = graph_meta.shape if graph_meta is not None and len(graph_meta.shape) == len(engine_shape) else ()
+    return tuple((names[i] if names and isinstance(names[i], str) else "N") if d == -1 else int(d)
+                 for i, d in enumerate(engine_shape))
+
+
 def timing_cache_name(key: EngineKey) -> str:
     """One timing cache per GPU model, compute capability and TensorRT version (tactic timings
     of one do not hold for another)."""
@@ -183,17 +191,18 @@ class TensorRTRunner(Runner):
         if self.engine is None:
             raise BackendError(f"the cached engine {self.cache.path(key)} does not load here (built for another GPU "
                                "or TensorRT version?); delete it to rebuild")
-        _, outputs, self.metadata = describe_onnx(onnx.load_from_string(onnx_bytes))
+        graph_inputs, graph_outputs, self.metadata = describe_onnx(onnx.load_from_string(onnx_bytes))
         io = {}
         for i in range(self.engine.num_io_tensors):
             name = self.engine.get_tensor_name(i)
             meta = TensorMeta(name, np.dtype(trt.nptype(self.engine.get_tensor_dtype(name))),
                               tuple(self.engine.get_tensor_shape(name)))
             io[name] = meta
+            public = TensorMeta(name, meta.dtype, public_shape(meta.shape, {**graph_inputs, **graph_outputs}.get(name)))
             if self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                self.inputs[name] = meta
+                self.inputs[name] = public
             else:
-                self.outputs[name] = meta
+                self.outputs[name] = public
         max_shapes = {name: shapes[name][2] if name in shapes else tuple(
             self.batch[2] if d == -1 else d for d in meta.shape) for name, meta in io.items()}
         self.slots = [_Slot(self.engine, io, max_shapes) for _ in range(2)]

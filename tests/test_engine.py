@@ -109,6 +109,16 @@ def test_torch_interpreter_in_fp16_runs_every_generator_close_to_fp32(model, exp
         assert err < 0.05, (name, err)  # float16 carries ~3 significant digits
 
 
+def test_tensorrt_dynamic_dims_are_named_as_the_runner_contract_says():
+    from segsynth.engine.runner import TensorMeta
+    from segsynth.engine.tensorrt import public_shape
+
+    graph = TensorMeta("label", np.dtype(np.int64), ("batch", 1, 64, 64))
+    assert public_shape((-1, 1, 64, 64), graph) == ("batch", 1, 64, 64)
+    assert public_shape((-1, 3, 8, 8), None) == ("N", 3, 8, 8)
+    assert public_shape((2, 3, 8, 8), graph) == (2, 3, 8, 8)
+
+
 def test_timing_caches_are_kept_per_gpu_and_tensorrt_version():
     from segsynth.engine.tensorrt import timing_cache_name
 
