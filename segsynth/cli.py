@@ -136,7 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .config import ModelConfig
     from .errors import InputError
-    from .service import LOOPBACK, serve
+    from .service import check_listen, serve
     from .stream.models import ModelSet
 
     token = args.token
@@ -147,8 +147,7 @@ def _serve(args: argparse.Namespace) -> int:
             raise InputError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
         if not token:
             raise InputError(f"--token-file {args.token_file}: the file is empty")
-    if args.host not in LOOPBACK and not token:  # before any model loads
-        raise InputError(f"--host {args.host}: listening beyond loopback needs --token or --token-file")
+    check_listen(args.host, token)  # before any model loads
     if args.media_root and not Path(args.media_root).is_dir():
         raise InputError(f"--media-root {args.media_root}: not a directory")
     model_cfg = ModelConfig(segmenter=args.segmenter, generator=args.generator, threads=args.threads,

@@ -381,39 +381,13 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
-def serve(*, host: str, port: int, models, token: str | None, config: Path | None, media_root: Path | None,
-          protect_metrics: bool, grace: float) -> int:
-    import uvicorn
-
+def check_listen(host: str, token: str | None) -> None:
     if host not in LOOPBACK and not token:
         raise InputError(f"--host {host}: listening beyond loopback needs --token or --token-file")
-    boot = load_config(config) if config else []
-    service = Service(models, media_root=media_root)
-    try:
-        for i, spec in enumerate(boot, 1):  # a bad stream in the config stops the service before it listens
-            try:
-                service.add(spec)
-            except ServiceError as exc:
-                raise InputError(f"--config {config}: stream {i}: {exc}") from None
-    except BaseException:
-        service.shutdown(grace)
-        raise
-    app = create_app(service, token=token, protect_metrics=protect_metrics, grace=grace)
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                    timeout_graceful_shutdown=grace, lifespan="on"))
-    log.info("serving on http://%s:%d (%d streams at boot)", host, port, len(boot))
-    try:
-        server.run()
-    except SystemExit:  # uvicorn exits when it cannot bind
-        server.started = False
-    if not server.started:
-        service.shutdown(grace)
-        raise InputError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
-    log.info("stopped: every stream drained and closed")
-    return 0
 
 
-def _uvicorn_server():
+def serve(*, host: str, port: int, models, token: str | None, config: Path | None, media_root: Path | None,
+          protect_metrics: bool, grace: float) -> int:
     import contextlib
     import signal
 
@@ -432,8 +406,28 @@ def _uvicorn_server():
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    return Server
-
-
-def _Server(config):  # noqa: N802 - a class made on first use (uvicorn is an optional dependency)
-    return _uvicorn_server()(config)
+    check_listen(host, token)
+    boot = load_config(config) if config else []
+    service = Service(models, media_root=media_root)
+    try:
+        for i, spec in enumerate(boot, 1):  # a bad stream in the config stops the service before it listens
+            try:
+                service.add(spec)
+            except ServiceError as exc:
+                raise InputError(f"--config {config}: stream {i}: {exc}") from None
+    except BaseException:
+        service.shutdown(grace)
+        raise
+    app = create_app(service, token=token, protect_metrics=protect_metrics, grace=grace)
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                   timeout_graceful_shutdown=grace, lifespan="on"))
+    log.info("serving on http://%s:%d (%d streams at boot)", host, port, len(boot))
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits when it cannot bind
+        server.started = False
+    if not server.started:
+        service.shutdown(grace)
+        raise InputError(f"cannot listen on {host}:{port} (in use, or not an address of this machine)")
+    log.info("stopped: every stream drained and closed")
+    return 0
