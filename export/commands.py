@@ -99,7 +99,9 @@ def _encoder(cfg: ExportConfig) -> str:
 
     opt = _spade_options(cfg, None)  # --size is the style image size here
     graph = EncoderGraph(load_spade(cfg.checkpoint, opt, cfg.epoch))
-    h, w = cfg.size or (256, 256)
+    # The official ConvEncoder is fed the dataset's images (crop_size wide, crop_size/aspect_ratio
+    # high: the generator's output size) and resizes them to 256x256 inside its forward, as ours does.
+    h, w = cfg.size or opt.output_size
     export(graph, {"style": torch.rand(cfg.batch or 2, 3, h, w) * 2 - 1}, ["mu", "logvar"], cfg.out,
            dynamic_batch=cfg.batch is None, metadata={"segsynth.role": "encoder", "segsynth.size": f"{h}x{w}"})
     return f"wrote {cfg.out} (SPADE style encoder, style {h}x{w} -> mu, logvar)"

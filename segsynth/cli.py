@@ -477,9 +477,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-tflite", metavar="FILE", help="deeplab: convert a DeepLab TFLite model instead")
     p.add_argument("--out", required=True, help="output .onnx file (written only when complete)")
     p.add_argument("--size", metavar="HxW", help="spade: output size (sets crop_size/aspect_ratio); encoder: style "
-                                                 "size; deeplab: input size (default 513x513); chain: frame size")
+                                                 "size (default: the checkpoint's, crop_size/aspect_ratio x "
+                                                 "crop_size); deeplab: input size (default 513x513); chain: frame size")
     p.add_argument("--seg-size", metavar="HxW", default="513x513", help="chain: segmenter input size (513x513)")
-    p.add_argument("--batch", default="1", metavar="N|dynamic", help="batch size, or 'dynamic' (default 1)")
+    p.add_argument("--batch", default="dynamic", metavar="N|dynamic",
+                   help="'dynamic' (the default: a symbolic batch dimension, which Triton and trtexec shape "
+                        "profiles need) or N (1..64) for a fixed batch size")
     p.add_argument("--argmax", action="store_true", help="deeplab: output uint8 labels instead of logits")
     p.add_argument("--label-set", help="label set of the segmenter (default: guessed from its class count)")
     p.add_argument("--epoch", default="latest", help="SPADE: which {epoch}_net_G.pth to load (default latest)")

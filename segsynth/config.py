@@ -85,7 +85,7 @@ class ExportConfig:
     from_tflite: Path | None = None  # deeplab: convert a TFLite segmenter instead
     size: tuple[int, int] | None = None  # (H, W)
     seg_size: tuple[int, int] = (513, 513)  # chain: the segmenter's input size (H, W)
-    batch: int | None = 1  # None = dynamic batch dimension
+    batch: int | None = None  # None = dynamic batch dimension (the default); N = fixed
     argmax: bool = False  # deeplab: output labels (uint8) instead of logits
     label_set: str | None = None
     epoch: str = "latest"

@@ -60,12 +60,15 @@ class Generator:
             raise InputError(f"{self.source} has no style input (it is not a VAE generator); --style needs one")
         if self.encoder is None:
             raise InputError(f"{self.source}: no style encoder (latest_net_E.pth) to encode --style with")
-        size = self.encoder.inputs["style"].shape[2:]
+        batch, _, *size = self.encoder.inputs["style"].shape
         from PIL import Image
 
-        h, w = (s if isinstance(s, int) else 256 for s in size)
+        # the encoder graph's own style size; where a dim is dynamic, the generator's (the size the
+        # official encoder saw its training images at; it resizes to 256x256 inside either way)
+        h, w = (s if isinstance(s, int) else g for s, g in zip(size, self.size[::-1]))
         x = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR), np.float32) / 127.5 - 1
-        return self.encoder.infer({"style": x.transpose(2, 0, 1)[None]})["mu"][:, : self.z_dim]
+        x = np.repeat(x.transpose(2, 0, 1)[None], batch if isinstance(batch, int) else 1, 0)  # a fixed batch N
+        return self.encoder.infer({"style": x})["mu"][:1, : self.z_dim]
 
     def __call__(self, label_maps: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
         """N x H x W uint8 ids (at ``self.size``) -> N x H x W x 3 uint8 pixels."""

@@ -208,3 +208,112 @@ def test_bundled_default_generator_matches_its_official_format_checkpoint():
     # costs at most half a grey level of the uint8 frame (1 level = 2 / 255 on [-1, 1]).
     err = np.abs(got - expected)
     assert err.max() < 4e-3 and err.mean() < 5e-4, (err.max(), err.mean())
+
+
+
+# a VAE checkpoint at the encoder's smallest crop (the official encoder breaks below 256), not square
+TINY_VAE = dict(label_nc=3, contain_dontcare_label=False, no_instance=True, ngf=4, crop_size=256, aspect_ratio=2.0,
+                use_vae=True, z_dim=8, norm_G="spectralspadeinstance3x3")
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """TINY_VAE's checkpoint (ckpt/) with its generator and encoder exported with no flags (spade.onnx, encoder.onnx)."""
+    d = tmp_path_factory.mktemp("tiny-vae")
+    make_spade_checkpoint(d / "ckpt", **TINY_VAE)
+    for what in ("spade", "encoder"):
+        proc = run_cli("export", what, "--checkpoint", d / "ckpt", "--out", d / f"{what}.onnx")
+        assert proc.returncode == 0, proc.stderr
+    return d
+
+
+def _graph_inputs(path) -> dict[str, list]:
+    """Each input's dims as ONNX stores them: an int, or the symbolic name of a dynamic dim."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    return {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+
+
+def _metadata(path) -> dict[str, str]:
+    import onnx
+
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_encoder_exports_at_the_checkpoint_size_with_a_dynamic_batch_by_default(tiny_vae):
+    from segsynth.export.spade import load_spade
+
+    out = tiny_vae / "encoder.onnx"
+    (n, c, h, w), = _graph_inputs(out).values()
+    assert isinstance(n, str) and (c, h, w) == (3, 128, 256)  # crop_size/aspect_ratio x crop_size, not 256x256
+    assert _metadata(out)["segsynth.size"] == "128x256"
+    encoder = load_spade(tiny_vae / "ckpt").encoder
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        style = np.random.default_rng(batch).uniform(-1, 1, (batch, 3, 128, 256)).astype(np.float32)
+        mu, logvar = session.run(["mu", "logvar"], {"style": style})
+        with torch.no_grad():
+            want_mu, want_logvar = (t.numpy() for t in encoder(torch.from_numpy(style)))
+        assert mu.shape == (batch, 256) and want_mu.std() > 1e-3
+        err = max(np.abs(mu - want_mu).max(), np.abs(logvar - want_logvar).max())
+        print(f"encoder 128x256 batch {batch}: max |onnx - torch| = {err:.2e}")
+        assert err <= 1e-4
+
+
+def test_encoder_size_and_batch_flags_override_the_defaults(tiny_vae, tmp_path):
+    out = tmp_path / "e.onnx"
+    proc = run_cli("export", "encoder", "--checkpoint", tiny_vae / "ckpt", "--out", out, "--size", "96x160",
+                   "--batch", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert _graph_inputs(out) == {"style": [2, 3, 96, 160]}
+    assert _metadata(out)["segsynth.size"] == "96x160"
+
+
+def test_spade_export_has_a_dynamic_batch_by_default(tiny_vae):
+    out = tiny_vae / "spade.onnx"
+    dims = _graph_inputs(out)
+    assert isinstance(dims["label"][0], str) and dims["label"][1:] == [1, 128, 256]
+    assert isinstance(dims["z"][0], str) and dims["z"][0] == dims["label"][0]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        image, = session.run(None, _inputs(dict(TINY_VAE), batch, 128, 256))
+        assert image.shape == (batch, 3, 128, 256)
+
+
+def test_encode_style_feeds_the_encoder_graph_its_own_size(tiny_vae):
+    """A fixed style size is used as it is; dynamic dims take the generator's size (not 256x256)."""
+    from PIL import Image
+
+    from segsynth.engine.runner import Runner, TensorMeta
+    from segsynth.engine.select import make_runner
+    from segsynth.export.spade import load_spade
+    from segsynth.stream.generator import Generator
+
+    rgb = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    generator = Generator(make_runner(tiny_vae / "spade.onnx", "onnxruntime"),
+                          make_runner(tiny_vae / "encoder.onnx", "onnxruntime"))
+    z = generator.encode_style(rgb)
+    generator.close()
+    x = np.asarray(Image.fromarray(rgb).resize((256, 128), Image.BILINEAR), np.float32) / 127.5 - 1
+    with torch.no_grad():
+        want = load_spade(tiny_vae / "ckpt").encoder(torch.from_numpy(x.transpose(2, 0, 1)[None]))[0]
+    assert z.shape == (1, 8) and np.abs(z - want[:, :8].numpy()).max() <= 1e-4
+
+    class DynamicEncoder(Runner):  # an encoder graph with dynamic spatial dims, recording what it is fed
+        fed = []
+
+        def _activate_impl(self):
+            self.inputs = {"style": TensorMeta("style", np.dtype(np.float32), ("N", 3, "H", "W"))}
+
+        def _infer_impl(self, feed):
+            self.fed.append(feed["style"].shape)
+            return {"mu": np.zeros((len(feed["style"]), 256), np.float32)}
+
+        def _deactivate_impl(self):
+            pass
+
+    generator = Generator(make_runner(tiny_vae / "spade.onnx", "onnxruntime"), DynamicEncoder())
+    generator.encode_style(rgb)
+    generator.close()
+    assert DynamicEncoder.fed == [(1, 3, 128, 256)]  # the generator's H x W
