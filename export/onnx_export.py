@@ -83,18 +83,20 @@ class ChainGraph(nn.Module):
         self.frame_size, self.seg_size, self.gen_size = frame_size, seg_size, spade.opt.output_size
 
     def forward(self, frames, remap, z=None):
-        x = frames.permute(0, 3, 1, 2).float()
+        # uint8 only at the edges (TensorRT takes uint8 as a network input read by a Cast, or an
+        # output written by one): cast first, gather on int32, cast back last
+        x = frames.float().permute(0, 3, 1, 2)
         if self.bgr:
             x = x.flip(1)
         x = F.interpolate(x, size=self.seg_size, mode="bilinear", align_corners=False)
         labels = self.segmenter((x - self.mean) / self.std).argmax(1)
-        ids = remap[labels]
+        ids = remap.to(torch.int32)[labels]
         label = F.interpolate(ids[:, None].float(), size=self.gen_size, mode="nearest").long()
         instance = label if not self.generator.opt.no_instance else None
         image = self.generator(label, instance, z)
         image = F.interpolate(image, size=self.frame_size, mode="bilinear", align_corners=False)
-        pixels = ((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-        return pixels, ids
+        pixels = ((image + 1) * 127.5).round().clamp(0, 255).permute(0, 2, 3, 1).to(torch.uint8)
+        return pixels, ids.to(torch.uint8)
 
 
 def export(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: list[str], out: str | Path, *,

@@ -288,8 +288,9 @@ def convert(path: str | Path, *, class_lut: np.ndarray | None = None,
     if argmax_out is None or final != argmax_out:
         final = b.node("ArgMax", [final], axis=1, keepdims=0)
     lut = class_lut if class_lut is not None else np.arange(256, dtype=np.uint8)
-    b.nodes.append(helper.make_node("Gather", [b.const(lut.astype(np.uint8), "class_lut"), final],
-                                    ["labels"], name="labels"))
+    # int32 inside, uint8 only at the edge: TensorRT takes uint8 as a network output of a Cast only
+    ids = b.node("Gather", [b.const(lut.astype(np.int32), "class_lut"), final], "class_ids")
+    b.nodes.append(helper.make_node("Cast", [ids], ["labels"], to=TensorProto.UINT8, name="labels"))
 
     graph = helper.make_graph(
         b.nodes, "segmenter",

@@ -280,6 +280,20 @@ def _engine(args: argparse.Namespace) -> int:
         except ValueError:
             raise SegsynthError(f"--batch {args.batch!r}: expected N or MIN..MAX, e.g. 1..8") from None
         log.info("%s", commands.build(Path(args.onnx), fp16=not args.fp32, batch=(lo, lo, hi), cache_dir=root / "engines"))
+    elif args.action == "check":
+        if not args.files:
+            raise SegsynthError("engine check needs one or more FILE.onnx")
+        from .engine.graphcheck import tensorrt_problems
+
+        failed = 0
+        for name in args.files:
+            if not Path(name).is_file():
+                raise SegsynthError(f"{name}: no such ONNX file")
+            problems = tensorrt_problems(Path(name))
+            failed += bool(problems)
+            print(f"{name}: " + ("TensorRT-parsable" if not problems else f"{len(problems)} problem(s) for TensorRT"))
+            print("".join(f"  {p}\n" for p in problems), end="")
+        return 1 if failed else 0
     elif args.action == "info":
         if len(args.files) != 1:
             raise SegsynthError("engine info needs one FILE (.onnx or .engine)")
@@ -542,9 +556,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("engine", parents=[common], help="build, inspect and compare inference engines",
                        description="build --onnx X.onnx: a TensorRT engine in the cache; info FILE: bindings, shapes, "
-                                   "precision, GPU; compare A B: outputs side by side (e.g. FP16 vs FP32).")
-    p.add_argument("action", choices=["build", "info", "compare"])
-    p.add_argument("files", nargs="*", help="info: FILE; compare: A B (ONNX files)")
+                                   "precision, GPU; compare A B: outputs side by side (e.g. FP16 vs FP32); check "
+                                   "FILE...: whether TensorRT's ONNX parser takes each graph (on the CPU, no TensorRT "
+                                   "needed; exit 1 when one does not).")
+    p.add_argument("action", choices=["build", "info", "compare", "check"])
+    p.add_argument("files", nargs="*", help="info: FILE; compare: A B; check: FILE... (ONNX files)")
     p.add_argument("--onnx", help="build: the ONNX graph")
     p.add_argument("--fp32", action="store_true", help="build: FP32 instead of FP16")
     p.add_argument("--batch", default="1..8", help="build: batch range MIN..MAX (default 1..8); compare: batch")

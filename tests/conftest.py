@@ -20,8 +20,20 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
     """Run the installed ``segsynth`` console script; returns the completed process (text output)."""
     script = Path(sys.executable).with_name("segsynth")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "segsynth.cli"]
-    return subprocess.run([*cmd, *map(str, args)], cwd=cwd, timeout=timeout,
+    proc = subprocess.run([*cmd, *map(str, args)], cwd=cwd, timeout=timeout,
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if args and args[0] == "export" and proc.returncode == 0 and "--out" in args:
+        assert_tensorrt_parsable(Path(cwd or ".") / str(args[list(args).index("--out") + 1]))
+    return proc
+
+
+def assert_tensorrt_parsable(path) -> None:
+    """Every graph the project writes must be one TensorRT's ONNX parser takes (checked on the
+    CPU: no uint8 inside, only supported ops, types and modes); every export in the suite is."""
+    from segsynth.engine.graphcheck import tensorrt_problems
+
+    problems = tensorrt_problems(path)
+    assert not problems, f"{path} is not TensorRT-parsable: {problems}"
 
 
 def decode_video(path: Path) -> tuple[list[float], list[np.ndarray]]:
