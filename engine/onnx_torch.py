@@ -5,6 +5,13 @@ TensorRT nor onnxruntime-gpu.
 This is deliberately not a general ONNX runtime: it covers the operators our exporters
 emit (TFLite-converted DeepLab, torch-exported SPADE/DeepLab graphs) and refuses others
 with a clear message. Each node maps to the torch function with the same semantics.
+
+Shape arithmetic stays on the host. Ops read some inputs as Python numbers (a Reshape's
+shape, Slice's starts, Resize's sizes: ``_HOST_ARGS``); reading those from GPU tensors would
+wait for the GPU to go idle, so nothing could overlap. Those inputs, and what they are
+computed from when that is constants and ``Shape`` results alone (the Gather/Concat/Cast
+chains of dynamic-batch graphs), are computed on the CPU and never made float16; everything
+else is data and lives on the device.
 """
 
 from __future__ import annotations
@@ -25,8 +32,29 @@ def _attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
+# The inputs each op reads as Python numbers (shapes, axes, sizes, pads), by position.
+_HOST_ARGS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Resize": (1, 2, 3), "Pad": (1, 2), "Unsqueeze": (1,),
+              "Squeeze": (1,), "Expand": (1,), "ConstantOfShape": (0,), "ReduceMean": (1,)}
+
+
+def _host_values(nodes, constants) -> set[str]:
+    """The values computed on the host: those read as numbers (``_HOST_ARGS``) and what they
+    are computed from, where that is constants and Shape results only; and Shape results."""
+    computable = set(constants)
+    for op, ins, outs, _ in nodes:
+        if op == "Shape" or all(i in computable for i in ins if i):
+            computable.update(outs)
+    needed = set()
+    for op, ins, outs, _ in reversed(nodes):
+        if op != "Shape" and outs[0] in computable and any(o in needed for o in outs):
+            needed.update(ins)
+        needed.update(ins[k] for k in _HOST_ARGS.get(op, ()) if k < len(ins))
+    return (computable & needed) | {o for op, _, outs, _ in nodes if op == "Shape" for o in outs}
+
+
 class OnnxTorchModule:
-    """An ONNX graph as a callable over torch tensors (inputs by name -> dict of outputs)."""
+    """An ONNX graph as a callable over torch tensors (inputs by name -> dict of outputs).
+    Not thread-safe while ``to()`` runs; calls share only the read-only constants."""
 
     def __init__(self, model: str | Path | bytes) -> None:
         import onnx
@@ -37,43 +65,55 @@ class OnnxTorchModule:
         self.proto = proto
         self.inputs = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
         self.outputs = [o.name for o in proto.graph.output]
-        self.consts = {t.name: torch.from_numpy(np.array(numpy_helper.to_array(t))) for t in proto.graph.initializer}
-        self.nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n)) for n in proto.graph.node]
+        arrays = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+        arrays.update({n.output[0]: _constant(_attrs(n)) for n in proto.graph.node if n.op_type == "Constant"})
+        self.constants = {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}  # on the host, as stored
+        self.nodes = [(n.op_type, list(n.input), list(n.output), _attrs(n)) for n in proto.graph.node
+                      if n.op_type != "Constant"]
         unsupported = sorted({op for op, *_ in self.nodes if op not in _OPS})
         if unsupported:
             raise BackendError(f"the torch backend cannot run ONNX ops {', '.join(unsupported)}; "
                                "use --backend onnxruntime")
+        self.host = _host_values(self.nodes, self.constants)
+        self.device, self.half = torch.device("cpu"), False
+        self.consts = dict(self.constants)
 
     def to(self, device, half: bool = False) -> "OnnxTorchModule":
-        """Move the constants to ``device``; ``half``: compute in float16 throughout (every
-        float32 tensor, from the constants, the feed or any node such as a Cast to float, is
-        float16), so no op meets float32 and float16 at once."""
+        """Move the constants that are data to ``device`` (shape arithmetic stays on the host);
+        ``half``: compute in float16 throughout (every float32 data tensor, from the constants,
+        the feed or any node such as a Cast to float, is float16), so no op meets float32 and
+        float16 at once."""
         import torch
 
-        def move(t):
-            t = t.to(device)
-            return t.half() if half and t.dtype == torch.float32 else t
-
-        self.consts = {k: move(v) for k, v in self.consts.items()}
-        self.half = half
+        self.device, self.half = torch.device(device), half
+        self.consts = {k: v if k in self.host else self._data(v) for k, v in self.constants.items()}
         return self
 
-    half = False
-
-    def __call__(self, **feed):
+    def _data(self, t):
+        """``t`` as data: on the device (a host value used as data is copied there, without
+        waiting for the device), and float16 where ``half``."""
         import torch
 
+        if not isinstance(t, torch.Tensor):
+            return t
+        if t.device.type == "cpu" and self.device.type != "cpu":
+            t = t.to(self.device, non_blocking=True)
+        return t.half() if self.half and t.dtype == torch.float32 else t
+
+    def __call__(self, **feed):
         env = dict(self.consts)
-        env.update({k: v.half() if self.half and v.dtype == torch.float32 else v for k, v in feed.items()})
+        env.update({k: self._data(v) for k, v in feed.items()})
         env[""] = None
         for op, ins, outs, attrs in self.nodes:
-            result = _OPS[op]([env[i] for i in ins], attrs)
+            args = [env[i] for i in ins]
+            on_host = outs[0] in self.host
+            if not on_host:
+                numbers = _HOST_ARGS.get(op, ())
+                args = [a if k in numbers else self._data(a) for k, a in enumerate(args)]
+            result = _OPS[op](args, attrs)
             if not isinstance(result, tuple):
                 result = (result,)
-            if self.half:
-                result = tuple(r.half() if isinstance(r, torch.Tensor) and r.dtype == torch.float32 else r
-                               for r in result)
-            env.update(zip(outs, result))
+            env.update(zip(outs, result if on_host else map(self._data, result)))
         return {name: env[name] for name in self.outputs}
 
 
@@ -167,7 +207,7 @@ def _build_ops():
         "HardSigmoid": lambda x, a: torch.clamp(a.get("alpha", 0.2) * x[0] + a.get("beta", 0.5), 0, 1),
         "HardSwish": lambda x, a: F.hardswish(x[0]),
         "Add": lambda x, a: x[0] + x[1], "Sub": lambda x, a: x[0] - x[1], "Mul": lambda x, a: x[0] * x[1],
-        "Div": lambda x, a: x[0] / x[1], "Max": lambda x, a: torch.stack(torch.broadcast_tensors(*x)).amax(0),
+        "Div": _div, "Max": lambda x, a: torch.stack(torch.broadcast_tensors(*x)).amax(0),
         "Equal": lambda x, a: x[0] == x[1], "Not": lambda x, a: ~x[0], "Or": lambda x, a: x[0] | x[1],
         "Where": lambda x, a: torch.where(x[0], x[1], x[2]),
         "GlobalAveragePool": lambda x, a: x[0].mean(dim=(2, 3), keepdim=True),
@@ -179,10 +219,8 @@ def _build_ops():
         "InstanceNormalization": lambda x, a: F.instance_norm(x[0], weight=x[1], bias=x[2], eps=a.get("epsilon", 1e-5)),
         "BatchNormalization": lambda x, a: F.batch_norm(x[0], x[3], x[4], x[1], x[2], False, 0.0, a.get("epsilon", 1e-5)),
         "ArgMax": lambda x, a: torch.argmax(x[0], dim=a.get("axis", 0), keepdim=bool(a.get("keepdims", 1))),
-        "Gather": lambda x, a: torch.index_select(x[0], a.get("axis", 0), x[1].reshape(-1).long()).reshape(
-            *x[0].shape[:a.get("axis", 0)], *x[1].shape, *x[0].shape[a.get("axis", 0) + 1:]),
-        "Shape": lambda x, a: torch.tensor(x[0].shape[a.get("start", 0):a.get("end", None)], dtype=torch.int64,
-                                           device=x[0].device),
+        "Gather": _gather,
+        "Shape": lambda x, a: torch.tensor(x[0].shape[a.get("start", 0):a.get("end", None)], dtype=torch.int64),
         "Concat": lambda x, a: torch.cat([t.to(x[0].dtype) for t in x], dim=a.get("axis", 0)),
         "Reshape": lambda x, a: x[0].reshape([d if d != 0 else x[0].shape[i] for i, d in enumerate(x[1].tolist())]),
         "Flatten": lambda x, a: x[0].reshape(int(np.prod(x[0].shape[:a.get("axis", 1)])), -1),
@@ -193,8 +231,7 @@ def _build_ops():
         "ReduceMean": lambda x, a: x[0].mean(dim=tuple(x[1].tolist()) if len(x) > 1 else tuple(a.get("axes", [])),
                                              keepdim=bool(a.get("keepdims", 1))),
         "Expand": lambda x, a: x[0] * torch.ones(x[1].tolist(), dtype=x[0].dtype, device=x[0].device),
-        "ConstantOfShape": lambda x, a: torch.full(x[0].tolist(), float(np.asarray(_const_value(a)).reshape(-1)[0]),
-                                                   device=x[0].device),
+        "ConstantOfShape": lambda x, a: torch.from_numpy(np.full(x[0].tolist(), _const_value(a).reshape(-1)[0])),
     }
 
 
@@ -210,6 +247,32 @@ def _const_value(attrs):
 
     value = attrs.get("value")
     return numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
+
+
+def _constant(attrs) -> np.ndarray:
+    """A Constant node's value (``value``, ``value_float(s)`` or ``value_int(s)``)."""
+    if "value" in attrs:
+        return _const_value(attrs)
+    (name, value), = attrs.items()
+    return np.array(value, np.float32 if name.startswith("value_float") else np.int64)
+
+
+def _gather(x, attrs):
+    import torch
+
+    data, index = x
+    axis = attrs.get("axis", 0) % data.dim()
+    index = torch.where(index < 0, index + data.shape[axis], index)  # ONNX allows negative indices
+    out = torch.index_select(data, axis, index.reshape(-1).long())
+    return out.reshape((*data.shape[:axis], *index.shape, *data.shape[axis + 1:]))  # a scalar index drops the axis
+
+
+def _div(x, attrs):
+    """ONNX Div: integer division truncates (shape arithmetic), where torch's ``/`` gives floats."""
+    import torch
+
+    a, b = x
+    return a / b if a.is_floating_point() or b.is_floating_point() else torch.div(a, b, rounding_mode="trunc")
 
 
 class _LazyOps(dict):
