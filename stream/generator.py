@@ -92,7 +92,7 @@ class Generator:
 
 
 def _checkpoint_key(directory: Path, size: tuple[int, int] | None) -> str:
-    digest = hashlib.sha256(str(size).encode())
+    digest = hashlib.sha256(f"{size} export-v2".encode())  # v2: dynamic batch, encoder at the checkpoint size
     for name in ("opt.txt", "latest_net_G.pth", "latest_net_E.pth"):
         path = directory / name
         if path.is_file():

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import assert_tensorrt_parsable, run_cli
+from conftest import REPO, assert_tensorrt_parsable, run_cli
 from segsynth.engine.graphcheck import tensorrt_problems
 from segsynth.stream.segmenter import bundled_model
 from segsynth.stream.generator import bundled_generator
@@ -96,3 +96,23 @@ def test_engine_check_command(tmp_path):
     assert proc.returncode == 1 and "uint8 inside" in proc.stdout
     proc = run_cli("engine", "check", bundled_model("voc"))
     assert proc.returncode == 0 and "TensorRT-parsable" in proc.stdout
+
+
+def test_gpu_check_script_runs_to_the_end_here_with_its_gpu_steps_skipped(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: scripts/gpu-check runs its GPU steps for real there")
+    out = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "scripts/gpu-check", "--out", str(out)], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    steps = json.loads(out.read_text())["steps"]
+    assert steps["graph-check"]["ok"] and set(steps["graph-check"]["problems"]) >= {"deeplabv3_mnv2_voc.onnx"}
+    for name in ("pytest-gpu", "bench-chain", "bench-pipeline"):
+        assert "no CUDA GPU" in steps[name]["skipped"]
+    assert "skipped" in steps["trt-parse"] or steps["trt-parse"]["ok"]
