@@ -147,3 +147,23 @@ def test_run_on_the_gpu_backend(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "backend: onnxruntime " not in proc.stderr  # a GPU backend was chosen
     assert decode_video(tmp_path / "o.mp4")[0] == decode_video(clip)[0]
+
+
+def test_torch_cuda_submit_never_waits_for_the_gpu():
+    """With torch's sync debug mode set to error, any call that makes the host wait for the
+    device raises: submit() of segsynth's torch-cuda runner must not (its shape arithmetic
+    stays on the host); only wait() synchronises."""
+    import torch
+
+    from segsynth.engine.torch_runner import TorchCudaRunner
+
+    x = _normalised(_photos(2))
+    with TorchCudaRunner(bundled_model("voc")) as runner:
+        runner.wait(runner.submit({"image": x}))  # warm-up: first-use allocations
+        pinned = torch.from_numpy(x).pin_memory().numpy()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            handle = runner.submit({"image": pinned})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert runner.wait(handle)["labels"].shape == (2, 513, 513)
