@@ -15,6 +15,8 @@ from pathlib import Path
 
 from segsynth.errors import ModelError
 
+from .onnx_torch import _attrs  # node attributes as Python values (imports no torch)
+
 OPSET_RANGE = (9, 20)
 F32, U8, I8, I32, I64, BOOL, F16, F64, BF16 = 1, 2, 3, 6, 7, 9, 10, 11, 16
 _TYPE_NAMES = {F32: "float32", U8: "uint8", I8: "int8", I32: "int32", I64: "int64", BOOL: "bool", F16: "float16",
@@ -52,26 +54,24 @@ _RESIZE = {"mode": {"nearest", "linear"},
            "keep_aspect_ratio_policy": {"stretch"}}
 
 
-def _attrs(node) -> dict:
-    from onnx import helper
-
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def tensorrt_problems(model) -> list[str]:
     """Everything in ``model`` (a ModelProto, bytes or a path) that onnx-tensorrt would refuse;
     empty when TensorRT 10 can parse it."""
     import onnx
 
-    if isinstance(model, (str, Path)):
-        model = onnx.load(str(model))
-    elif isinstance(model, bytes):
-        model = onnx.load_from_string(model)
+    try:
+        if isinstance(model, (str, Path)):
+            model = onnx.load(str(model))
+        elif isinstance(model, bytes):
+            model = onnx.load_from_string(model)
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except Exception as exc:  # protobuf DecodeError, onnx's InferenceError/ValidationError
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"not a valid ONNX graph ({first})") from exc
     problems = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
         problems.append(f"opset {opset} is outside TensorRT 10's range {OPSET_RANGE[0]}..{OPSET_RANGE[1]}")
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     graph = inferred.graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.output, *graph.value_info)}
     types.update({t.name: t.data_type for t in graph.initializer})
@@ -132,10 +132,3 @@ def tensorrt_problems(model) -> list[str]:
             problems.append(f"{where}: sorted must be 1")
     return problems
 
-
-def check_tensorrt_parsable(model, label: str = "graph") -> None:
-    """ModelError naming the first problems when TensorRT could not parse ``model``."""
-    problems = tensorrt_problems(model)
-    if problems:
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise ModelError(f"{label} is not TensorRT-parsable: {'; '.join(problems[:3])}{more}")

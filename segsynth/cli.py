@@ -284,12 +284,17 @@ def _engine(args: argparse.Namespace) -> int:
         if not args.files:
             raise SegsynthError("engine check needs one or more FILE.onnx")
         from .engine.graphcheck import tensorrt_problems
+        from .errors import InputError, ModelError
 
+        missing = [name for name in args.files if not Path(name).is_file()]
+        if missing:
+            raise InputError(f"{missing[0]}: no such ONNX file")
         failed = 0
         for name in args.files:
-            if not Path(name).is_file():
-                raise SegsynthError(f"{name}: no such ONNX file")
-            problems = tensorrt_problems(Path(name))
+            try:
+                problems = tensorrt_problems(Path(name))
+            except ModelError as exc:
+                raise ModelError(f"{name}: {exc}") from exc
             failed += bool(problems)
             print(f"{name}: " + ("TensorRT-parsable" if not problems else f"{len(problems)} problem(s) for TensorRT"))
             print("".join(f"  {p}\n" for p in problems), end="")

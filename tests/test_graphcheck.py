@@ -96,6 +96,13 @@ def test_engine_check_command(tmp_path):
     assert proc.returncode == 1 and "uint8 inside" in proc.stdout
     proc = run_cli("engine", "check", bundled_model("voc"))
     assert proc.returncode == 0 and "TensorRT-parsable" in proc.stdout
+    proc = run_cli("engine", "check", tmp_path / "missing.onnx", bundled_model("voc"))
+    assert proc.returncode == 2 and "no such ONNX file" in proc.stderr and not proc.stdout
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x07not an onnx file at all")
+    proc = run_cli("engine", "check", corrupt)
+    assert proc.returncode == 4 and "not a valid ONNX graph" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
 
 
 def test_gpu_check_script_runs_to_the_end_here_with_its_gpu_steps_skipped(tmp_path):
