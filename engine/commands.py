@@ -15,15 +15,16 @@ from .select import make_runner, resolve_backend
 log = logging.getLogger("segsynth")
 
 
-def build(onnx_path: Path, *, fp16: bool, batch: tuple[int, int, int], cache_dir: Path | None) -> str:
-    """Build (or find) the TensorRT engine for ``onnx_path`` in the engine cache."""
+def build(onnx_path: Path, *, fp16: bool, batch: int | tuple[int, int, int], cache_dir: Path | None) -> str:
+    """Build (or find) the TensorRT engine for ``onnx_path`` in the engine cache. ``batch``:
+    the batch it will run (N: profile 1..N, tuned for N) or (min, opt, max)."""
     from .tensorrt import TensorRTRunner
 
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path}: no such ONNX file")
     with TensorRTRunner(onnx_path, fp16=fp16, batch=batch, cache_dir=cache_dir) as runner:
-        path = runner.engine_path
-    return f"engine for {onnx_path.name} ({'FP16' if fp16 else 'FP32'}, batch {batch[0]}..{batch[2]}) in {path}"
+        path, (lo, opt, hi) = runner.engine_path, runner.batch
+    return f"engine for {onnx_path.name} ({'FP16' if fp16 else 'FP32'}, batch {lo}..{hi}, tuned for {opt}) in {path}"
 
 
 def info(path: Path) -> list[str]:
@@ -115,7 +116,7 @@ def compare_outputs(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> dict[
 
 def compare(a: Path, b: Path, *, backend_a: str, backend_b: str, fp16_a: bool, fp16_b: bool, batch: int,
             inputs_file: Path | None, cache_dir: Path | None) -> dict[str, dict]:
-    runners = [make_runner(path, resolve_backend(backend), fp16=fp16, cache_dir=cache_dir)
+    runners = [make_runner(path, resolve_backend(backend), fp16=fp16, cache_dir=cache_dir, batch=batch)
                for path, backend, fp16 in ((a, backend_a, fp16_a), (b, backend_b, fp16_b))]
     with runners[0] as ra, runners[1] as rb:
         if set(ra.inputs) != set(rb.inputs):

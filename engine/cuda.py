@@ -65,14 +65,37 @@ def device(index: int = 0) -> Device:
     return Device(index, name.strip("\x00 "), (props.major, props.minor), int(props.totalGlobalMem))
 
 
-def gpu_available() -> bool:
-    """True when cuda-python is installed and sees at least one GPU; never raises."""
+def driver_mismatch(driver_version: int, bindings_version: str) -> str | None:
+    """Why cuda-python cannot use this driver, or None: cuda-python N.x needs a driver for
+    CUDA N (cuda-python>=12.3 installs 13.x, which a CUDA 12 driver refuses)."""
+    driver_major, bindings_major = driver_version // 1000, int(bindings_version.split(".")[0])
+    if driver_version <= 0 or bindings_major <= driver_major:
+        return None
+    return (f"the NVIDIA driver supports CUDA {driver_major}.{driver_version % 1000 // 10} but cuda-python "
+            f"{bindings_version} needs CUDA {bindings_major}: pip install 'cuda-python=={driver_major}.*'")
+
+
+def gpu_problem() -> str | None:
+    """None when cuda-python sees a GPU, else why not in one line; never raises."""
     try:
         cudart = runtime()
         err, count = cudart.cudaGetDeviceCount()
-        return int(err) == 0 and count > 0
-    except Exception:  # noqa: BLE001 - any failure means "no"
-        return False
+        if int(err) == 0:
+            return None if count > 0 else _HINTS["cudaErrorNoDevice"]
+        _, driver = cudart.cudaDriverGetVersion()
+        if not driver:
+            return "no NVIDIA driver is installed here"
+        from cuda import bindings
+
+        _, name = cudart.cudaGetErrorName(err)
+        return driver_mismatch(driver, bindings.__version__) or _HINTS.get(name.decode(), name.decode())
+    except Exception as exc:  # noqa: BLE001 - any failure means "no GPU", said in the line
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def gpu_available() -> bool:
+    """True when cuda-python is installed and sees at least one GPU; never raises."""
+    return gpu_problem() is None
 
 
 class PinnedBuffer:

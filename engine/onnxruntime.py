@@ -3,6 +3,8 @@ execution providers where onnxruntime-gpu is installed."""
 
 from __future__ import annotations
 
+import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,8 @@ import numpy as np
 from segsynth.errors import BackendError, ModelError
 
 from .runner import Runner, TensorMeta
+
+log = logging.getLogger("segsynth")
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(uint8)": np.uint8,
@@ -43,8 +47,13 @@ class OnnxRuntimeRunner(Runner):
     ``threads``: intra-op threads (None = ORT's default, one per core). ``providers``:
     execution providers in priority order (CUDA / TensorRT ones need onnxruntime-gpu).
     ``optimized_model_path``: where ORT saves the optimised graph, so the next start can
-    skip optimisation. ``io_binding``: bind inputs and outputs once per call instead of
-    letting ORT copy them (saves copies with device execution providers).
+    skip optimisation. ``io_binding``: inputs uploaded and outputs bound on the execution
+    provider's device (one binding per calling thread, reused), so ORT makes no extra host
+    copies around a device provider; only the outputs come back to the host.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even when its CUDA libraries cannot load,
+    and then quietly builds a CPU session: the providers the session really got are checked,
+    and a fallback to the CPU is said in one warning (``device`` tells which it runs on).
     """
 
     name = "onnxruntime"
@@ -60,7 +69,8 @@ class OnnxRuntimeRunner(Runner):
         self.model, self.threads, self.providers = model, threads, providers
         self.graph_optimization, self.optimized_model_path = graph_optimization, optimized_model_path
         self.io_binding = io_binding
-        self.session = None
+        self.session, self.device = None, "cpu"
+        self._local = threading.local()
         if "CUDAExecutionProvider" in providers or "TensorrtExecutionProvider" in providers:
             self.name = "onnxruntime-cuda"
 
@@ -91,23 +101,46 @@ class OnnxRuntimeRunner(Runner):
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/InvalidProtobuf types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelError(f"{self.label}: not a usable ONNX model ({first})") from exc
+        self.device = self._device(self.session.get_providers())
         self.inputs = {i.name: TensorMeta(i.name, np.dtype(_ORT_TYPES.get(i.type, np.float32)), tuple(i.shape))
                        for i in self.session.get_inputs()}
         self.outputs = {o.name: TensorMeta(o.name, np.dtype(_ORT_TYPES.get(o.type, np.float32)), tuple(o.shape))
                         for o in self.session.get_outputs()}
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
 
+    def _device(self, active: list[str]) -> str:
+        """"cuda" when the session really runs on a CUDA provider, else "cpu" (said once when a
+        device provider was asked for and the session fell back)."""
+        wanted = [p for p in self.providers if p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")]
+        if any(p in active for p in wanted):
+            return "cuda"
+        if wanted:
+            log.warning("warning: %s: onnxruntime could not use %s (its CUDA/cuDNN libraries did not load, or no "
+                        "GPU is visible); running on the CPU", self.label, " or ".join(wanted))
+            self.name = "onnxruntime"
+        return "cpu"
+
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = list(self.outputs)
         if not self.io_binding:
             return dict(zip(names, self.session.run(names, feed)))
-        binding = self.session.io_binding()
+        import onnxruntime as ort
+
+        binding = getattr(self._local, "binding", None)
+        if binding is None:  # one per thread: an IOBinding must not be shared by concurrent runs
+            binding = self._local.binding = self.session.io_binding()
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
         for name, array in feed.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+            array = np.ascontiguousarray(array)
+            if self.device == "cpu":
+                binding.bind_cpu_input(name, array)
+            else:
+                binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(array, self.device, 0))
         for name in names:
-            binding.bind_output(name)
+            binding.bind_output(name, self.device)
         self.session.run_with_iobinding(binding)
         return dict(zip(names, binding.copy_outputs_to_cpu()))
 
     def _deactivate_impl(self) -> None:
-        self.session = None
+        self.session, self._local = None, threading.local()

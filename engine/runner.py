@@ -32,13 +32,18 @@ class TensorMeta:
 
 class Runner:
     """Base class: subclasses implement ``_activate_impl``, ``_infer_impl``, ``_deactivate_impl``
-    and fill ``inputs``/``outputs``/``metadata`` in ``_activate_impl``."""
+    and fill ``inputs``/``outputs``/``metadata`` in ``_activate_impl``.
+
+    ``max_batch``: the largest batch (first input dimension) one ``infer``/``submit`` takes,
+    None for any. Backends built for a shape range set it (TensorRT: its optimisation
+    profile's max); callers split larger batches into chunks of ``max_batch``."""
 
     name = "runner"
     thread_safe = False  # True where the backend itself allows concurrent calls
 
     def __init__(self) -> None:
         self.is_active = False
+        self.max_batch: int | None = None  # the largest batch one call takes; None: any
         self._guard = contextlib.nullcontext() if self.thread_safe else threading.RLock()
         self.inputs: dict[str, TensorMeta] = {}
         self.outputs: dict[str, TensorMeta] = {}

@@ -1,18 +1,25 @@
-"""The TensorRT backend (TensorRT 10.x Python API; memory and streams through cuda-python).
+"""The TensorRT backend (TensorRT 10.x and 11.x Python API; memory and streams through cuda-python).
 
-An FP16 engine is built from the ONNX graph on first use - one optimisation profile over
-the batch dimension (min/opt/max), a workspace limit and a persistent timing cache - and
-stored in the engine cache, keyed by graph hash, GPU, compute capability, TensorRT version,
-precision and profile. Execution uses named tensors: ``set_input_shape``,
-``set_tensor_address`` and ``execute_async_v3``.
+An engine is built from the ONNX graph on first use - one optimisation profile over the
+batch dimension (min/opt/max, from the batch the caller runs: see ``batch_range``), a
+workspace limit and a persistent timing cache - and stored in the engine cache, keyed by
+graph hash, GPU, compute capability, TensorRT version, precision and profile. Execution
+uses named tensors: ``set_input_shape``, ``set_tensor_address`` and ``execute_async_v3``.
+
+Precision. TensorRT 10 keeps its weakly typed path: the float32 graph with
+``BuilderFlag.FP16``, so TensorRT picks FP16 or FP32 per layer by speed (the path that
+has been measured on GPUs; it is left as it was). TensorRT 11 has no weak typing (no
+``BuilderFlag.FP16``, no ``platform_has_fast_fp16``): precision comes from the graph's
+tensor types, so FP16 builds a strongly typed network from ``fp16.to_float16(graph)``
+and FP32 one from the graph as it is. The choice follows the API that is there, not the
+version number (``strongly_typed``); the cache key says which (``fp16-strong``) and
+hashes the graph that was built.
 
 Double buffering: two execution contexts, each with its own CUDA stream, pinned host
 buffers and device buffers. ``submit()`` copies a batch in, enqueues it and its copy out on
 the next slot's stream and returns; ``wait()`` synchronises that slot. So the copies of one
 batch overlap the compute of the other.
 
-Precision control follows TensorRT 10 (``BuilderFlag.FP16``); TensorRT 11 changes how
-precision is requested (strongly typed networks), which this backend does not target.
 Threading: calls are serialised by the runner's lock (several stream sessions may share the
 runner); a handle stays valid when another caller reuses its slot (its outputs are kept).
 """
@@ -31,17 +38,46 @@ from .cache import EngineCache, EngineKey, graph_sha256, profile_string
 from .runner import Runner, TensorMeta
 
 log = logging.getLogger("segsynth")
+SUPPORTED_MAJORS = ("10", "11")
+DEFAULT_BATCH = (1, 1, 8)
 
 
 def import_tensorrt():
+    """The ``tensorrt`` module, or BackendError when it is missing or of a major version
+    this backend was not written for."""
     try:
         import tensorrt as trt
     except ImportError as exc:
         raise BackendError("TensorRT is not installed here (pip install 'segsynth[tensorrt]' on a machine with an "
                            "NVIDIA GPU); use --backend onnxruntime or torch-cuda") from exc
-    if not trt.__version__.startswith("10."):
-        raise BackendError(f"TensorRT {trt.__version__} is installed; this backend targets the TensorRT 10 API")
+    version = str(getattr(trt, "__version__", "unknown"))
+    if version.split(".")[0] not in SUPPORTED_MAJORS:
+        raise BackendError(f"TensorRT {version} is installed; segsynth supports TensorRT 10.x and 11.x "
+                           "(pip install 'tensorrt>=10,<12'), or use --backend onnxruntime-cuda")
     return trt
+
+
+def strongly_typed(trt) -> bool:
+    """Whether this TensorRT takes precision from the graph's types only (TensorRT 11: the
+    weak-typing flag BuilderFlag.FP16 is gone)."""
+    return not hasattr(trt.BuilderFlag, "FP16")
+
+
+def batch_range(batch: int | tuple[int, int, int] | None) -> tuple[int, int, int]:
+    """The (min, opt, max) batch of the optimisation profile: an int b is the batch the
+    caller runs, so (1, b, b) (TensorRT tunes its kernels for opt); a triple is taken as
+    given; None is the default (1, 1, 8)."""
+    if batch is None:
+        return DEFAULT_BATCH
+    if isinstance(batch, int) and not isinstance(batch, bool):
+        batch = (1, batch, batch)
+    try:
+        lo, opt, hi = (int(b) for b in batch)
+    except (TypeError, ValueError):
+        raise BackendError(f"batch {batch!r}: expected a batch size or (min, opt, max)") from None
+    if not 1 <= lo <= opt <= hi:
+        raise BackendError(f"batch {batch!r}: expected 1 <= min <= opt <= max")
+    return lo, opt, hi
 
 
 def batch_profile(onnx_bytes: bytes, batch: tuple[int, int, int]) -> dict:
@@ -81,18 +117,22 @@ def timing_cache_name(key: EngineKey) -> str:
 
 
 def build_engine(onnx_bytes: bytes, *, fp16: bool, shapes: dict, workspace_bytes: int,
-                 timing_cache: Path | None = None) -> bytes:
+                 timing_cache: Path | None = None, strong: bool = False) -> bytes:
+    """Serialize an engine for ``onnx_bytes``. ``strong``: a strongly typed network, whose
+    precision is the graph's own (pass a float16 graph for FP16); else TensorRT 10's weak
+    typing, with ``fp16`` setting BuilderFlag.FP16."""
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None) if strong else None
+    network = builder.create_network(0 if flag is None else 1 << int(flag))  # explicit batch is the only mode
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_bytes):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ModelError(f"TensorRT cannot parse the ONNX graph: {errors[0] if errors else 'unknown error'}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if fp16:
+    if fp16 and not strong:
         if not builder.platform_has_fast_fp16:
             log.warning("warning: this GPU has no fast FP16; building FP32")
         else:
@@ -107,7 +147,8 @@ def build_engine(onnx_bytes: bytes, *, fp16: bool, shapes: dict, workspace_bytes
         log.warning("warning: the timing cache %s does not fit this GPU/TensorRT; building without it", timing_cache)
         cache = config.create_timing_cache(b"")
         config.set_timing_cache(cache, ignore_mismatch=False)
-    log.info("building a TensorRT %s engine (minutes on first use; cached afterwards)", "FP16" if fp16 else "FP32")
+    log.info("building a TensorRT %s%s engine (minutes on first use; cached afterwards)", "FP16" if fp16 else "FP32",
+             ", strongly typed" if strong else "")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BackendError("TensorRT could not build an engine for this graph (see the TensorRT log above)")
@@ -155,12 +196,16 @@ class _Pending:
 
 
 class TensorRTRunner(Runner):
+    """``batch``: the batch the caller runs (an int b: profile (1, b, b)) or (min, opt, max);
+    ``max_batch`` is the profile's max, so callers split larger batches into chunks."""
+
     name = "tensorrt"
 
-    def __init__(self, onnx_path: str | Path, *, fp16: bool = True, batch: tuple[int, int, int] = (1, 1, 8),
+    def __init__(self, onnx_path: str | Path, *, fp16: bool = True, batch: int | tuple[int, int, int] | None = None,
                  cache_dir: str | Path | None = None, workspace_bytes: int = 2 << 30, device: int = 0) -> None:
         super().__init__()
-        self.onnx_path, self.fp16, self.batch = Path(onnx_path), fp16, batch
+        self.onnx_path, self.fp16, self.batch = Path(onnx_path), fp16, batch_range(batch)
+        self.max_batch = self.batch[2]
         self.label = self.onnx_path.name
         self.cache = EngineCache(Path(cache_dir) if cache_dir else Path.home() / ".cache" / "segsynth" / "engines")
         self.workspace_bytes, self.device_index = workspace_bytes, device
@@ -177,13 +222,20 @@ class TensorRTRunner(Runner):
         check(cuda.runtime().cudaSetDevice(self.device_index), "cudaSetDevice")
         onnx_bytes = self.onnx_path.read_bytes()
         shapes = batch_profile(onnx_bytes, self.batch)
-        key = EngineKey(graph_sha256(onnx_bytes), dev.name, f"{dev.compute_capability[0]}.{dev.compute_capability[1]}",
-                        trt.__version__, "fp16" if self.fp16 else "fp32", profile_string(shapes))
+        strong = strongly_typed(trt)
+        built = onnx_bytes
+        if strong and self.fp16:  # TensorRT 11: FP16 is a float16 graph
+            from .fp16 import to_float16
+
+            built = to_float16(onnx.load_from_string(onnx_bytes)).SerializeToString()
+        precision = ("fp16" if self.fp16 else "fp32") + ("-strong" if strong else "")
+        key = EngineKey(graph_sha256(built), dev.name, f"{dev.compute_capability[0]}.{dev.compute_capability[1]}",
+                        trt.__version__, precision, profile_string(shapes))
         self.engine_path = self.cache.path(key)
         engine_bytes = self.cache.load(key)
         if engine_bytes is None:
-            engine_bytes = build_engine(onnx_bytes, fp16=self.fp16, shapes=shapes, workspace_bytes=self.workspace_bytes,
-                                        timing_cache=self.cache.directory / timing_cache_name(key))
+            engine_bytes = build_engine(built, fp16=self.fp16, shapes=shapes, workspace_bytes=self.workspace_bytes,
+                                        timing_cache=self.cache.directory / timing_cache_name(key), strong=strong)
             log.info("engine cached at %s", self.cache.store(key, engine_bytes))
         logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(logger)
@@ -205,6 +257,7 @@ class TensorRTRunner(Runner):
                 self.outputs[name] = public
         max_shapes = {name: shapes[name][2] if name in shapes else tuple(
             self.batch[2] if d == -1 else d for d in meta.shape) for name, meta in io.items()}
+        self.max_batch = min((max_shapes[name][0] for name in self.inputs if max_shapes[name]), default=self.batch[2])
         self.slots = [_Slot(self.engine, io, max_shapes) for _ in range(2)]
 
     def submit(self, feed: dict[str, np.ndarray]) -> "_Pending":

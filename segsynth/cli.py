@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
     models = ModelConfig(segmenter=args.segmenter, generator=args.generator,
                          size=parse_size(args.size, "--size", "WxH") if args.size else None,
                          threads=args.threads, cache_dir=_cache_dir(args.cache_dir), backend=args.backend,
-                         fp16=not args.fp32)
+                         fp16=not args.fp32, batch=args.batch)
     controls = []
 
     def control(session):
@@ -276,10 +276,10 @@ def _engine(args: argparse.Namespace) -> int:
             raise SegsynthError("engine build needs --onnx FILE.onnx")
         lo, _, hi = args.batch.partition("..")
         try:
-            lo, hi = int(lo), int(hi or lo)
+            batch = (int(lo), int(hi), int(hi)) if hi else (1, int(lo), int(lo))  # tuned for the largest batch
         except ValueError:
             raise SegsynthError(f"--batch {args.batch!r}: expected N or MIN..MAX, e.g. 1..8") from None
-        log.info("%s", commands.build(Path(args.onnx), fp16=not args.fp32, batch=(lo, lo, hi), cache_dir=root / "engines"))
+        log.info("%s", commands.build(Path(args.onnx), fp16=not args.fp32, batch=batch, cache_dir=root / "engines"))
     elif args.action == "check":
         if not args.files:
             raise SegsynthError("engine check needs one or more FILE.onnx")

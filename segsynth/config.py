@@ -171,8 +171,11 @@ class ModelConfig:
     threads: int | None = None
     fp16: bool = True  # GPU backends only; the CPU backend always computes in fp32
     cache_dir: Path | None = None
+    batch: int | None = None  # the batch sessions run: GPU engines are tuned for it (None: up to 8)
 
     def __post_init__(self) -> None:
+        if self.batch is not None and self.batch < 1:
+            raise InputError("--batch must be at least 1")
         if self.size is not None and (self.size[0] % 32 or self.size[1] % 32):
             raise InputError(f"--size {self.size[0]}x{self.size[1]}: SPADE needs multiples of 32")
         if self.threads is not None and self.threads < 1:

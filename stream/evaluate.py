@@ -109,16 +109,18 @@ BASELINES = ("real_blur_1px", "real_noise_10")
 def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", limit: int | None = None,
              cache_dir: Path | None = None, threads: int | None = None, quiet: bool = False,
              backend: str = "auto", grid: Path | None = None, grid_rows: int = 4, baselines: bool = False) -> dict:
-    from segsynth.engine.select import resolve_backend
     from segsynth.errors import InputError
 
     from .generator import load_generator
 
     manifest = load_manifest(data)
     items = manifest["items"][:limit] if limit else manifest["items"]
-    backend = resolve_backend(backend)
     seg = load_segmenter(segmenter, threads=threads, backend=backend, cache_dir=cache_dir)
-    gen = load_generator(generator_spec, cache_dir=cache_dir, threads=threads, backend=backend)
+    try:
+        gen = load_generator(generator_spec, cache_dir=cache_dir, threads=threads, backend=backend)
+    except BaseException:
+        seg.close()
+        raise
     if gen is None:
         seg.close()
         raise InputError("no bundled default generator is available to evaluate")

@@ -22,7 +22,7 @@ import numpy as np
 
 from segsynth import labels
 from segsynth.engine.runner import Runner
-from segsynth.engine.select import make_runner
+from segsynth.engine.select import open_runner
 from segsynth.errors import InputError, ModelError
 
 log = logging.getLogger("segsynth")
@@ -52,7 +52,8 @@ class Generator:
         self.label_set = labels.get(meta["segsynth.label_set"]) if meta.get("segsynth.label_set") else None
         self.fit = meta.get("segsynth.fit", "letterbox")  # how the training frames met the model's size
         self.encoder = encoder.activate() if encoder is not None else None
-        self.batch = runner.inputs["label"].shape[0]
+        batch = runner.inputs["label"].shape[0]
+        self.batch = batch if isinstance(batch, int) else runner.max_batch  # frames per call; None: any
 
     def encode_style(self, rgb: np.ndarray) -> np.ndarray:
         """A style image (H x W x 3 uint8) -> z (1 x z_dim): the encoder's mean."""
@@ -73,7 +74,7 @@ class Generator:
     def __call__(self, label_maps: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
         """N x H x W uint8 ids (at ``self.size``) -> N x H x W x 3 uint8 pixels."""
         outs = []
-        step = self.batch if isinstance(self.batch, int) else len(label_maps)
+        step = self.batch or len(label_maps)
         for start in range(0, len(label_maps), step):
             ids = label_maps[start:start + step].astype(np.int64)[:, None]
             feed = {"label": ids}
@@ -84,6 +85,10 @@ class Generator:
             image = self.runner.infer(feed)["image"]
             outs.append(((image + 1) * 127.5).round().clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
         return np.concatenate(outs)
+
+    @property
+    def runners(self) -> tuple:
+        return (self.runner, *((self.encoder,) if self.encoder is not None else ()))
 
     def close(self) -> None:
         self.runner.deactivate()
@@ -122,9 +127,10 @@ def _export_checkpoint(directory: Path, size: tuple[int, int] | None, cache_dir:
 
 
 def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir: Path | None = None,
-                   threads: int | None = None, backend: str = "onnxruntime", fp16: bool = True) -> Generator | None:
+                   threads: int | None = None, backend: str = "onnxruntime", fp16: bool = True,
+                   batch: int | None = None) -> Generator | None:
     """``default`` (None when no bundled generator exists), ``none`` (segmentation only), an .onnx
-    file, or a checkpoint directory."""
+    file, or a checkpoint directory; run on ``backend`` ("auto": the best that can serve it)."""
     encoder = None
     if spec == "none":
         return None
@@ -141,7 +147,12 @@ def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir:
         else:
             sibling = path.with_name(path.stem + "-encoder.onnx")
             encoder = sibling if sibling.is_file() else None
-    def runner(model: Path) -> Runner:
-        return make_runner(model, backend, fp16=fp16, threads=threads, cache_dir=cache_dir)
-
-    return Generator(runner(path), runner(encoder) if encoder else None)
+    opened: list[Runner] = []
+    try:
+        for model in (path, encoder) if encoder else (path,):
+            opened.append(open_runner(model, backend, fp16=fp16, threads=threads, cache_dir=cache_dir, batch=batch))
+        return Generator(*opened)
+    except BaseException:
+        for r in opened:
+            r.deactivate()
+        raise

@@ -25,7 +25,7 @@ log = logging.getLogger("segsynth")
 
 
 class ModelSet:
-    def __init__(self, segmenter, generator: Generator | None, *, backend: str = "onnxruntime",
+    def __init__(self, segmenter, generator: Generator | None, *, backend: str = "onnxruntime",  # the segmenter's
                  config: ModelConfig | None = None) -> None:
         self.segmenter, self.generator, self.backend = segmenter, generator, backend
         self.config = config or ModelConfig()
@@ -36,13 +36,11 @@ class ModelSet:
     def load(cls, segmenter: str = "ade20k+voc", generator: str = "default", **options) -> "ModelSet":
         """Load each model once: ``segmenter`` (ade20k+voc, ade20k, voc or FILE.onnx) and
         ``generator`` (default, none, DIR or FILE.onnx); ``options`` are ModelConfig's fields."""
-        from segsynth.engine.select import resolve_backend
-
         from .segmenter import load_segmenter
 
         cfg = ModelConfig(segmenter=segmenter, generator=generator, **options)
-        backend = resolve_backend(cfg.backend)
-        common = dict(threads=cfg.threads, backend=backend, fp16=cfg.fp16, cache_dir=cfg.cache_dir)
+        # each model takes the best backend that can serve it ("auto" falls back model by model)
+        common = dict(threads=cfg.threads, backend=cfg.backend, fp16=cfg.fp16, cache_dir=cfg.cache_dir, batch=cfg.batch)
         seg = load_segmenter(cfg.segmenter, label_set=cfg.label_set, **common)
         gen = None
         try:
@@ -55,7 +53,9 @@ class ModelSet:
             if gen is not None:
                 gen.close()
             raise
-        return cls(seg, gen, backend=backend, config=cfg)
+        backends = dict.fromkeys(r.name for r in (*seg.runners, *(gen.runners if gen is not None else ())))
+        log.log(logging.INFO if set(backends) != {"onnxruntime"} else logging.DEBUG, "backend: %s", ", ".join(backends))
+        return cls(seg, gen, backend=next(iter(backends)), config=cfg)
 
     @property
     def size(self) -> tuple[int, int]:

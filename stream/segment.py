@@ -41,10 +41,8 @@ def run_segment(cfg: SegmentConfig, *, quiet: bool = False) -> SegmentSummary:
     media.check_output(cfg.output, cfg.input)
     if not cfg.is_image:
         return _segment_video(cfg, quiet)
-    from segsynth.engine.select import resolve_backend
-
-    segmenter = load_segmenter(cfg.segmenter, label_set=cfg.label_set, threads=cfg.threads,
-                               backend=resolve_backend(cfg.backend), fp16=cfg.fp16)
+    segmenter = load_segmenter(cfg.segmenter, label_set=cfg.label_set, threads=cfg.threads, backend=cfg.backend,
+                               fp16=cfg.fp16)
     try:
         remap = labels.RemapTable(cfg.remap, segmenter.label_set)
         for note in remap.notes:

@@ -17,7 +17,7 @@ import numpy as np
 
 from segsynth import labels
 from segsynth.engine.runner import Runner
-from segsynth.engine.select import make_runner
+from segsynth.engine.select import open_runner
 from segsynth.errors import InputError, ModelError
 
 BUNDLED = {
@@ -69,7 +69,8 @@ class OnnxSegmenter:
             raise ModelError(f"{self.source} is not a segmenter: expected input image[N,3,H,W] and output "
                              f"labels[N,H,W] or logits[N,C,H,W], got inputs {ins or 'none'} and outputs {got or 'none'}")
         self.input_name, self.output_name = image[0].name, outs[0].name
-        self.batch = image[0].shape[0] if isinstance(image[0].shape[0], int) else None  # None: any batch size
+        # frames per call: the graph's fixed batch, else the runner's largest (None: any)
+        self.batch = image[0].shape[0] if isinstance(image[0].shape[0], int) else runner.max_batch
         h, w = image[0].shape[2:]
         if not (isinstance(h, int) and isinstance(w, int)):
             raise ModelError(f"{self.source}: segmenters need a fixed input size, got {h} x {w}")
@@ -91,7 +92,7 @@ class OnnxSegmenter:
         """Start N x H x W x 3 uint8 frames (at ``self.size``); ``finish`` returns their labels."""
         x = frames[..., ::-1] if self.bgr else frames
         x = np.ascontiguousarray(x.astype(np.float32).transpose(0, 3, 1, 2) * self.scale + self.offset)
-        step = self.batch or len(x)  # a graph with a fixed batch size takes the frames in chunks of it
+        step = self.batch or len(x)  # a fixed batch size (graph or engine) takes the frames in chunks of it
         return [self.runner.submit({self.input_name: x[i:i + step]}) for i in range(0, len(x), step)]
 
     def finish(self, handles) -> np.ndarray:
@@ -106,6 +107,10 @@ class OnnxSegmenter:
 
     def pinned_allocator(self):
         return self.runner.pinned_allocator()
+
+    @property
+    def runners(self) -> tuple:
+        return (self.runner,)
 
     def close(self) -> None:
         self.runner.deactivate()
@@ -138,18 +143,29 @@ class FusedSegmenter:
     def pinned_allocator(self):
         return self.scene.pinned_allocator()
 
+    @property
+    def runners(self) -> tuple:
+        return (*self.scene.runners, *self.objects.runners)
+
     def close(self) -> None:
         self.scene.close()
         self.objects.close()
 
 
 def load_segmenter(spec: str = "ade20k+voc", *, label_set: str | None = None, threads: int | None = None,
-                   backend: str = "onnxruntime", fp16: bool = True, cache_dir: Path | None = None):
+                   backend: str = "onnxruntime", fp16: bool = True, cache_dir: Path | None = None,
+                   batch: int | None = None):
     """``ade20k``, ``voc``, ``ade20k+voc`` (the bundled models) or a path to a segmenter ONNX,
-    run on ``backend`` (already resolved, see segsynth.engine.select)."""
+    run on ``backend`` ("auto": the best that can serve it, see segsynth.engine.select);
+    ``batch``: the frames per call GPU engines are tuned for."""
 
     def one(path: Path, ls: str | None = None) -> OnnxSegmenter:
-        return OnnxSegmenter(make_runner(path, backend, fp16=fp16, threads=threads, cache_dir=cache_dir), ls)
+        runner = open_runner(path, backend, fp16=fp16, threads=threads, cache_dir=cache_dir, batch=batch)
+        try:
+            return OnnxSegmenter(runner, ls)
+        except BaseException:
+            runner.deactivate()
+            raise
 
     if spec in BUNDLED:
         return one(bundled_model(spec))

@@ -192,3 +192,74 @@ def test_engine_commands(exported, tmp_path):
     assert proc.returncode != 0 and "take different inputs" in proc.stderr
     proc = run_cli("engine", "info", tmp_path / "nope.engine")
     assert proc.returncode != 0 and "no such file" in proc.stderr
+
+
+def test_auto_falls_back_to_the_next_backend_that_can_serve_the_model(exported, caplog):
+    """Here (no GPU, no TensorRT) auto is onnxruntime, silently; a list of backends is tried
+    in order, each one that cannot run the model said in one warning; a backend named alone
+    fails with its own error."""
+    import importlib.util
+
+    from segsynth.engine.select import open_runner
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: torch-cuda would serve, so no fallback can be shown")
+    with caplog.at_level(logging.WARNING, logger="segsynth"):
+        runner = open_runner(exported / "d.onnx", "auto")
+    assert runner.is_active and runner.name == "onnxruntime" and caplog.text == ""
+    assert runner.infer(_feed(runner, batch=1))["logits"].shape[0] == 1
+    runner.deactivate()
+    with caplog.at_level(logging.WARNING, logger="segsynth"):
+        runner = open_runner(exported / "g.onnx", ["torch-cuda", "onnxruntime"])
+    assert runner.is_active and runner.name == "onnxruntime"
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "torch-cuda cannot run g.onnx" in warnings[0] and "using onnxruntime" in warnings[0]
+    runner.deactivate()
+    with pytest.raises(BackendError, match="no CUDA GPU"):
+        open_runner(exported / "g.onnx", "torch-cuda")
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(BackendError, match="TensorRT is not installed"):
+            open_runner(exported / "g.onnx", "tensorrt")
+
+
+def test_tensorrt_versions_10_and_11_are_accepted_and_others_refused(monkeypatch):
+    import sys
+    import types
+
+    from segsynth.engine.tensorrt import import_tensorrt, strongly_typed
+
+    for version in ("10.7.0", "11.2.1"):
+        monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+        assert import_tensorrt().__version__ == version
+    for version in ("9.3.0", "12.0.0"):
+        monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+        with pytest.raises(BackendError, match=f"TensorRT {version} is installed; segsynth supports TensorRT 10.x and 11.x"):
+            import_tensorrt()
+    # TensorRT 11's API has no BuilderFlag.FP16: its networks are built strongly typed
+    assert not strongly_typed(types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(FP16=1, TF32=2)))
+    assert strongly_typed(types.SimpleNamespace(BuilderFlag=types.SimpleNamespace(TF32=2)))
+
+
+def test_the_tensorrt_profile_follows_the_batch_the_caller_runs(exported, tmp_path):
+    from segsynth.engine.tensorrt import TensorRTRunner, batch_profile, batch_range
+
+    assert batch_range(4) == (1, 4, 4) and batch_range((2, 4, 16)) == (2, 4, 16) and batch_range(None) == (1, 1, 8)
+    for bad in (0, (4, 2, 8), "many"):
+        with pytest.raises(BackendError, match="batch"):
+            batch_range(bad)
+    shapes = batch_profile((exported / "g.onnx").read_bytes(), batch_range(4))
+    assert shapes["label"] == ((1, 1, 64, 64), (4, 1, 64, 64), (4, 1, 64, 64))
+    assert make_runner(exported / "g.onnx", "tensorrt", batch=4, cache_dir=tmp_path).max_batch == 4
+    assert TensorRTRunner(exported / "g.onnx", batch=(1, 2, 16)).max_batch == 16
+    with OnnxRuntimeRunner(exported / "g.onnx") as runner:
+        assert runner.max_batch is None  # onnxruntime takes any batch
+
+
+def test_a_cuda_python_newer_than_the_driver_is_named_with_the_pin_that_fits():
+    from segsynth.engine.cuda import driver_mismatch, gpu_problem
+
+    why = driver_mismatch(12040, "13.4.4")  # a CUDA 12.4 driver, cuda-python 13
+    assert "CUDA 12.4" in why and "cuda-python==12.*" in why
+    assert driver_mismatch(13000, "13.0.1") is None and driver_mismatch(12080, "12.9.0") is None
+    assert driver_mismatch(0, "13.0.0") is None  # no driver at all: not a version problem
+    assert gpu_problem() == "no NVIDIA driver is installed here"  # these machines: cuda-python, no driver

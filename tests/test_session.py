@@ -291,3 +291,29 @@ def test_view_update_switches_the_picture_and_keeps_the_output_size(tmp_path, as
     half = np.asarray(Image.fromarray(picture).resize((64, 64), Image.BILINEAR)).astype(int)
     left = last[32:96, :64]  # the input, scaled to half: the photo itself, not the colour map
     assert np.abs(left - half).mean() < 10 < np.abs(first[32:96, :64] - half).mean()
+
+
+def test_a_segmenter_splits_batches_larger_than_its_runner_takes(tmp_path):
+    # a GPU engine built for batch 2 (TensorRT profile 1..2) takes at most 2 frames a call
+    from segsynth.benchmarks import tiny
+    from segsynth.engine.onnxruntime import OnnxRuntimeRunner
+    from segsynth.stream.segmenter import OnnxSegmenter
+
+    class Recording(OnnxRuntimeRunner):
+        def _infer_impl(self, feed):
+            self.calls.append(len(next(iter(feed.values()))))
+            return super()._infer_impl(feed)
+
+    def runner(path):
+        r = Recording(path, threads=1)
+        r.calls, r.max_batch = [], 2
+        return r
+
+    frames = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    seg_runner = runner(tiny.segmenter(tmp_path / "s.onnx"))
+    segmenter = OnnxSegmenter(seg_runner)
+    whole = OnnxSegmenter(OnnxRuntimeRunner(tmp_path / "s.onnx"))  # any batch: one call
+    got, want = segmenter(frames), whole(frames)
+    assert seg_runner.calls == [2, 2, 1] and np.array_equal(got, want) and len(np.unique(want)) > 3
+    segmenter.close()
+    whole.close()
