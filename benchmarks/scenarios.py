@@ -472,11 +472,61 @@ def service(job: Job) -> dict:
             "rss_after_removal_mib": rss_after, "rss_per_stream_mib": (rss_with - rss_before) / n}
 
 
+def _chain_batches(runner, feed: dict, buffered: bool, min_batches: int, min_s: float = 1.0,
+                   max_s: float = 30.0) -> tuple[int, float, str]:
+    """Run ``feed`` through ``runner`` one batch at a time or double-buffered (batch k+1
+    submitted before batch k is collected) until at least ``min_batches`` and ``min_s`` have
+    run, stopping at ``max_s`` (slow CPUs) or 100 x ``min_batches``. Returns (batches, seconds,
+    clock): seconds on the runner's device clock where it has one (CUDA events: the last
+    batch's end minus the first one's start), else by wall clock."""
+    handles = []
+    start = time.perf_counter()
+
+    def more() -> bool:
+        elapsed = time.perf_counter() - start
+        return (elapsed < max_s and len(handles) < 100 * min_batches
+                and (len(handles) < min_batches or elapsed < min_s))
+
+    if buffered:
+        pending = runner.submit(feed)
+        while pending is not None:
+            handles.append(pending)
+            nxt = runner.submit(feed) if more() else None
+            runner.wait(pending)
+            pending = nxt
+    else:
+        while more():
+            handles.append(runner.submit(feed))
+            runner.wait(handles[-1])
+    wall = time.perf_counter() - start
+    first, last = runner.device_span(handles[0]), runner.device_span(handles[-1])
+    if first is None or last is None:
+        return len(handles), wall, "wall"
+    return len(handles), (last[1] - first[0]) / 1000, "cuda-events"
+
+
+def _fp32_name(runner) -> str:
+    """What an FP32 run computes in: GPU backends use TF32 for convolutions by default
+    (TensorRT's TF32 builder flag, torch's cudnn.allow_tf32, onnxruntime CUDA's use_tf32)."""
+    from segsynth.engine.select import GPU_BACKENDS
+
+    if runner.name not in GPU_BACKENDS:  # CPU, or onnxruntime-cuda fallen back to the CPU
+        return "fp32"
+    if runner.name == "torch-cuda":
+        import torch
+
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+    return "tf32"
+
+
 def chain(job: Job) -> dict:
     """The fused chain graph (uint8 frames + remap -> uint8 frames; a torchvision
     DeepLabV3-MobileNetV3 and a SPADE generator, random weights: speed does not depend on
-    them) on the chosen backend: fps per batch size, FP32 vs FP16 (GPU backends), and
-    double-buffered (batch k+1 submitted before batch k is collected) vs one at a time."""
+    them) on the chosen backend: fps and ms per batch for each batch size, FP16 vs the
+    backend's FP32 (TF32 on GPU backends: the rows say "tf32"), double-buffered vs one at a
+    time. Timed by CUDA events where the runner has a device clock ("clock": "cuda-events"),
+    else by wall clock ("wall"); at least max(20, 2 x repeats) batches and 1 s per row, after
+    a warm-up of each of the runner's two streams."""
     import torch
 
     from segsynth.config import ExportConfig
@@ -499,31 +549,29 @@ def chain(job: Job) -> dict:
                             size=(h, w), seg_size=(h, w), batch=None))
     backend = job.models.backend
     precisions = (False, True) if backend != "onnxruntime" else (False,)
+    min_batches = max(20, 2 * job.cfg.repeats)
     rows = []
     for fp16 in precisions:
         with make_runner(onnx_path, backend, fp16=fp16, threads=job.cfg.threads,
                          batch=(1, max(job.cfg.batch), max(job.cfg.batch))) as runner:
+            precision = "fp16" if fp16 else _fp32_name(runner)
+            allocate = runner.pinned_allocator() or np.empty
             for batch in job.cfg.batch:
-                feed = {"frames": np.random.default_rng(0).integers(0, 255, (batch, h, w, 3), dtype=np.uint8),
-                        "remap": np.arange(256, dtype=np.uint8)}
-                runner.infer(feed)  # warm-up (and engine build)
+                frames = allocate((batch, h, w, 3), np.uint8)  # page-locked on GPU backends
+                frames[:] = np.random.default_rng(0).integers(0, 255, frames.shape, dtype=np.uint8)
+                feed = {"frames": frames, "remap": np.arange(256, dtype=np.uint8)}
+                for _ in range(2):  # warm-up: first use of each of the runner's two streams
+                    runner.infer(feed)
                 for buffered in (False, True):
-                    n = max(2, job.cfg.repeats * 2)
-                    start = time.perf_counter()
-                    if buffered:
-                        pending = runner.submit(feed)
-                        for _ in range(n - 1):
-                            nxt = runner.submit(feed)
-                            runner.wait(pending)
-                            pending = nxt
-                        runner.wait(pending)
-                    else:
-                        for _ in range(n):
-                            runner.infer(feed)
-                    rows.append({"precision": "fp16" if fp16 else "fp32", "batch": batch, "double_buffered": buffered,
-                                 "fps": n * batch / (time.perf_counter() - start)})
+                    n, seconds, clock = _chain_batches(runner, feed, buffered, min_batches)
+                    rows.append({"precision": precision, "batch": batch, "double_buffered": buffered,
+                                 "fps": n * batch / seconds, "ms_per_batch": 1000 * seconds / n, "batches": n,
+                                 "clock": clock})
     out = {"backend": backend, "frame_size": f"{w}x{h}", "rows": rows}
-    best = {p: max((r["fps"] for r in rows if r["precision"] == p), default=0) for p in ("fp16", "fp32")}
-    if best["fp16"] and best["fp32"]:
-        out["ratios"] = {"fp16_over_fp32": best["fp16"] / best["fp32"]}
+    best = {}
+    for r in rows:
+        best[r["precision"]] = max(best.get(r["precision"], 0), r["fps"])
+    full = next((p for p in best if p != "fp16"), None)
+    if "fp16" in best and full:
+        out["ratios"] = {f"fp16_over_{full}": best["fp16"] / best[full]}
     return out

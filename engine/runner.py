@@ -72,6 +72,12 @@ class Runner:
     def wait(self, handle) -> dict[str, np.ndarray]:
         return handle
 
+    def device_span(self, handle) -> tuple[float, float] | None:
+        """(start, end) in milliseconds on this runner's device clock (CUDA events recorded on
+        its streams) of a batch already ``wait``ed for; None where the backend has no device
+        clock (CPU backends, onnxruntime), where wall time is the measure."""
+        return None
+
     def pinned_allocator(self):
         """An allocator for host buffers this backend uploads fast (page-locked on GPUs), or
         None when plain numpy memory is as good (CPU backends)."""

@@ -164,7 +164,7 @@ class _Slot:
     def __init__(self, engine, io: dict[str, TensorMeta], max_shapes: dict[str, tuple]) -> None:
         self.context = engine.create_execution_context()
         self.stream = cuda.Stream()
-        self.done = cuda.Event(timing=False)
+        self.started, self.done = cuda.Event(), cuda.Event()  # timing events: the batch's device span
         self.host, self.device = {}, {}
         for name, meta in io.items():
             shape = max_shapes[name]
@@ -176,14 +176,16 @@ class _Slot:
         for buf in (*self.host.values(), *self.device.values()):
             buf.close()
         self.stream.close()
+        self.started.close()
         self.done.close()
 
 
 class _Pending:
     """The handle of one submitted batch: its slot until collected, then its outputs."""
 
-    def __init__(self, slot: _Slot, shapes: dict[str, tuple]) -> None:
-        self.slot, self.shapes, self.outputs = slot, shapes, None
+    def __init__(self, slot: _Slot, shapes: dict[str, tuple], epoch) -> None:
+        self.slot, self.shapes, self.outputs, self.epoch = slot, shapes, None, epoch
+        self.span: tuple[float, float] | None = None
 
     def collect(self) -> dict[str, np.ndarray]:
         if self.outputs is None:
@@ -191,6 +193,7 @@ class _Pending:
             slot.done.synchronize()
             self.outputs = {name: slot.host[name].array.reshape(-1)[: int(np.prod(shape))].reshape(shape).copy()
                             for name, shape in self.shapes.items()}
+            self.span = (slot.started.elapsed_ms(self.epoch), slot.done.elapsed_ms(self.epoch))
             slot.pending, self.slot = None, None
         return self.outputs
 
@@ -259,6 +262,8 @@ class TensorRTRunner(Runner):
             self.batch[2] if d == -1 else d for d in meta.shape) for name, meta in io.items()}
         self.max_batch = min((max_shapes[name][0] for name in self.inputs if max_shapes[name]), default=self.batch[2])
         self.slots = [_Slot(self.engine, io, max_shapes) for _ in range(2)]
+        self.epoch = cuda.Event()  # the zero of device_span's clock
+        self.epoch.record(self.slots[0].stream)
 
     def submit(self, feed: dict[str, np.ndarray]) -> "_Pending":
         """Upload, run and download on the next slot's stream; returns at once. Several
@@ -270,6 +275,7 @@ class TensorRTRunner(Runner):
             if slot.pending is not None:  # its previous batch was never collected: keep it for its owner
                 slot.pending.collect()
             ctx = slot.context
+            slot.started.record(slot.stream)
             for name, array in feed.items():
                 array = np.ascontiguousarray(array, dtype=self.inputs[name].dtype)
                 host = slot.host[name].array.reshape(-1)[: array.size].reshape(array.shape)
@@ -287,7 +293,7 @@ class TensorRTRunner(Runner):
                 slot.stream.copy_to_host(slot.host[name], slot.device[name], nbytes)
                 shapes[name] = shape
             slot.done.record(slot.stream)
-            slot.pending = _Pending(slot, shapes)
+            slot.pending = _Pending(slot, shapes, self.epoch)
             return slot.pending
 
     def wait(self, handle: "_Pending") -> dict[str, np.ndarray]:
@@ -296,6 +302,9 @@ class TensorRTRunner(Runner):
 
     def _infer_impl(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.wait(self.submit(feed))
+
+    def device_span(self, handle: "_Pending") -> tuple[float, float] | None:
+        return handle.span
 
     def pinned_allocator(self):
         """Page-locked buffers, freed when the runner deactivates (every session's: the runner
@@ -314,4 +323,7 @@ class TensorRTRunner(Runner):
             slot.close()
         for buf in self.__dict__.pop("_pinned", []):
             buf.close()
+        if getattr(self, "epoch", None) is not None:
+            self.epoch.close()
+            self.epoch = None
         self.slots, self.engine, self.runtime = [], None, None

@@ -50,6 +50,9 @@ class TorchCudaRunner(Runner):
         self.inputs, self.outputs, self.metadata = describe_onnx(self.module.proto)
         self.forward = torch.compile(self.module.__call__, mode="reduce-overhead") if self.compile else self.module.__call__
         self.streams = [torch.cuda.Stream(self.device) for _ in range(2)] if self.device.type == "cuda" else None
+        if self.streams is not None:  # the zero of device_span's clock
+            self.epoch = torch.cuda.Event(enable_timing=True)
+            self.epoch.record(self.streams[0])
 
     def _to_device(self, feed: dict[str, np.ndarray]):
         torch = self.torch
@@ -86,17 +89,23 @@ class TorchCudaRunner(Runner):
                 return self._run(feed), None
             stream = self.streams[self._slot]
             self._slot ^= 1
-            with self.torch.cuda.stream(stream):
+            torch = self.torch
+            started, done = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(stream):
+                started.record(stream)
                 host = self._run(feed)
-                event = self.torch.cuda.Event()
-                event.record(stream)
-            return host, event
+                done.record(stream)
+            return host, (started, done)
 
     def wait(self, handle) -> dict[str, np.ndarray]:
-        host, event = handle
-        if event is not None:
-            event.synchronize()
+        host, events = handle
+        if events is not None:
+            events[1].synchronize()
         return {name: t.numpy() for name, t in host.items()}
+
+    def device_span(self, handle) -> tuple[float, float] | None:
+        events = handle[1]
+        return None if events is None else tuple(self.epoch.elapsed_time(e) for e in events)
 
     def pinned_allocator(self):
         """Page-locked host buffers for the frame ring (fast, asynchronous uploads)."""

@@ -462,8 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", parents=[common], help="measure fps, latency and scaling, side by side",
                        description="Scenarios: engine (model only), stages (decode/infer/encode alone), pipeline "
                                    "(threaded vs sequential vs infer alone), passthrough (vs the ffmpeg CLI), streams "
-                                   "(N live streams), soak (memory over time); chain (the fused graph, FP16 vs FP32, "
-                                   "double-buffered; needs torch) only when named. Ratios come from one run.")
+                                   "(N live streams), soak (memory over time); chain (the fused graph, FP16 vs TF32 on "
+                                   "GPUs, CUDA-event timed, double-buffered; needs torch) only when named. Ratios come from one run.")
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="default: all but chain")
     p.add_argument("--size", default="1280x720", metavar="WxH", help="generated input size (default 1280x720)")
     p.add_argument("--rate", type=int, default=30, help="generated input / live source fps (default 30)")

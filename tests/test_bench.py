@@ -2,6 +2,9 @@
 stable JSON with the machine and the same-run ratios."""
 
 import json
+import types
+
+import pytest
 
 from conftest import run_cli
 
@@ -33,3 +36,19 @@ def test_quick_bench_reports_every_scenario(tmp_path):
 def test_bench_rejects_unknown_scenarios():
     proc = run_cli("bench", "warp-speed")
     assert proc.returncode != 0 and "unknown scenario 'warp-speed'" in proc.stderr
+
+
+@pytest.mark.slow  # the chain export alone takes about 45 s on two cores; about 70 s in all
+def test_chain_on_the_cpu_times_enough_batches_by_wall_clock(tmp_path):
+    """The chain scenario on onnxruntime CPU: no device clock, so wall time; FP32 (not TF32)."""
+    pytest.importorskip("torch", reason="the chain scenario exports with torch (segsynth[export])")
+    from segsynth.benchmarks.scenarios import BenchConfig, Job, chain
+
+    cfg = BenchConfig(scenarios=("chain",), batch=(1,), repeats=1, workdir=tmp_path, chain_size=(64, 32))
+    result = chain(Job(cfg, tmp_path, types.SimpleNamespace(backend="onnxruntime"), None, "labels"))
+    rows = result["rows"]
+    assert [r["double_buffered"] for r in rows] == [False, True]
+    for r in rows:
+        assert r["precision"] == "fp32" and r["clock"] == "wall", r
+        assert r["batches"] >= 20 and r["batches"] * r["ms_per_batch"] >= 1000, r  # enough batches and time
+    assert "ratios" not in result  # one precision on the CPU: nothing to compare
