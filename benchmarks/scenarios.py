@@ -15,7 +15,7 @@ import numpy as np
 
 
 log = logging.getLogger("segsynth")
-SCENARIOS = ("engine", "stages", "pipeline", "passthrough", "streams", "soak", "service", "chain")
+SCENARIOS = ("engine", "stages", "pipeline", "fused", "passthrough", "streams", "soak", "service", "chain")
 # chain needs the export extra (torch), service the serve extra: ask for them by name
 DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("service", "chain"))
 
@@ -36,6 +36,7 @@ class BenchConfig:
     workdir: Path = Path(".")
     backend: str = "auto"
     fp16: bool = True
+    fused: str = "auto"  # the models as one graph (stream.chain); see ModelConfig.fused
     chain_size: tuple[int, int] = (512, 256)  # (W, H) frames for the chain scenario
     live_seconds: float = 180.0  # streams: how long each policy runs against a source faster than the model
 
@@ -58,7 +59,7 @@ class Job:
         m = self.models
         gen = m.generator
         return Synthesize(m.segmenter, gen, m.remap(None), m.z(quiet=True), 1, m.fit(None),
-                          gen.size if gen is not None else None)
+                          gen.size if gen is not None else None, chain=m.chain)
 
     def render(self, result, meta):
         from segsynth.stream.render import compose
@@ -188,6 +189,51 @@ def pipeline(job: Job) -> dict:
     return {"frames": n, **{f"{k}_fps": v for k, v in fps.items()},
             "ratios": {"pipeline_over_infer": fps["pipelined"] / fps["infer_alone"],
                        "pipeline_over_sequential": fps["pipelined"] / fps["sequential"]}}
+
+
+def fused(job: Job) -> dict:
+    """The infer step over the same decoded frames with the models fused into one graph
+    (stream.chain: uint8 frames in, labels and pictures out) and with the models one by one,
+    alternating in one run; and how far their results differ (GPU FP16 may differ a little)."""
+    from segsynth.stream import chain
+    from segsynth.stream.synth import Synthesize
+
+    m = job.models
+    graph = m.chain or chain.load_chain(m.segmenter, m.generator, backend=m.backend, cache_dir=job.cfg.workdir,
+                                        fp16=m.config.fp16, threads=m.config.threads, batch=max(job.cfg.batch))
+    try:
+        gen = m.generator
+        steps = {name: Synthesize(m.segmenter, gen, m.remap(None), m.z(quiet=True), 1, m.fit(None),
+                                  gen.size if gen is not None else None, chain=c)
+                 for name, c in (("fused", graph), ("separate", None))}
+        frames, metas = _decode_all(job)
+        n, batch = len(frames), job.cfg.batch[0]
+        times = {name: [] for name in steps}
+        results = {}
+        for _ in range(job.cfg.repeats):
+            for name, step in steps.items():
+                step(np.stack(frames[:batch]), metas[:batch])  # warm-up
+                start = time.perf_counter()
+                pending, out = None, []
+                for i in range(0, n, batch):  # batch k+1 submitted before batch k is finished, as the pipeline does
+                    handle = step.submit(np.stack(frames[i:i + batch]), metas[i:i + batch])
+                    if pending is not None:
+                        out += step.finish(pending)
+                    pending = handle
+                out += step.finish(pending)
+                times[name].append(time.perf_counter() - start)
+                results[name] = out
+    finally:
+        if graph is not m.chain:
+            graph.close()
+    fps = {name: _median_rate(t, n) for name, t in times.items()}
+    a, b = results["fused"], results["separate"]
+    agreement = float(np.mean([(x.labels == y.labels).mean() for x, y in zip(a, b)]))
+    pixels = max((int(np.abs(x.synth.astype(int) - y.synth).max()) for x, y in zip(a, b) if x.synth is not None),
+                 default=0)
+    return {"frames": n, "backend": graph.runner.name, "fused_fps": fps["fused"], "separate_fps": fps["separate"],
+            "label_agreement": agreement, "pixels_max_abs_diff": pixels,
+            "ratios": {"fused_over_separate": fps["fused"] / fps["separate"]}}
 
 
 class _PassSource:

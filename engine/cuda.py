@@ -115,6 +115,39 @@ class PinnedBuffer:
             self.ptr = None
 
 
+class PinnedPool:
+    """An allocator of page-locked arrays (``pool(shape, dtype)``) that frees them all in
+    ``close()``; ``address(array)`` says whether an array lies in one of them."""
+
+    def __init__(self, on_close=None) -> None:
+        self.buffers: list[PinnedBuffer] = []
+        self.on_close = on_close
+
+    def __call__(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        buf = PinnedBuffer(shape, dtype)
+        self.buffers.append(buf)
+        return buf.array
+
+    def address(self, array: np.ndarray) -> int | None:
+        """The host address of ``array`` when it is C-contiguous and inside one of this pool's
+        buffers (so the GPU can read it directly, asynchronously), else None."""
+        if not array.flags.c_contiguous:
+            return None
+        start = array.__array_interface__["data"][0]
+        for buf in self.buffers:
+            if buf.ptr is not None and int(buf.ptr) <= start and start + array.nbytes <= int(buf.ptr) + buf.nbytes:
+                return start
+        return None
+
+    def close(self) -> None:
+        for buf in self.buffers:
+            buf.close()
+        self.buffers = []
+        if self.on_close is not None:
+            self.on_close(self)
+            self.on_close = None
+
+
 class DeviceBuffer:
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
@@ -131,9 +164,11 @@ class Stream:
         cudart = runtime()
         self.handle = check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "cudaStreamCreate")
 
-    def copy_to_device(self, dst: DeviceBuffer, src: PinnedBuffer, nbytes: int) -> None:
+    def copy_to_device(self, dst: DeviceBuffer, src: PinnedBuffer | int, nbytes: int) -> None:
+        """``src``: a PinnedBuffer or the address of page-locked memory (``PinnedPool.address``)."""
         cudart = runtime()
-        check(cudart.cudaMemcpyAsync(dst.ptr, src.ptr, nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
+        ptr = src if isinstance(src, int) else src.ptr
+        check(cudart.cudaMemcpyAsync(dst.ptr, ptr, nbytes, cudart.cudaMemcpyKind.cudaMemcpyHostToDevice,
                                      self.handle), "cudaMemcpyAsync (host to device)")
 
     def copy_to_host(self, dst: PinnedBuffer, src: DeviceBuffer, nbytes: int) -> None:

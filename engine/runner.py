@@ -79,8 +79,11 @@ class Runner:
         return None
 
     def pinned_allocator(self):
-        """An allocator for host buffers this backend uploads fast (page-locked on GPUs), or
-        None when plain numpy memory is as good (CPU backends)."""
+        """An allocator ``(shape, dtype) -> array`` for host buffers this backend uploads fast
+        (page-locked on GPUs), or None when plain numpy memory is as good (CPU backends). Each
+        call gives a new allocator; one with a ``close()`` frees its buffers there (else they
+        are freed with their arrays). An input in such memory may be read asynchronously:
+        leave it unchanged until its batch is ``wait``ed for."""
         return None
 
     def deactivate(self) -> None:

@@ -16,7 +16,8 @@ version number (``strongly_typed``); the cache key says which (``fp16-strong``) 
 hashes the graph that was built.
 
 Double buffering: two execution contexts, each with its own CUDA stream, pinned host
-buffers and device buffers. ``submit()`` copies a batch in, enqueues it and its copy out on
+buffers and device buffers. ``submit()`` copies a batch in (straight from the caller's
+array when it lies in this runner's page-locked memory, ``pinned_allocator``), enqueues it and its copy out on
 the next slot's stream and returns; ``wait()`` synchronises that slot. So the copies of one
 batch overlap the compute of the other.
 
@@ -213,6 +214,7 @@ class TensorRTRunner(Runner):
         self.cache = EngineCache(Path(cache_dir) if cache_dir else Path.home() / ".cache" / "segsynth" / "engines")
         self.workspace_bytes, self.device_index = workspace_bytes, device
         self._next = 0
+        self._pools: list[cuda.PinnedPool] = []  # pinned_allocator()'s, until closed
 
     def _activate_impl(self) -> None:
         import onnx
@@ -278,9 +280,12 @@ class TensorRTRunner(Runner):
             slot.started.record(slot.stream)
             for name, array in feed.items():
                 array = np.ascontiguousarray(array, dtype=self.inputs[name].dtype)
-                host = slot.host[name].array.reshape(-1)[: array.size].reshape(array.shape)
-                np.copyto(host, array)
-                slot.stream.copy_to_device(slot.device[name], slot.host[name], array.nbytes)
+                source = self._pinned_address(array)  # page-locked already: uploaded straight from it
+                if source is None:
+                    host = slot.host[name].array.reshape(-1)[: array.size].reshape(array.shape)
+                    np.copyto(host, array)
+                    source = slot.host[name]
+                slot.stream.copy_to_device(slot.device[name], source, array.nbytes)
                 ctx.set_input_shape(name, array.shape)
             for name, buf in slot.device.items():
                 ctx.set_tensor_address(name, int(buf.ptr))
@@ -306,23 +311,27 @@ class TensorRTRunner(Runner):
     def device_span(self, handle: "_Pending") -> tuple[float, float] | None:
         return handle.span
 
-    def pinned_allocator(self):
-        """Page-locked buffers, freed when the runner deactivates (every session's: the runner
-        is shared, so one session's call must not drop another's pool)."""
-        pool = self.__dict__.setdefault("_pinned", [])
+    def pinned_allocator(self) -> "cuda.PinnedPool":
+        """A pool of page-locked buffers (one per caller: a session's pipeline frees its own
+        with ``close()``; the rest are freed when the runner deactivates). ``submit`` uploads
+        an input that lies in one of them directly, without a staging copy."""
+        with self._guard:
+            pool = cuda.PinnedPool(on_close=self._forget_pool)
+            self._pools.append(pool)
+            return pool
 
-        def allocate(shape, dtype):
-            buf = cuda.PinnedBuffer(shape, dtype)
-            pool.append(buf)
-            return buf.array
+    def _forget_pool(self, pool) -> None:
+        with self._guard:
+            self._pools.remove(pool)
 
-        return allocate
+    def _pinned_address(self, array: np.ndarray) -> int | None:
+        return next((a for a in (p.address(array) for p in self._pools) if a is not None), None)
 
     def _deactivate_impl(self) -> None:
         for slot in getattr(self, "slots", []):
             slot.close()
-        for buf in self.__dict__.pop("_pinned", []):
-            buf.close()
+        for pool in list(self._pools):
+            pool.close()
         if getattr(self, "epoch", None) is not None:
             self.epoch.close()
             self.epoch = None

@@ -32,7 +32,7 @@ def _segment(args: argparse.Namespace) -> int:
     cfg = SegmentConfig(input=args.input, output=args.output, view=args.view, remap=args.remap,
                         segmenter=args.segmenter, label_set=args.label_set, threads=args.threads,
                         legend=not args.no_legend, crf=args.crf, preset=args.preset, backend=args.backend,
-                        fp16=not args.fp32)
+                        fp16=not args.fp32, fused=args.fused)
     summary = run_segment(cfg, quiet=args.quiet)
     log.info("%s", summary.line(cfg))
     return 0
@@ -95,7 +95,7 @@ def _run(args: argparse.Namespace) -> int:
     models = ModelConfig(segmenter=args.segmenter, generator=args.generator,
                          size=parse_size(args.size, "--size", "WxH") if args.size else None,
                          threads=args.threads, cache_dir=_cache_dir(args.cache_dir), backend=args.backend,
-                         fp16=not args.fp32, batch=args.batch)
+                         fp16=not args.fp32, batch=args.batch, fused=args.fused)
     controls = []
 
     def control(session):
@@ -151,7 +151,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.media_root and not Path(args.media_root).is_dir():
         raise InputError(f"--media-root {args.media_root}: not a directory")
     model_cfg = ModelConfig(segmenter=args.segmenter, generator=args.generator, threads=args.threads,
-                            cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32)
+                            cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32,
+                            fused=args.fused)
     with ModelSet.load(**vars(model_cfg)) as models:
         return serve(host=args.host, port=args.port, models=models, token=token,
                      config=Path(args.config) if args.config else None,
@@ -185,7 +186,7 @@ def _bench(args: argparse.Namespace) -> int:
                       frames=args.frames, batch=batches, streams=args.streams, repeats=args.repeats, rate=args.rate,
                       segmenter=args.segmenter, generator=args.generator, threads=args.threads,
                       input=Path(args.input) if args.input else None, backend=args.backend, fp16=not args.fp32,
-                      live_seconds=args.live_seconds)
+                      fused=args.fused, live_seconds=args.live_seconds)
     if cfg.frames < 10 or cfg.repeats < 1 or cfg.streams < 1 or min(batches) < 1:
         raise SegsynthError("--frames must be >= 10, --repeats, --streams and --batch >= 1")
     report = run_bench(cfg)
@@ -348,11 +349,16 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _add_backend(p: argparse.ArgumentParser) -> None:
+    from .config import FUSED
     from .engine.select import BACKENDS
 
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="inference backend (auto: TensorRT > onnxruntime-cuda > torch-cuda > onnxruntime CPU)")
     p.add_argument("--fp32", action="store_true", help="GPU backends: compute in FP32 instead of FP16")
+    p.add_argument("--fused", choices=FUSED, default="auto",
+                   help="run the models as one graph: uint8 frames in, labels and picture out, one upload per "
+                        "batch (auto: fused, or one by one with a warning where it cannot be; --smooth runs them "
+                        "one by one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -461,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common], help="measure fps, latency and scaling, side by side",
                        description="Scenarios: engine (model only), stages (decode/infer/encode alone), pipeline "
-                                   "(threaded vs sequential vs infer alone), passthrough (vs the ffmpeg CLI), streams "
+                                   "(threaded vs sequential vs infer alone), fused (the models as one graph vs one by one), passthrough (vs the ffmpeg CLI), streams "
                                    "(N live streams), soak (memory over time); chain (the fused graph, FP16 vs TF32 on "
                                    "GPUs, CUDA-event timed, double-buffered; needs torch) only when named. Ratios come from one run.")
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="default: all but chain")

@@ -36,6 +36,7 @@ class SegmentConfig:
     preset: str = "veryfast"
     backend: str = "auto"
     fp16: bool = True
+    fused: str = "auto"  # videos: see ModelConfig.fused
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input", Path(self.input))
@@ -159,6 +160,9 @@ def is_image_sequence(source: str) -> bool:
                                                   or any(c in path.name for c in "*?["))) or path.is_dir()
 
 
+FUSED = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Which models a ``ModelSet`` loads, and where they run."""
@@ -172,8 +176,13 @@ class ModelConfig:
     fp16: bool = True  # GPU backends only; the CPU backend always computes in fp32
     cache_dir: Path | None = None
     batch: int | None = None  # the batch sessions run: GPU engines are tuned for it (None: up to 8)
+    fused: str = "auto"  # the models as one graph (stream.chain): on | off | auto (on, or one by one if it fails)
 
     def __post_init__(self) -> None:
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+        if self.fused not in FUSED:
+            raise InputError(f"--fused {self.fused!r}: choose one of {', '.join(FUSED)}")
         if self.batch is not None and self.batch < 1:
             raise InputError("--batch must be at least 1")
         if self.size is not None and (self.size[0] % 32 or self.size[1] % 32):

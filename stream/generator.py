@@ -35,8 +35,8 @@ def bundled_generator() -> Path | None:
 
 
 class Generator:
-    def __init__(self, runner: Runner, encoder: Runner | None = None) -> None:
-        self.runner = runner.activate()
+    def __init__(self, runner: Runner, encoder: Runner | None = None, path: Path | None = None) -> None:
+        self.runner, self.path = runner.activate(), path  # path: the graph, for the runtime chain
         self.source = getattr(runner, "label", runner.name)
         names = set(runner.inputs)
         meta = runner.metadata
@@ -151,7 +151,7 @@ def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir:
     try:
         for model in (path, encoder) if encoder else (path,):
             opened.append(open_runner(model, backend, fp16=fp16, threads=threads, cache_dir=cache_dir, batch=batch))
-        return Generator(*opened)
+        return Generator(*opened, path=path)
     except BaseException:
         for r in opened:
             r.deactivate()

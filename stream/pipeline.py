@@ -1,7 +1,8 @@
 """The threaded decode -> infer -> encode pipeline.
 
-    Source ─▶ DecodeStage ─▶ FrameRing (preallocated, bounded) ─▶ InferStage (batches)
-          ─▶ result queue (bounded) ─▶ EncodeStage (render, encode) ─▶ Sink      audio: Source -> Sink
+    Source ─▶ DecodeStage ─▶ FrameRing (preallocated, bounded) ─▶ InferStage (batches, staged
+          in two alternating upload buffers) ─▶ result queue (bounded) ─▶ EncodeStage (render,
+          encode) ─▶ Sink      audio: Source -> Sink
 
 Each stage runs on its own thread and owns its codec/scaler contexts; PyAV releases the GIL
 while decoding, scaling and encoding, and onnxruntime while inferring, so the stages overlap.
@@ -77,6 +78,31 @@ class PipelineStats:
         return self.frames_out / self.seconds if self.seconds else 0.0
 
 
+class _Staging:
+    """Two batch buffers, used in turn, that the infer stage copies each batch into from the
+    ring and hands to the model: allocated once by ``allocator`` (page-locked memory from a
+    GPU runner, which uploads straight from it; numpy otherwise) and freed by ``close()``.
+    Two suffice: a batch is finished before the batch after next is staged."""
+
+    def __init__(self, allocator, batch: int, frame_shape: tuple[int, ...]) -> None:
+        self.allocator = allocator
+        allocate = allocator or (lambda shape, dtype: np.empty(shape, dtype))
+        self.buffers = [allocate((batch, *frame_shape), np.uint8) for _ in range(2)]
+        self.turn = 0
+
+    def fill(self, slots) -> np.ndarray:
+        buffer = self.buffers[self.turn][:len(slots)]
+        self.turn ^= 1
+        for row, slot in zip(buffer, slots):
+            np.copyto(row, slot.data)
+        return buffer
+
+    def close(self) -> None:
+        self.buffers = []
+        if hasattr(self.allocator, "close"):
+            self.allocator.close()
+
+
 class Pipeline:
     """Runs ``source`` -> ``infer`` -> ``render`` -> ``sink`` on three threads.
 
@@ -84,7 +110,9 @@ class Pipeline:
     to ``audio``; ``infer(batch, metas)`` returns one result per frame; ``render(result, meta)``
     makes the picture (default: the result itself); ``sink.write(picture, meta)`` encodes one
     frame, ``sink.write_audio(item)`` muxes audio and ``sink.close()`` flushes; ``source.close()``
-    is called once every stage is done. ``observer`` (optional) gets ``stage(name, seconds,
+    is called once every stage is done. ``allocator`` (optional; ``Runner.pinned_allocator``)
+    makes the infer stage's two batch buffers, and its ``close()``, if any, is called once
+    the stage is done with them. ``observer`` (optional) gets ``stage(name, seconds,
     frames)``, ``latency(seconds)`` and ``queues(ring, results, dropped)`` calls from the stage threads,
     ``progress.update()`` is called per frame written (from the encode thread), and
     ``on_done(pipeline)`` once at the very end, before ``join()`` returns."""
@@ -93,8 +121,8 @@ class Pipeline:
                  policy: str = "lossless", ring_slots: int = 8, allocator=None, render: Callable | None = None,
                  progress=None, observer=None, on_done: Callable | None = None, name: str = "segsynth",
                  max_frames: int | None = None, duration: float | None = None) -> None:
-        kwargs = {"allocator": allocator} if allocator is not None else {}
-        self.ring = FrameRing(ring_slots, model_shape, np.uint8, policy, **kwargs)
+        self.ring = FrameRing(ring_slots, model_shape, np.uint8, policy)
+        self.allocator = allocator  # for the two batch buffers the infer stage uploads from
         self.source, self.infer, self.sink, self.batch = source, infer, sink, batch
         self.render = render or (lambda result, meta: result)
         # Two batches of results are enough to keep the encoder busy, and keep what an update
@@ -160,7 +188,7 @@ class Pipeline:
         gets batch k+1 started before batch k is finished, so the device computes while this
         thread post-processes; a synchronous one is finished at once (no added latency)."""
         two_phase = bool(getattr(self.infer, "asynchronous", False))
-        pending = None  # (handle, metas, seconds spent so far)
+        pending = staging = None  # pending: (handle, metas, seconds spent so far)
 
         def complete(handle, metas, spent):
             start = time.perf_counter()
@@ -173,13 +201,14 @@ class Pipeline:
                 self._put(self.results, (result, meta))
 
         try:
+            staging = _Staging(self.allocator, self.batch, self.ring.slots[0].data.shape)
             while not self.abort.is_set():
                 slots = self.ring.take(self.batch)
                 if not slots:
                     break
                 start = time.perf_counter()
                 metas = [s.meta for s in slots]
-                frames = np.stack([s.data for s in slots])
+                frames = staging.fill(slots)
                 self.ring.release(slots)  # the batch is copied: the decoder may refill the slots
                 if not two_phase:
                     complete(self.infer(frames, metas), metas, time.perf_counter() - start)
@@ -187,13 +216,22 @@ class Pipeline:
                 handle = self.infer.submit(frames, metas)
                 spent = time.perf_counter() - start
                 if pending is not None:
-                    complete(*pending)
+                    done, pending = pending, None
+                    complete(*done)  # before the next batch is staged into its buffer
                 pending = (handle, metas, spent)
             if pending is not None and not self.abort.is_set():
-                complete(*pending)
+                done, pending = pending, None
+                complete(*done)
         except BaseException as exc:  # noqa: BLE001
             self._fail("infer", exc)
         finally:
+            if pending is not None:  # aborted with a batch in flight: the device may still read its buffer
+                try:
+                    self.infer.finish(pending[0])
+                except BaseException:  # noqa: BLE001 - the results are not wanted; the error is not the cause
+                    pass
+            if staging is not None:
+                staging.close()
             self._put(self.results, _EOS, force=True)
 
     def _encode(self) -> None:

@@ -2,8 +2,9 @@
 
 The decoder ``acquire()``s a free slot, fills it, and ``publish()``es it; the infer stage
 ``take(n)``s up to n filled slots in order and ``release()``s them when done. Buffers are
-allocated once (by ``allocator``: numpy by default, pinned host memory when a GPU backend
-is active), so steady-state streaming allocates nothing per frame.
+allocated once (by ``allocator``: numpy by default), so steady-state streaming allocates
+nothing per frame. (The pipeline's page-locked upload buffers are its infer stage's, not the
+ring's: a batch is copied out of the ring into one of them.)
 
 Back-pressure policies:
 * ``lossless``: ``acquire`` blocks until a slot is free; every frame is kept, in order.

@@ -78,7 +78,7 @@ def _segment_video(cfg: SegmentConfig, quiet: bool) -> SegmentSummary:
     stream = StreamConfig(source=str(cfg.input), sinks=(str(cfg.output),), view=cfg.view, remap=cfg.remap,
                           crf=cfg.crf, preset=cfg.preset, legend=cfg.legend)
     models = ModelConfig(segmenter=cfg.segmenter, generator="none", label_set=cfg.label_set, threads=cfg.threads,
-                         backend=cfg.backend, fp16=cfg.fp16)
+                         backend=cfg.backend, fp16=cfg.fp16, fused=cfg.fused)
     stats, session = run(stream, models, quiet=quiet, atomic=True, label="segment")
     declared = session.source.info.declared_frames
     problems = stats["problems"]

@@ -56,8 +56,8 @@ class OnnxSegmenter:
     graph's metadata; DeepLab's TensorFlow default ``x / 127.5 - 1`` when absent), output
     ``labels`` N x H x W ints (argmax inside the graph) or ``logits`` N x C x H x W."""
 
-    def __init__(self, runner: Runner, label_set: str | None = None) -> None:
-        self.runner = runner.activate()
+    def __init__(self, runner: Runner, label_set: str | None = None, path: Path | None = None) -> None:
+        self.runner, self.path = runner.activate(), path  # path: the graph, for the runtime chain
         self.source = getattr(runner, "label", runner.name)
         self.asynchronous = runner.name in ("tensorrt", "torch-cuda")  # submit() returns before the work is done
         image = [m for m in runner.inputs.values() if len(m.shape) == 4 and m.shape[1] == 3]
@@ -162,7 +162,7 @@ def load_segmenter(spec: str = "ade20k+voc", *, label_set: str | None = None, th
     def one(path: Path, ls: str | None = None) -> OnnxSegmenter:
         runner = open_runner(path, backend, fp16=fp16, threads=threads, cache_dir=cache_dir, batch=batch)
         try:
-            return OnnxSegmenter(runner, ls)
+            return OnnxSegmenter(runner, ls, path)
         except BaseException:
             runner.deactivate()
             raise

@@ -52,7 +52,7 @@ class StreamSession:
         z = models.z(style=config.style, seed=config.seed)
         gen = models.generator
         self.infer = Synthesize(models.segmenter, gen, table, z, config.smooth, models.fit(config.fit),
-                                gen.size if gen is not None else None)
+                                gen.size if gen is not None else None, chain=models.chain)
         self._source, self._sinks, self.progress, self.atomic = source, sinks, progress, atomic
         self.source = self.sink = self.pipeline = self.metrics = None
         self.error: BaseException | None = None
@@ -90,7 +90,7 @@ class StreamSession:
                 self.pipeline = Pipeline(source, self.infer, self.sink, model_shape=(h, w, 3), batch=cfg.batch,
                                          policy=self.policy,
                                          ring_slots=cfg.ring_slots or (2 * cfg.batch if self.policy == "latest" else 8),
-                                         allocator=self.models.segmenter.pinned_allocator(), render=self._render,
+                                         allocator=self.infer.pinned_allocator(), render=self._render,
                                          progress=self.progress, observer=self.metrics, on_done=self._finished,
                                          name=f"segsynth-{self.id}", max_frames=cfg.max_frames,
                                          duration=cfg.duration)

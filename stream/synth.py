@@ -55,14 +55,19 @@ class Synthesize:
     """Segment -> smooth -> remap -> synthesize, for one session. ``segmenter`` and
     ``generator`` (None: labels only) are shared models; ``gen_size`` is the generator's
     (W, H) and ``fit`` how frames meet it (letterbox keeps the aspect ratio, padding with
-    dontcare). ``class_counts`` adds up the pixels of every class seen (256 counters)."""
+    dontcare). ``chain`` (a ``chain.Chain`` of the same models, or None): run every batch
+    through it in one call instead of model by model (the smoother needs the labels on the
+    host between the models, so it is not used with one). ``class_counts`` adds up the
+    pixels of every class seen (256 counters)."""
 
     def __init__(self, segmenter, generator, table: labels.RemapTable, z, smooth: int, fit: str,
-                 gen_size: tuple[int, int] | None) -> None:
+                 gen_size: tuple[int, int] | None, chain=None) -> None:
         self.segmenter, self.generator, self.table, self.z, self.fit = segmenter, generator, table, z, fit
         self.smoother = LabelSmoother(smooth) if smooth > 1 else None
+        self.chain = chain if self.smoother is None else None
         self.gen_size = gen_size
-        self.asynchronous = getattr(segmenter, "asynchronous", False)  # GPU runners overlap batches
+        first = self.chain or segmenter
+        self.asynchronous = getattr(first, "asynchronous", False)  # GPU runners overlap batches
         self.class_counts = np.zeros(256, np.int64)
         self._updates: dict = {}
         self._lock = threading.Lock()
@@ -76,21 +81,45 @@ class Synthesize:
                 self._updates["z"] = z
 
     def submit(self, frames: np.ndarray, metas: list[dict]):
-        """Start segmenting a batch (on GPU backends the device works while the caller goes on)."""
-        return self.segmenter.submit(frames), metas
+        """Start a batch (on GPU backends the device works while the caller goes on). With a
+        chain the whole batch starts here, so changes (``update``) apply from here."""
+        if self.chain is None:
+            return self.segmenter.submit(frames), metas
+        self._take_updates()
+        boxes = [self._box(meta) for meta in metas] if self.gen_size else None
+        return self.chain.submit(frames, self.table.lut, boxes, self.z), metas
 
     def finish(self, handle) -> list[FrameResult]:
         pending, metas = handle
-        return self._complete(self.segmenter.finish(pending), metas)
+        if self.chain is None:
+            return self._complete(self.segmenter.finish(pending), metas)
+        ids, synth = self.chain.finish(pending)
+        self.class_counts += np.bincount(ids.ravel(), minlength=256)
+        if synth is None:
+            return [FrameResult(m, None) for m in ids]
+        crops = [self._box(meta) for meta in metas]
+        return [FrameResult(m, s[y:y + ch, x:x + cw]) for m, s, (x, y, cw, ch) in zip(ids, synth, crops)]
 
     def __call__(self, frames: np.ndarray, metas: list[dict]) -> list[FrameResult]:
         return self.finish(self.submit(frames, metas))
 
-    def _complete(self, seg: np.ndarray, metas: list[dict]) -> list[FrameResult]:
+    def pinned_allocator(self):
+        """Host buffers the first model uploads from fast (see Runner.pinned_allocator)."""
+        return (self.chain or self.segmenter).pinned_allocator()
+
+    def _take_updates(self) -> None:
         with self._lock:
             updates, self._updates = self._updates, {}
         self.table = updates.get("table", self.table)
         self.z = updates.get("z", self.z)
+
+    def _box(self, meta: dict) -> tuple[int, int, int, int]:
+        """Where a frame's picture lies on the generator's canvas."""
+        gw, gh = self.gen_size
+        return content_box(meta["size"], (gw, gh)) if self.fit == "letterbox" else (0, 0, gw, gh)
+
+    def _complete(self, seg: np.ndarray, metas: list[dict]) -> list[FrameResult]:
+        self._take_updates()
         if self.smoother is not None:
             seg = np.stack([self.smoother(m) for m in seg])
         ids = self.table(seg)
@@ -100,7 +129,7 @@ class Synthesize:
         gw, gh = self.gen_size
         canvases, boxes = [], []
         for m, meta in zip(ids, metas):
-            box = content_box(meta["size"], (gw, gh)) if self.fit == "letterbox" else (0, 0, gw, gh)
+            box = self._box(meta)
             canvas = np.full((gh, gw), labels.UNKNOWN, np.uint8)
             x, y, cw, ch = box
             canvas[y:y + ch, x:x + cw] = resize_labels(m, cw, ch)

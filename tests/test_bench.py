@@ -18,8 +18,10 @@ def test_quick_bench_reports_every_scenario(tmp_path):
     report = json.loads(out.read_text())
     assert report["version"] == 1
     assert {"cpu", "cores", "versions", "gpus"} <= set(report["machine"])
-    assert set(report["scenarios"]) == {"engine", "stages", "pipeline", "passthrough", "streams", "soak"}
-    for key in ("pipeline_over_infer", "pipeline_over_sequential", "passthrough_over_ffmpeg"):
+    assert set(report["scenarios"]) == {"engine", "stages", "pipeline", "fused", "passthrough", "streams", "soak"}
+    fused = report["scenarios"]["fused"]  # the one graph vs the models one by one, on the CPU: the same results
+    assert fused["backend"] == "onnxruntime" and fused["label_agreement"] == 1.0 and fused["pixels_max_abs_diff"] == 0
+    for key in ("pipeline_over_infer", "pipeline_over_sequential", "passthrough_over_ffmpeg", "fused_over_separate"):
         assert report["ratios"][key] > 0, key
     assert [r["batch"] for r in report["scenarios"]["engine"]["rows"] if r["model"] == "segmenter"] == [1, 2]
     assert [r["streams"] for r in report["scenarios"]["streams"]["rows"]] == [1, 2]

@@ -152,3 +152,78 @@ def test_pipeline_keeps_order_with_synchronous_and_asynchronous_infer_steps():
     expected = [("submit", submitted[0])] + [c for k, nxt in zip(submitted, submitted[1:])
                                              for c in (("submit", nxt), ("finish", k))]
     assert infer.calls == expected + [("finish", submitted[-1])]
+
+
+def test_the_infer_stage_uploads_from_two_buffers_of_the_allocator_and_frees_them_last():
+    """Batches are staged in turn into two buffers made by the runner's allocator (page-locked
+    on GPUs) instead of fresh pageable arrays; a batch in flight keeps its buffer until it is
+    finished, also when the run is aborted; the allocator is closed once, after the last batch."""
+    from segsynth.stream.pipeline import Pipeline
+
+    log = []
+
+    class Allocator:  # numpy memory standing in for page-locked memory: the unit is the pipeline
+        def __init__(self):
+            self.buffers = []
+
+        def __call__(self, shape, dtype):
+            self.buffers.append(np.empty(shape, dtype))
+            return self.buffers[-1]
+
+        def close(self):
+            log.append("close")
+
+    class Source:
+        def frames(self, stop, audio):
+            for i in range(23):
+                yield np.full((2, 2, 3), i, np.uint8), {"index": i}
+
+        def close(self):
+            pass
+
+    class Sink:
+        def write(self, result, meta):
+            assert result == meta["index"]
+
+        def write_audio(self, item):
+            pass
+
+        def close(self):
+            pass
+
+    class Infer:  # asynchronous: what the device would read is checked when the batch is finished
+        asynchronous = True
+
+        def __init__(self, allocator, abort_at=None):
+            self.allocator, self.abort_at, self.pipeline = allocator, abort_at, None
+
+        def submit(self, frames, metas):
+            owner = [i for i, b in enumerate(self.allocator.buffers) if np.shares_memory(frames, b)]
+            log.append(("submit", metas[0]["index"], owner))
+            if self.abort_at is not None and metas[-1]["index"] >= self.abort_at:
+                self.abort_at = None
+                self.aborted_in = metas[0]["index"]
+                self.pipeline.stop(drain=False)
+            return frames, [m["index"] for m in metas]
+
+        def finish(self, handle):
+            frames, indexes = handle
+            assert [int(f[0, 0, 0]) for f in frames] == indexes  # not overwritten while in flight
+            log.append(("finish", indexes[0]))
+            return indexes
+
+    allocator = Allocator()
+    Pipeline(Source(), Infer(allocator), Sink(), model_shape=(2, 2, 3), batch=4, allocator=allocator).run()
+    assert [b.shape for b in allocator.buffers] == [(4, 2, 2, 3)] * 2
+    owners = [entry[2] for entry in log if entry[0] == "submit"]  # (the decoder may hand over short batches)
+    assert len(owners) >= 6 and owners == [[0], [1]] * (len(owners) // 2) + [[0]] * (len(owners) % 2)
+    assert log[-1] == "close" and log.count("close") == 1
+
+    log.clear()
+    allocator = Allocator()
+    infer = Infer(allocator, abort_at=8)
+    infer.pipeline = pipeline = Pipeline(Source(), infer, Sink(), model_shape=(2, 2, 3), batch=4, allocator=allocator)
+    pipeline.start()
+    assert pipeline.join(30)
+    assert log[-2:] == [("finish", infer.aborted_in), "close"]  # the batch in flight is finished, then freed
+    assert not any(entry[0] == "submit" and entry[1] > infer.aborted_in for entry in log[:-1])

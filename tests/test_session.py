@@ -117,13 +117,15 @@ def test_fifty_start_stop_cycles_leave_threads_and_files_as_they_were(tmp_path, 
     assert outcomes["mid-stream"] >= 5
 
 
-def test_remap_update_changes_the_output_two_batches_later_only_where_the_class_was(tmp_path, astronaut):
+@pytest.mark.parametrize("fused", ["off", "on"])  # on: the remap table is an input of the one graph
+def test_remap_update_changes_the_output_two_batches_later_only_where_the_class_was(tmp_path, astronaut, fused):
     from segsynth.stream import ModelSet, StreamSession
     from segsynth.stream.sources import SyntheticSource
 
     out = tmp_path / "ids.mkv"
     picture = astronaut[::2, ::2]
-    with ModelSet.load("voc", "none") as models:
+    with ModelSet.load("voc", "none", fused=fused, cache_dir=tmp_path) as models:
+        assert (models.chain is not None) == (fused == "on")
         source = SyntheticSource([picture], count=40, rate=12)  # slower than the model: no backlog
         s = StreamSession(StreamConfig(source="synthetic", sinks=[out], view="ids", batch=2, policy="lossless"),
                           models, source=source)  # a live source defaults to latest; this test needs every frame

@@ -1,0 +1,165 @@
+"""The runtime chain (segsynth.stream.chain): the bundled segmenters, a remap table and the
+bundled generator composed into one graph give, on onnxruntime, what the host path gives:
+labels exactly, pixels within one level; and the composed graph is TensorRT-parsable."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+
+from conftest import assert_tensorrt_parsable, decode_video, run_cli, write_clip
+from segsynth import labels
+from segsynth.engine.graphcheck import tensorrt_problems
+from segsynth.engine.onnxruntime import OnnxRuntimeRunner
+from segsynth.stream.chain import compose, letterbox_indices
+from segsynth.stream.generator import load_generator
+from segsynth.stream.segmenter import load_segmenter, resize_labels
+from segsynth.stream.synth import content_box
+
+
+def _frames():
+    import skimage.data as data
+    from PIL import Image
+
+    photos = [data.astronaut(), data.chelsea()]
+    return np.stack([np.asarray(Image.fromarray(p).resize((513, 513), Image.BILINEAR)) for p in photos])
+
+
+def _host_path(seg, gen, table, frames, box):
+    """Synthesize._complete's arithmetic, step by step on the host."""
+    ids = table(seg(frames))
+    gw, gh = gen.size
+    x, y, cw, ch = box
+    canvases = np.full((len(ids), gh, gw), labels.UNKNOWN, np.uint8)
+    canvases[:, y:y + ch, x:x + cw] = resize_labels(ids, cw, ch)
+    return ids, np.concatenate([gen(c[None]) for c in canvases])  # the bundled generator takes one frame a call
+
+
+@pytest.mark.parametrize("spec", ["voc", "ade20k+voc"])
+def test_the_chain_gives_what_the_host_path_gives(spec):
+    seg, gen = load_segmenter(spec), load_generator("default")
+    try:
+        table = labels.RemapTable("person=animal", seg.label_set, gen.label_set)
+        frames = _frames()
+        box = content_box((640, 360), gen.size)  # a 16:9 video letterboxed into the generator's square
+        want_ids, want_pixels = _host_path(seg, gen, table, frames, box)
+        chain = compose(seg, gen)
+        assert tensorrt_problems(chain) == []
+        rows, cols = letterbox_indices(seg.size, gen.size, box)
+        with OnnxRuntimeRunner(chain.SerializeToString()) as runner:
+            got = [runner.infer({"frames": f[None], "remap": table.lut, "rows": rows, "cols": cols}) for f in frames]
+    finally:
+        seg.close()
+        gen.close()
+    ids = np.concatenate([g["labels"] for g in got])
+    pixels = np.concatenate([g["pixels"] for g in got])
+    assert len(np.unique(want_ids)) > 2 and (want_ids == labels.get("ade20k").aliases["animal"]).any()
+    assert np.array_equal(ids, want_ids)
+    assert pixels.shape == want_pixels.shape
+    assert np.abs(pixels.astype(int) - want_pixels).max() <= 1
+
+
+def test_a_chain_without_generator_labels_a_batch():
+    seg = load_segmenter("voc")
+    try:
+        table = labels.RemapTable("person=car", seg.label_set)
+        frames = _frames()
+        want = table(seg(frames))
+        with OnnxRuntimeRunner(compose(seg).SerializeToString()) as runner:
+            assert set(runner.inputs) == {"frames", "remap"} and set(runner.outputs) == {"labels"}
+            got = runner.infer({"frames": frames, "remap": table.lut})["labels"]
+    finally:
+        seg.close()
+    assert (want == labels.get("voc").aliases["car"]).any()
+    assert np.array_equal(got, want)
+
+
+def test_letterbox_indices_point_outside_the_box_at_the_padding():
+    rows, cols = letterbox_indices((8, 4), (6, 6), (1, 2, 4, 2))
+    assert rows.tolist() == [4, 4, 1, 3, 4, 4]  # the label map's 4 rows read at 2 rows' centres; pad row 4
+    assert cols.tolist() == [8, 1, 3, 5, 7, 8]
+
+
+def _spy_submits(runner) -> list:
+    """Count the calls a real runner's submit() gets (it still does the work)."""
+    calls, real = [], runner.submit
+
+    def submit(feed):
+        calls.append(len(next(iter(feed.values()))))
+        return real(feed)
+
+    runner.submit = submit
+    return calls
+
+
+def test_a_session_through_the_chain_writes_what_the_models_write_one_by_one(tmp_path, people_clip):
+    """The fused graph in a real session (VFR clip with audio, batches of 2 over a generator of
+    fixed batch 1, letterbox, a remap): the same frames and timestamps as the models one by one."""
+    from segsynth.config import StreamConfig
+    from segsynth.stream import ModelSet, StreamSession
+
+    outs = {}
+    for fused in ("off", "on"):
+        with ModelSet.load("voc", "default", fused=fused, cache_dir=tmp_path, backend="onnxruntime") as models:
+            assert (models.chain is not None) == (fused == "on")
+            calls = _spy_submits(models.chain.runner) if models.chain else []
+            outs[fused] = tmp_path / f"{fused}.mp4"
+            s = StreamSession(StreamConfig(source=people_clip, sinks=[outs[fused]], view="side-by-side",
+                                           remap="person=animal", fit="letterbox", batch=2, crf=0), models)
+            s.start()
+            assert s.join(120) and s.state == "closed", s.stats()
+            if fused == "on":
+                assert calls == [1] * 8  # every frame went through the chain (its generator takes one at a time)
+    (t_off, f_off), (t_on, f_on) = decode_video(outs["off"]), decode_video(outs["on"])
+    assert t_on == t_off == decode_video(people_clip)[0] and len(f_on) == 8
+    assert all(np.array_equal(a, b) for a, b in zip(f_on, f_off))
+
+
+def test_the_models_are_fused_by_default_and_the_chain_is_written_once(tmp_path, monkeypatch):
+    from segsynth.stream import ModelSet
+    from segsynth.stream import chain as chain_module
+
+    with ModelSet.load("voc", "none", fused="off") as models:
+        assert models.chain is None
+    composed, real = [], chain_module.compose
+    monkeypatch.setattr(chain_module, "compose", lambda *a: composed.append(a) or real(*a))
+    for fused in ("auto", "on"):
+        with ModelSet.load("voc", "none", fused=fused, cache_dir=tmp_path) as models:
+            assert models.chain is not None and set(models.chain.runner.inputs) == {"frames", "remap"}
+    assert len(composed) == 1  # the second load found it in the cache
+    (written,) = (tmp_path / "chains").iterdir()
+    assert_tensorrt_parsable(written)
+    # the CLI flag reaches the models; a bad value is refused by argparse
+    clip = tmp_path / "in.mp4"
+    write_clip(clip, [np.zeros((48, 64, 3), np.uint8)] * 3, [Fraction(i, 25) for i in range(3)])
+    proc = run_cli("run", clip, tmp_path / "out.mp4", "--segmenter", "voc", "--generator", "none", "--fused", "on",
+                   "--cache-dir", tmp_path / "cli-cache", "-v")
+    assert proc.returncode == 0, proc.stderr
+    assert "fused into one graph" in proc.stderr and len(list((tmp_path / "cli-cache" / "chains").iterdir())) == 1
+    proc = run_cli("run", clip, tmp_path / "out2.mp4", "--fused", "maybe")
+    assert proc.returncode == 2 and "--fused" in proc.stderr
+
+
+def test_models_that_cannot_be_fused_are_said_once_and_run_one_by_one(tmp_path, caplog):
+    """auto falls back with a warning; on makes it an error. The composition really fails here:
+    a segmenter that takes batches of exactly 2 cannot share one graph with the bundled
+    generator, which takes exactly 1 (one by one, each model gets its own batch)."""
+    import onnx
+
+    from segsynth.errors import ModelError
+    from segsynth.stream import ModelSet
+    from segsynth.stream.segmenter import bundled_model
+
+    pairs = onnx.load(str(bundled_model("voc")))
+    pairs.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    custom = tmp_path / "pairs.onnx"
+    onnx.save(pairs, str(custom))
+    with caplog.at_level("WARNING", logger="segsynth"):
+        with ModelSet.load(str(custom), "default", label_set="voc", cache_dir=tmp_path, fused="auto") as models:
+            assert models.chain is None and models.segmenter.runner.is_active
+    (warning,) = [r.getMessage() for r in caplog.records if "fused chain" in r.getMessage()]
+    assert "fixed batches of different sizes (1, 2)" in warning and "one by one" in warning
+    with pytest.raises(ModelError, match="cannot be composed"):
+        ModelSet.load(str(custom), "default", label_set="voc", cache_dir=tmp_path, fused="on")
