@@ -204,6 +204,7 @@ def _build_ops():
         "Conv": _conv, "Resize": _resize, "Slice": _slice, "Cast": _cast, "Gemm": _gemm, "Pad": _pad, "Clip": clip,
         "Relu": lambda x, a: F.relu(x[0]), "LeakyRelu": lambda x, a: F.leaky_relu(x[0], a.get("alpha", 0.01)),
         "Tanh": lambda x, a: torch.tanh(x[0]), "Sigmoid": lambda x, a: torch.sigmoid(x[0]),
+        "Round": lambda x, a: torch.round(x[0]),  # half to even, as ONNX
         "HardSigmoid": lambda x, a: torch.clamp(a.get("alpha", 0.2) * x[0] + a.get("beta", 0.5), 0, 1),
         "HardSwish": lambda x, a: F.hardswish(x[0]),
         "Add": lambda x, a: x[0] + x[1], "Sub": lambda x, a: x[0] - x[1], "Mul": lambda x, a: x[0] * x[1],

@@ -262,7 +262,10 @@ class TensorRTRunner(Runner):
                 self.outputs[name] = public
         max_shapes = {name: shapes[name][2] if name in shapes else tuple(
             self.batch[2] if d == -1 else d for d in meta.shape) for name, meta in io.items()}
-        self.max_batch = min((max_shapes[name][0] for name in self.inputs if max_shapes[name]), default=self.batch[2])
+        # the profile's batch over the inputs that have one (a fixed first dim, like the chain's remap
+        # table (256,), is not a batch; a graph of fixed batch says so in its own input shapes)
+        self.max_batch = min((max_shapes[name][0] for name, meta in self.inputs.items()
+                              if meta.shape and isinstance(meta.shape[0], str)), default=self.batch[2])
         self.slots = [_Slot(self.engine, io, max_shapes) for _ in range(2)]
         self.epoch = cuda.Event()  # the zero of device_span's clock
         self.epoch.record(self.slots[0].stream)

@@ -347,7 +347,7 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
     def readyz() -> dict:
         m = service.models
         return {"status": "ready", "segmenter": m.config.segmenter, "generator": m.config.generator,
-                "backend": m.backend, "streams": len(service.sessions)}
+                "backend": m.backend, "fused": m.chain is not None, "streams": len(service.sessions)}
 
     @app.get("/metrics", dependencies=auth if protect_metrics else [])
     def metrics_endpoint() -> Response:

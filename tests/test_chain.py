@@ -163,3 +163,35 @@ def test_models_that_cannot_be_fused_are_said_once_and_run_one_by_one(tmp_path, 
     assert "fixed batches of different sizes (1, 2)" in warning and "one by one" in warning
     with pytest.raises(ModelError, match="cannot be composed"):
         ModelSet.load(str(custom), "default", label_set="voc", cache_dir=tmp_path, fused="on")
+
+
+def test_the_torch_interpreter_runs_the_chain_as_onnxruntime_does(tmp_path):
+    """What torch-cuda runs on a GPU, on the CPU: float32 gives onnxruntime's result; float16
+    (the GPU default) stays close. Ops the chain adds (Round, int32 Pad/Gather, Where) included."""
+    import torch
+
+    from segsynth.engine.onnx_torch import OnnxTorchModule
+    from segsynth.engine.torch_runner import TorchCudaRunner
+    from segsynth.stream.chain import write_chain
+
+    seg, gen = load_segmenter("voc"), load_generator("default")
+    try:
+        path = write_chain(seg, gen, tmp_path)
+        table = labels.RemapTable("person=animal", seg.label_set, gen.label_set)
+    finally:
+        seg.close()
+        gen.close()
+    rows, cols = letterbox_indices((513, 513), (128, 128), content_box((640, 360), (128, 128)))
+    feed = {"frames": _frames()[:1], "remap": table.lut, "rows": rows, "cols": cols}
+    with OnnxRuntimeRunner(path) as ort_runner, TorchCudaRunner(path, device="cpu") as torch_runner:
+        want, got = ort_runner.infer(feed), torch_runner.infer(feed)
+    assert np.array_equal(got["labels"], want["labels"])
+    assert np.abs(got["pixels"].astype(int) - want["pixels"]).max() <= 1
+    half = OnnxTorchModule(path).to(torch.device("cpu"), half=True)
+    with torch.inference_mode():
+        out = half(**{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feed.items()})
+    assert out["labels"].dtype == torch.uint8 and out["pixels"].dtype == torch.uint8
+    agreement = float((out["labels"].numpy() == want["labels"]).mean())
+    mean_diff = float(np.abs(out["pixels"].numpy().astype(float) - want["pixels"]).mean())
+    print(f"\nthe chain in float16 (torch, CPU) vs float32: labels {agreement:.2%}, pixels mean |diff| {mean_diff:.2f}")
+    assert agreement >= 0.99 and mean_diff < 3

@@ -49,7 +49,7 @@ def test_eight_sessions_over_one_modelset_match_lone_runs(tmp_path, astronaut, m
     clips = [_clip(tmp_path / f"in{i}.mp4", astronaut[::4, ::4], 6, 5 * i + 3, audio=0.3) for i in range(8)]
     remaps = [None, "person=dog"] * 4  # per-session state: half of them remap
     with ModelSet.load("voc", "none") as models:
-        assert len(made) == 1  # one model, loaded once
+        assert len(made) == 2 and models.chain is not None  # one model and its fused chain, loaded once
         sessions = [StreamSession(StreamConfig(source=clip, sinks=[tmp_path / f"s{i}.mp4"], view="labels",
                                                remap=remap, legend=False), models)
                     for i, (clip, remap) in enumerate(zip(clips, remaps))]
@@ -58,7 +58,7 @@ def test_eight_sessions_over_one_modelset_match_lone_runs(tmp_path, astronaut, m
         assert sum(s.state in ("running", "draining", "closed") for s in sessions) == 8
         for s in sessions:
             assert s.join(120) and s.state == "closed", s.stats()
-    assert len(made) == 1  # no session loaded a private copy
+    assert len(made) == 2  # no session loaded a private copy
     for i, (clip, remap) in enumerate(zip(clips, remaps)):
         lone = tmp_path / f"lone{i}.mp4"
         proc = run_cli("run", clip, lone, "--segmenter", "voc", "--generator", "none", "--view", "labels",
