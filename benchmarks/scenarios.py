@@ -58,8 +58,8 @@ class Job:
 
         m = self.models
         gen = m.generator
-        return Synthesize(m.segmenter, gen, m.remap(None), m.z(quiet=True), 1, m.fit(None),
-                          gen.size if gen is not None else None, chain=m.chain)
+        return Synthesize(m.segmenter, gen, m.remap(None), m.z(quiet=True), "off", m.fit(None),
+                          gen.size if gen is not None else None, chains={"all": m.fused("all")})
 
     def render(self, result, meta):
         from segsynth.stream.render import compose
@@ -199,12 +199,12 @@ def fused(job: Job) -> dict:
     from segsynth.stream.synth import Synthesize
 
     m = job.models
-    graph = m.chain or chain.load_chain(m.segmenter, m.generator, backend=m.backend, cache_dir=job.cfg.workdir,
-                                        fp16=m.config.fp16, threads=m.config.threads, batch=max(job.cfg.batch))
+    graph = m.fused("all") or chain.load_chain(m.segmenter, m.generator, backend=m.backend, cache_dir=job.cfg.workdir,
+                                               fp16=m.config.fp16, threads=m.config.threads, batch=max(job.cfg.batch))
     try:
         gen = m.generator
-        steps = {name: Synthesize(m.segmenter, gen, m.remap(None), m.z(quiet=True), 1, m.fit(None),
-                                  gen.size if gen is not None else None, chain=c)
+        steps = {name: Synthesize(m.segmenter, gen, m.remap(None), m.z(quiet=True), "off", m.fit(None),
+                                  gen.size if gen is not None else None, chains={"all": c})
                  for name, c in (("fused", graph), ("separate", None))}
         frames, metas = _decode_all(job)
         n, batch = len(frames), job.cfg.batch[0]
@@ -224,7 +224,7 @@ def fused(job: Job) -> dict:
                 times[name].append(time.perf_counter() - start)
                 results[name] = out
     finally:
-        if graph is not m.chain:
+        if graph is not m.chains.get("all"):
             graph.close()
     fps = {name: _median_rate(t, n) for name, t in times.items()}
     a, b = results["fused"], results["separate"]

@@ -183,7 +183,8 @@ def convert(path: str | Path, *, class_lut: np.ndarray | None = None,
             input_scale: float | None = None, input_offset: float | None = None,
             metadata: dict[str, str] | None = None) -> "onnx.ModelProto":
     """Convert ``path`` to an ONNX model with input ``image`` (N x 3 x H x W float32,
-    already normalised) and output ``labels`` (N x H x W uint8 = class_lut[argmax]).
+    already normalised) and outputs ``labels`` (N x H x W uint8 = class_lut[argmax]) and
+    ``confidence`` (N x H x W float32: the top class's probability, see ``_confidence``).
 
     For quantised inputs the normalisation is read from the input's quantisation
     (pixel * scale + offset); float inputs need ``input_scale``/``input_offset``.
@@ -217,6 +218,7 @@ def convert(path: str | Path, *, class_lut: np.ndarray | None = None,
             b.consts[op.outputs[0]] = tensors[op.inputs[0]].dequantized()
             skipped.add(i)
     argmax_out = None
+    resized: dict[str, tuple[str, np.ndarray, str]] = {}  # Resize output -> (its input, size, mode)
 
     for i, op in enumerate(ops):
         if i in skipped:
@@ -273,6 +275,7 @@ def convert(path: str | Path, *, class_lut: np.ndarray | None = None,
             sizes = b.node("Concat", [nc, b.const(size)], axis=0)
             b.set(out, b.node("Resize", [x, "", "", sizes], hint="resize", mode="linear",
                               coordinate_transformation_mode=mode))
+            resized[b.value[out]] = (x, size, mode)
         elif op.code == "CONCATENATION":
             axis = op.options.Axis() % 4
             y = b.node("Concat", [b.value[j] for j in ins], axis=_NHWC_TO_NCHW_AXIS[axis])
@@ -287,15 +290,18 @@ def convert(path: str | Path, *, class_lut: np.ndarray | None = None,
     final = b.value[outputs[0]]
     if argmax_out is None or final != argmax_out:
         final = b.node("ArgMax", [final], axis=1, keepdims=0)
+    logits = next(n for n in b.nodes if final in n.output).input[0]
     lut = class_lut if class_lut is not None else np.arange(256, dtype=np.uint8)
     # int32 inside, uint8 only at the edge: TensorRT takes uint8 as a network output of a Cast only
     ids = b.node("Gather", [b.const(lut.astype(np.int32), "class_lut"), final], "class_ids")
     b.nodes.append(helper.make_node("Cast", [ids], ["labels"], to=TensorProto.UINT8, name="labels"))
+    _confidence(b, logits, resized)
 
     graph = helper.make_graph(
         b.nodes, "segmenter",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, height, width])],
-        [helper.make_tensor_value_info("labels", TensorProto.UINT8, ["N", height, width])],
+        [helper.make_tensor_value_info("labels", TensorProto.UINT8, ["N", height, width]),
+         helper.make_tensor_value_info("confidence", TensorProto.FLOAT, ["N", height, width])],
         b.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
                               producer_name="segsynth.export.tflite")
@@ -341,6 +347,27 @@ def _conv(b: _Builder, op: _Op, in_shape: tuple[int, ...], x: str, dilation: tup
     y = b.node("Conv", inputs, hint="conv", kernel_shape=[kh, kw], strides=[o.StrideH(), o.StrideW()],
                dilations=[dh, dw], pads=list(pads), group=group)
     return b.activation(y, o.FusedActivationFunction())
+
+
+def _confidence(b: _Builder, logits: str, resized: dict) -> None:
+    """Output ``confidence``: the top class's softmax probability per pixel, computed where the
+    logits are small (before the final bilinear upsampling, when there is one: a softmax over
+    151 x 513 x 513 would cost as much as the rest of the head) and upsampled the same way."""
+    from onnx import helper
+
+    low, size, mode = resized.get(logits, (logits, None, None))
+    # max softmax = 1 / sum(exp(x - max)): onnxruntime's Softmax over axis 1 of NCHW is ~20x slower
+    peak = b.node("ReduceMax", [low], axes=[1], keepdims=1)
+    total = b.node("ReduceSum", [b.node("Exp", [b.node("Sub", [low, peak])]), b.const(np.array([1], np.int64), "axes")],
+                   keepdims=1)
+    top = b.node("Reciprocal", [total])
+    if size is not None:
+        n1 = b.node("Slice", [b.node("Shape", [top]), b.const(np.array([0], np.int64)),
+                              b.const(np.array([2], np.int64))])
+        sizes = b.node("Concat", [n1, b.const(size)], axis=0)
+        top = b.node("Resize", [top, "", "", sizes], hint="resize", mode="linear", coordinate_transformation_mode=mode)
+    b.nodes.append(helper.make_node("Squeeze", [top, b.const(np.array([1], np.int64), "axes")], ["confidence"],
+                                    name="confidence"))
 
 
 def _class_count(path: Path) -> int:

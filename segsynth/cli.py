@@ -32,7 +32,7 @@ def _segment(args: argparse.Namespace) -> int:
     cfg = SegmentConfig(input=args.input, output=args.output, view=args.view, remap=args.remap,
                         segmenter=args.segmenter, label_set=args.label_set, threads=args.threads,
                         legend=not args.no_legend, crf=args.crf, preset=args.preset, backend=args.backend,
-                        fp16=not args.fp32, fused=args.fused)
+                        fp16=not args.fp32, fused=args.fused, stabilize=args.stabilize)
     summary = run_segment(cfg, quiet=args.quiet)
     log.info("%s", summary.line(cfg))
     return 0
@@ -85,6 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         raise InputError("run needs an output: run IN OUT [OUT ...], --out OUT or --preview HOST:PORT")
     cfg = StreamConfig(source=args.input, sinks=tuple(outputs), view=args.view, remap=args.remap,
                        style=Path(args.style) if args.style else None, seed=args.seed, smooth=args.smooth,
+                       stabilize=args.stabilize,
                        fit=args.fit, policy=args.policy, batch=args.batch, codec=args.codec, crf=args.crf,
                        preset=args.preset, bitrate=args.bitrate, stream=args.stream, fps=args.fps,
                        legend=not args.no_legend, max_frames=args.frames, duration=args.duration,
@@ -266,6 +267,44 @@ def _eval_generator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_temporal(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from .config import ModelConfig
+    from .errors import InputError
+    from .stream import media
+    from .stream.models import ModelSet
+    from .stream.progress import Progress
+    from .stream.stabilize import DEFAULT, parse
+    from .stream.temporal import evaluate
+
+    clip = Path(args.video)
+    media.check_input(clip)
+    stabilize = args.stabilize or DEFAULT
+    parse(stabilize)
+    if args.frames is not None and args.frames < 2:
+        raise InputError("--frames must be at least 2 (the measures compare consecutive frames)")
+    cfg = ModelConfig(segmenter=args.segmenter, generator=args.generator, threads=args.threads,
+                      cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32, fused=args.fused)
+    with ModelSet.load(**vars(cfg)) as models, Progress("eval-temporal", args.frames,
+                                                        enabled=not args.quiet) as progress:
+        report = evaluate(clip, models, stabilize=stabilize, remap=args.remap, fit=args.fit, seed=args.seed,
+                          max_frames=args.frames, grid=Path(args.grid) if args.grid else None, progress=progress)
+    print(f"{clip.name}: {report['frames']} frames")
+    print(f"{'stabilize':<14} {'static flips':>12} {'motion agree':>12} {'synth delta':>11} {'static px':>9} {'fps':>6}")
+    for spec, m in report["methods"].items():
+        delta = "-" if m["synth_static_delta"] is None else f"{m['synth_static_delta']:.3f}"
+        print(f"{spec:<14} {m['static_flip_rate']:>12.5f} {m['motion_agreement']:>12.3f} {delta:>11} "
+              f"{m['static_fraction']:>9.2f} {m['fps']:>6.2f}")
+    for name, value in report["ratios"].items():
+        print(f"{name}: {'-' if value is None else f'{value:.2f}'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        log.info("wrote %s", args.json)
+    return 0
+
+
 def _engine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -348,6 +387,16 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _add_stabilize(p: argparse.ArgumentParser) -> None:
+    from .stream.stabilize import CHOICES, DEFAULT
+
+    p.add_argument("--stabilize", metavar=CHOICES,
+                   help=f"videos: keep labels (and the picture) still where the input did not change (default "
+                        f"{DEFAULT}: a label changes where its pixels changed or a clearly more confident class "
+                        "appears; flow: the same along optical flow; majority:K: the most frequent label of K "
+                        "frames; off: every frame on its own)")
+
+
 def _add_backend(p: argparse.ArgumentParser) -> None:
     from .config import FUSED
     from .engine.select import BACKENDS
@@ -386,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-legend", action="store_true", help="omit the legend box")
     p.add_argument("--crf", type=int, default=18, help="x264 quality for video output (0-51, default 18)")
     p.add_argument("--preset", default="veryfast", help="x264 preset for video output (default veryfast)")
+    _add_stabilize(p)
     _add_backend(p)
     p.set_defaults(func=_segment)
 
@@ -421,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="as for segment")
     p.add_argument("--style", metavar="IMAGE", help="style image for VAE generators (encoder -> z)")
     p.add_argument("--seed", type=int, help="fixed z for VAE generators (one z for the whole video)")
-    p.add_argument("--smooth", type=int, default=1, metavar="K", help="temporal label smoothing over K frames")
+    _add_stabilize(p)
+    p.add_argument("--smooth", type=int, default=1, metavar="K", help="the old name of --stabilize majority:K")
     p.add_argument("--size", metavar="WxH", help="synthesis resolution (default: the generator's own)")
     p.add_argument("--fit", choices=FITS, help="how frames meet the synthesis size (default: as the generator "
                                                "was trained; letterbox keeps the aspect ratio)")
@@ -564,6 +615,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where exported generators are cached")
     p.add_argument("--backend", default="auto", help="inference backend (see segsynth run --help)")
     p.set_defaults(func=_eval_generator)
+
+    p = sub.add_parser("eval-temporal", parents=[common], help="measure flicker: label flips where the input "
+                                                               "did not change, with and without stabilisation",
+                       description="Run a clip through --stabilize (default: the default for video) and through off "
+                                   "in the same run: static_flip_rate (labels that change where the input did not), "
+                                   "motion_agreement (stabilised labels = the frame's own where it did), "
+                                   "synth_static_delta (picture change on static pixels) and fps.")
+    p.add_argument("video", help="a video file")
+    _add_stabilize(p)
+    p.add_argument("--remap", metavar="RULES", help="remap rules, as for run")
+    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx")
+    p.add_argument("--generator", default="default", metavar="default|none|DIR|FILE.onnx")
+    p.add_argument("--fit", choices=FITS, help="how frames meet the synthesis size (as for run)")
+    p.add_argument("--seed", type=int, help="fixed z for VAE generators")
+    p.add_argument("--frames", type=int, metavar="N", help="the first N frames only")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    p.add_argument("--grid", metavar="OUT.png", help="also write a frame grid: input | labels off | labels "
+                                                     "stabilised | picture off | picture stabilised, consecutive rows")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--cache-dir", help="where exported generators and fused graphs are cached")
+    _add_backend(p)
+    p.set_defaults(func=_eval_temporal)
 
     p = sub.add_parser("engine", parents=[common], help="build, inspect and compare inference engines",
                        description="build --onnx X.onnx: a TensorRT engine in the cache; info FILE: bindings, shapes, "

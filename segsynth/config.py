@@ -37,8 +37,13 @@ class SegmentConfig:
     backend: str = "auto"
     fp16: bool = True
     fused: str = "auto"  # videos: see ModelConfig.fused
+    stabilize: str | None = None  # videos: see StreamConfig.stabilize (images have no time to stabilise over)
 
     def __post_init__(self) -> None:
+        if self.stabilize is not None:
+            from segsynth.stream.stabilize import parse
+
+            parse(self.stabilize)
         object.__setattr__(self, "input", Path(self.input))
         object.__setattr__(self, "output", Path(self.output))
         if self.view not in SEGMENT_VIEWS:
@@ -203,7 +208,8 @@ class StreamConfig:
     remap: str | None = None
     style: Path | None = None
     seed: int | None = None
-    smooth: int = 1
+    smooth: int = 1  # the old spelling of stabilize="majority:K"
+    stabilize: str | None = None  # off | majority[:K] | hysteresis | flow (stream.stabilize); None: the default
     fit: str | None = None  # letterbox | stretch; default: how the generator was trained
     policy: str | None = None  # None: latest for live sources, lossless for files
     batch: int = 1
@@ -262,6 +268,12 @@ class StreamConfig:
             raise InputError(f"fit: must be one of: {', '.join(FITS)}")
         if not 1 <= self.smooth <= 15:
             raise InputError("smooth: must be between 1 (off) and 15 frames")
+        if self.stabilize is not None:
+            from segsynth.stream.stabilize import parse
+
+            parse(self.stabilize)
+            if self.smooth > 1:
+                raise InputError("smooth is the old name of stabilize=majority:K; give one of them")
         if not 1 <= self.batch <= 64:
             raise InputError("batch: must be between 1 and 64")
         if self.ring_slots is not None and self.ring_slots < max(2, self.batch):
@@ -298,3 +310,11 @@ class StreamConfig:
             raise LabelError(f"remap: {exc}") from None
         check_encoder_settings("ffv1" if self.view == "ids" else self.codec, crf=self.crf, preset=self.preset,
                                bitrate=self.bitrate)
+
+    @property
+    def stabilization(self) -> str:
+        """The ``--stabilize`` spec this stream runs: as given, else ``majority:K`` for
+        ``smooth`` K > 1, else the default for video (stream.stabilize.DEFAULT)."""
+        from segsynth.stream.stabilize import DEFAULT
+
+        return self.stabilize or (f"majority:{self.smooth}" if self.smooth > 1 else DEFAULT)

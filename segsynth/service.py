@@ -24,8 +24,8 @@ from .errors import InputError, SegsynthError
 
 log = logging.getLogger("segsynth")
 MAX_BODY = 64 << 10  # bytes of JSON a request may send
-SPEC_FIELDS = ("id", "source", "sinks", "view", "remap", "seed", "style", "policy", "smooth", "fit", "batch",
-               "segmenter", "generator", "max_frames", "duration", "segment_time", "rtsp_transport",
+SPEC_FIELDS = ("id", "source", "sinks", "view", "remap", "seed", "style", "policy", "smooth", "stabilize", "fit",
+               "batch", "segmenter", "generator", "max_frames", "duration", "segment_time", "rtsp_transport",
                "stall_timeout", "reconnect_max")
 PATCH_FIELDS = ("remap", "view", "seed")
 
@@ -83,7 +83,7 @@ class Service:
             raise ServiceError("source: a string is needed (a file, rtsp://..., lavfi:...)", "source")
         if not isinstance(spec.get("sinks", []), (list, tuple)):
             raise ServiceError("sinks: a list of outputs is needed", "sinks")
-        for name in ("source", "id", "remap", "style", "view", "policy", "fit"):
+        for name in ("source", "id", "remap", "style", "view", "policy", "fit", "stabilize"):
             _check_text(spec.get(name), name)
         for sink in spec.get("sinks") or ():
             _check_text(sink, "sinks")
@@ -270,6 +270,7 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
         style: str | None = None
         policy: str | None = None
         smooth: int | None = None
+        stabilize: str | None = None
         fit: str | None = None
         batch: int | None = None
         segmenter: str | None = None
@@ -347,7 +348,8 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
     def readyz() -> dict:
         m = service.models
         return {"status": "ready", "segmenter": m.config.segmenter, "generator": m.config.generator,
-                "backend": m.backend, "fused": m.chain is not None, "streams": len(service.sessions)}
+                "backend": m.backend, "fused": sorted(part for part, c in m.chains.items() if c is not None),
+                "streams": len(service.sessions)}
 
     @app.get("/metrics", dependencies=auth if protect_metrics else [])
     def metrics_endpoint() -> Response:

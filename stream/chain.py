@@ -34,7 +34,7 @@ from segsynth.errors import ModelError
 log = logging.getLogger("segsynth")
 F32, U8, I32 = 1, 2, 6
 MIN_OPSET = 13  # Unsqueeze axes, Pad pads and Clip bounds as inputs
-VERSION = "chain-v1"  # part of the cache key: bump when compose() changes what it writes
+VERSION = "chain-v2"  # part of the cache key: bump when compose() changes what it writes
 
 
 def nearest_indices(n_src: int, n_dst: int) -> np.ndarray:
@@ -99,8 +99,9 @@ def _opset(model) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
-def _segmenter(g: _Graph, seg, model, prefix: str) -> str:
-    """One segmenter (an ``OnnxSegmenter``) fed from ``frames``; returns its int32 label ids."""
+def _segmenter(g: _Graph, seg, model, prefix: str) -> tuple[str, str | None]:
+    """One segmenter (an ``OnnxSegmenter``) fed from ``frames``: its int32 label ids and its
+    ``confidence`` output (None when the graph has none)."""
     import onnx
 
     x = g.op("Cast", ["frames"], to=F32)
@@ -110,28 +111,49 @@ def _segmenter(g: _Graph, seg, model, prefix: str) -> str:
     x = g.op("Mul", [x, g.const(seg.scale)])
     g.op("Add", [x, g.const(seg.offset)], out=prefix + seg.input_name)
     part = g.absorb(model, prefix)
+    confidence = prefix + "confidence" if any(o.name == "confidence" for o in model.graph.output) else None
     out = prefix + seg.output_name
     if seg.output_name == "logits":
-        return g.op("Cast", [g.op("ArgMax", [out], axis=1, keepdims=0)], to=I32)
+        return g.op("Cast", [g.op("ArgMax", [out], axis=1, keepdims=0)], to=I32), confidence
     last = next(n for n in part.graph.node if out in n.output)
     if last.op_type == "Cast" and next(a.i for a in last.attribute if a.name == "to") == U8:
         inferred = onnx.shape_inference.infer_shapes(part).graph
         types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.value_info, *inferred.input)}
         if types.get(last.input[0]) == I32:  # the graph's own int32 ids, before its uint8 edge
             g.nodes.remove(last)
-            return last.input[0]
-    return g.op("Cast", [out], to=I32)
+            return last.input[0], confidence
+    return g.op("Cast", [out], to=I32), confidence
 
 
-def compose(segmenter, generator=None):
+def _needed(nodes: list, outputs: list[str]) -> list:
+    """``nodes`` without those no output depends on (e.g. a confidence branch the chain does
+    not give out), order kept."""
+    wanted, kept = set(outputs), []
+    for node in reversed(nodes):
+        if wanted & set(node.output):
+            kept.append(node)
+            wanted.update(i for i in node.input if i)
+    return kept[::-1]
+
+
+PARTS = ("all", "segment", "synth")
+
+
+def compose(segmenter, generator=None, part: str = "all"):
     """The chain of ``segmenter`` (an ``OnnxSegmenter``, or a ``FusedSegmenter`` of two, with
-    ``path``s) and ``generator`` (a ``Generator`` with ``path``, or None) as a ModelProto."""
+    ``path``s) and ``generator`` (a ``Generator`` with ``path``, or None) as a ModelProto.
+    ``part``: ``all`` (frames -> labels [+ pixels]); ``segment`` (frames -> ``ids``, the
+    segmenter's own ids, not remapped, + ``confidence`` where the segmenters give one), for
+    work on the host between the models; ``synth`` (``ids`` uint8 N x H x W -> labels +
+    pixels, the rest of ``all``)."""
     import onnx
     from onnx import helper
 
+    if part not in PARTS:
+        raise ValueError(f"unknown chain part {part!r}")
     parts = [segmenter.scene, segmenter.objects] if hasattr(segmenter, "scene") else [segmenter]
-    models = [onnx.load(str(p.path)) for p in parts]
-    gen_model = onnx.load(str(generator.path)) if generator is not None else None
+    models = [onnx.load(str(p.path)) for p in parts] if part != "synth" else []
+    gen_model = onnx.load(str(generator.path)) if generator is not None and part != "segment" else None
     fixed = {_fixed_batch(m, p.input_name) for m, p in zip(models, parts)}
     if gen_model is not None:
         fixed.add(_fixed_batch(gen_model, "label"))
@@ -139,19 +161,33 @@ def compose(segmenter, generator=None):
     if len(fixed) > 1:
         raise ModelError(f"the models take fixed batches of different sizes ({', '.join(map(str, sorted(fixed)))})")
     batch: int | str = fixed.pop() if fixed else "N"
-    g = _Graph(max(MIN_OPSET, *(_opset(m) for m in (*models, *([gen_model] if gen_model else ())))))
-    ids = [_segmenter(g, part, model, f"{role}/") for role, part, model in zip(("scene", "objects"), parts, models)]
-    seg_ids = ids[0]
-    if len(ids) == 2:  # object pixels painted over the scene, their ids bridged into its label set
-        painted = g.op("Gather", [g.const(segmenter.bridge.astype(np.int32)), ids[1]], axis=0)
-        known = g.op("Not", [g.op("Equal", [painted, g.const(np.array(labels.UNKNOWN, np.int32))])])
-        seg_ids = g.op("Where", [known, painted, seg_ids])
-    remapped = g.op("Gather", [g.op("Cast", ["remap"], to=I32), seg_ids], axis=0)
-    g.op("Cast", [remapped], out="labels", to=U8)
     w, h = segmenter.size
-    inputs = [helper.make_tensor_value_info("remap", U8, [256])]
-    outputs = []
-    if generator is not None:
+    g = _Graph(max(MIN_OPSET, *(_opset(m) for m in (*models, *([gen_model] if gen_model else ())))))
+    inputs, outputs = [], []
+    if part == "synth":
+        seg_ids = g.op("Cast", ["ids"], to=I32)
+        inputs.append(helper.make_tensor_value_info("ids", U8, [batch, h, w]))
+    else:
+        found = [_segmenter(g, p, m, f"{role}/") for role, p, m in zip(("scene", "objects"), parts, models)]
+        seg_ids, confidence = found[0]
+        if len(found) == 2:  # object pixels painted over the scene, their ids bridged into its label set
+            painted = g.op("Gather", [g.const(segmenter.bridge.astype(np.int32)), found[1][0]], axis=0)
+            known = g.op("Not", [g.op("Equal", [painted, g.const(np.array(labels.UNKNOWN, np.int32))])])
+            seg_ids = g.op("Where", [known, painted, seg_ids])
+            confidence = g.op("Where", [known, found[1][1], confidence]) if found[1][1] and confidence else None
+        inputs.append(helper.make_tensor_value_info("frames", U8, [batch, h, w, 3]))
+        if part == "segment":
+            g.op("Cast", [seg_ids], out="ids", to=U8)
+            outputs.append(helper.make_tensor_value_info("ids", U8, [batch, h, w]))
+            if confidence is not None:
+                g.op("Identity", [confidence], out="confidence")
+                outputs.append(helper.make_tensor_value_info("confidence", F32, [batch, h, w]))
+    if part != "segment":
+        remapped = g.op("Gather", [g.op("Cast", ["remap"], to=I32), seg_ids], axis=0)
+        g.op("Cast", [remapped], out="labels", to=U8)
+        inputs.append(helper.make_tensor_value_info("remap", U8, [256]))
+        outputs.append(helper.make_tensor_value_info("labels", U8, [batch, h, w]))
+    if gen_model is not None:
         gw, gh = generator.size
         declared = {i.name: i.type.tensor_type for i in gen_model.graph.input}
         padded = g.op("Pad", [remapped, g.const(np.array([0, 0, 0, 0, 1, 1], np.int64)),
@@ -170,30 +206,32 @@ def compose(segmenter, generator=None):
         x = g.op("Clip", [g.op("Round", [x]), g.const(np.float32(0)), g.const(np.float32(255))])
         g.op("Cast", [g.op("Transpose", [x], perm=[0, 2, 3, 1])], out="pixels", to=U8)
         outputs.append(helper.make_tensor_value_info("pixels", U8, [batch, gh, gw, 3]))
-    inputs.insert(0, helper.make_tensor_value_info("frames", U8, [batch, h, w, 3]))
-    outputs.insert(0, helper.make_tensor_value_info("labels", U8, [batch, h, w]))
-    graph = helper.make_graph(g.nodes, "segsynth-chain", inputs, outputs, g.constants)
-    ir = max(m.ir_version for m in (*models, *([gen_model] if gen_model else ())))
+    nodes = _needed(g.nodes, [o.name for o in outputs])
+    used = {i for n in nodes for i in n.input}
+    graph = helper.make_graph(nodes, f"segsynth-chain-{part}", inputs, outputs,
+                              [c for c in g.constants if c.name in used])
+    ir = max([7, *(m.ir_version for m in (*models, *([gen_model] if gen_model else ())))])
     chain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", g.opset)], ir_version=ir,
                               producer_name="segsynth")
-    helper.set_model_props(chain, {"segsynth.role": "chain", "segsynth.label_set": segmenter.label_set.name})
+    helper.set_model_props(chain, {"segsynth.role": "chain", "segsynth.chain_part": part,
+                                   "segsynth.label_set": segmenter.label_set.name})
     return chain
 
 
-def write_chain(segmenter, generator, cache_dir: Path) -> Path:
+def write_chain(segmenter, generator, cache_dir: Path, part: str = "all") -> Path:
     """The composed graph in ``cache_dir/chains`` (written once, atomically; keyed by the
-    parts' bytes and this module's version)."""
-    digest = hashlib.sha256(VERSION.encode())
+    parts' bytes, the part and this module's version)."""
+    digest = hashlib.sha256(f"{VERSION} {part}".encode())
     parts = [segmenter.scene, segmenter.objects] if hasattr(segmenter, "scene") else [segmenter]
     for model in (*parts, *([generator] if generator is not None else ())):
         digest.update(Path(model.path).read_bytes())
-    path = cache_dir / "chains" / f"chain-{digest.hexdigest()[:16]}.onnx"
+    path = cache_dir / "chains" / f"chain-{part}-{digest.hexdigest()[:16]}.onnx"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             try:
-                model = compose(segmenter, generator)
+                model = compose(segmenter, generator, part)
             except Exception as exc:  # onnx's converter and checker raise many types; one line says it
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 raise ModelError(f"the models cannot be composed into one graph ({first})") from exc
@@ -205,31 +243,40 @@ def write_chain(segmenter, generator, cache_dir: Path) -> Path:
 
 
 class Chain:
-    """The chain on one runner: ``submit`` a batch of uint8 frames with a session's remap
-    table, letterbox boxes and z; ``finish`` gives (labels, pixels or None). Shareable
-    between sessions like the models (state per call only)."""
+    """A chain graph on one runner. ``submit`` a batch (uint8 ``frames``, or ``ids`` for the
+    synth part) with a session's remap table, letterbox boxes and z (what the part takes);
+    ``finish`` gives the graph's outputs by name (``labels`` [+ ``pixels``], or ``ids`` [+
+    ``confidence``]). Shareable between sessions like the models (state per call only)."""
 
     def __init__(self, runner, segmenter, generator=None) -> None:
         self.runner = runner
+        self.part = runner.metadata.get("segsynth.chain_part", "all")
         self.size, self.label_set = segmenter.size, segmenter.label_set
-        self.gen_size = generator.size if generator is not None else None
-        self.uses_z = generator is not None and generator.uses_z
+        self.gen_size = generator.size if generator is not None and self.part != "segment" else None
+        self.uses_z = self.gen_size is not None and generator.uses_z
         self.asynchronous = runner.name in ("tensorrt", "torch-cuda")  # submit() returns before the work is done
-        batch = runner.inputs["frames"].shape[0]
+        self.input = "ids" if self.part == "synth" else "frames"
+        batch = runner.inputs[self.input].shape[0]
         self.batch = batch if isinstance(batch, int) else runner.max_batch  # frames per call; None: any
         self.source = getattr(runner, "label", runner.name)
 
-    def submit(self, frames: np.ndarray, lut: np.ndarray, boxes: list[tuple[int, int, int, int]] | None = None,
-               z: np.ndarray | None = None):
-        """Start N x H x W x 3 uint8 frames; ``boxes``: where each frame's picture lies on the
-        generator's canvas (frames of one box run together)."""
+    @property
+    def confidence(self) -> bool:
+        return "confidence" in self.runner.outputs
+
+    def submit(self, x: np.ndarray, lut: np.ndarray | None = None,
+               boxes: list[tuple[int, int, int, int]] | None = None, z: np.ndarray | None = None):
+        """Start N frames (N x H x W x 3) or id maps (N x H x W), uint8; ``boxes``: where each
+        frame's picture lies on the generator's canvas (frames of one box run together)."""
         handles, start = [], 0
-        while start < len(frames):
+        while start < len(x):
             end = start + 1
-            while end < len(frames) and (self.gen_size is None or boxes[end] == boxes[start]) \
+            while end < len(x) and (self.gen_size is None or boxes[end] == boxes[start]) \
                     and (self.batch is None or end - start < self.batch):
                 end += 1
-            feed = {"frames": frames[start:end], "remap": lut}
+            feed = {self.input: x[start:end]}
+            if self.part != "segment":
+                feed["remap"] = lut
             if self.gen_size is not None:
                 feed["rows"], feed["cols"] = letterbox_indices(self.size, self.gen_size, boxes[start])
             if self.uses_z:
@@ -238,10 +285,9 @@ class Chain:
             start = end
         return handles
 
-    def finish(self, handles) -> tuple[np.ndarray, np.ndarray | None]:
+    def finish(self, handles) -> dict[str, np.ndarray]:
         outs = [self.runner.wait(h) for h in handles]
-        ids = np.concatenate([o["labels"] for o in outs])
-        return ids, np.concatenate([o["pixels"] for o in outs]) if self.gen_size is not None else None
+        return {name: np.concatenate([o[name] for o in outs]) for name in outs[0]}
 
     def pinned_allocator(self):
         return self.runner.pinned_allocator()
@@ -250,10 +296,10 @@ class Chain:
         self.runner.deactivate()
 
 
-def load_chain(segmenter, generator, *, backend: str, cache_dir: Path, **options) -> Chain:
-    """The chain of the loaded models on ``backend`` (``options``: open_runner's fp16,
-    threads, batch)."""
-    path = write_chain(segmenter, generator, cache_dir)
+def load_chain(segmenter, generator, *, backend: str, cache_dir: Path, part: str = "all", **options) -> Chain:
+    """The chain (``part``) of the loaded models on ``backend`` (``options``: open_runner's
+    fp16, threads, batch)."""
+    path = write_chain(segmenter, generator, cache_dir, part)
     runner = open_runner(path, backend, cache_dir=cache_dir, **options)
     try:
         return Chain(runner, segmenter, generator)

@@ -1,8 +1,8 @@
 """ModelSet: the segmenter and generator, loaded once and shared by every stream session of
 a process (the CLI's one run, the service's many streams, a bulk worker's files). Unless
-``fused="off"``, it also holds the models composed into one graph (``chain``, see
-stream.chain), which sessions run every batch through in one call: one upload per batch on
-GPUs, and about 1.2x the fps of the models one by one on the CPU (benchmarks/RESULTS.md).
+``fused="off"``, it also gives sessions the models composed into one graph (``fused()``,
+see stream.chain), made on first use: one upload per batch on GPUs, and about 1.2x the fps
+of the models one by one on the CPU (benchmarks/RESULTS.md).
 
 Thread-safety: the models keep no per-call state and their runners serialise calls where
 the backend needs it (see segsynth.engine.runner), so any number of sessions may use one
@@ -13,6 +13,7 @@ that use it have been joined.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,13 @@ log = logging.getLogger("segsynth")
 
 class ModelSet:
     def __init__(self, segmenter, generator: Generator | None, *, backend: str = "onnxruntime",  # the segmenter's
-                 config: ModelConfig | None = None, chain=None) -> None:
-        self.segmenter, self.generator, self.backend, self.chain = segmenter, generator, backend, chain
+                 config: ModelConfig | None = None) -> None:
+        self.segmenter, self.generator, self.backend = segmenter, generator, backend
         self.config = config or ModelConfig()
         # The label set sessions produce: the generator's (it paints those ids), else the segmenter's.
         self.label_set = generator.label_set if generator is not None and generator.label_set else segmenter.label_set
+        self.chains: dict[str, chain_module.Chain | None] = {}  # made by fused(), on first use
+        self._chain_lock = threading.Lock()
 
     @classmethod
     def load(cls, segmenter: str = "ade20k+voc", generator: str = "default", **options) -> "ModelSet":
@@ -46,37 +49,46 @@ class ModelSet:
         # each model takes the best backend that can serve it ("auto" falls back model by model)
         common = dict(threads=cfg.threads, backend=cfg.backend, fp16=cfg.fp16, cache_dir=cfg.cache_dir, batch=cfg.batch)
         seg = load_segmenter(cfg.segmenter, label_set=cfg.label_set, **common)
-        gen = chain = None
+        gen = None
         try:
             gen = load_generator(cfg.generator, size=cfg.size, **common)
             if gen is not None and cfg.size and tuple(cfg.size) != gen.size:
                 raise InputError(f"--size {cfg.size[0]}x{cfg.size[1]}: {gen.source} is exported at "
                                  f"{gen.size[0]}x{gen.size[1]}; give a checkpoint directory to re-export")
-            backends = dict.fromkeys(r.name for r in (*seg.runners, *((gen.runner,) if gen is not None else ())))
-            if cfg.fused != "off":
-                chain = cls._load_chain(seg, gen, next(iter(backends)), cfg)
         except BaseException:
-            for model in (seg, gen, chain):
-                if model is not None:
-                    model.close()
+            seg.close()
+            if gen is not None:
+                gen.close()
             raise
-        log.log(logging.INFO if set(backends) != {"onnxruntime"} else logging.DEBUG, "backend: %s%s",
-                ", ".join(backends), " (the models fused into one graph)" if chain is not None else "")
-        return cls(seg, gen, backend=next(iter(backends)), config=cfg, chain=chain)
+        backends = dict.fromkeys(r.name for r in (*seg.runners, *(gen.runners if gen is not None else ())))
+        log.log(logging.INFO if set(backends) != {"onnxruntime"} else logging.DEBUG, "backend: %s", ", ".join(backends))
+        return cls(seg, gen, backend=next(iter(backends)), config=cfg)
 
-    @staticmethod
-    def _load_chain(seg, gen, backend: str, cfg: ModelConfig):
-        """The fused chain on the backend the segmenter got; with ``--fused auto``, a chain that
-        cannot be made or run there is said in one warning and the models run one by one."""
+    def fused(self, part: str = "all"):
+        """The models composed into one graph (``part`` of it: see stream.chain), made on first
+        use and shared by every session; None with ``fused="off"``, or (``auto``) where it
+        cannot be made or run, said in one warning (the models then run one by one)."""
+        if self.config.fused == "off" or (part == "synth" and self.generator is None):
+            return None
+        with self._chain_lock:
+            if part not in self.chains:
+                self.chains[part] = self._load_chain(part)
+            return self.chains[part]
+
+    def _load_chain(self, part: str):
+        cfg = self.config
         try:
-            return chain_module.load_chain(seg, gen, backend=backend, cache_dir=cfg.cache_dir or Path.home() / ".cache" / "segsynth",
-                                           fp16=cfg.fp16, threads=cfg.threads, batch=cfg.batch)
+            chain = chain_module.load_chain(self.segmenter, self.generator, backend=self.backend, part=part,
+                                            cache_dir=cfg.cache_dir or Path.home() / ".cache" / "segsynth",
+                                            fp16=cfg.fp16, threads=cfg.threads, batch=cfg.batch)
         except (BackendError, ModelError) as exc:
             if cfg.fused == "on":
                 raise
-            log.warning("warning: the fused chain cannot run on %s here (%s); running the models one by one",
-                        backend, exc)
+            log.warning("warning: the fused chain (%s) cannot run on %s here (%s); running the models one by one",
+                        part, self.backend, exc)
             return None
+        log.debug("fused chain (%s): %s", part, chain.source)
+        return chain
 
     @property
     def size(self) -> tuple[int, int]:
@@ -126,9 +138,10 @@ class ModelSet:
 
     def close(self) -> None:
         self.segmenter.close()
-        for model in (self.generator, self.chain):
+        for model in (self.generator, *self.chains.values()):
             if model is not None:
                 model.close()
+        self.chains = {}
 
     def __enter__(self) -> "ModelSet":
         return self

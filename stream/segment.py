@@ -76,7 +76,7 @@ def _segment_video(cfg: SegmentConfig, quiet: bool) -> SegmentSummary:
     from .run import run
 
     stream = StreamConfig(source=str(cfg.input), sinks=(str(cfg.output),), view=cfg.view, remap=cfg.remap,
-                          crf=cfg.crf, preset=cfg.preset, legend=cfg.legend)
+                          crf=cfg.crf, preset=cfg.preset, legend=cfg.legend, stabilize=cfg.stabilize)
     models = ModelConfig(segmenter=cfg.segmenter, generator="none", label_set=cfg.label_set, threads=cfg.threads,
                          backend=cfg.backend, fp16=cfg.fp16, fused=cfg.fused)
     stats, session = run(stream, models, quiet=quiet, atomic=True, label="segment")

@@ -69,6 +69,8 @@ class OnnxSegmenter:
             raise ModelError(f"{self.source} is not a segmenter: expected input image[N,3,H,W] and output "
                              f"labels[N,H,W] or logits[N,C,H,W], got inputs {ins or 'none'} and outputs {got or 'none'}")
         self.input_name, self.output_name = image[0].name, outs[0].name
+        # the top class's probability per pixel, where the graph gives it (segsynth's exports do)
+        self.confidence = "confidence" in runner.outputs or self.output_name == "logits"
         # frames per call: the graph's fixed batch, else the runner's largest (None: any)
         self.batch = image[0].shape[0] if isinstance(image[0].shape[0], int) else runner.max_batch
         h, w = image[0].shape[2:]
@@ -95,11 +97,17 @@ class OnnxSegmenter:
         step = self.batch or len(x)  # a fixed batch size (graph or engine) takes the frames in chunks of it
         return [self.runner.submit({self.input_name: x[i:i + step]}) for i in range(0, len(x), step)]
 
-    def finish(self, handles) -> np.ndarray:
-        out = np.concatenate([self.runner.wait(h)[self.output_name] for h in handles])
+    def finish(self, handles, confidence: bool = False):
+        """The labels of a submitted batch; with ``confidence``, (labels, confidence or None)."""
+        outs = [self.runner.wait(h) for h in handles]
+        out = np.concatenate([o[self.output_name] for o in outs])
+        conf = np.concatenate([o["confidence"] for o in outs]) if "confidence" in outs[0] else None
         if self.output_name == "logits":
+            if confidence and conf is None:  # the softmax maximum, 1 / sum(exp(x - max))
+                conf = 1 / np.exp(out - out.max(1, keepdims=True)).sum(1)
             out = out.argmax(1)
-        return out.astype(np.uint8, copy=False)
+        labels = out.astype(np.uint8, copy=False)
+        return (labels, conf) if confidence else labels
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         """N x H x W x 3 uint8 frames at ``self.size`` -> N x H x W uint8 label ids."""
@@ -127,15 +135,24 @@ class FusedSegmenter:
         self.label_set, self.size = scene.label_set, scene.size
         self.asynchronous = scene.asynchronous
         self.bridge = labels.mapping(objects.label_set, scene.label_set)
+        self.confidence = scene.confidence and objects.confidence
 
     def submit(self, frames: np.ndarray):
         return self.scene.submit(frames), self.objects.submit(frames)
 
-    def finish(self, handle) -> np.ndarray:
+    def finish(self, handle, confidence: bool = False):
+        """The fused labels; with ``confidence``, (labels, each pixel's confidence from the model
+        its label came from, or None)."""
         scene, objects = handle
-        out = self.scene.finish(scene)
-        painted = self.bridge[self.objects.finish(objects)]
-        return np.where(painted != labels.UNKNOWN, painted, out)
+        out, scene_conf = self.scene.finish(scene, confidence=True)
+        painted, objects_conf = self.objects.finish(objects, confidence=True)
+        painted = self.bridge[painted]
+        known = painted != labels.UNKNOWN
+        fused = np.where(known, painted, out)
+        if not confidence:
+            return fused
+        both = scene_conf is not None and objects_conf is not None
+        return fused, np.where(known, objects_conf, scene_conf) if both else None
 
     def __call__(self, frames: np.ndarray) -> np.ndarray:
         return self.finish(self.submit(frames))

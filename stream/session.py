@@ -51,8 +51,11 @@ class StreamSession:
         table = models.remap(config.remap)
         z = models.z(style=config.style, seed=config.seed)
         gen = models.generator
-        self.infer = Synthesize(models.segmenter, gen, table, z, config.smooth, models.fit(config.fit),
-                                gen.size if gen is not None else None, chain=models.chain)
+        stabilize = config.stabilization
+        parts = ("all",) if stabilize == "off" else ("segment", "synth")
+        self.infer = Synthesize(models.segmenter, gen, table, z, stabilize, models.fit(config.fit),
+                                gen.size if gen is not None else None,
+                                chains={part: models.fused(part) for part in parts})
         self._source, self._sinks, self.progress, self.atomic = source, sinks, progress, atomic
         self.source = self.sink = self.pipeline = self.metrics = None
         self.error: BaseException | None = None

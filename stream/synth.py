@@ -1,8 +1,9 @@
-"""The infer step of a stream session: segment a batch, smooth the labels over time, remap
-them, and synthesize a new picture from them.
+"""The infer step of a stream session: segment a batch, stabilise the labels over time,
+remap them, synthesize a new picture from them, and hold the picture still where its
+labels are.
 
 The models are shared (a ``ModelSet`` serves many sessions); what belongs to one session -
-its smoother history, remap table and style vector ``z`` - lives here. ``update()`` may be
+its stabiliser state, remap table and style vector ``z`` - lives here. ``update()`` may be
 called from any thread: the change is picked up by the infer thread at the next batch.
 """
 
@@ -15,6 +16,7 @@ import numpy as np
 
 from segsynth import labels
 
+from . import stabilize as stabilizers
 from .segmenter import resize_labels
 
 
@@ -33,40 +35,25 @@ def content_box(frame_size: tuple[int, int], model_size: tuple[int, int]) -> tup
     return (mw - cw) // 2, (mh - ch) // 2, cw, ch
 
 
-class LabelSmoother:
-    """Temporal majority vote over the last K label maps (ties go to the most recent), which
-    damps the flicker of per-frame segmentation. Owned by the infer thread."""
-
-    def __init__(self, k: int) -> None:
-        self.k, self.history = k, []
-
-    def __call__(self, label_map: np.ndarray) -> np.ndarray:
-        self.history = (self.history + [label_map])[-self.k:]
-        best = self.history[-1].copy()
-        best_count = np.zeros(best.shape, np.int16)
-        for candidate in reversed(self.history):  # most recent first: it wins ties
-            count = sum((h == candidate).astype(np.int16) for h in self.history)
-            better = count > best_count
-            best[better], best_count[better] = candidate[better], count[better]
-        return best
-
-
 class Synthesize:
-    """Segment -> smooth -> remap -> synthesize, for one session. ``segmenter`` and
-    ``generator`` (None: labels only) are shared models; ``gen_size`` is the generator's
-    (W, H) and ``fit`` how frames meet it (letterbox keeps the aspect ratio, padding with
-    dontcare). ``chain`` (a ``chain.Chain`` of the same models, or None): run every batch
-    through it in one call instead of model by model (the smoother needs the labels on the
-    host between the models, so it is not used with one). ``class_counts`` adds up the
-    pixels of every class seen (256 counters)."""
+    """Segment -> stabilise -> remap -> synthesize -> hold, for one session. ``segmenter`` and
+    ``generator`` (None: labels only) are shared models; ``stabilize`` a ``--stabilize`` spec
+    (see stream.stabilize); ``gen_size`` is the generator's (W, H) and ``fit`` how frames
+    meet it (letterbox keeps the aspect ratio, padding with dontcare). ``chains``: the same
+    models composed into graphs (stream.chain parts by name): ``all`` runs a batch in one
+    call when nothing happens between the models; ``segment`` and ``synth`` run either side
+    of the stabiliser; missing parts run model by model. ``class_counts`` adds up the pixels
+    of every class seen (256 counters)."""
 
-    def __init__(self, segmenter, generator, table: labels.RemapTable, z, smooth: int, fit: str,
-                 gen_size: tuple[int, int] | None, chain=None) -> None:
+    def __init__(self, segmenter, generator, table: labels.RemapTable, z, stabilize: str, fit: str,
+                 gen_size: tuple[int, int] | None, chains: dict | None = None) -> None:
         self.segmenter, self.generator, self.table, self.z, self.fit = segmenter, generator, table, z, fit
-        self.smoother = LabelSmoother(smooth) if smooth > 1 else None
-        self.chain = chain if self.smoother is None else None
+        self.stabilizer = stabilizers.make(stabilize)
+        self.hold = stabilizers.PictureHold() if self.stabilizer is not None and generator is not None else None
         self.gen_size = gen_size
-        first = self.chain or segmenter
+        self.chains = {k: v for k, v in (chains or {}).items() if v is not None}
+        self.whole = self.chains.get("all") if self.stabilizer is None else None
+        first = self.whole or self.chains.get("segment") or segmenter
         self.asynchronous = getattr(first, "asynchronous", False)  # GPU runners overlap batches
         self.class_counts = np.zeros(256, np.int64)
         self._updates: dict = {}
@@ -81,62 +68,79 @@ class Synthesize:
                 self._updates["z"] = z
 
     def submit(self, frames: np.ndarray, metas: list[dict]):
-        """Start a batch (on GPU backends the device works while the caller goes on). With a
-        chain the whole batch starts here, so changes (``update``) apply from here."""
-        if self.chain is None:
-            return self.segmenter.submit(frames), metas
-        self._take_updates()
+        """Start a batch (on GPU backends the device works while the caller goes on); changes
+        (``update``) apply from the batch submitted next."""
+        with self._lock:
+            updates, self._updates = self._updates, {}
+        self.table = updates.get("table", self.table)
+        if "z" in updates:
+            self.z = updates["z"]
+            if self.hold is not None:
+                self.hold.reset()  # a new style repaints everything
         boxes = [self._box(meta) for meta in metas] if self.gen_size else None
-        return self.chain.submit(frames, self.table.lut, boxes, self.z), metas
+        if self.whole is not None:
+            return self.whole.submit(frames, self.table.lut, boxes, self.z), metas, boxes, None
+        # what the stabiliser reads of the frames is taken now: the batch's buffer is reused
+        frames_kept = frames.copy() if getattr(self.stabilizer, "needs_frames", False) else None
+        part = self.chains.get("segment")
+        return (part.submit(frames) if part else self.segmenter.submit(frames)), metas, boxes, frames_kept
 
     def finish(self, handle) -> list[FrameResult]:
-        pending, metas = handle
-        if self.chain is None:
-            return self._complete(self.segmenter.finish(pending), metas)
-        ids, synth = self.chain.finish(pending)
+        pending, metas, boxes, frames = handle
+        if self.whole is not None:
+            out = self.whole.finish(pending)
+            ids, synth = out["labels"], out.get("pixels")
+        else:
+            ids, synth = self._stabilised_synthesis(pending, boxes, frames)
         self.class_counts += np.bincount(ids.ravel(), minlength=256)
         if synth is None:
             return [FrameResult(m, None) for m in ids]
-        crops = [self._box(meta) for meta in metas]
-        return [FrameResult(m, s[y:y + ch, x:x + cw]) for m, s, (x, y, cw, ch) in zip(ids, synth, crops)]
+        results = []
+        for m, s, (x, y, cw, ch) in zip(ids, synth, boxes):
+            picture = s[y:y + ch, x:x + cw]
+            if self.hold is not None:
+                picture = self.hold(resize_labels(m, cw, ch), picture)
+            results.append(FrameResult(m, picture))
+        return results
 
     def __call__(self, frames: np.ndarray, metas: list[dict]) -> list[FrameResult]:
         return self.finish(self.submit(frames, metas))
 
     def pinned_allocator(self):
         """Host buffers the first model uploads from fast (see Runner.pinned_allocator)."""
-        return (self.chain or self.segmenter).pinned_allocator()
+        return (self.whole or self.chains.get("segment") or self.segmenter).pinned_allocator()
 
-    def _take_updates(self) -> None:
-        with self._lock:
-            updates, self._updates = self._updates, {}
-        self.table = updates.get("table", self.table)
-        self.z = updates.get("z", self.z)
+    def _stabilised_synthesis(self, pending, boxes, frames) -> tuple[np.ndarray, np.ndarray | None]:
+        """Segment (chain part or models), stabilise on the host, then remap and synthesize."""
+        part = self.chains.get("segment")
+        if part is not None:
+            out = part.finish(pending)
+            seg, confidence = out["ids"], out.get("confidence")
+        elif self.stabilizer is None:
+            seg, confidence = self.segmenter.finish(pending), None
+        else:
+            seg, confidence = self.segmenter.finish(pending, confidence=True)
+        if self.stabilizer is not None:
+            conf = confidence if confidence is not None else [None] * len(seg)
+            seg = np.stack([self.stabilizer(m, c, f) for m, c, f in zip(seg, conf, frames if frames is not None
+                                                                       else [None] * len(seg))])
+        synth_part = self.chains.get("synth")
+        if self.generator is not None and synth_part is not None:
+            out = synth_part.finish(synth_part.submit(seg, self.table.lut, boxes, self.z))
+            return out["labels"], out["pixels"]
+        ids = self.table(seg)
+        if self.generator is None:
+            return ids, None
+        gw, gh = self.gen_size
+        canvases = np.full((len(ids), gh, gw), labels.UNKNOWN, np.uint8)
+        for canvas, m, (x, y, cw, ch) in zip(canvases, ids, boxes):
+            canvas[y:y + ch, x:x + cw] = resize_labels(m, cw, ch)
+        return ids, self.generator(canvases, self.z)
 
     def _box(self, meta: dict) -> tuple[int, int, int, int]:
         """Where a frame's picture lies on the generator's canvas."""
         gw, gh = self.gen_size
         return content_box(meta["size"], (gw, gh)) if self.fit == "letterbox" else (0, 0, gw, gh)
-
-    def _complete(self, seg: np.ndarray, metas: list[dict]) -> list[FrameResult]:
-        self._take_updates()
-        if self.smoother is not None:
-            seg = np.stack([self.smoother(m) for m in seg])
-        ids = self.table(seg)
-        self.class_counts += np.bincount(ids.ravel(), minlength=256)
-        if self.generator is None:
-            return [FrameResult(m, None) for m in ids]
-        gw, gh = self.gen_size
-        canvases, boxes = [], []
-        for m, meta in zip(ids, metas):
-            box = self._box(meta)
-            canvas = np.full((gh, gw), labels.UNKNOWN, np.uint8)
-            x, y, cw, ch = box
-            canvas[y:y + ch, x:x + cw] = resize_labels(m, cw, ch)
-            canvases.append(canvas)
-            boxes.append(box)
-        synth = self.generator(np.stack(canvases), self.z)
-        return [FrameResult(m, s[y:y + ch, x:x + cw]) for m, s, (x, y, cw, ch) in zip(ids, synth, boxes)]
 
     def class_fractions(self) -> dict[str, float]:
         """Pixel share of every class seen so far, largest first, by name."""

@@ -94,24 +94,29 @@ def _spy_submits(runner) -> list:
     return calls
 
 
-def test_a_session_through_the_chain_writes_what_the_models_write_one_by_one(tmp_path, people_clip):
-    """The fused graph in a real session (VFR clip with audio, batches of 2 over a generator of
-    fixed batch 1, letterbox, a remap): the same frames and timestamps as the models one by one."""
+@pytest.mark.parametrize("stabilize", ["off", "hysteresis"])
+def test_a_session_through_the_chain_writes_what_the_models_write_one_by_one(tmp_path, people_clip, stabilize):
+    """The fused graphs in a real session (VFR clip with audio, batches of 2 over a generator of
+    fixed batch 1, letterbox, a remap): the same frames and timestamps as the models one by
+    one. Unstabilised, one graph does it all; stabilised, the segment and synth parts run
+    either side of the stabiliser."""
     from segsynth.config import StreamConfig
     from segsynth.stream import ModelSet, StreamSession
 
+    parts = ("all",) if stabilize == "off" else ("segment", "synth")
     outs = {}
     for fused in ("off", "on"):
         with ModelSet.load("voc", "default", fused=fused, cache_dir=tmp_path, backend="onnxruntime") as models:
-            assert (models.chain is not None) == (fused == "on")
-            calls = _spy_submits(models.chain.runner) if models.chain else []
             outs[fused] = tmp_path / f"{fused}.mp4"
             s = StreamSession(StreamConfig(source=people_clip, sinks=[outs[fused]], view="side-by-side",
-                                           remap="person=animal", fit="letterbox", batch=2, crf=0), models)
+                                           remap="person=animal", fit="letterbox", batch=2, crf=0,
+                                           stabilize=stabilize), models)
+            assert sorted(models.chains) == ([] if fused == "off" else sorted(parts))
+            calls = {part: _spy_submits(models.chains[part].runner) for part in models.chains}
             s.start()
             assert s.join(120) and s.state == "closed", s.stats()
-            if fused == "on":
-                assert calls == [1] * 8  # every frame went through the chain (its generator takes one at a time)
+            for part, sizes in calls.items():  # every frame went through, in batches of up to 2
+                assert sum(sizes) == 8 and (max(sizes) <= 2 if part == "segment" else max(sizes) == 1), (part, sizes)
     (t_off, f_off), (t_on, f_on) = decode_video(outs["off"]), decode_video(outs["on"])
     assert t_on == t_off == decode_video(people_clip)[0] and len(f_on) == 8
     assert all(np.array_equal(a, b) for a, b in zip(f_on, f_off))
@@ -122,22 +127,27 @@ def test_the_models_are_fused_by_default_and_the_chain_is_written_once(tmp_path,
     from segsynth.stream import chain as chain_module
 
     with ModelSet.load("voc", "none", fused="off") as models:
-        assert models.chain is None
+        assert models.fused("all") is None and models.fused("segment") is None
     composed, real = [], chain_module.compose
     monkeypatch.setattr(chain_module, "compose", lambda *a: composed.append(a) or real(*a))
     for fused in ("auto", "on"):
         with ModelSet.load("voc", "none", fused=fused, cache_dir=tmp_path) as models:
-            assert models.chain is not None and set(models.chain.runner.inputs) == {"frames", "remap"}
-    assert len(composed) == 1  # the second load found it in the cache
-    (written,) = (tmp_path / "chains").iterdir()
-    assert_tensorrt_parsable(written)
+            assert models.chains == {}  # made on first use
+            whole, segment = models.fused("all"), models.fused("segment")
+            assert models.fused("all") is whole and models.fused("synth") is None  # shared; no generator
+            assert set(whole.runner.inputs) == {"frames", "remap"} and set(whole.runner.outputs) == {"labels"}
+            assert set(segment.runner.inputs) == {"frames"} and set(segment.runner.outputs) == {"ids", "confidence"}
+    assert len(composed) == 2  # the second load found both in the cache
+    for written in (tmp_path / "chains").iterdir():
+        assert_tensorrt_parsable(written)
     # the CLI flag reaches the models; a bad value is refused by argparse
     clip = tmp_path / "in.mp4"
     write_clip(clip, [np.zeros((48, 64, 3), np.uint8)] * 3, [Fraction(i, 25) for i in range(3)])
     proc = run_cli("run", clip, tmp_path / "out.mp4", "--segmenter", "voc", "--generator", "none", "--fused", "on",
                    "--cache-dir", tmp_path / "cli-cache", "-v")
     assert proc.returncode == 0, proc.stderr
-    assert "fused into one graph" in proc.stderr and len(list((tmp_path / "cli-cache" / "chains").iterdir())) == 1
+    assert "fused chain (segment)" in proc.stderr  # run stabilises by default: the segment part, then the host
+    assert [p.name.split("-")[1] for p in (tmp_path / "cli-cache" / "chains").iterdir()] == ["segment"]
     proc = run_cli("run", clip, tmp_path / "out2.mp4", "--fused", "maybe")
     assert proc.returncode == 2 and "--fused" in proc.stderr
 
@@ -158,11 +168,12 @@ def test_models_that_cannot_be_fused_are_said_once_and_run_one_by_one(tmp_path, 
     onnx.save(pairs, str(custom))
     with caplog.at_level("WARNING", logger="segsynth"):
         with ModelSet.load(str(custom), "default", label_set="voc", cache_dir=tmp_path, fused="auto") as models:
-            assert models.chain is None and models.segmenter.runner.is_active
-    (warning,) = [r.getMessage() for r in caplog.records if "fused chain" in r.getMessage()]
+            assert models.fused("all") is None and models.fused("all") is None and models.segmenter.runner.is_active
+    (warning,) = [r.getMessage() for r in caplog.records if "fused chain" in r.getMessage()]  # said once
     assert "fixed batches of different sizes (1, 2)" in warning and "one by one" in warning
-    with pytest.raises(ModelError, match="cannot be composed"):
-        ModelSet.load(str(custom), "default", label_set="voc", cache_dir=tmp_path, fused="on")
+    with ModelSet.load(str(custom), "default", label_set="voc", cache_dir=tmp_path, fused="on") as models:
+        with pytest.raises(ModelError, match="cannot be composed"):
+            models.fused("all")
 
 
 def test_the_torch_interpreter_runs_the_chain_as_onnxruntime_does(tmp_path):

@@ -95,8 +95,8 @@ def test_tensorrt_uploads_straight_from_its_pinned_pool(tmp_path):
 
 
 def test_a_gpu_session_runs_the_fused_chain_and_agrees_with_the_cpu(tmp_path):
-    """auto fuses the models on a GPU backend: uint8 frames in, labels and pictures out of one
-    graph; the result agrees with the CPU's models run one by one."""
+    """The fused graph on a GPU backend: uint8 frames in, labels and pictures out of one graph;
+    the result agrees with the CPU's."""
     from segsynth.stream import ModelSet
     from segsynth.stream.synth import Synthesize
 
@@ -104,9 +104,8 @@ def test_a_gpu_session_runs_the_fused_chain_and_agrees_with_the_cpu(tmp_path):
     results = {}
     for backend in ("onnxruntime", "torch-cuda"):
         with ModelSet.load("ade20k+voc", "default", backend=backend, cache_dir=tmp_path) as m:
-            assert (m.chain is not None) == (backend != "onnxruntime")
-            infer = Synthesize(m.segmenter, m.generator, m.remap("person=animal"), None, 1, "letterbox",
-                               m.generator.size, chain=m.chain)
+            infer = Synthesize(m.segmenter, m.generator, m.remap("person=animal"), None, "off", "letterbox",
+                               m.generator.size, chains={"all": m.fused("all")})
             assert infer.asynchronous == (backend == "torch-cuda")
             results[backend] = infer.finish(infer.submit(frames, metas))
     cpu, gpu = results["onnxruntime"], results["torch-cuda"]

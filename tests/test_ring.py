@@ -4,7 +4,7 @@ import time
 import numpy as np
 
 from segsynth.stream.ring import FrameRing
-from segsynth.stream.synth import LabelSmoother
+from segsynth.stream.stabilize import Majority
 
 
 def test_lossless_ring_blocks_the_producer_and_keeps_order():
@@ -53,7 +53,7 @@ def test_ring_buffers_are_preallocated_once():
 
 
 def test_label_smoother_takes_the_majority_of_the_last_k_frames():
-    smooth = LabelSmoother(3)
+    smooth = Majority(3)
     a, b = np.zeros((2, 2), np.uint8), np.ones((2, 2), np.uint8)
     assert (smooth(a) == 0).all()
     assert (smooth(b) == 1).all()  # tie 1:1 -> the most recent
@@ -89,7 +89,7 @@ def test_letterbox_keeps_the_aspect_and_pads_with_dontcare():
     ade = labels.get("ade20k")
     segment = FakeSegmenter()
     for fit, pad_rows in (("letterbox", 14), ("stretch", 0)):
-        infer = Synthesize(segment, FakeGenerator(), labels.RemapTable(None, ade), None, 1, fit, (64, 64))
+        infer = Synthesize(segment, FakeGenerator(), labels.RemapTable(None, ade), None, "off", fit, (64, 64))
         (result,) = infer(np.zeros((1, 8, 8, 3), np.uint8), [{"size": (1280, 720)}])
         canvas = FakeGenerator.seen[0]
         assert (canvas[:pad_rows] == labels.UNKNOWN).all() and (canvas[pad_rows:64 - pad_rows] == 12).all()

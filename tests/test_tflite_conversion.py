@@ -43,7 +43,8 @@ def test_export_command_reproduces_the_shipped_onnx(name, tmp_path):
     made, ref = onnx.load(str(out)), onnx.load(str(shipped))
     assert made.SerializeToString(deterministic=True) == ref.SerializeToString(deterministic=True)
     onnx.checker.check_model(made, full_check=True)
-    assert [i.name for i in made.graph.input] == ["image"] and [o.name for o in made.graph.output] == ["labels"]
+    assert [i.name for i in made.graph.input] == ["image"]
+    assert [o.name for o in made.graph.output] == ["labels", "confidence"]
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -71,3 +72,30 @@ def test_onnx_matches_tflite_interpreter_on_real_photos(name, real_photos):
     print(f"\n{name}: argmax agreement with the TFLite interpreter: {pooled:.2%} over {', '.join(CLEAR)} "
           f"(per photo: {', '.join(lines)})")
     assert pooled >= 0.99
+
+
+def test_confidence_is_the_top_class_probability_of_the_tflite_logits(real_photos):
+    """The ADE20K TFLite file outputs its upsampled logits: the softmax maximum of those is what
+    the ``confidence`` output approximates (computed before the upsampling, to stay cheap)."""
+    import onnxruntime as ort
+    from ai_edge_litert.interpreter import Interpreter
+
+    tflite, shipped = CASES["ade20k"]
+    session = ort.InferenceSession(str(shipped), providers=["CPUExecutionProvider"])
+    it = Interpreter(model_path=str(tflite), num_threads=2)
+    it.allocate_tensors()
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    diffs, corrs = [], []
+    for photo in list(real_photos.values())[:3]:
+        x = np.asarray(Image.fromarray(photo).resize((513, 513), Image.BILINEAR)).astype(np.float32) / 127.5 - 1
+        it.set_tensor(inp["index"], x[None])
+        it.invoke()
+        logits = it.get_tensor(out["index"])[0]
+        e = np.exp(logits - logits.max(-1, keepdims=True))
+        want = (e / e.sum(-1, keepdims=True)).max(-1)
+        labels, confidence = session.run(None, {"image": x.transpose(2, 0, 1)[None]})
+        assert confidence.shape == labels.shape and 0 < confidence.min() and confidence.max() <= 1 + 1e-6
+        diffs.append(float(np.abs(confidence[0] - want).mean()))
+        corrs.append(float(np.corrcoef(confidence[0].ravel(), want.ravel())[0, 1]))
+    print(f"\nADE20K confidence vs the TFLite logits' softmax: mean |diff| {np.mean(diffs):.3f}, corr {np.mean(corrs):.3f}")
+    assert np.mean(diffs) < 0.03 and min(corrs) > 0.97

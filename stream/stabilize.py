@@ -1,0 +1,209 @@
+"""Temporal stabilisation: label maps that do not flicker where the picture did not change,
+and pictures that stay still where their labels did.
+
+Per-frame segmentation flips labels on pixels whose input did not change (a cloud is "sky"
+in one frame and "wall" in the next), and SPADE repaints every flip as a flash. A session
+runs one of these between the segmenter and the generator (``--stabilize``):
+
+* ``off``: the per-frame labels.
+* ``majority[:K]``: each pixel's most frequent label over the last K frames (ties: the most
+  recent); ``--smooth K`` is its old name.
+* ``hysteresis`` (the default for video): each pixel keeps its label until its input has
+  changed (more than ``threshold`` grey levels in its 3 x 3 neighbourhood, compared with the
+  frame its label was set on, so slow drifts add up), a prediction more confident than the
+  kept one by ``margin`` arrives (the segmenters' ``confidence`` output: the top class's
+  probability), or the segmenter has disagreed for ``patience`` frames in a row (a label
+  that was wrong when it was set does not stay forever); a scene cut (more than ``cut`` of
+  the picture changed) starts afresh.
+* ``flow``: the same rule on a state carried along by optical flow (OpenCV's DIS flow on
+  quarter-size grey frames): labels, their confidence and the reference picture follow
+  moving content, so a moving object keeps its labels; motions under ``snap`` pixels are
+  taken as none.
+
+With any of them a generator's picture is held too (``PictureHold``): each pixel keeps its
+value while the labels within ``radius`` of it stay what they were when it was painted (SPADE
+repaints the whole frame a little differently whenever any label changes).
+
+All state belongs to one session and its infer thread.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from segsynth.errors import InputError
+
+METHODS = ("off", "majority", "hysteresis", "flow")
+DEFAULT = "hysteresis"
+CHOICES = "off|majority[:K]|hysteresis|flow"
+
+
+def parse(spec: str) -> tuple[str, int]:
+    """``spec`` -> (method, K); K is majority's window (1 otherwise). InputError when malformed."""
+    name, _, arg = str(spec).strip().lower().partition(":")
+    if name not in METHODS or (arg and name != "majority"):
+        raise InputError(f"stabilize: {spec!r} is not one of {CHOICES}")
+    if name != "majority":
+        return name, 1
+    if arg and not arg.isdigit():
+        raise InputError(f"stabilize: majority:K needs a whole number of frames, got {arg!r}")
+    k = int(arg) if arg else 5
+    if not 2 <= k <= 15:
+        raise InputError("stabilize: majority:K takes K between 2 and 15 frames")
+    return name, k
+
+
+def make(spec: str):
+    """A fresh label stabiliser for ``spec`` (None for ``off``)."""
+    name, k = parse(spec)
+    return {"off": lambda: None, "majority": lambda: Majority(k), "hysteresis": Hysteresis, "flow": Flow}[name]()
+
+
+def luma(frame: np.ndarray) -> np.ndarray:
+    """H x W x 3 uint8 RGB -> H x W float32 grey (BT.601 weights)."""
+    return frame[..., 0] * np.float32(0.299) + frame[..., 1] * np.float32(0.587) + frame[..., 2] * np.float32(0.114)
+
+
+def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
+    """Boolean dilation by a (2 radius + 1)^2 square (the max over each pixel's neighbourhood)."""
+    out = mask
+    for _ in range(radius):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        rows = grown.copy()
+        grown[:, 1:] |= rows[:, :-1]
+        grown[:, :-1] |= rows[:, 1:]
+        out = grown
+    return out
+
+
+class Majority:
+    """Temporal majority vote over the last K label maps (ties go to the most recent)."""
+
+    needs_frames = False
+
+    def __init__(self, k: int) -> None:
+        self.k, self.history = k, []
+
+    def __call__(self, ids: np.ndarray, confidence=None, frame=None) -> np.ndarray:
+        self.history = (self.history + [ids])[-self.k:]
+        best = self.history[-1].copy()
+        best_count = np.zeros(best.shape, np.int16)
+        for candidate in reversed(self.history):  # most recent first: it wins ties
+            count = sum((h == candidate).astype(np.int16) for h in self.history)
+            better = count > best_count
+            best[better], best_count[better] = candidate[better], count[better]
+        return best
+
+
+class Hysteresis:
+    """Keep labels where the input did not change since they were set (see the module)."""
+
+    needs_frames = True
+
+    def __init__(self, threshold: float = 8.0, margin: float = 0.3, cut: float = 0.5, patience: int = 72) -> None:
+        self.threshold, self.margin, self.cut, self.patience = threshold, margin, cut, patience
+        self.labels = self.confidence = self.reference = self.against = None
+        self.resets = 0  # scene cuts (and size changes) seen
+
+    def __call__(self, ids: np.ndarray, confidence: np.ndarray | None, frame: np.ndarray) -> np.ndarray:
+        """One frame: its per-frame ``ids`` (H x W uint8), their ``confidence`` (H x W float in
+        [0, 1], or None: then only input changes update a label) and the ``frame`` (H x W x 3
+        uint8 at the same size) -> the stabilised ids."""
+        grey = luma(frame)
+        confidence = np.full(ids.shape, 0.5, np.float32) if confidence is None else confidence.astype(np.float32)
+        state = self._follow(grey) if self.labels is not None and self.labels.shape == ids.shape else None
+        if state is None:
+            return self._reset(ids, confidence, grey)
+        labels, kept, reference, against = state
+        changed = dilate(np.abs(grey - reference) > self.threshold)
+        if changed.mean() > self.cut:
+            return self._reset(ids, confidence, grey)
+        agree = ids == labels
+        against = np.where(agree, 0, against + 1).astype(np.int16)  # frames in a row the segmenter disagreed
+        take = changed | (~agree & ((confidence > kept + self.margin) | (against > self.patience)))
+        self.labels = np.where(take, ids, labels)
+        self.confidence = np.where(take, confidence, np.where(agree, np.maximum(kept, confidence), kept))
+        self.reference = np.where(take, grey, reference)
+        self.against = np.where(take, 0, against).astype(np.int16)
+        return self.labels.copy()
+
+
+
+    def _follow(self, grey: np.ndarray):
+        """The state as it applies to this frame: (labels, their confidence, reference grey,
+        frames of disagreement)."""
+        return self.labels, self.confidence, self.reference, self.against
+
+    def _reset(self, ids, confidence, grey) -> np.ndarray:
+        self.labels, self.confidence, self.reference = ids.copy(), confidence, grey
+        self.against = np.zeros(ids.shape, np.int16)
+        self.resets += 1
+        return ids.copy()
+
+
+class Flow(Hysteresis):
+    """Hysteresis on a state carried along by DIS optical flow (see the module)."""
+
+    def __init__(self, scale: int = 4, snap: float = 0.5, **options) -> None:
+        super().__init__(**options)
+        try:
+            import cv2
+        except ImportError:
+            raise InputError("--stabilize flow needs OpenCV: pip install opencv-python-headless "
+                             "(or 'segsynth[flow]')") from None
+        self.cv2, self.scale, self.snap = cv2, scale, snap
+        self.flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
+        self.previous = None
+
+    def _small(self, grey: np.ndarray) -> np.ndarray:
+        h, w = grey.shape
+        return self.cv2.resize(grey, (max(8, w // self.scale), max(8, h // self.scale)),
+                               interpolation=self.cv2.INTER_AREA)
+
+    def _follow(self, grey: np.ndarray):
+        cv2 = self.cv2
+        small = self._small(grey).round().astype(np.uint8)
+        flow = self.flow.calc(small, self.previous, None)  # where each pixel of this frame was in the last
+        self.previous = small
+        flow[np.abs(flow).max(-1) < self.snap] = 0
+        if not flow.any():
+            return self.labels, self.confidence, self.reference, self.against
+        h, w = grey.shape
+        full = cv2.resize(flow, (w, h), interpolation=cv2.INTER_LINEAR) * np.float32(w / small.shape[1])
+        full += np.mgrid[0:h, 0:w][::-1].transpose(1, 2, 0).astype(np.float32)
+        x, y = full[..., 0], full[..., 1]
+        warp = dict(borderMode=cv2.BORDER_REPLICATE)
+        return (cv2.remap(self.labels, x, y, cv2.INTER_NEAREST, **warp),
+                cv2.remap(self.confidence, x, y, cv2.INTER_LINEAR, **warp),
+                cv2.remap(self.reference, x, y, cv2.INTER_LINEAR, **warp),
+                cv2.remap(self.against, x, y, cv2.INTER_NEAREST, **warp))
+
+    def _reset(self, ids, confidence, grey) -> np.ndarray:
+        self.previous = self._small(grey).round().astype(np.uint8)
+        return super()._reset(ids, confidence, grey)
+
+
+class PictureHold:
+    """A generator's picture held still where its labels are: each pixel keeps its value while
+    the labels within ``radius`` pixels (at the picture's size) are those it was painted from."""
+
+    def __init__(self, radius: int = 1) -> None:
+        self.radius = radius
+        self.labels = self.picture = None
+
+    def reset(self) -> None:
+        """Repaint everything next frame (a new style, a new size)."""
+        self.labels = self.picture = None
+
+    def __call__(self, labels: np.ndarray, picture: np.ndarray) -> np.ndarray:
+        """``labels`` (h x w ids the picture was painted from, at its size) and the new
+        ``picture`` (h x w x 3) -> the picture to show."""
+        if self.picture is None or self.picture.shape != picture.shape:
+            self.labels, self.picture = labels.copy(), picture.copy()
+            return picture
+        changed = dilate(labels != self.labels, self.radius)
+        self.picture = np.where(changed[..., None], picture, self.picture)
+        self.labels = np.where(changed, labels, self.labels)
+        return self.picture.copy()
