@@ -9,8 +9,8 @@ runs one of these between the segmenter and the generator (``--stabilize``):
 * ``majority[:K]``: each pixel's most frequent label over the last K frames (ties: the most
   recent); ``--smooth K`` is its old name.
 * ``hysteresis`` (the default for video): each pixel keeps its label until its input has
-  changed (more than ``threshold`` grey levels in its 3 x 3 neighbourhood, compared with the
-  frame its label was set on, so slow drifts add up), a prediction more confident than the
+  changed (by more than ``threshold`` levels in some colour channel somewhere in its 3 x 3
+  neighbourhood, compared with the frame its label was set on, so slow drifts add up), a prediction more confident than the
   kept one by ``margin`` arrives (the segmenters' ``confidence`` output: the top class's
   probability), or the segmenter has disagreed for ``patience`` frames in a row (a label
   that was wrong when it was set does not stay forever); a scene cut (more than ``cut`` of
@@ -102,7 +102,7 @@ class Hysteresis:
 
     needs_frames = True
 
-    def __init__(self, threshold: float = 8.0, margin: float = 0.3, cut: float = 0.5, patience: int = 72) -> None:
+    def __init__(self, threshold: int = 10, margin: float = 0.3, cut: float = 0.5, patience: int = 72) -> None:
         self.threshold, self.margin, self.cut, self.patience = threshold, margin, cut, patience
         self.labels = self.confidence = self.reference = self.against = None
         self.resets = 0  # scene cuts (and size changes) seen
@@ -111,33 +111,31 @@ class Hysteresis:
         """One frame: its per-frame ``ids`` (H x W uint8), their ``confidence`` (H x W float in
         [0, 1], or None: then only input changes update a label) and the ``frame`` (H x W x 3
         uint8 at the same size) -> the stabilised ids."""
-        grey = luma(frame)
         confidence = np.full(ids.shape, 0.5, np.float32) if confidence is None else confidence.astype(np.float32)
-        state = self._follow(grey) if self.labels is not None and self.labels.shape == ids.shape else None
+        state = self._follow(frame) if self.labels is not None and self.labels.shape == ids.shape else None
         if state is None:
-            return self._reset(ids, confidence, grey)
+            return self._reset(ids, confidence, frame)
         labels, kept, reference, against = state
-        changed = dilate(np.abs(grey - reference) > self.threshold)
+        # any channel, not grey alone: new content of the same brightness is new content
+        changed = dilate((np.maximum(frame, reference) - np.minimum(frame, reference)).max(-1) > self.threshold)
         if changed.mean() > self.cut:
-            return self._reset(ids, confidence, grey)
+            return self._reset(ids, confidence, frame)
         agree = ids == labels
         against = np.where(agree, 0, against + 1).astype(np.int16)  # frames in a row the segmenter disagreed
         take = changed | (~agree & ((confidence > kept + self.margin) | (against > self.patience)))
         self.labels = np.where(take, ids, labels)
         self.confidence = np.where(take, confidence, np.where(agree, np.maximum(kept, confidence), kept))
-        self.reference = np.where(take, grey, reference)
+        self.reference = np.where(take[..., None], frame, reference)
         self.against = np.where(take, 0, against).astype(np.int16)
         return self.labels.copy()
 
-
-
-    def _follow(self, grey: np.ndarray):
-        """The state as it applies to this frame: (labels, their confidence, reference grey,
+    def _follow(self, frame: np.ndarray):
+        """The state as it applies to this frame: (labels, their confidence, reference picture,
         frames of disagreement)."""
         return self.labels, self.confidence, self.reference, self.against
 
-    def _reset(self, ids, confidence, grey) -> np.ndarray:
-        self.labels, self.confidence, self.reference = ids.copy(), confidence, grey
+    def _reset(self, ids, confidence, frame) -> np.ndarray:
+        self.labels, self.confidence, self.reference = ids.copy(), confidence, frame.copy()
         self.against = np.zeros(ids.shape, np.int16)
         self.resets += 1
         return ids.copy()
@@ -157,20 +155,20 @@ class Flow(Hysteresis):
         self.flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
         self.previous = None
 
-    def _small(self, grey: np.ndarray) -> np.ndarray:
-        h, w = grey.shape
-        return self.cv2.resize(grey, (max(8, w // self.scale), max(8, h // self.scale)),
-                               interpolation=self.cv2.INTER_AREA)
+    def _small(self, frame: np.ndarray) -> np.ndarray:
+        h, w = frame.shape[:2]
+        return self.cv2.resize(luma(frame), (max(8, w // self.scale), max(8, h // self.scale)),
+                               interpolation=self.cv2.INTER_AREA).round().astype(np.uint8)
 
-    def _follow(self, grey: np.ndarray):
+    def _follow(self, frame: np.ndarray):
         cv2 = self.cv2
-        small = self._small(grey).round().astype(np.uint8)
+        small = self._small(frame)
         flow = self.flow.calc(small, self.previous, None)  # where each pixel of this frame was in the last
         self.previous = small
         flow[np.abs(flow).max(-1) < self.snap] = 0
         if not flow.any():
             return self.labels, self.confidence, self.reference, self.against
-        h, w = grey.shape
+        h, w = frame.shape[:2]
         full = cv2.resize(flow, (w, h), interpolation=cv2.INTER_LINEAR) * np.float32(w / small.shape[1])
         full += np.mgrid[0:h, 0:w][::-1].transpose(1, 2, 0).astype(np.float32)
         x, y = full[..., 0], full[..., 1]
@@ -180,9 +178,9 @@ class Flow(Hysteresis):
                 cv2.remap(self.reference, x, y, cv2.INTER_LINEAR, **warp),
                 cv2.remap(self.against, x, y, cv2.INTER_NEAREST, **warp))
 
-    def _reset(self, ids, confidence, grey) -> np.ndarray:
-        self.previous = self._small(grey).round().astype(np.uint8)
-        return super()._reset(ids, confidence, grey)
+    def _reset(self, ids, confidence, frame) -> np.ndarray:
+        self.previous = self._small(frame)
+        return super()._reset(ids, confidence, frame)
 
 
 class PictureHold:
