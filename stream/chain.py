@@ -14,8 +14,14 @@ generator, ``pixels`` N x gh x gw x 3 uint8. The arithmetic is the host path's, 
 ``Generator.__call__``), and uint8 exists only at the graph's edges (TensorRT-parsable: see
 ``engine.graphcheck``).
 
+A session that works on the labels between the models (``--stabilize``) runs two parts
+instead (``compose(..., part=)``): ``segment`` (``frames`` -> ``ids``, the segmenter's own,
+not remapped, + ``confidence``) and ``synth`` (``ids`` + the rest of the inputs above ->
+``labels`` + ``pixels``); the frames still go up once, as uint8, and only the label maps
+come back and go up again.
+
 Only the composition needs onnx; the composed graph is written once into the cache
-(keyed by its own hash) and run by any backend like any other graph.
+(keyed by the models' bytes and the part) and run by any backend like any other graph.
 """
 
 from __future__ import annotations

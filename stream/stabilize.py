@@ -14,15 +14,16 @@ runs one of these between the segmenter and the generator (``--stabilize``):
   kept one by ``margin`` arrives (the segmenters' ``confidence`` output: the top class's
   probability), or the segmenter has disagreed for ``patience`` frames in a row (a label
   that was wrong when it was set does not stay forever); a scene cut (more than ``cut`` of
-  the picture changed) starts afresh.
+  the picture changed since the frame before) starts afresh.
 * ``flow``: the same rule on a state carried along by optical flow (OpenCV's DIS flow on
   quarter-size grey frames): labels, their confidence and the reference picture follow
   moving content, so a moving object keeps its labels; motions under ``snap`` pixels are
   taken as none.
 
-With any of them a generator's picture is held too (``PictureHold``): each pixel keeps its
-value while the labels within ``radius`` of it stay what they were when it was painted (SPADE
-repaints the whole frame a little differently whenever any label changes).
+With any of them a generator's picture is held too (``PictureHold``): a pixel is repainted
+where the labels near it changed (SPADE repaints the whole frame a little differently
+whenever any label changes), and the whole picture at scene cuts and when much of the label
+map has changed since its last whole repaint.
 
 All state belongs to one session and its infer thread.
 """
@@ -78,6 +79,11 @@ def dilate(mask: np.ndarray, radius: int = 1) -> np.ndarray:
     return out
 
 
+def _differ(a: np.ndarray, b: np.ndarray, threshold: int) -> np.ndarray:
+    """Where two H x W x 3 uint8 pictures differ by more than ``threshold`` in some channel."""
+    return (np.maximum(a, b) - np.minimum(a, b)).max(-1) > threshold
+
+
 class Majority:
     """Temporal majority vote over the last K label maps (ties go to the most recent)."""
 
@@ -105,6 +111,9 @@ class Hysteresis:
     def __init__(self, threshold: int = 10, margin: float = 0.3, cut: float = 0.5, patience: int = 72) -> None:
         self.threshold, self.margin, self.cut, self.patience = threshold, margin, cut, patience
         self.labels = self.confidence = self.reference = self.against = None
+        self.started = False  # the last frame started afresh (the first frame, a scene cut)
+        self.moved = None  # where the last frame's input changed since the frame before
+        self.last = None  # the last frame
         self.resets = 0  # scene cuts (and size changes) seen
 
     def __call__(self, ids: np.ndarray, confidence: np.ndarray | None, frame: np.ndarray) -> np.ndarray:
@@ -117,9 +126,11 @@ class Hysteresis:
             return self._reset(ids, confidence, frame)
         labels, kept, reference, against = state
         # any channel, not grey alone: new content of the same brightness is new content
-        changed = dilate((np.maximum(frame, reference) - np.minimum(frame, reference)).max(-1) > self.threshold)
-        if changed.mean() > self.cut:
+        moved = _differ(frame, self.last, self.threshold)
+        if moved.mean() > self.cut:  # abrupt: a cut, not a fade or a pan
             return self._reset(ids, confidence, frame)
+        self.last, self.started, self.moved = frame.copy(), False, dilate(moved)
+        changed = dilate(_differ(frame, reference, self.threshold))
         agree = ids == labels
         against = np.where(agree, 0, against + 1).astype(np.int16)  # frames in a row the segmenter disagreed
         take = changed | (~agree & ((confidence > kept + self.margin) | (against > self.patience)))
@@ -135,8 +146,9 @@ class Hysteresis:
         return self.labels, self.confidence, self.reference, self.against
 
     def _reset(self, ids, confidence, frame) -> np.ndarray:
-        self.labels, self.confidence, self.reference = ids.copy(), confidence, frame.copy()
+        self.labels, self.confidence, self.reference, self.last = ids.copy(), confidence, frame.copy(), frame.copy()
         self.against = np.zeros(ids.shape, np.int16)
+        self.started, self.moved = True, np.ones(ids.shape, bool)
         self.resets += 1
         return ids.copy()
 
@@ -184,24 +196,33 @@ class Flow(Hysteresis):
 
 
 class PictureHold:
-    """A generator's picture held still where its labels are: each pixel keeps its value while
-    the labels within ``radius`` pixels (at the picture's size) are those it was painted from."""
+    """A generator's picture kept from flickering. Where the input moved (since the frame
+    before) or the labels within ``radius`` pixels changed, the new picture is shown; elsewhere
+    the picture moves only ``follow`` of the way to the new one each frame. SPADE paints each
+    pixel from the whole label map, so a still pixel's paint flickers with every change far
+    away: that is damped, while a real change (a sky painted dark while the frame was dark,
+    repainted once the scene lit up) still comes through, gradually. A scene cut shows the new
+    picture at once."""
 
-    def __init__(self, radius: int = 1) -> None:
-        self.radius = radius
+    def __init__(self, radius: int = 0, follow: float = 0.2) -> None:
+        self.radius, self.follow = radius, np.float32(follow)
         self.labels = self.picture = None
 
     def reset(self) -> None:
         """Repaint everything next frame (a new style, a new size)."""
         self.labels = self.picture = None
 
-    def __call__(self, labels: np.ndarray, picture: np.ndarray) -> np.ndarray:
-        """``labels`` (h x w ids the picture was painted from, at its size) and the new
-        ``picture`` (h x w x 3) -> the picture to show."""
-        if self.picture is None or self.picture.shape != picture.shape:
-            self.labels, self.picture = labels.copy(), picture.copy()
+    def __call__(self, labels: np.ndarray, picture: np.ndarray, moved: np.ndarray | bool | None = None) -> np.ndarray:
+        """``labels`` (h x w ids the picture was painted from, at its size), the new ``picture``
+        (h x w x 3 uint8) and ``moved``: where the input changed (h x w bool), True for all of
+        it (a scene cut), None when unknown -> the picture to show."""
+        fresh = picture.astype(np.float32)
+        if moved is True or self.picture is None or self.picture.shape != fresh.shape:
+            self.labels, self.picture = labels.copy(), fresh
             return picture
         changed = dilate(labels != self.labels, self.radius)
-        self.picture = np.where(changed[..., None], picture, self.picture)
-        self.labels = np.where(changed, labels, self.labels)
-        return self.picture.copy()
+        if moved is not None:
+            changed |= moved
+        self.picture = np.where(changed[..., None], fresh, self.picture + self.follow * (fresh - self.picture))
+        self.labels = labels.copy()
+        return self.picture.round().astype(np.uint8)

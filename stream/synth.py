@@ -87,19 +87,22 @@ class Synthesize:
 
     def finish(self, handle) -> list[FrameResult]:
         pending, metas, boxes, frames = handle
+        moved = [None] * len(metas)  # per frame: where its input moved (True: all, a scene cut), from the stabiliser
         if self.whole is not None:
             out = self.whole.finish(pending)
             ids, synth = out["labels"], out.get("pixels")
         else:
-            ids, synth = self._stabilised_synthesis(pending, boxes, frames)
+            ids, synth = self._stabilised_synthesis(pending, boxes, frames, moved)
         self.class_counts += np.bincount(ids.ravel(), minlength=256)
         if synth is None:
             return [FrameResult(m, None) for m in ids]
         results = []
-        for m, s, (x, y, cw, ch) in zip(ids, synth, boxes):
+        for m, s, (x, y, cw, ch), where in zip(ids, synth, boxes, moved):
             picture = s[y:y + ch, x:x + cw]
             if self.hold is not None:
-                picture = self.hold(resize_labels(m, cw, ch), picture)
+                if isinstance(where, np.ndarray):  # at the picture's size
+                    where = resize_labels(where.view(np.uint8), cw, ch).view(bool)
+                picture = self.hold(resize_labels(m, cw, ch), picture, where)
             results.append(FrameResult(m, picture))
         return results
 
@@ -110,8 +113,9 @@ class Synthesize:
         """Host buffers the first model uploads from fast (see Runner.pinned_allocator)."""
         return (self.whole or self.chains.get("segment") or self.segmenter).pinned_allocator()
 
-    def _stabilised_synthesis(self, pending, boxes, frames) -> tuple[np.ndarray, np.ndarray | None]:
-        """Segment (chain part or models), stabilise on the host, then remap and synthesize."""
+    def _stabilised_synthesis(self, pending, boxes, frames, moved: list) -> tuple[np.ndarray, np.ndarray | None]:
+        """Segment (chain part or models), stabilise on the host (``moved[i]``: where frame i's
+        input moved, as the stabiliser saw it), then remap and synthesize."""
         part = self.chains.get("segment")
         if part is not None:
             out = part.finish(pending)
@@ -121,9 +125,12 @@ class Synthesize:
         else:
             seg, confidence = self.segmenter.finish(pending, confidence=True)
         if self.stabilizer is not None:
-            conf = confidence if confidence is not None else [None] * len(seg)
-            seg = np.stack([self.stabilizer(m, c, f) for m, c, f in zip(seg, conf, frames if frames is not None
-                                                                       else [None] * len(seg))])
+            none, stable = [None] * len(seg), []
+            for i, (m, c, f) in enumerate(zip(seg, none if confidence is None else confidence,
+                                              none if frames is None else frames)):
+                stable.append(self.stabilizer(m, c, f))
+                moved[i] = True if getattr(self.stabilizer, "started", False) else getattr(self.stabilizer, "moved", None)
+            seg = np.stack(stable)
         synth_part = self.chains.get("synth")
         if self.generator is not None and synth_part is not None:
             out = synth_part.finish(synth_part.submit(seg, self.table.lut, boxes, self.z))

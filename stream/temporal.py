@@ -149,7 +149,7 @@ def write_grid(path: Path, samples: dict, methods: list[str], label_set) -> None
     each method (off | stabilised), so flicker shows as rows that differ."""
     from PIL import Image, ImageDraw
 
-    side = 160
+    side = 128
 
     def cell(rgb: np.ndarray, resample=Image.NEAREST) -> np.ndarray:
         return np.asarray(Image.fromarray(rgb).resize((side, side), resample))

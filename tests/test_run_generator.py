@@ -91,9 +91,9 @@ def test_smoothing_outvotes_a_one_frame_flicker(tmp_path, astronaut):
     flicker = write_clip(tmp_path / "flicker.mkv", [still] * 3 + [black] + [still] * 3,
                          [Fraction(i, 25) for i in range(7)], codec="ffv1")  # lossless: equal frames decode equal
     ids = {}
-    for k in ("1", "3"):
+    for k, option in (("1", ["--stabilize", "off"]), ("3", ["--smooth", "3"])):  # --smooth K: majority:K
         out = tmp_path / f"smooth{k}.mkv"
-        proc = run_cli("run", flicker, out, "--segmenter", "voc", "--generator", "none", "--view", "ids", "--smooth", k)
+        proc = run_cli("run", flicker, out, "--segmenter", "voc", "--generator", "none", "--view", "ids", *option)
         assert proc.returncode == 0, proc.stderr
         ids[k] = decode_video(out)[1]
     assert (ids["1"][2] == 15).mean() > 0.2 and not (ids["1"][3] == 15).any()  # per frame: the person blinks out

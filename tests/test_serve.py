@@ -121,9 +121,10 @@ def test_streams_metrics_live_patch_and_delete_on_a_real_server(tmp_path, tiny_s
         assert status == 201, live
         assert live["id"] == "cam" and live["state"] == "running"
         shutil.copy(people_clip, root / "clip.mp4")
-        status, clip = api(base, "POST", "/v1/streams", {"source": str(root / "clip.mp4"),
+        status, clip = api(base, "POST", "/v1/streams", {"source": str(root / "clip.mp4"), "stabilize": "flow",
                                                           "sinks": [str(root / "clip-out.mp4")]})
         assert status == 201, clip
+        assert clip["config"]["stabilize"] == "flow"
         # frames flow: the counter grows between two scrapes
         first = series(base, "segsynth_frames_total", stream="cam", stage="encoded") or 0
         time.sleep(1.5)
@@ -171,6 +172,7 @@ def test_bad_requests_are_4xx_with_a_clear_json_error(tmp_path, tiny_segmenter):
             ({"source": "/etc/hostname", "sinks": [out]}, 403, "source"),
             ({"source": RED, "sinks": ["/tmp/elsewhere.mkv"]}, 403, "sinks"),
             ({"source": RED, "sinks": [out], "view": "sepia"}, 422, "view"),
+            ({"source": RED, "sinks": [out], "stabilize": "median"}, 422, "stabilize"),
             ({"source": RED, "sinks": [out], "seed": "many"}, 422, "seed"),
             ({"source": RED, "sinks": [out], "segmenter": "ade20k"}, 422, "segmenter"),
             ({"sinks": [out]}, 422, "source"),

@@ -115,18 +115,19 @@ def test_a_contradicted_label_gives_way_after_patience_frames():
     assert outs == [3] * 10 + [4] * 5
 
 
-def test_the_picture_holds_where_its_labels_hold():
-    hold = stabilize.PictureHold(radius=1)
-    labels = np.zeros((16, 16), np.uint8)
-    first = hold(labels, np.full((16, 16, 3), 100, np.uint8))
-    assert (first == 100).all()
-    assert (hold(labels, np.full((16, 16, 3), 120, np.uint8)) == 100).all()  # same labels: the picture stays
-    moved = labels.copy()
-    moved[8, 8] = 5
-    out = hold(moved, np.full((16, 16, 3), 140, np.uint8))
-    assert (out[7:10, 7:10] == 140).all() and (out[:6] == 100).all()  # repainted around the change only
+def test_the_picture_is_damped_where_labels_and_input_hold_and_new_where_they_change():
+    hold = stabilize.PictureHold(radius=0, follow=0.2)
+    labels, still = np.zeros((16, 16), np.uint8), np.zeros((16, 16), bool)
+    assert (hold(labels, np.full((16, 16, 3), 100, np.uint8), still) == 100).all()
+    assert (hold(labels, np.full((16, 16, 3), 150, np.uint8), still) == 110).all()  # flicker damped: 1/5 of it
+    relabelled, moved = labels.copy(), still.copy()
+    relabelled[8, 8], moved[2, 3] = 5, True
+    out = hold(relabelled, np.full((16, 16, 3), 160, np.uint8), moved)
+    assert out[8, 8, 0] == 160 and out[2, 3, 0] == 160  # a new label, an input that moved: shown at once
+    assert out[0, 0, 0] == 120  # elsewhere: 110 + (160 - 110) / 5
+    assert (hold(relabelled, np.full((16, 16, 3), 7, np.uint8), True) == 7).all()  # a scene cut: all new
     hold.reset()
-    assert (hold(moved, np.full((16, 16, 3), 10, np.uint8)) == 10).all()  # a new style: everything anew
+    assert (hold(relabelled, np.full((16, 16, 3), 9, np.uint8), still) == 9).all()  # a new style: all new
 
 
 @pytest.mark.parametrize("spec, parsed", [("off", ("off", 1)), ("majority", ("majority", 5)),
