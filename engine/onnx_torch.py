@@ -34,7 +34,8 @@ def _attrs(node) -> dict:
 
 # The inputs each op reads as Python numbers (shapes, axes, sizes, pads), by position.
 _HOST_ARGS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Resize": (1, 2, 3), "Pad": (1, 2), "Unsqueeze": (1,),
-              "Squeeze": (1,), "Expand": (1,), "ConstantOfShape": (0,), "ReduceMean": (1,)}
+              "Squeeze": (1,), "Expand": (1,), "ConstantOfShape": (0,), "ReduceMean": (1,), "ReduceMax": (1,),
+              "ReduceSum": (1,)}
 
 
 def _host_values(nodes, constants) -> set[str]:
@@ -179,6 +180,13 @@ def _gemm(x, attrs):
     return out + attrs.get("beta", 1.0) * x[2] if len(x) > 2 and x[2] is not None else out
 
 
+def _axes(x, attrs) -> tuple:
+    """A Reduce op's axes: its second input (opset 13+ ReduceSum, 18+ the others) or attribute;
+    none given means every axis."""
+    axes = x[1].tolist() if len(x) > 1 and x[1] is not None else attrs.get("axes")
+    return tuple(axes) if axes else tuple(range(x[0].dim()))
+
+
 def _pad(x, attrs):
     import torch.nn.functional as F
 
@@ -229,8 +237,10 @@ def _build_ops():
         "Unsqueeze": lambda x, a: x[0].reshape([*_unsqueezed(x[0].shape, x[1].tolist())]),
         "Squeeze": lambda x, a: x[0].squeeze(*x[1].tolist()) if len(x) > 1 else x[0].squeeze(),
         "MatMul": lambda x, a: x[0] @ x[1], "Identity": lambda x, a: x[0],
-        "ReduceMean": lambda x, a: x[0].mean(dim=tuple(x[1].tolist()) if len(x) > 1 else tuple(a.get("axes", [])),
-                                             keepdim=bool(a.get("keepdims", 1))),
+        "ReduceMean": lambda x, a: x[0].mean(dim=_axes(x, a), keepdim=bool(a.get("keepdims", 1))),
+        "ReduceMax": lambda x, a: x[0].amax(dim=_axes(x, a), keepdim=bool(a.get("keepdims", 1))),
+        "ReduceSum": lambda x, a: x[0].sum(dim=_axes(x, a), keepdim=bool(a.get("keepdims", 1))),
+        "Exp": lambda x, a: torch.exp(x[0]), "Reciprocal": lambda x, a: torch.reciprocal(x[0]),
         "Expand": lambda x, a: x[0] * torch.ones(x[1].tolist(), dtype=x[0].dtype, device=x[0].device),
         "ConstantOfShape": lambda x, a: torch.from_numpy(np.full(x[0].tolist(), _const_value(a).reshape(-1)[0])),
     }

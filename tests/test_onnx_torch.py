@@ -80,7 +80,7 @@ def graphs(tmp_path_factory):
     proc = run_cli("export", "spade", "--checkpoint", d / "spade", "--out", d / "g.onnx", "--batch", "dynamic")
     assert proc.returncode == 0, proc.stderr
     (d / "shapes.onnx").write_bytes(_shape_arithmetic_graph())
-    return {"voc": (bundled_model("voc"), {"labels": (3, 513, 513)}),
+    return {"voc": (bundled_model("voc"), {"labels": (3, 513, 513), "confidence": (3, 513, 513)}),
             "spade": (d / "g.onnx", {"image": (3, 3, 64, 64)}),
             "shapes": (d / "shapes.onnx", {"flat": (3, 144), "up": (3, 4, 12, 12), "scaled": (3, 4), "filled": (3, 3),
                                            "by_rows": (3, 144)})}
