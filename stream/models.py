@@ -1,8 +1,8 @@
 """ModelSet: the segmenter and generator, loaded once and shared by every stream session of
 a process (the CLI's one run, the service's many streams, a bulk worker's files). Unless
 ``fused="off"``, it also gives sessions the models composed into one graph (``fused()``,
-see stream.chain), made on first use: one upload per batch on GPUs, and about 1.2x the fps
-of the models one by one on the CPU (benchmarks/RESULTS.md).
+see stream.chain), made on first use: one upload per batch on GPUs (on the CPU, about as
+fast as the models one by one: benchmarks/RESULTS.md).
 
 Thread-safety: the models keep no per-call state and their runners serialise calls where
 the backend needs it (see segsynth.engine.runner), so any number of sessions may use one
