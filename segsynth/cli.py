@@ -72,6 +72,25 @@ class _StopOnSignals:
             signal.signal(signum, handler)
 
 
+def _picture_fields(args: argparse.Namespace) -> dict:
+    """StreamConfig's fields of how frames are made and encoded (run and transcode share them)."""
+    from pathlib import Path
+
+    return dict(view=args.view, remap=args.remap, style=Path(args.style) if args.style else None, seed=args.seed,
+                smooth=args.smooth, stabilize=args.stabilize, fit=args.fit, batch=args.batch, codec=args.codec,
+                crf=args.crf, preset=args.preset, bitrate=args.bitrate, stream=args.stream, legend=not args.no_legend)
+
+
+def _model_fields(args: argparse.Namespace) -> dict:
+    """ModelConfig's fields (run and transcode share them)."""
+    from .config import parse_size
+
+    return dict(segmenter=args.segmenter, generator=args.generator,
+                size=parse_size(args.size, "--size", "WxH") if args.size else None, threads=args.threads,
+                cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32, batch=args.batch,
+                fused=args.fused)
+
+
 def _run(args: argparse.Namespace) -> int:
     import signal
     from pathlib import Path
@@ -83,20 +102,13 @@ def _run(args: argparse.Namespace) -> int:
     outputs = [*args.outputs, *(args.out or []), *([f"mjpeg://{args.preview}"] if args.preview else [])]
     if not outputs:
         raise InputError("run needs an output: run IN OUT [OUT ...], --out OUT or --preview HOST:PORT")
-    cfg = StreamConfig(source=args.input, sinks=tuple(outputs), view=args.view, remap=args.remap,
-                       style=Path(args.style) if args.style else None, seed=args.seed, smooth=args.smooth,
-                       stabilize=args.stabilize,
-                       fit=args.fit, policy=args.policy, batch=args.batch, codec=args.codec, crf=args.crf,
-                       preset=args.preset, bitrate=args.bitrate, stream=args.stream, fps=args.fps,
-                       legend=not args.no_legend, max_frames=args.frames, duration=args.duration,
+    cfg = StreamConfig(source=args.input, sinks=tuple(outputs), **_picture_fields(args), policy=args.policy,
+                       fps=args.fps, max_frames=args.frames, duration=args.duration,
                        segment_time=args.segment_time, rtsp_transport=args.rtsp_transport,
                        stall_timeout=args.stall_timeout, reconnect_max=args.reconnect_max,
                        camera_size=parse_size(args.camera_size, "--camera-size", "WxH") if args.camera_size else None,
                        camera_fps=args.camera_fps)
-    models = ModelConfig(segmenter=args.segmenter, generator=args.generator,
-                         size=parse_size(args.size, "--size", "WxH") if args.size else None,
-                         threads=args.threads, cache_dir=_cache_dir(args.cache_dir), backend=args.backend,
-                         fp16=not args.fp32, batch=args.batch, fused=args.fused)
+    models = ModelConfig(**_model_fields(args))
     controls = []
 
     def control(session):
@@ -267,6 +279,46 @@ def _eval_generator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _transcode(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from pathlib import Path
+
+    from .config import ModelConfig
+    from .errors import InputError, Interrupted
+    from .stream.bulk import transcode
+
+    if args.jobs < 1 or (args.retry is not None and args.retry < 0):
+        raise InputError("--jobs must be at least 1 and --retry at least 0")
+    picture = _picture_fields(args)
+    model = _model_fields(args)
+    ModelConfig(**model)  # checked before any file is read
+    stop, abort, received = threading.Event(), threading.Event(), []
+
+    def handle(signum, _frame):
+        received.append(signum)
+        if not stop.is_set():
+            log.warning("%s: no new files start; running ones finish (signal again to abandon them)",
+                        signal.Signals(signum).name)
+            stop.set()
+        else:
+            abort.set()
+
+    saved = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        summary = transcode(args.inputs, Path(args.out), stream_options=picture, model_options=model,
+                            jobs=args.jobs, pattern=args.pattern, recursive=args.recursive, ext=args.ext,
+                            resume=args.resume, retry=args.retry, ray=args.ray, stop=stop, abort=abort,
+                            quiet=args.quiet)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    print(summary["table"])
+    if received:
+        raise Interrupted(received[0], f"stopped by {signal.Signals(received[0]).name}: {summary['line']}")
+    return 0 if not summary["failed"] else 1
+
+
 def _eval_temporal(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -387,6 +439,39 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _add_picture_options(p: argparse.ArgumentParser, threads: str) -> None:
+    """How frames are made and encoded: run's and transcode's options."""
+    from .config import FITS, SESSION_VIEWS
+
+    p.add_argument("--view", choices=SESSION_VIEWS, help="synth (default with a generator), labels (default "
+                                                         "without), overlay, side-by-side (input | synthesis), grid "
+                                                         "(2x2), ids (class ids, lossless grayscale .mkv)")
+    p.add_argument("--remap", metavar="RULES", help="rewrite classes before synthesis, e.g. 'person=animal'")
+    p.add_argument("--generator", default="default", metavar="default|none|DIR|FILE.onnx",
+                   help="SPADE generator: the bundled default, none (labels only), an official checkpoint directory, "
+                        "or an exported ONNX")
+    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="as for segment")
+    p.add_argument("--style", metavar="IMAGE", help="style image for VAE generators (encoder -> z)")
+    p.add_argument("--seed", type=int, help="fixed z for VAE generators (one z for the whole video)")
+    _add_stabilize(p)
+    p.add_argument("--smooth", type=int, default=1, metavar="K", help="the old name of --stabilize majority:K")
+    p.add_argument("--size", metavar="WxH", help="synthesis resolution (default: the generator's own)")
+    p.add_argument("--fit", choices=FITS, help="how frames meet the synthesis size (default: as the generator "
+                                               "was trained; letterbox keeps the aspect ratio)")
+    p.add_argument("--batch", type=int, default=1, help="frames per inference batch (default 1)")
+    p.add_argument("--codec", default="libx264",
+                   help="video encoder: libx264 (default), libx265, h264_nvenc, ..., or auto (a hardware H.264 "
+                        "encoder when one works here, else libx264)")
+    p.add_argument("--crf", type=int, default=20, help="x264/x265 quality (0-51, default 20)")
+    p.add_argument("--preset", default="veryfast", help="x264/x265 preset (default veryfast)")
+    p.add_argument("--bitrate", help="target bitrate instead of --crf, e.g. 4M")
+    p.add_argument("--stream", type=int, metavar="INDEX", help="which video stream (default: the first)")
+    p.add_argument("--threads", type=int, help=threads)
+    p.add_argument("--no-legend", action="store_true", help="omit the legend box")
+    p.add_argument("--cache-dir", help="where exported generators are cached (default ~/.cache/segsynth)")
+    _add_backend(p)
+
+
 def _add_stabilize(p: argparse.ArgumentParser) -> None:
     from .stream.stabilize import CHOICES, DEFAULT
 
@@ -461,38 +546,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="live: give up after N reconnect attempts in a row (default: never)")
     p.add_argument("--camera-size", metavar="WxH", help="camera capture size, e.g. 1280x720")
     p.add_argument("--camera-fps", type=float, metavar="N", help="camera capture rate")
-    p.add_argument("--view", choices=SESSION_VIEWS, help="synth (default with a generator), labels (default "
-                                                         "without), overlay, side-by-side (input | synthesis), grid "
-                                                         "(2x2), ids (class ids, lossless grayscale .mkv)")
-    p.add_argument("--remap", metavar="RULES", help="rewrite classes before synthesis, e.g. 'person=animal'")
-    p.add_argument("--generator", default="default", metavar="default|none|DIR|FILE.onnx",
-                   help="SPADE generator: the bundled default, none (labels only), an official checkpoint directory, "
-                        "or an exported ONNX")
-    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="as for segment")
-    p.add_argument("--style", metavar="IMAGE", help="style image for VAE generators (encoder -> z)")
-    p.add_argument("--seed", type=int, help="fixed z for VAE generators (one z for the whole video)")
-    _add_stabilize(p)
-    p.add_argument("--smooth", type=int, default=1, metavar="K", help="the old name of --stabilize majority:K")
-    p.add_argument("--size", metavar="WxH", help="synthesis resolution (default: the generator's own)")
-    p.add_argument("--fit", choices=FITS, help="how frames meet the synthesis size (default: as the generator "
-                                               "was trained; letterbox keeps the aspect ratio)")
     p.add_argument("--policy", choices=["lossless", "latest"], default=None,
                    help="lossless: every frame in order (default for files); latest: drop the oldest queued frame "
                    "under load (default for live sources)")
-    p.add_argument("--batch", type=int, default=1, help="frames per inference batch (default 1)")
-    p.add_argument("--codec", default="libx264",
-                   help="video encoder: libx264 (default), libx265, h264_nvenc, ..., or auto (a hardware H.264 "
-                        "encoder when one works here, else libx264)")
-    p.add_argument("--crf", type=int, default=20, help="x264/x265 quality (0-51, default 20)")
-    p.add_argument("--preset", default="veryfast", help="x264/x265 preset (default veryfast)")
-    p.add_argument("--bitrate", help="target bitrate instead of --crf, e.g. 4M")
-    p.add_argument("--stream", type=int, metavar="INDEX", help="which video stream (default: the first)")
     p.add_argument("--fps", type=float, help="frame rate of an image sequence input (default 25)")
-    p.add_argument("--threads", type=int, help="inference threads per model (default: all cores)")
-    p.add_argument("--no-legend", action="store_true", help="omit the legend box")
-    p.add_argument("--cache-dir", help="where exported generators are cached (default ~/.cache/segsynth)")
-    _add_backend(p)
+    _add_picture_options(p, threads="inference threads per model (default: all cores)")
     p.set_defaults(func=_run)
+
+    p = sub.add_parser("transcode", parents=[common], help="run every video of files and folders, in parallel or "
+                                                           "on a Ray cluster, resumable",
+                       description="Bulk transcoding: each input file is run (as segsynth run would) into --out, "
+                                   "the folder structure mirrored; outputs appear under their names only when "
+                                   "complete; every file is recorded in OUT/manifest.jsonl (done, failed, skipped, "
+                                   "why); --resume skips files done with the same settings. Exit 0 only when every "
+                                   "file succeeded. SIGINT/SIGTERM: no new file starts, running ones finish; a "
+                                   "second signal abandons them (nothing left under a final name).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders and globs")
+    p.add_argument("--out", required=True, metavar="DIR", help="the output folder (made when missing)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="files at a time, each in its own worker "
+                                                                     "process with the models loaded once (default 1)")
+    p.add_argument("--pattern", metavar="GLOB", help="files of folders to take (default: video extensions)")
+    p.add_argument("--recursive", action="store_true", help="folders' subfolders too")
+    p.add_argument("--ext", metavar="EXT", help="the outputs' extension (default: each input's own)")
+    p.add_argument("--resume", action="store_true", help="skip files done with the same input and settings")
+    p.add_argument("--retry", type=int, metavar="K", help="times a file is retried when its worker process (or Ray "
+                                                           "node) dies (default 0 locally, 3 on Ray)")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="run the files as tasks on a Ray cluster (the ray extra): auto = the running one, or "
+                        "HOST:PORT; --out must be a path every node reaches")
+    _add_picture_options(p, threads="inference threads per file (default: the cores / --jobs; 1 on Ray)")
+    p.set_defaults(func=_transcode)
 
     p = sub.add_parser("serve", parents=[common], help="many live streams in one service: HTTP API and /metrics",
                        description="Run stream sessions over one set of models behind an HTTP API "
