@@ -100,6 +100,12 @@ def _print(name: str, result: dict) -> None:
         for r in result["rows"]:
             log.info("  %s batch %-2d %-16s %7.2f fps", r["precision"], r["batch"],
                      "double-buffered" if r["double_buffered"] else "one at a time", r["fps"])
+    elif name == "transcode":
+        for r in result["rows"]:
+            log.info("  --jobs %d: %d files, %d frames in %.1f s: %.2f files/min, %.2f frames/s; per file: models "
+                     "loaded %.2f s (in %d workers), first frame %.2f s", r["jobs"], r["files"], r["frames"],
+                     r["seconds"], r["files_per_minute"], r["fps"], r["model_load_s"], r["workers_loading"],
+                     r["first_frame_s"])
     elif name == "service":
         log.info("  %d streams (%s, 1 fps): RSS %.1f -> %.1f MiB (%.2f MiB per stream; %.1f after removal), CPU idle "
                  "%.3f cores, %.3f cores per stream", result["streams"], result["size"], result["rss_before_mib"],

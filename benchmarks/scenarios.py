@@ -15,9 +15,10 @@ import numpy as np
 
 
 log = logging.getLogger("segsynth")
-SCENARIOS = ("engine", "stages", "pipeline", "fused", "passthrough", "streams", "soak", "service", "chain")
+SCENARIOS = ("engine", "stages", "pipeline", "fused", "passthrough", "streams", "soak", "service", "chain",
+             "transcode")
 # chain needs the export extra (torch), service the serve extra: ask for them by name
-DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("service", "chain"))
+DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("service", "chain", "transcode"))
 
 
 @dataclass(frozen=True)
@@ -234,6 +235,37 @@ def fused(job: Job) -> dict:
     return {"frames": n, "backend": graph.runner.name, "fused_fps": fps["fused"], "separate_fps": fps["separate"],
             "label_agreement": agreement, "pixels_max_abs_diff": pixels,
             "ratios": {"fused_over_separate": fps["fused"] / fps["separate"]}}
+
+
+def transcode(job: Job) -> dict:
+    """``segsynth transcode`` of a folder of generated clips (6 files sharing the input's
+    frames) with --jobs 1 and --jobs 2 in one run: files/minute, frames/s, and each file's
+    overhead (the models loading in its worker, the time to its first frame)."""
+    from dataclasses import asdict
+
+    from segsynth.stream.bulk import transcode as run_batch
+
+    from . import inputs
+
+    w, h = job.cfg.size
+    folder = job.cfg.workdir / "transcode-in"
+    folder.mkdir(exist_ok=True)
+    per_file = max(10, job.cfg.frames // 6)
+    for i in range(6):
+        inputs.generate(folder / f"clip{i}.mp4", size=(w, h), rate=job.cfg.rate, frames=per_file)
+    model_options = {k: v for k, v in asdict(job.models.config).items() if k != "threads"}
+    rows = []
+    for jobs in (1, 2):
+        summary = run_batch([str(folder)], job.cfg.workdir / f"transcode-out-{jobs}", stream_options={},
+                            model_options=model_options, jobs=jobs, quiet=True)
+        if summary["failed"] or summary["done"] != 6:
+            raise RuntimeError(f"transcode --jobs {jobs}: {summary['line']}")
+        rows.append({"jobs": jobs, "files": 6, "frames": summary["frames"], "seconds": summary["seconds"],
+                     "files_per_minute": summary["files_per_minute"], "fps": summary["fps"],
+                     "model_load_s": statistics.mean(summary["model_load_seconds"]),
+                     "workers_loading": len(summary["model_load_seconds"]),
+                     "first_frame_s": statistics.mean(summary["first_frame_seconds"])})
+    return {"rows": rows, "ratios": {"transcode_jobs2_over_jobs1": rows[1]["fps"] / rows[0]["fps"]}}
 
 
 class _PassSource:

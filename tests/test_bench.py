@@ -54,3 +54,16 @@ def test_chain_on_the_cpu_times_enough_batches_by_wall_clock(tmp_path):
         assert r["precision"] == "fp32" and r["clock"] == "wall", r
         assert r["batches"] >= 20 and r["batches"] * r["ms_per_batch"] >= 1000, r  # enough batches and time
     assert "ratios" not in result  # one precision on the CPU: nothing to compare
+
+
+def test_transcode_scenario_compares_one_and_two_workers(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "transcode", "--frames", "60", "--size", "160x120", "--segmenter", "voc",
+                   "--generator", "none", "--json", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())["scenarios"]["transcode"]
+    assert [r["jobs"] for r in result["rows"]] == [1, 2]
+    assert [r["workers_loading"] for r in result["rows"]] == [1, 2]  # the models load once per worker
+    for r in result["rows"]:
+        assert r["files"] == 6 and r["frames"] == 60 and r["fps"] > 0 and r["first_frame_s"] > 0, r
+    assert result["ratios"]["transcode_jobs2_over_jobs1"] > 0
