@@ -200,7 +200,6 @@ def transcode_file(task: Task, stream_options: dict, model_options: dict, report
     from segsynth.config import StreamConfig
 
     from .session import StreamSession
-    from .sources import open_source
 
     record = Record(task.source, task.output, task.size, task.sha256, task.settings, "failed", worker=worker)
     start = time.perf_counter()
@@ -209,9 +208,9 @@ def transcode_file(task: Task, stream_options: dict, model_options: dict, report
         Path(task.output).parent.mkdir(parents=True, exist_ok=True)
         cfg = StreamConfig(source=task.source, sinks=(task.output,), **stream_options)
         progress = _FileProgress(report)
-        session = StreamSession(cfg, models, source=open_source(cfg), progress=progress, atomic=True)
+        session = StreamSession(cfg, models, progress=progress, atomic=True)
         progress.start = time.perf_counter()
-        session.start()
+        session.start()  # opens the source (and closes it again when it cannot start)
         while not session.join(0.5):
             pass
         stats = session.stats()
@@ -277,24 +276,29 @@ def run_local(tasks: list[Task], stream_options: dict, model_options: dict, *, j
 
     for _ in range(min(jobs, len(tasks))):
         assign(spawn())
+    checked = time.monotonic()
     try:
         while busy and not abort.is_set():
             try:
                 kind, name, payload = results.get(timeout=0.5)
             except queue.Empty:
-                for name, (proc, _) in list(workers.items()):
+                kind = None
+            if kind is None or time.monotonic() - checked > 1:
+                checked = time.monotonic()
+                for dead, (proc, _) in list(workers.items()):
                     if proc.is_alive():
                         continue
-                    del workers[name]  # died (killed, out of memory): its file is retried or failed
-                    task = busy.pop(name, None)
+                    del workers[dead]  # killed, out of memory: its file is retried or failed
+                    task = busy.pop(dead, None)
                     if task is not None and attempts[task.source] <= retry:
                         pending.append(task)
                     elif task is not None:
                         yield Record(task.source, task.output, task.size, task.sha256, task.settings, "failed",
                                      error=f"the worker process died (exit code {proc.exitcode})",
-                                     attempts=attempts[task.source], worker=name)
+                                     attempts=attempts[task.source], worker=dead)
                     if pending and not stop.is_set():
                         assign(spawn())
+            if kind is None:
                 continue
             if kind == "progress" and on_event is not None:
                 on_event(kind, name, payload)

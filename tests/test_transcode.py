@@ -135,6 +135,29 @@ def test_sigterm_starts_no_new_file_and_lets_the_running_one_finish(tmp_path):
     assert "5 not started" in stdout
 
 
+def test_a_worker_that_dies_mid_file_is_replaced_and_its_file_retried(tmp_path):
+    import psutil
+
+    src, out = _batch(tmp_path, frames=40), tmp_path / "out"
+    for bad in ("broken.mp4", "notes.mp4"):
+        (src / bad).unlink()
+    proc = _start([src, "--out", out, "--recursive", "--jobs", "1", "--retry", "1", *FAST])
+    try:
+        _wait_for(lambda: any(out.rglob(".*.partial-*")), 240, "a file being written")
+        (worker,) = [c for c in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        worker.kill()
+        stdout, stderr = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stderr
+    records = _manifest(out)
+    assert [r["status"] for r in records] == ["done"] * 4
+    assert sorted(r["attempts"] for r in records) == [1, 1, 1, 2]  # the killed file, once more on a new worker
+    assert {r["worker"] for r in records} == {"worker-2"}  # the first died on its first file: its replacement
+    assert len(_final_outputs(out)) == 4
+    assert not list(out.rglob(".*.partial-*"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
