@@ -93,7 +93,6 @@ def _model_fields(args: argparse.Namespace) -> dict:
 
 def _run(args: argparse.Namespace) -> int:
     import signal
-    from pathlib import Path
 
     from .config import ModelConfig, StreamConfig, parse_size
     from .errors import InputError, Interrupted
@@ -344,7 +343,8 @@ def _eval_temporal(args: argparse.Namespace) -> int:
         report = evaluate(clip, models, stabilize=stabilize, remap=args.remap, fit=args.fit, seed=args.seed,
                           max_frames=args.frames, grid=Path(args.grid) if args.grid else None, progress=progress)
     print(f"{clip.name}: {report['frames']} frames")
-    print(f"{'stabilize':<14} {'static flips':>12} {'motion agree':>12} {'synth delta':>11} {'static px':>9} {'fps':>6}")
+    print(f"{'stabilize':<14} {'static flips':>12} {'motion agree':>12} {'synth delta':>11} {'static px':>9} "
+          f"{'fps':>6}")
     for spec, m in report["methods"].items():
         delta = "-" if m["synth_static_delta"] is None else f"{m['synth_static_delta']:.3f}"
         print(f"{spec:<14} {m['static_flip_rate']:>12.5f} {m['motion_agreement']:>12.3f} {delta:>11} "
@@ -496,7 +496,7 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import EXPORT_TARGETS, FITS, SEGMENT_VIEWS, SESSION_VIEWS
+    from .config import EXPORT_TARGETS, FITS, SEGMENT_VIEWS
 
     common = _common()
     parser = argparse.ArgumentParser(
@@ -601,9 +601,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common], help="measure fps, latency and scaling, side by side",
                        description="Scenarios: engine (model only), stages (decode/infer/encode alone), pipeline "
-                                   "(threaded vs sequential vs infer alone), fused (the models as one graph vs one by one), passthrough (vs the ffmpeg CLI), streams "
+                                   "(threaded vs sequential vs infer alone), fused (the models as one graph vs one by one), "
+                                   "passthrough (vs the ffmpeg CLI), streams "
                                    "(N live streams), soak (memory over time); chain (the fused graph, FP16 vs TF32 on "
-                                   "GPUs, CUDA-event timed, double-buffered; needs torch) and transcode (a folder of clips, --jobs 1 "
+                                   "GPUs, CUDA-event timed, double-buffered; needs torch) and transcode (a folder of clips, "
+                                   "--jobs 1 "
                                    "vs 2) only when named. Ratios come from one run.")
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="default: all but chain, service, transcode")
     p.add_argument("--size", default="1280x720", metavar="WxH", help="generated input size (default 1280x720)")

@@ -31,6 +31,8 @@ from pathlib import Path
 from segsynth.config import VIDEO_EXTS
 from segsynth.errors import InputError, OutputError, SegsynthError
 
+from . import media
+
 log = logging.getLogger("segsynth")
 MANIFEST = "manifest.jsonl"
 LOCK = ".segsynth-transcode.lock"
@@ -105,14 +107,6 @@ def expand(inputs: list[str], out: Path, *, pattern: str | None = None, recursiv
         seen[target] = src
         result.append((src.resolve(), target))
     return result
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def settings_hash(options: dict) -> str:
@@ -470,7 +464,7 @@ def transcode(inputs: list[str], out: Path, *, stream_options: dict, model_optio
         tasks, records = [], []
         for src, target in pairs:
             try:
-                task = Task(str(src), str(target), src.stat().st_size, sha256_of(src), settings)
+                task = Task(str(src), str(target), src.stat().st_size, media.sha256_of(src), settings)
             except OSError as exc:
                 task = Task(str(src), str(target), 0, "", settings)
                 records.append(Record(task.source, task.output, 0, "", settings, "failed",
@@ -530,5 +524,6 @@ def _summary(records: list[Record], total: int, seconds: float, out: Path) -> di
     loads = [r.load_seconds for r in ran if r.load_seconds]
     firsts = [r.first_frame_seconds for r in ran if r.first_frame_seconds is not None]
     return {**counts, "not_started": not_run, "frames": frames, "seconds": seconds,
-            "fps": frames / seconds if seconds else 0.0, "files_per_minute": len(ran) * 60 / seconds if seconds else 0.0,
+            "fps": frames / seconds if seconds else 0.0,
+            "files_per_minute": len(ran) * 60 / seconds if seconds else 0.0,
             "model_load_seconds": loads, "first_frame_seconds": firsts, "line": line, "table": "\n".join(rows)}

@@ -9,7 +9,6 @@ files. The directory is built under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,14 +44,6 @@ class DatasetConfig:
             raise InputError("--every must be at least 1")
         if min(self.size) < 16:
             raise InputError("--size must be at least 16x16")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def make_dataset(cfg: DatasetConfig, *, quiet: bool = False) -> dict:
@@ -96,7 +87,7 @@ def make_dataset(cfg: DatasetConfig, *, quiet: bool = False) -> dict:
                         progress.update()
                 for problem in problems:
                     log.warning("warning: %s: %s", video, problem)
-            sources.append({"path": str(video), "name": Path(video).name, "sha256": _sha256(Path(video)),
+            sources.append({"path": str(video), "name": Path(video).name, "sha256": media.sha256_of(Path(video)),
                             "frames_used": len(taken)})
         manifest = {"version": 1, "label_set": segmenter.label_set.name, "segmenter": cfg.segmenter,
                     "size": [w, h], "every": cfg.every, "sources": sources, "items": items}

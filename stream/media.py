@@ -32,6 +32,17 @@ def check_input(path: str | Path) -> Path:
     return path
 
 
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """RGB uint8 H x W x 3, with EXIF orientation applied."""
     from PIL import Image, ImageOps, UnidentifiedImageError

@@ -10,20 +10,21 @@ runs one of these between the segmenter and the generator (``--stabilize``):
   recent); ``--smooth K`` is its old name.
 * ``hysteresis`` (the default for video): each pixel keeps its label until its input has
   changed (by more than ``threshold`` levels in some colour channel somewhere in its 3 x 3
-  neighbourhood, compared with the frame its label was set on, so slow drifts add up), a prediction more confident than the
-  kept one by ``margin`` arrives (the segmenters' ``confidence`` output: the top class's
-  probability), or the segmenter has disagreed for ``patience`` frames in a row (a label
-  that was wrong when it was set does not stay forever); a scene cut (more than ``cut`` of
-  the picture changed since the frame before) starts afresh.
+  neighbourhood, compared with the frame its label was set on, so slow drifts add up), a
+  prediction more confident than the kept one by ``margin`` arrives (the segmenters'
+  ``confidence`` output: the top class's probability), or the segmenter has disagreed for
+  ``patience`` frames in a row (a label that was wrong when it was set does not stay
+  forever); a scene cut (more than ``cut`` of the picture changed since the frame before)
+  starts afresh.
 * ``flow``: the same rule on a state carried along by optical flow (OpenCV's DIS flow on
   quarter-size grey frames): labels, their confidence and the reference picture follow
   moving content, so a moving object keeps its labels; motions under ``snap`` pixels are
   taken as none.
 
-With any of them a generator's picture is held too (``PictureHold``): a pixel is repainted
-where the labels near it changed (SPADE repaints the whole frame a little differently
-whenever any label changes), and the whole picture at scene cuts and when much of the label
-map has changed since its last whole repaint.
+With any of them a generator's picture is damped too (``PictureHold``): where a pixel's label
+and input did not change, it moves only part of the way to the newly painted picture each
+frame (SPADE repaints the whole frame a little differently whenever any label changes);
+where they changed, and at scene cuts, the new picture shows at once.
 
 All state belongs to one session and its infer thread.
 """

@@ -129,7 +129,8 @@ class Synthesize:
             for i, (m, c, f) in enumerate(zip(seg, none if confidence is None else confidence,
                                               none if frames is None else frames)):
                 stable.append(self.stabilizer(m, c, f))
-                moved[i] = True if getattr(self.stabilizer, "started", False) else getattr(self.stabilizer, "moved", None)
+                started = getattr(self.stabilizer, "started", False)
+                moved[i] = True if started else getattr(self.stabilizer, "moved", None)
             seg = np.stack(stable)
         synth_part = self.chains.get("synth")
         if self.generator is not None and synth_part is not None:
