@@ -23,7 +23,8 @@ STAGE_SECONDS = Histogram("segsynth_stage_seconds", "Time a stage spends per fra
 LATENCY = Histogram("segsynth_latency_seconds", "Per frame: arrival at the decoder to muxed output (glass to glass)", ["stream"],
                     buckets=_SECONDS, registry=REGISTRY)
 QUEUE_DEPTH = Gauge("segsynth_queue_depth", "Frames waiting between stages", ["stream", "queue"], registry=REGISTRY)
-STREAM_UP = Gauge("segsynth_stream_up", "1 while the stream runs", ["stream"], registry=REGISTRY)
+STREAM_UP = Gauge("segsynth_stream_up", "1 while the stream runs and its source delivers, 0 while a live source "
+                  "is lost (reconnecting)", ["stream"], registry=REGISTRY)
 RECONNECTS = Counter("segsynth_reconnects", "Reconnections of a live source", ["stream"], registry=REGISTRY)
 
 _STAGE_FRAMES = {"decode": "decoded", "infer": "inferred", "encode": "encoded"}
@@ -67,8 +68,13 @@ class StreamMetrics:
             self._dropped.inc(total - self._last_dropped)
             self._last_dropped = total
 
+    def lost(self) -> None:
+        """The live source is gone; reconnecting."""
+        self._up.set(0)
+
     def reconnected(self) -> None:
         self._reconnects.inc()
+        self._up.set(1)
 
     def close(self) -> None:
         """Remove every series of this stream."""
@@ -107,9 +113,7 @@ def process_exposition() -> bytes:
             ProcessCollector(registry=_PROCESS)
             PlatformCollector(registry=_PROCESS)
             _PROCESS.register(_ThreadsCollector())
-            gpu = _GpuCollector.create()
-            if gpu is not None:
-                _PROCESS.register(gpu)
+            _PROCESS.register(_GpuCollector.create())
     return generate_latest(_PROCESS)
 
 
@@ -121,7 +125,8 @@ class _ThreadsCollector:
 
 
 class _GpuCollector:
-    """GPU memory and utilisation through NVML (nvidia-ml-py); absent without a GPU."""
+    """GPU memory and utilisation through NVML (nvidia-ml-py). Without a GPU (or NVML) the
+    families are still declared, with no samples, so dashboards and rules see the names."""
 
     def __init__(self, nvml, handles) -> None:
         self.nvml, self.handles = nvml, handles
@@ -133,17 +138,21 @@ class _GpuCollector:
 
             pynvml.nvmlInit()
             handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        except Exception:  # noqa: BLE001 - no package, no driver, no GPU: no GPU metrics
-            return None
-        return cls(pynvml, handles) if handles else None
+        except Exception:  # noqa: BLE001 - no package, no driver, no GPU: no GPU samples
+            return cls(None, [])
+        return cls(pynvml, handles)
 
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
         used = GaugeMetricFamily("segsynth_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
+        total = GaugeMetricFamily("segsynth_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
         util = GaugeMetricFamily("segsynth_gpu_utilization_ratio", "GPU busy fraction", labels=["gpu"])
         for i, h in enumerate(self.handles):
-            used.add_metric([str(i)], self.nvml.nvmlDeviceGetMemoryInfo(h).used)
+            memory = self.nvml.nvmlDeviceGetMemoryInfo(h)
+            used.add_metric([str(i)], memory.used)
+            total.add_metric([str(i)], memory.total)
             util.add_metric([str(i)], self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100)
         yield used
+        yield total
         yield util

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, generate_latest
+
 from .errors import InputError, SegsynthError
 
 log = logging.getLogger("segsynth")
@@ -58,6 +60,32 @@ def _field_of(message: str, fields=SPEC_FIELDS) -> str | None:
     return match[1] if match and match[1] in fields else None
 
 
+class _StreamsCollector:
+    """Per stream a service holds: its state (a failed stream stays, at 0 fps, until it is
+    deleted: what the stream-down alert sees) and, for live sources, the frame rate the source
+    delivers (what the fps alert compares the output with)."""
+
+    def __init__(self, service: "Service") -> None:
+        self.service = service
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        state = GaugeMetricFamily("segsynth_stream_state", "1 for the state a stream of the service is in",
+                                  labels=["stream", "state"])
+        target = GaugeMetricFamily("segsynth_stream_target_fps", "Frame rate a running live stream's source delivers",
+                                   labels=["stream"])
+        with self.service._lock:
+            sessions = list(self.service.sessions.values())
+        for session in sessions:
+            state.add_metric([session.id, session.state], 1)
+            source = session.source
+            if session.state == "running" and getattr(source, "live", False) and getattr(source, "info", None):
+                target.add_metric([session.id], float(source.info.rate))
+        yield state
+        yield target
+
+
 class Service:
     """The streams of one process, sharing ``models``. ``media_root``: where file sources and
     file outputs may be (None: anywhere). Thread-safe."""
@@ -69,6 +97,8 @@ class Service:
         self.specs: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._closing = False
+        self.registry = CollectorRegistry(auto_describe=False)  # what /metrics adds: _StreamsCollector
+        self.registry.register(_StreamsCollector(self))
 
     # ---- requests --------------------------------------------------------------------------
     def add(self, spec: dict):
@@ -353,7 +383,7 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
 
     @app.get("/metrics", dependencies=auth if protect_metrics else [])
     def metrics_endpoint() -> Response:
-        return Response(metrics.exposition() + metrics.process_exposition(),
+        return Response(metrics.exposition() + metrics.process_exposition() + generate_latest(service.registry),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/streams", dependencies=auth)

@@ -264,7 +264,7 @@ class LiveSource:
     live = True
 
     def __init__(self, spec: str, options: LiveOptions = LiveOptions(), *, stream: int | None = None,
-                 on_reconnect: Callable[[], None] | None = None) -> None:
+                 on_reconnect: Callable[[], None] | None = None, on_lost: Callable[[], None] | None = None) -> None:
         self.spec, self.opts, self.stream_index = spec, options, stream
         self.target = target(spec, options)
         self.container = self.video = None
@@ -273,7 +273,7 @@ class LiveSource:
         self.problems: list[str] = []
         self.reconnects = 0
         self.lost: str | None = None  # why the stream ended, when it was given up
-        self.on_reconnect = on_reconnect
+        self.on_reconnect, self.on_lost = on_reconnect, on_lost
         self.backoff = Backoff()
         self._next_out = 0.0  # seconds on the output timeline where the next connection starts
         self._last_pts: int | None = None
@@ -335,6 +335,8 @@ class LiveSource:
         if self.container is not None:
             self.container.close()
             self.container = None
+        if self.on_lost is not None:
+            self.on_lost()
         while not stop.is_set():
             attempts = self._failed_in_a_row  # counted until a frame arrives, across reconnects
             if self.opts.reconnect_max is not None and attempts >= self.opts.reconnect_max:

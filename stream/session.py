@@ -88,7 +88,7 @@ class StreamSession:
                 except ValueError as exc:
                     raise InputError(f"id: {exc}") from None
                 if hasattr(source, "on_reconnect"):
-                    source.on_reconnect = self.metrics.reconnected
+                    source.on_reconnect, source.on_lost = self.metrics.reconnected, self.metrics.lost
                 w, h = self.models.size
                 self.pipeline = Pipeline(source, self.infer, self.sink, model_shape=(h, w, 3), batch=cfg.batch,
                                          policy=self.policy,

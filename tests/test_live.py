@@ -135,7 +135,9 @@ def test_a_stalled_camera_counts_as_lost_within_the_stall_timeout():
 
     port = free_port()
     with rtsp_camera(port) as server:
-        source = LiveSource(f"rtsp://127.0.0.1:{port}/live", LiveOptions(stall_timeout=1.0, reconnect_max=0)).open()
+        lost = []  # the hook that sets segsynth_stream_up to 0
+        source = LiveSource(f"rtsp://127.0.0.1:{port}/live", LiveOptions(stall_timeout=1.0, reconnect_max=0),
+                            on_lost=lambda: lost.append(time.monotonic())).open()
         stop = threading.Event()
         frames = source.frames(stop, lambda item: None)
         try:
@@ -147,6 +149,7 @@ def test_a_stalled_camera_counts_as_lost_within_the_stall_timeout():
                 assert time.monotonic() - start < 10
             assert time.monotonic() - start < 6  # 1 s stall timeout (+ FFmpeg's own shutdown)
             assert re.fullmatch(r"lost rtsp://.* gave up after 0 reconnect attempts", source.lost), source.lost
+            assert len(lost) == 1 and lost[0] - start < 6
         finally:
             os.kill(server.pid, signal.SIGCONT)
             frames.close()

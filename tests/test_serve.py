@@ -310,3 +310,25 @@ def test_sixteen_streams_added_and_removed_fifty_times_leak_nothing(tmp_path, ti
         assert fds() == handles
         assert 'stream="s' not in metrics.exposition().decode()
         assert svc.sessions == {} and svc.specs == {}
+
+
+def test_the_service_reports_each_streams_state_and_a_live_sources_rate():
+    """/metrics' per-stream state (a failed stream stays there until deleted) and target fps."""
+    from fractions import Fraction
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from segsynth.service import Service
+
+    service = Service(models=None)
+    live = SimpleNamespace(live=True, info=SimpleNamespace(rate=Fraction(30000, 1001)))
+    service.sessions = {"cam": SimpleNamespace(id="cam", state="running", source=live),
+                        "door": SimpleNamespace(id="door", state="failed", source=live),
+                        "file": SimpleNamespace(id="file", state="running", source=SimpleNamespace(live=False))}
+    text = generate_latest(service.registry).decode()
+    assert 'segsynth_stream_state{state="running",stream="cam"} 1.0' in text
+    assert 'segsynth_stream_state{state="failed",stream="door"} 1.0' in text
+    assert re.findall(r"^segsynth_stream_target_fps\{(.*)\} (.*)$", text, re.M) == [('stream="cam"', "29.97002997002997")]
+    service.sessions.clear()
+    assert "stream=" not in generate_latest(service.registry).decode()

@@ -216,6 +216,11 @@ def test_metrics_follow_a_session_and_vanish_with_it(tmp_path, astronaut, tiny_s
         assert live[("segsynth_stage_seconds_count", "infer")] >= 50 and ("segsynth_latency_seconds_bucket", None) in live
         with pytest.raises(ValueError, match="already running"):  # one set of series per stream id
             metrics.StreamMetrics("cam-1")
+        s.metrics.lost()  # what a live source calls when it loses its connection ...
+        assert series("cam-1")[("segsynth_stream_up", None)] == 0
+        s.metrics.reconnected()  # ... and when it is back
+        assert series("cam-1")[("segsynth_stream_up", None)] == 1
+        assert series("cam-1")[("segsynth_reconnects_total", None)] == 1
         s.stop()
         assert s.join(30)
     assert series("cam-1") == {}  # a closed session's series are removed
