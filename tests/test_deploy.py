@@ -326,3 +326,75 @@ def test_dashboard_and_alert_queries_run_on_a_live_service_scraped_by_prometheus
         finally:
             prom.terminate()
             prom.wait(30)
+
+
+# ---- the CPU image, built and run by a real container engine -------------------------------------------
+CONTAINERS_CONF = """\
+[containers]
+default_ulimits = []  # the machine's limits: raising them is not permitted in this sandbox
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+"""
+
+
+@pytest.mark.slow  # debootstrap, pip and the build: about two minutes on two cores
+@pytest.mark.network
+def test_the_cpu_image_builds_runs_as_its_user_and_passes_its_healthcheck(tmp_path):
+    """podman builds deploy/Dockerfile on a Python base made here with debootstrap from the
+    Debian mirror (the image registries are out of reach on these machines; the base stands in
+    for python:3.11-slim-bookworm: Debian 12, Python 3.11), runs `serve` with the demo
+    streams.yaml and a token file, and runs the image's own HEALTHCHECK."""
+    podman, debootstrap = tool("podman"), tool("debootstrap")
+    env = {**os.environ, "CONTAINERS_CONF": str(tmp_path / "containers.conf")}
+    (tmp_path / "containers.conf").write_text(CONTAINERS_CONF)
+
+    def pod(*args, timeout=600, ok=True):
+        r = subprocess.run([podman, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout)
+        assert r.returncode == 0 or not ok, f"podman {' '.join(map(str, args))}:\n{r.stdout}\n{r.stderr}"
+        return r
+
+    base, image, name = "localhost/segsynth-test-base:bookworm", "localhost/segsynth-test:cpu", "segsynth-test"
+    if pod("image", "exists", base, ok=False).returncode != 0:
+        rootfs = tmp_path / "rootfs"
+        check(debootstrap, "--variant=minbase", "--include=python3,python3-venv,python-is-python3,ca-certificates",
+              "bookworm", rootfs, "http://deb.debian.org/debian")
+        ca = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
+        if ca:  # a TLS-intercepting proxy between this machine and PyPI: the build trusts it as we do
+            shutil.copy(ca, rootfs / "etc/ssl/certs/ca-certificates.crt")
+            (rootfs / "etc/pip.conf").write_text("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
+        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
+        imported = subprocess.run([podman, "import", "-", base], stdin=tar.stdout, env=env, capture_output=True,
+                                  text=True, timeout=300)
+        assert tar.wait() == 0 and imported.returncode == 0, imported.stderr
+    pod("build", "--format", "docker", "--network", "host", "--build-arg", f"PYTHON_IMAGE={base}",
+        "-f", DEPLOY / "Dockerfile", "-t", image, DEPLOY.parent)
+    built = json.loads(pod("image", "inspect", image).stdout)[0]
+    assert built["Config"]["User"] == "10001:10001" and built["Config"]["Entrypoint"] == ["segsynth"]
+    assert "/healthz" in " ".join(built["Healthcheck"]["Test"])
+
+    token = tmp_path / "token"
+    token.write_text("0123456789abcdef0123456789abcdef")
+    token.chmod(0o644)
+    pod("rm", "-f", name, ok=False)
+    pod("run", "-d", "--name", name, "--network", "host", "-v", f"{token}:/run/secrets/segsynth-token:ro",
+        "-v", f"{DEPLOY / 'streams.yaml'}:/etc/segsynth/streams.yaml:ro", image,
+        "serve", "--host", "0.0.0.0", "--port", "8080", "--token-file", "/run/secrets/segsynth-token",
+        "--media-root", "/data", "--config", "/etc/segsynth/streams.yaml", "--segmenter", "voc", "--generator", "none")
+    try:
+        deadline = time.monotonic() + 120
+        while pod("healthcheck", "run", name, ok=False).returncode != 0:
+            assert pod("inspect", name).stdout.count('"Running": true'), pod("logs", name).stderr
+            assert time.monotonic() < deadline, "the healthcheck did not pass: " + pod("logs", name).stderr
+            time.sleep(2)
+        status, streams = api("http://127.0.0.1:8080", "GET", "/v1/streams",
+                              headers={"Authorization": "Bearer 0123456789abcdef0123456789abcdef"})
+        assert status == 200 and [s["state"] for s in streams["streams"]] == ["running"], streams
+        assert api("http://127.0.0.1:8080", "GET", "/v1/streams")[0] == 401  # the token guards the API
+        assert pod("exec", name, "id", "-u").stdout.strip() == "10001"
+        pod("stop", "-t", "30", name)
+        assert pod("inspect", name, "--format", "{{.State.ExitCode}}").stdout.strip() == "0"
+        assert "every stream drained and closed" in pod("logs", name).stderr
+    finally:
+        pod("rm", "-f", name, ok=False)
+        pod("rmi", "-f", image, ok=False)
