@@ -28,7 +28,7 @@ def _make_job(cfg: BenchConfig, source: Path) -> Job:
 
     segmenter = str(tiny.segmenter(cfg.workdir / "tiny-segmenter.onnx")) if cfg.segmenter == "tiny" else cfg.segmenter
     models = ModelSet.load(segmenter, cfg.generator, threads=cfg.threads, backend=cfg.backend, fp16=cfg.fp16,
-                           batch=max(cfg.batch), fused=cfg.fused)
+                           batch=max(cfg.batch), fused=cfg.fused, models=cfg.models, seg_size=cfg.seg_size)
     job = Job(cfg, source, models, None, "synth" if models.generator is not None else "labels")
     job.infer = job.make_infer()
     return job

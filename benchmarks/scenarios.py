@@ -16,9 +16,9 @@ import numpy as np
 
 log = logging.getLogger("segsynth")
 SCENARIOS = ("engine", "stages", "pipeline", "fused", "passthrough", "streams", "soak", "service", "chain",
-             "transcode")
+             "transcode", "tiers")
 # chain needs the export extra (torch), service the serve extra: ask for them by name
-DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("service", "chain", "transcode"))
+DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("service", "chain", "transcode", "tiers"))
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class BenchConfig:
     fp16: bool = True
     fused: str = "auto"  # the models as one graph (stream.chain); see ModelConfig.fused
     chain_size: tuple[int, int] = (512, 256)  # (W, H) frames for the chain scenario
+    models: str = "quality"  # see ModelConfig.models
+    seg_size: int | None = None  # see ModelConfig.seg_size
     live_seconds: float = 180.0  # streams: how long each policy runs against a source faster than the model
 
 
@@ -266,6 +268,50 @@ def transcode(job: Job) -> dict:
                      "workers_loading": len(summary["model_load_seconds"]),
                      "first_frame_s": statistics.mean(summary["first_frame_seconds"])})
     return {"rows": rows, "ratios": {"transcode_jobs2_over_jobs1": rows[1]["fps"] / rows[0]["fps"]}}
+
+
+def tiers(job: Job) -> dict:
+    """``--models quality`` vs ``--models fast`` in one run: the whole pipeline (decode, infer,
+    encode; the bench's view) over the same input, alternating; and how far fast's results are
+    from quality's on every frame: label agreement (on the frame's grid) and the picture's PSNR."""
+    from dataclasses import replace
+
+    from segsynth.stream.models import ModelSet
+    from segsynth.stream.pipeline import Pipeline
+    from segsynth.stream.segmenter import resize_labels
+
+    first = job.models.config
+    other = replace(first, models="fast" if first.models == "quality" else "quality", seg_size=None)
+    with ModelSet.load(**vars(other)) as loaded:
+        jobs = {}
+        for models in (job.models, loaded):
+            tier = Job(job.cfg, job.input, models, None, job.view)
+            tier.infer = tier.make_infer()
+            jobs[models.config.models] = tier
+        times, results = {name: [] for name in jobs}, {}
+        for _ in range(job.cfg.repeats):
+            for name, tier in jobs.items():
+                source = _source(tier, _display(tier))
+                w, h = tier.models.size
+                start = time.perf_counter()
+                stats = Pipeline(source, tier.infer, _sink(source, job.cfg.workdir / f"tiers-{name}.mp4"),
+                                 model_shape=(h, w, 3), batch=job.cfg.batch[0], render=tier.render).run()
+                times[name].append(time.perf_counter() - start)
+        for name, tier in jobs.items():
+            frames, metas = _decode_all(tier)
+            results[name] = [tier.infer(f[None], [m])[0] for f, m in zip(frames, metas)]
+            n, size = len(frames), metas[0]["size"]
+    fps = {name: _median_rate(t, n) for name, t in times.items()}
+    q, f = results["quality"], results["fast"]
+    agreement = float(np.mean([(resize_labels(a.labels, *size) == resize_labels(b.labels, *size)).mean()
+                               for a, b in zip(q, f)]))
+    out = {"frames": n, "quality_fps": fps["quality"], "fast_fps": fps["fast"], "label_agreement": agreement,
+           "fast_seg_size": jobs["fast"].models.size[0],
+           "ratios": {"fast_over_quality": fps["fast"] / fps["quality"]}}
+    if q[0].synth is not None:
+        mse = float(np.mean([np.mean((a.synth.astype(np.float64) - b.synth) ** 2) for a, b in zip(q, f)]))
+        out["synth_psnr_db"] = 10 * np.log10(255 ** 2 / max(mse, 1e-12))
+    return out
 
 
 class _PassSource:

@@ -18,6 +18,10 @@ def run_export(cfg: ExportConfig) -> str:
     """Do the export; returns a one-line summary."""
     if cfg.what == "deeplab" and cfg.from_tflite:
         return _from_tflite(cfg)
+    if cfg.what == "quantize":
+        from .quantize import quantize
+
+        return quantize(cfg.model, cfg.out, list(cfg.calibrate), frames=cfg.frames)
     import torch
 
     logging.getLogger("torch").setLevel(logging.ERROR)  # the exporter's notes about torchvision ops

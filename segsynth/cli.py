@@ -32,7 +32,8 @@ def _segment(args: argparse.Namespace) -> int:
     cfg = SegmentConfig(input=args.input, output=args.output, view=args.view, remap=args.remap,
                         segmenter=args.segmenter, label_set=args.label_set, threads=args.threads,
                         legend=not args.no_legend, crf=args.crf, preset=args.preset, backend=args.backend,
-                        fp16=not args.fp32, fused=args.fused, stabilize=args.stabilize)
+                        fp16=not args.fp32, fused=args.fused, stabilize=args.stabilize, models=args.models,
+                        seg_size=args.seg_size)
     summary = run_segment(cfg, quiet=args.quiet)
     log.info("%s", summary.line(cfg))
     return 0
@@ -88,7 +89,7 @@ def _model_fields(args: argparse.Namespace) -> dict:
     return dict(segmenter=args.segmenter, generator=args.generator,
                 size=parse_size(args.size, "--size", "WxH") if args.size else None, threads=args.threads,
                 cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32, batch=args.batch,
-                fused=args.fused)
+                fused=args.fused, models=args.models, seg_size=args.seg_size)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -164,7 +165,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise InputError(f"--media-root {args.media_root}: not a directory")
     model_cfg = ModelConfig(segmenter=args.segmenter, generator=args.generator, threads=args.threads,
                             cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32,
-                            fused=args.fused)
+                            fused=args.fused, models=args.models, seg_size=args.seg_size)
     with ModelSet.load(**vars(model_cfg)) as models:
         return serve(host=args.host, port=args.port, models=models, token=token,
                      config=Path(args.config) if args.config else None,
@@ -198,7 +199,7 @@ def _bench(args: argparse.Namespace) -> int:
                       frames=args.frames, batch=batches, streams=args.streams, repeats=args.repeats, rate=args.rate,
                       segmenter=args.segmenter, generator=args.generator, threads=args.threads,
                       input=Path(args.input) if args.input else None, backend=args.backend, fp16=not args.fp32,
-                      fused=args.fused, live_seconds=args.live_seconds)
+                      fused=args.fused, live_seconds=args.live_seconds, models=args.models, seg_size=args.seg_size)
     if cfg.frames < 10 or cfg.repeats < 1 or cfg.streams < 1 or min(batches) < 1:
         raise SegsynthError("--frames must be >= 10, --repeats, --streams and --batch >= 1")
     report = run_bench(cfg)
@@ -223,7 +224,8 @@ def _export(args: argparse.Namespace) -> int:
         what=args.what, out=Path(args.out), checkpoint=path(args.checkpoint), deeplab=path(args.deeplab),
         from_tflite=path(args.from_tflite), size=parse_size(args.size) if args.size else None,
         seg_size=parse_size(args.seg_size, "--seg-size"), batch=parse_batch(args.batch), argmax=args.argmax,
-        label_set=args.label_set, epoch=args.epoch, overrides=parse_overrides(args.opt))
+        label_set=args.label_set, epoch=args.epoch, overrides=parse_overrides(args.opt), model=path(args.model),
+        calibrate=tuple(map(Path, args.calibrate or ())), frames=args.frames)
     from .export.commands import run_export
 
     log.info("%s", run_export(cfg))
@@ -337,7 +339,8 @@ def _eval_temporal(args: argparse.Namespace) -> int:
     if args.frames is not None and args.frames < 2:
         raise InputError("--frames must be at least 2 (the measures compare consecutive frames)")
     cfg = ModelConfig(segmenter=args.segmenter, generator=args.generator, threads=args.threads,
-                      cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32, fused=args.fused)
+                      cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32, fused=args.fused,
+                      models=args.models, seg_size=args.seg_size)
     with ModelSet.load(**vars(cfg)) as models, Progress("eval-temporal", args.frames,
                                                         enabled=not args.quiet) as progress:
         report = evaluate(clip, models, stabilize=stabilize, remap=args.remap, fit=args.fit, seed=args.seed,
@@ -483,9 +486,15 @@ def _add_stabilize(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backend(p: argparse.ArgumentParser) -> None:
-    from .config import FUSED
+    from .config import FAST_SEG_SIZE, FUSED, TIERS
     from .engine.select import BACKENDS
 
+    p.add_argument("--models", choices=TIERS, default="quality",
+                   help=f"quality: the float graphs, segmenters at 513 x 513 (default); fast: the bundled int8 "
+                        f"graphs (segmenters and default generator), segmenters at {FAST_SEG_SIZE} x {FAST_SEG_SIZE}")
+    p.add_argument("--seg-size", type=int, metavar="N",
+                   help=f"the segmenters' input size, 16k + 1: 513, 385, 321, 257 (default 513; {FAST_SEG_SIZE} "
+                        "with --models fast)")
     p.add_argument("--backend", choices=BACKENDS, default="auto",
                    help="inference backend (auto: TensorRT > onnxruntime-cuda > torch-cuda > onnxruntime CPU)")
     p.add_argument("--fp32", action="store_true", help="GPU backends: compute in FP32 instead of FP16")
@@ -630,8 +639,12 @@ def build_parser() -> argparse.ArgumentParser:
         "export", parents=[common], help="export SPADE / DeepLab / the fused chain to ONNX",
         description="Write ONNX graphs following segsynth's I/O contracts. spade: label [+instance] [+z] -> image; "
                     "encoder: style -> mu, logvar; deeplab: image -> logits (or labels); chain: uint8 frames + remap "
-                    "table [+z] -> uint8 frames + labels. Needs the export extra (torch), except --from-tflite.")
+                    "table [+z] -> uint8 frames + labels; quantize: a float graph -> int8 (QDQ, calibrated on video frames). "
+                    "Needs the export extra (torch), except --from-tflite and quantize.")
     p.add_argument("what", choices=EXPORT_TARGETS, help="which graph to export")
+    p.add_argument("model", nargs="?", metavar="MODEL.onnx", help="quantize: the float segmenter or generator graph")
+    p.add_argument("--calibrate", nargs="+", metavar="VIDEO", help="quantize: videos (VIDEO or VIDEO#START-END seconds) to calibrate activation ranges on")
+    p.add_argument("--frames", type=int, default=48, help="quantize: calibration frames, spread over the videos (48)")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="SPADE: an official checkpoint directory (opt.txt, latest_net_G.pth[, latest_net_E.pth]); "
                         "deeplab: a kazuto1011 DeepLab v2 or torchvision DeepLabV3 .pth")

@@ -38,6 +38,8 @@ class SegmentConfig:
     fp16: bool = True
     fused: str = "auto"  # videos: see ModelConfig.fused
     stabilize: str | None = None  # videos: see StreamConfig.stabilize (images have no time to stabilise over)
+    models: str = "quality"  # see ModelConfig.models
+    seg_size: int | None = None  # see ModelConfig.seg_size
 
     def __post_init__(self) -> None:
         if self.stabilize is not None:
@@ -77,7 +79,7 @@ def parse_size(text: str, flag: str = "--size", order: str = "HxW") -> tuple[int
     return int(parts[0]), int(parts[1])
 
 
-EXPORT_TARGETS = ("spade", "encoder", "deeplab", "chain")
+EXPORT_TARGETS = ("spade", "encoder", "deeplab", "chain", "quantize")
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,9 @@ class ExportConfig:
     label_set: str | None = None
     epoch: str = "latest"
     overrides: tuple[tuple[str, str], ...] = ()  # opt.txt overrides, (key, value)
+    model: Path | None = None  # quantize: the float graph
+    calibrate: tuple[Path, ...] = ()  # quantize: videos whose frames calibrate the activation ranges
+    frames: int = 48  # quantize: how many frames, spread over the videos
 
     def __post_init__(self) -> None:
         if self.what not in EXPORT_TARGETS:
@@ -103,8 +108,9 @@ class ExportConfig:
         if Path(self.out).suffix.lower() != ".onnx":
             raise InputError(f"{self.out}: the output of export must be an .onnx file")
         needs = {"spade": ["checkpoint"], "encoder": ["checkpoint"], "chain": ["checkpoint", "deeplab", "size"],
-                 "deeplab": [] if self.from_tflite else ["checkpoint"]}[self.what]
-        missing = [f"--{n.replace('_', '-')}" for n in needs if getattr(self, n) is None]
+                 "deeplab": [] if self.from_tflite else ["checkpoint"], "quantize": ["model", "calibrate"]}[self.what]
+        missing = [("MODEL.onnx" if n == "model" else f"--{n.replace('_', '-')}") for n in needs
+                   if getattr(self, n) in (None, ())]
         if missing:
             raise InputError(f"export {self.what} needs {' and '.join(missing)}")
         if self.batch is not None and not 1 <= self.batch <= 64:
@@ -166,6 +172,8 @@ def is_image_sequence(source: str) -> bool:
 
 
 FUSED = ("auto", "on", "off")
+TIERS = ("quality", "fast")  # --models: the float graphs at 513 / the int8 graphs at FAST_SEG_SIZE
+FAST_SEG_SIZE = 321  # bench tiers on examples/demo.mp4: 4.1x quality's fps, labels 0.92, picture 25.0 dB
 
 
 @dataclass(frozen=True)
@@ -182,8 +190,25 @@ class ModelConfig:
     cache_dir: Path | None = None
     batch: int | None = None  # the batch sessions run: GPU engines are tuned for it (None: up to 8)
     fused: str = "auto"  # the models as one graph (stream.chain): on | off | auto (on, or one by one if it fails)
+    models: str = "quality"  # quality: the float graphs; fast: the bundled int8 graphs, segmenters at FAST_SEG_SIZE
+    seg_size: int | None = None  # the segmenters' input (16k + 1); None: 513 for quality, FAST_SEG_SIZE for fast
+
+    @property
+    def int8(self) -> bool:
+        return self.models == "fast"
+
+    @property
+    def segmenter_size(self) -> int | None:
+        """The input size to re-shape the segmenters to (None: as the graph is)."""
+        return self.seg_size or (FAST_SEG_SIZE if self.models == "fast" else None)
 
     def __post_init__(self) -> None:
+        if self.models not in TIERS:
+            raise InputError(f"--models {self.models!r}: choose one of {', '.join(TIERS)}")
+        if self.seg_size is not None:
+            from segsynth.export.seg_size import check_size
+
+            check_size(self.seg_size)
         if self.cache_dir is not None:
             object.__setattr__(self, "cache_dir", Path(self.cache_dir))
         if self.fused not in FUSED:

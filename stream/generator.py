@@ -128,9 +128,10 @@ def _export_checkpoint(directory: Path, size: tuple[int, int] | None, cache_dir:
 
 def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir: Path | None = None,
                    threads: int | None = None, backend: str = "onnxruntime", fp16: bool = True,
-                   batch: int | None = None) -> Generator | None:
+                   batch: int | None = None, int8: bool = False) -> Generator | None:
     """``default`` (None when no bundled generator exists), ``none`` (segmentation only), an .onnx
-    file, or a checkpoint directory; run on ``backend`` ("auto": the best that can serve it)."""
+    file, or a checkpoint directory; run on ``backend`` ("auto": the best that can serve it);
+    ``int8``: the bundled default's quantised graph."""
     encoder = None
     if spec == "none":
         return None
@@ -138,6 +139,8 @@ def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir:
         path = bundled_generator()
         if path is None:
             return None
+        if int8 and path.with_suffix(".int8.onnx").is_file():
+            path = path.with_suffix(".int8.onnx")
     else:
         path = Path(spec)
         if path.is_dir():

@@ -41,8 +41,9 @@ def run_segment(cfg: SegmentConfig, *, quiet: bool = False) -> SegmentSummary:
     media.check_output(cfg.output, cfg.input)
     if not cfg.is_image:
         return _segment_video(cfg, quiet)
+    tier = ModelConfig(segmenter=cfg.segmenter, models=cfg.models, seg_size=cfg.seg_size)
     segmenter = load_segmenter(cfg.segmenter, label_set=cfg.label_set, threads=cfg.threads, backend=cfg.backend,
-                               fp16=cfg.fp16)
+                               fp16=cfg.fp16, int8=tier.int8, seg_size=tier.segmenter_size, lowres=tier.int8)
     try:
         remap = labels.RemapTable(cfg.remap, segmenter.label_set)
         for note in remap.notes:
@@ -78,7 +79,7 @@ def _segment_video(cfg: SegmentConfig, quiet: bool) -> SegmentSummary:
     stream = StreamConfig(source=str(cfg.input), sinks=(str(cfg.output),), view=cfg.view, remap=cfg.remap,
                           crf=cfg.crf, preset=cfg.preset, legend=cfg.legend, stabilize=cfg.stabilize)
     models = ModelConfig(segmenter=cfg.segmenter, generator="none", label_set=cfg.label_set, threads=cfg.threads,
-                         backend=cfg.backend, fp16=cfg.fp16, fused=cfg.fused)
+                         backend=cfg.backend, fp16=cfg.fp16, fused=cfg.fused, models=cfg.models, seg_size=cfg.seg_size)
     stats, session = run(stream, models, quiet=quiet, atomic=True, label="segment")
     declared = session.source.info.declared_frames
     problems = stats["problems"]

@@ -27,8 +27,35 @@ BUNDLED = {
 CHOICES = ("ade20k+voc", "ade20k", "voc")
 
 
-def bundled_model(name: str) -> Path:
-    return Path(str(resources.files("segsynth.models").joinpath(BUNDLED[name])))
+def bundled_model(name: str, int8: bool = False) -> Path:
+    """A bundled segmenter's graph; ``int8``: its quantised twin (``export quantize``)."""
+    file = BUNDLED[name].replace(".onnx", ".int8.onnx") if int8 else BUNDLED[name]
+    return Path(str(resources.files("segsynth.models").joinpath(file)))
+
+
+def reshaped(path: Path, size: int | None, lowres: bool, cache_dir: Path | None) -> Path:
+    """``path`` re-shaped to size x size input, with the argmax moved before the upsampling
+    where ``lowres`` (export.seg_size), written once to the cache."""
+    import hashlib
+
+    import onnx
+
+    from segsynth.export.seg_size import argmax_before_upsampling, resize_segmenter
+    from segsynth.stream.media import atomic_output
+
+    model = onnx.load(str(path))
+    if model.graph.input[0].type.tensor_type.shape.dim[2].dim_value in (size, None) and not lowres:
+        return path
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    name = f"{path.stem}-{size or 'same'}{'-lowres' if lowres else ''}-{digest}.onnx"
+    out = (cache_dir or Path.home() / ".cache" / "segsynth") / "segmenters" / name
+    if not out.is_file():
+        model = resize_segmenter(model, size) if size else model
+        model = argmax_before_upsampling(model) if lowres else model
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_output(out, path) as tmp:
+            onnx.save(model, str(tmp))
+    return out
 
 
 def resize_rgb(frame: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -171,12 +198,17 @@ class FusedSegmenter:
 
 def load_segmenter(spec: str = "ade20k+voc", *, label_set: str | None = None, threads: int | None = None,
                    backend: str = "onnxruntime", fp16: bool = True, cache_dir: Path | None = None,
-                   batch: int | None = None):
+                   batch: int | None = None, int8: bool = False, seg_size: int | None = None,
+                   lowres: bool = False):
     """``ade20k``, ``voc``, ``ade20k+voc`` (the bundled models) or a path to a segmenter ONNX,
     run on ``backend`` ("auto": the best that can serve it, see segsynth.engine.select);
-    ``batch``: the frames per call GPU engines are tuned for."""
+    ``batch``: the frames per call GPU engines are tuned for; ``int8``: the bundled models'
+    quantised graphs; ``seg_size``: the graphs re-shaped to that input size; ``lowres``: the
+    argmax taken before the upsampling (export.seg_size.argmax_before_upsampling)."""
 
     def one(path: Path, ls: str | None = None) -> OnnxSegmenter:
+        if seg_size is not None or lowres:
+            path = reshaped(path, seg_size, lowres, cache_dir)
         runner = open_runner(path, backend, fp16=fp16, threads=threads, cache_dir=cache_dir, batch=batch)
         try:
             return OnnxSegmenter(runner, ls, path)
@@ -185,9 +217,9 @@ def load_segmenter(spec: str = "ade20k+voc", *, label_set: str | None = None, th
             raise
 
     if spec in BUNDLED:
-        return one(bundled_model(spec))
+        return one(bundled_model(spec, int8))
     if spec == "ade20k+voc":
-        return FusedSegmenter(one(bundled_model("ade20k")), one(bundled_model("voc")))
+        return FusedSegmenter(one(bundled_model("ade20k", int8)), one(bundled_model("voc", int8)))
     path = Path(spec)
     if path.suffix.lower() != ".onnx":
         raise InputError(f"unknown segmenter {spec!r}; choose {', '.join(CHOICES)} or a path to an .onnx file")

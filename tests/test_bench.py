@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def test_quick_bench_reports_every_scenario(tmp_path):
@@ -67,3 +67,14 @@ def test_transcode_scenario_compares_one_and_two_workers(tmp_path):
     for r in result["rows"]:
         assert r["files"] == 6 and r["frames"] == 60 and r["fps"] > 0 and r["first_frame_s"] > 0, r
     assert result["ratios"]["transcode_jobs2_over_jobs1"] > 0
+
+
+def test_bench_tiers_compares_quality_and_fast_on_the_same_input(tmp_path):
+    out = tmp_path / "tiers.json"
+    proc = run_cli("bench", "tiers", "--input", REPO / "examples" / "demo.mp4", "--frames", "12", "--repeats", "1",
+                   "--json", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    tiers = json.loads(out.read_text())["scenarios"]["tiers"]
+    assert tiers["fast_seg_size"] == 321 and tiers["frames"] >= 12
+    assert tiers["quality_fps"] > 0 and tiers["fast_fps"] > 0 and tiers["ratios"]["fast_over_quality"] > 0
+    assert 0.8 < tiers["label_agreement"] < 1.0 and 15 < tiers["synth_psnr_db"] < 60  # close, not the same models
