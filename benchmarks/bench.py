@@ -55,7 +55,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         try:
             for name in cfg.scenarios:
                 log.info("running %s ...", name)
-                result = getattr(scenarios, name)(job)
+                result = getattr(scenarios, name.replace("-", "_"))(job)
                 report["scenarios"][name] = result
                 report["ratios"].update(result.get("ratios", {}))
                 _print(name, result)
@@ -100,6 +100,18 @@ def _print(name: str, result: dict) -> None:
         for r in result["rows"]:
             log.info("  %s batch %-2d %-16s %7.2f fps", r["precision"], r["batch"],
                      "double-buffered" if r["double_buffered"] else "one at a time", r["fps"])
+    elif name == "seg-sizes":
+        for r in result["rows"]:
+            log.info("  %-6s %-4s %-13s %d: %6.1f ms, labels %.4f of float 513's", r["model"],
+                     "int8" if r["int8"] else "fp32", "argmax first" if r["argmax_first"] else "as exported",
+                     r["size"], r["ms_per_frame"], r["label_agreement"])
+    elif name == "cpu-efficiency":
+        p = result["peak"]
+        log.info("  peak (%d threads, %d^3 matmul): fp32 %.1f GFLOP/s (numpy BLAS), int8 %.1f GOP/s (onnxruntime "
+                 "MatMulInteger)", result["threads"], p["matmul_size"], p["fp32_gflops"], p["int8_gops"])
+        for r in result["rows"]:
+            log.info("  %-16s %6.2f GFLOP/frame %7.1f ms  %6.1f GFLOP/s  %5.1f %% of peak", r["model"],
+                     r["gflops_per_frame"], r["ms_per_frame"], r["gflops_per_s"], r["percent_of_peak"])
     elif name == "transcode":
         for r in result["rows"]:
             log.info("  --jobs %d: %d files, %d frames in %.1f s: %.2f files/min, %.2f frames/s; per file: models "

@@ -16,9 +16,10 @@ import numpy as np
 
 log = logging.getLogger("segsynth")
 SCENARIOS = ("engine", "stages", "pipeline", "fused", "passthrough", "streams", "soak", "service", "chain",
-             "transcode", "tiers")
+             "transcode", "tiers", "cpu-efficiency", "seg-sizes")
 # chain needs the export extra (torch), service the serve extra: ask for them by name
-DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("service", "chain", "transcode", "tiers"))
+DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("service", "chain", "transcode", "tiers", "cpu-efficiency",
+                                                           "seg-sizes"))
 
 
 @dataclass(frozen=True)
@@ -312,6 +313,161 @@ def tiers(job: Job) -> dict:
         mse = float(np.mean([np.mean((a.synth.astype(np.float64) - b.synth) ** 2) for a, b in zip(q, f)]))
         out["synth_psnr_db"] = 10 * np.log10(255 ** 2 / max(mse, 1e-12))
     return out
+
+
+def graph_flops(path: Path) -> float:
+    """Multiply-adds x 2 of one frame through a graph's Conv, MatMul and Gemm nodes (batch 1,
+    shapes inferred by onnx); what the rest does (activations, resizes, argmax) is not counted."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(str(path))
+    for value in model.graph.input:
+        dim = value.type.tensor_type.shape.dim
+        if dim and not dim[0].dim_value:
+            dim[0].dim_value = 1
+    model = shape_inference.infer_shapes(model)
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    shapes.update({i.name: list(i.dims) for i in model.graph.initializer})
+    producers = {o: n for n in model.graph.node for o in n.output}
+
+    def shape(name: str) -> list[int]:  # through a DequantizeLinear to the quantised weights
+        node = producers.get(name)
+        return shapes.get(name) or (shape(node.input[0]) if node is not None and node.op_type == "DequantizeLinear"
+                                    else [])
+
+    total = 0.0
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            out, weight = shape(node.output[0]), shape(node.input[1])
+            if out and weight:
+                total += 2 * float(np.prod(out)) * float(np.prod(weight[1:]))
+        elif node.op_type in ("MatMul", "Gemm"):
+            a, out = shape(node.input[0]), shape(node.output[0])
+            if a and out:
+                total += 2 * float(np.prod(out)) * a[-1]
+    return total
+
+
+def _peak(threads: int) -> dict:
+    """The machine's measured peak in this run: an fp32 matmul (numpy's BLAS) and an int8 one
+    (onnxruntime's MatMulInteger, u8 x s8 -> s32, the kernel int8 convolutions use), GFLOP/s."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    n = 2048
+    a, b = np.random.default_rng(0).standard_normal((2, n, n), dtype=np.float32)
+    a @ b  # warm-up
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    fp32 = 2 * n ** 3 / min(times) / 1e9
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "peak",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
+                               helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+                                .SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"a": np.random.default_rng(1).integers(0, 255, (n, n), dtype=np.uint8),
+            "b": np.random.default_rng(2).integers(-127, 127, (n, n), dtype=np.int8)}
+    sess.run(None, feed)
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return {"fp32_gflops": fp32, "int8_gops": 2 * n ** 3 / min(times) / 1e9, "matmul_size": n}
+
+
+def cpu_efficiency(job: Job) -> dict:
+    """For each bundled model, float and int8: Conv/MatMul FLOPs per frame (from the graph), the
+    time per frame alone (batch 1), the GFLOP/s that makes, and the share of this machine's
+    peak measured in the same run (fp32 matmul for float graphs, int8 matmul for int8 ones)."""
+    import os
+
+    from segsynth.config import FAST_SEG_SIZE
+    from segsynth.engine.select import open_runner
+    from segsynth.stream.generator import bundled_generator
+    from segsynth.stream.segmenter import bundled_model, reshaped
+
+    threads = job.cfg.threads or os.cpu_count() or 1
+    peak = _peak(threads)
+    rows = []
+    graphs = [(f"{name} {kind}", bundled_model(name, kind == "int8")) for name in ("ade20k", "voc")
+              for kind in ("fp32", "int8")]
+    graphs += [(f"{name} fast int8", reshaped(bundled_model(name, True), FAST_SEG_SIZE, True, job.cfg.workdir))
+               for name in ("ade20k", "voc")]  # what --models fast runs
+    gen = bundled_generator()
+    if gen is not None:
+        graphs += [("generator fp32", gen), ("generator int8", gen.with_suffix(".int8.onnx"))]
+    for name, path in graphs:
+        runner = open_runner(path, "onnxruntime", threads=job.cfg.threads)
+        try:
+            feed = {}
+            for m in runner.inputs.values():
+                shape = [d if isinstance(d, int) else 1 for d in m.shape]
+                feed[m.name] = (np.zeros(shape, m.dtype) if np.issubdtype(m.dtype, np.integer) else
+                                np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+            runner.infer(feed)
+            times = []
+            budget = time.perf_counter() + max(2.0, 0.5 * job.cfg.repeats)
+            while time.perf_counter() < budget or len(times) < 3:
+                start = time.perf_counter()
+                runner.infer(feed)
+                times.append(time.perf_counter() - start)
+        finally:
+            runner.deactivate()
+        flops, seconds = graph_flops(path), statistics.median(times)
+        achieved = flops / seconds / 1e9
+        top = peak["int8_gops"] if "int8" in name else peak["fp32_gflops"]
+        rows.append({"model": name, "gflops_per_frame": flops / 1e9, "ms_per_frame": seconds * 1000,
+                     "gflops_per_s": achieved, "percent_of_peak": 100 * achieved / top})
+    return {"threads": threads, "peak": peak, "rows": rows}
+
+
+def seg_sizes(job: Job) -> dict:
+    """Each bundled segmenter, float and int8, at each --seg-size, with the argmax after the
+    upsampling (as exported) and before it (--models fast): time per frame alone and label
+    agreement with the float graph at 513 on the input's frames (every 8th, on the 513 grid)."""
+    from segsynth.engine.select import open_runner
+    from segsynth.export.seg_size import SIZES
+    from segsynth.stream.segmenter import OnnxSegmenter, bundled_model, reshaped, resize_labels, resize_rgb
+
+    source = _source(job, True)
+    try:
+        frames = [meta["display"] for i, (_, meta) in enumerate(source.frames(threading.Event(), lambda item: None))
+                  if i % 8 == 0]
+    finally:
+        source.close()
+    rows = []
+    for name in ("ade20k", "voc"):
+        reference = None
+        for int8 in (False, True):
+            for lowres in (False, True):
+                for size in SIZES:
+                    path = reshaped(bundled_model(name, int8), size, lowres, job.cfg.workdir)
+                    seg = OnnxSegmenter(open_runner(path, "onnxruntime", threads=job.cfg.threads), path=path)
+                    try:
+                        out = [resize_labels(seg(resize_rgb(f, size, size)[None])[0], 513, 513) for f in frames]
+                        x = resize_rgb(frames[0], size, size)[None]
+                        times = []
+                        for _ in range(max(3, job.cfg.repeats)):
+                            start = time.perf_counter()
+                            seg(x)
+                            times.append(time.perf_counter() - start)
+                    finally:
+                        seg.close()
+                    reference = out if reference is None else reference  # float, 513, as exported: first
+                    rows.append({"model": name, "int8": int8, "argmax_first": lowres, "size": size,
+                                 "ms_per_frame": 1000 * statistics.median(times),
+                                 "label_agreement": float(np.mean([(a == b).mean() for a, b in zip(out, reference)]))})
+    return {"frames": len(frames), "rows": rows}
 
 
 class _PassSource:

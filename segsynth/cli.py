@@ -32,7 +32,7 @@ def _segment(args: argparse.Namespace) -> int:
     cfg = SegmentConfig(input=args.input, output=args.output, view=args.view, remap=args.remap,
                         segmenter=args.segmenter, label_set=args.label_set, threads=args.threads,
                         legend=not args.no_legend, crf=args.crf, preset=args.preset, backend=args.backend,
-                        fp16=not args.fp32, fused=args.fused, stabilize=args.stabilize, models=args.models,
+                        fp16=not args.fp32, fused=args.fused, stabilize=args.stabilize, models=_tier(args, False),
                         seg_size=args.seg_size)
     summary = run_segment(cfg, quiet=args.quiet)
     log.info("%s", summary.line(cfg))
@@ -82,14 +82,28 @@ def _picture_fields(args: argparse.Namespace) -> dict:
                 crf=args.crf, preset=args.preset, bitrate=args.bitrate, stream=args.stream, legend=not args.no_legend)
 
 
-def _model_fields(args: argparse.Namespace) -> dict:
+def _tier(args: argparse.Namespace, live: bool) -> str:
+    """--models, or its default: fast for live sources on the CPU backend (near real time on a
+    few cores), quality otherwise (files, GPUs)."""
+    if args.models:
+        return args.models
+    if live and args.backend in ("auto", "onnxruntime"):
+        from .engine.select import backend_candidates
+
+        if args.backend == "onnxruntime" or backend_candidates()[0][0] == "onnxruntime":
+            log.info("live input on the CPU: --models fast (int8 graphs); --models quality for the float ones")
+            return "fast"
+    return "quality"
+
+
+def _model_fields(args: argparse.Namespace, live: bool = False) -> dict:
     """ModelConfig's fields (run and transcode share them)."""
     from .config import parse_size
 
     return dict(segmenter=args.segmenter, generator=args.generator,
                 size=parse_size(args.size, "--size", "WxH") if args.size else None, threads=args.threads,
                 cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32, batch=args.batch,
-                fused=args.fused, models=args.models, seg_size=args.seg_size)
+                fused=args.fused, models=_tier(args, live), seg_size=args.seg_size)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -108,7 +122,9 @@ def _run(args: argparse.Namespace) -> int:
                        stall_timeout=args.stall_timeout, reconnect_max=args.reconnect_max,
                        camera_size=parse_size(args.camera_size, "--camera-size", "WxH") if args.camera_size else None,
                        camera_fps=args.camera_fps)
-    models = ModelConfig(**_model_fields(args))
+    from .stream.live import is_live
+
+    models = ModelConfig(**_model_fields(args, live=is_live(args.input)))
     controls = []
 
     def control(session):
@@ -165,7 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise InputError(f"--media-root {args.media_root}: not a directory")
     model_cfg = ModelConfig(segmenter=args.segmenter, generator=args.generator, threads=args.threads,
                             cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32,
-                            fused=args.fused, models=args.models, seg_size=args.seg_size)
+                            fused=args.fused, models=_tier(args, True), seg_size=args.seg_size)
     with ModelSet.load(**vars(model_cfg)) as models:
         return serve(host=args.host, port=args.port, models=models, token=token,
                      config=Path(args.config) if args.config else None,
@@ -199,7 +215,8 @@ def _bench(args: argparse.Namespace) -> int:
                       frames=args.frames, batch=batches, streams=args.streams, repeats=args.repeats, rate=args.rate,
                       segmenter=args.segmenter, generator=args.generator, threads=args.threads,
                       input=Path(args.input) if args.input else None, backend=args.backend, fp16=not args.fp32,
-                      fused=args.fused, live_seconds=args.live_seconds, models=args.models, seg_size=args.seg_size)
+                      fused=args.fused, live_seconds=args.live_seconds, models=_tier(args, False),
+                      seg_size=args.seg_size)
     if cfg.frames < 10 or cfg.repeats < 1 or cfg.streams < 1 or min(batches) < 1:
         raise SegsynthError("--frames must be >= 10, --repeats, --streams and --batch >= 1")
     report = run_bench(cfg)
@@ -340,7 +357,7 @@ def _eval_temporal(args: argparse.Namespace) -> int:
         raise InputError("--frames must be at least 2 (the measures compare consecutive frames)")
     cfg = ModelConfig(segmenter=args.segmenter, generator=args.generator, threads=args.threads,
                       cache_dir=_cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32, fused=args.fused,
-                      models=args.models, seg_size=args.seg_size)
+                      models=_tier(args, False), seg_size=args.seg_size)
     with ModelSet.load(**vars(cfg)) as models, Progress("eval-temporal", args.frames,
                                                         enabled=not args.quiet) as progress:
         report = evaluate(clip, models, stabilize=stabilize, remap=args.remap, fit=args.fit, seed=args.seed,
@@ -489,9 +506,10 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
     from .config import FAST_SEG_SIZE, FUSED, TIERS
     from .engine.select import BACKENDS
 
-    p.add_argument("--models", choices=TIERS, default="quality",
-                   help=f"quality: the float graphs, segmenters at 513 x 513 (default); fast: the bundled int8 "
-                        f"graphs (segmenters and default generator), segmenters at {FAST_SEG_SIZE} x {FAST_SEG_SIZE}")
+    p.add_argument("--models", choices=TIERS,
+                   help=f"quality: the float graphs, segmenters at 513 x 513; fast: the bundled int8 graphs "
+                        f"(segmenters and default generator), segmenters at {FAST_SEG_SIZE} x {FAST_SEG_SIZE}, labels "
+                        "from the low-resolution logits (default: fast for live inputs on the CPU, else quality)")
     p.add_argument("--seg-size", type=int, metavar="N",
                    help=f"the segmenters' input size, 16k + 1: 513, 385, 321, 257 (default 513; {FAST_SEG_SIZE} "
                         "with --models fast)")

@@ -191,16 +191,11 @@ class ModelConfig:
     batch: int | None = None  # the batch sessions run: GPU engines are tuned for it (None: up to 8)
     fused: str = "auto"  # the models as one graph (stream.chain): on | off | auto (on, or one by one if it fails)
     models: str = "quality"  # quality: the float graphs; fast: the bundled int8 graphs, segmenters at FAST_SEG_SIZE
-    seg_size: int | None = None  # the segmenters' input (16k + 1); None: 513 for quality, FAST_SEG_SIZE for fast
+    seg_size: int | None = None  # the segmenters' input (16k + 1); None: the graph's (fast: FAST_SEG_SIZE)
 
     @property
-    def int8(self) -> bool:
+    def fast(self) -> bool:
         return self.models == "fast"
-
-    @property
-    def segmenter_size(self) -> int | None:
-        """The input size to re-shape the segmenters to (None: as the graph is)."""
-        return self.seg_size or (FAST_SEG_SIZE if self.models == "fast" else None)
 
     def __post_init__(self) -> None:
         if self.models not in TIERS:

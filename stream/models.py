@@ -48,12 +48,10 @@ class ModelSet:
         cfg = ModelConfig(segmenter=segmenter, generator=generator, **options)
         # each model takes the best backend that can serve it ("auto" falls back model by model)
         common = dict(threads=cfg.threads, backend=cfg.backend, fp16=cfg.fp16, cache_dir=cfg.cache_dir, batch=cfg.batch)
-        seg = load_segmenter(cfg.segmenter, label_set=cfg.label_set, int8=cfg.int8, seg_size=cfg.segmenter_size,
-                             lowres=cfg.int8,
-                             **common)
+        seg = load_segmenter(cfg.segmenter, label_set=cfg.label_set, fast=cfg.fast, seg_size=cfg.seg_size, **common)
         gen = None
         try:
-            gen = load_generator(cfg.generator, size=cfg.size, int8=cfg.int8, **common)
+            gen = load_generator(cfg.generator, size=cfg.size, int8=cfg.fast, **common)
             if gen is not None and cfg.size and tuple(cfg.size) != gen.size:
                 raise InputError(f"--size {cfg.size[0]}x{cfg.size[1]}: {gen.source} is exported at "
                                  f"{gen.size[0]}x{gen.size[1]}; give a checkpoint directory to re-export")

@@ -41,9 +41,8 @@ def run_segment(cfg: SegmentConfig, *, quiet: bool = False) -> SegmentSummary:
     media.check_output(cfg.output, cfg.input)
     if not cfg.is_image:
         return _segment_video(cfg, quiet)
-    tier = ModelConfig(segmenter=cfg.segmenter, models=cfg.models, seg_size=cfg.seg_size)
     segmenter = load_segmenter(cfg.segmenter, label_set=cfg.label_set, threads=cfg.threads, backend=cfg.backend,
-                               fp16=cfg.fp16, int8=tier.int8, seg_size=tier.segmenter_size, lowres=tier.int8)
+                               fp16=cfg.fp16, fast=cfg.models == "fast", seg_size=cfg.seg_size)
     try:
         remap = labels.RemapTable(cfg.remap, segmenter.label_set)
         for note in remap.notes:

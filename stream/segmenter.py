@@ -198,17 +198,22 @@ class FusedSegmenter:
 
 def load_segmenter(spec: str = "ade20k+voc", *, label_set: str | None = None, threads: int | None = None,
                    backend: str = "onnxruntime", fp16: bool = True, cache_dir: Path | None = None,
-                   batch: int | None = None, int8: bool = False, seg_size: int | None = None,
-                   lowres: bool = False):
+                   batch: int | None = None, fast: bool = False, seg_size: int | None = None):
     """``ade20k``, ``voc``, ``ade20k+voc`` (the bundled models) or a path to a segmenter ONNX,
     run on ``backend`` ("auto": the best that can serve it, see segsynth.engine.select);
-    ``batch``: the frames per call GPU engines are tuned for; ``int8``: the bundled models'
-    quantised graphs; ``seg_size``: the graphs re-shaped to that input size; ``lowres``: the
-    argmax taken before the upsampling (export.seg_size.argmax_before_upsampling)."""
+    ``batch``: the frames per call GPU engines are tuned for; ``seg_size``: the graphs re-shaped
+    to that input size; ``fast``: the bundled models' int8 graphs at ``seg_size`` (default
+    FAST_SEG_SIZE) with the argmax taken before the upsampling (a graph given as a file is
+    used as it is, re-shaped only to an explicit ``seg_size``)."""
+    from segsynth.config import FAST_SEG_SIZE
+
+    bundled = spec in BUNDLED or spec == "ade20k+voc"
+    lowres = fast and bundled
+    size = seg_size or (FAST_SEG_SIZE if lowres else None)
 
     def one(path: Path, ls: str | None = None) -> OnnxSegmenter:
-        if seg_size is not None or lowres:
-            path = reshaped(path, seg_size, lowres, cache_dir)
+        if size is not None or lowres:
+            path = reshaped(path, size, lowres, cache_dir)
         runner = open_runner(path, backend, fp16=fp16, threads=threads, cache_dir=cache_dir, batch=batch)
         try:
             return OnnxSegmenter(runner, ls, path)
@@ -217,9 +222,9 @@ def load_segmenter(spec: str = "ade20k+voc", *, label_set: str | None = None, th
             raise
 
     if spec in BUNDLED:
-        return one(bundled_model(spec, int8))
+        return one(bundled_model(spec, fast))
     if spec == "ade20k+voc":
-        return FusedSegmenter(one(bundled_model("ade20k", int8)), one(bundled_model("voc", int8)))
+        return FusedSegmenter(one(bundled_model("ade20k", fast)), one(bundled_model("voc", fast)))
     path = Path(spec)
     if path.suffix.lower() != ".onnx":
         raise InputError(f"unknown segmenter {spec!r}; choose {', '.join(CHOICES)} or a path to an .onnx file")

@@ -78,3 +78,24 @@ def test_bench_tiers_compares_quality_and_fast_on_the_same_input(tmp_path):
     assert tiers["fast_seg_size"] == 321 and tiers["frames"] >= 12
     assert tiers["quality_fps"] > 0 and tiers["fast_fps"] > 0 and tiers["ratios"]["fast_over_quality"] > 0
     assert 0.8 < tiers["label_agreement"] < 1.0 and 15 < tiers["synth_psnr_db"] < 60  # close, not the same models
+
+
+def test_bench_cpu_efficiency_and_seg_sizes(tmp_path):
+    out = tmp_path / "cpu.json"
+    proc = run_cli("bench", "cpu-efficiency", "seg-sizes", "--input", REPO / "examples" / "demo.mp4", "--repeats", "1",
+                   "--json", out, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())["scenarios"]
+    eff = report["cpu-efficiency"]
+    assert eff["peak"]["fp32_gflops"] > 1 and eff["peak"]["int8_gops"] > 1
+    rows = {r["model"]: r for r in eff["rows"]}
+    assert {"ade20k fp32", "ade20k int8", "ade20k fast int8", "voc fp32", "generator int8"} <= set(rows)
+    # the FLOPs come from the graph: quantising keeps them, a 321 input scales them by about (321/513)^2
+    assert rows["ade20k int8"]["gflops_per_frame"] == rows["ade20k fp32"]["gflops_per_frame"] > 5
+    assert 0.3 < rows["ade20k fast int8"]["gflops_per_frame"] / rows["ade20k fp32"]["gflops_per_frame"] < 0.45
+    assert all(0 < r["percent_of_peak"] for r in eff["rows"])
+    sizes = report["seg-sizes"]["rows"]
+    assert len(sizes) == 2 * 2 * 2 * 4
+    first = [r for r in sizes if r["model"] == "ade20k"][0]
+    assert (first["size"], first["int8"], first["argmax_first"], first["label_agreement"]) == (513, False, False, 1.0)
+    assert all(0.8 < r["label_agreement"] <= 1.0 for r in sizes)
