@@ -91,7 +91,7 @@ def _tier(args: argparse.Namespace, live: bool) -> str:
         from .engine.select import backend_candidates
 
         if args.backend == "onnxruntime" or backend_candidates()[0][0] == "onnxruntime":
-            log.info("live input on the CPU: --models fast (int8 graphs); --models quality for the float ones")
+            log.debug("live input on the CPU: --models fast (int8 graphs); --models quality for the float ones")
             return "fast"
     return "quality"
 

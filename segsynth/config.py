@@ -173,7 +173,7 @@ def is_image_sequence(source: str) -> bool:
 
 FUSED = ("auto", "on", "off")
 TIERS = ("quality", "fast")  # --models: the float graphs at 513 / the int8 graphs at FAST_SEG_SIZE
-FAST_SEG_SIZE = 321  # bench tiers on examples/demo.mp4: 4.1x quality's fps, labels 0.92, picture 25.0 dB
+FAST_SEG_SIZE = 321  # bench tiers on examples/demo.mp4: 4.2x quality's fps, labels 0.92, picture 25.5 dB
 
 
 @dataclass(frozen=True)

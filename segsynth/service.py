@@ -378,7 +378,7 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
     def readyz() -> dict:
         m = service.models
         return {"status": "ready", "segmenter": m.config.segmenter, "generator": m.config.generator,
-                "backend": m.backend, "fused": sorted(part for part, c in m.chains.items() if c is not None),
+                "models": m.config.models, "backend": m.backend, "fused": sorted(part for part, c in m.chains.items() if c is not None),
                 "streams": len(service.sessions)}
 
     @app.get("/metrics", dependencies=auth if protect_metrics else [])
