@@ -141,14 +141,15 @@ class _Feeds:
     def get_next(self):
         return next(self.feeds, None)
 
-    def rewind(self):  # not needed by min/max calibration; part of the interface
+    def rewind(self):  # part of the interface; onnxruntime's min/max and percentile calibration read once
         raise NotImplementedError
 
 
 def _last_convs(model) -> list[str]:
     """The convolutions that make a graph's outputs (through shape-only and elementwise ops):
-    kept in float. A segmenter's logits quantised to 256 levels for 151 classes tie and flip
-    the argmax (measured: 9 % of ADE20K's pixels); the generator's last layer is cheap."""
+    kept in float, so the logits the argmax compares and the picture keep float precision; one
+    layer each, cheap. (Measured on ADE20K: it changes the labels' agreement with the float
+    graph little, 0.914 either way; what int8 costs there comes from the layers before.)"""
     producers = {o: n for n in model.graph.node for o in n.output}
     found, todo, seen = [], [o.name for o in model.graph.output], set()
     while todo:
@@ -176,7 +177,7 @@ def quantize(model_path: Path, out: Path, videos: list[Path], *, frames: int = 4
         raise InputError("--frames must be at least 1")
     try:
         model = onnx.load(str(model_path))
-    except (OSError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as exc:  # noqa: BLE001
+    except Exception as exc:  # noqa: BLE001 - unreadable, or not protobuf: onnx raises several kinds
         raise InputError(f"{model_path}: not an ONNX model ({exc})") from None
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         raise InputError(f"{model_path} is quantised already")
