@@ -359,8 +359,9 @@ def test_the_cpu_image_builds_runs_as_its_user_and_passes_its_healthcheck(tmp_pa
         rootfs = tmp_path / "rootfs"
         check(debootstrap, "--variant=minbase", "--include=python3,python3-venv,python-is-python3,ca-certificates",
               "bookworm", rootfs, "http://deb.debian.org/debian")
-        ca = os.environ.get("PIP_CERT") or os.environ.get("SSL_CERT_FILE")
-        if ca:  # a TLS-intercepting proxy between this machine and PyPI: the build trusts it as we do
+        ca = next((c for c in (os.environ.get("PIP_CERT"), os.environ.get("SSL_CERT_FILE"),
+                               "/etc/ssl/certs/ca-certificates.crt") if c and Path(c).is_file()), None)
+        if ca:  # a TLS-intercepting proxy between this machine and PyPI: the build trusts what we trust
             shutil.copy(ca, rootfs / "etc/ssl/certs/ca-certificates.crt")
             (rootfs / "etc/pip.conf").write_text("[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n")
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
