@@ -15,11 +15,11 @@ import numpy as np
 
 
 log = logging.getLogger("segsynth")
-SCENARIOS = ("engine", "stages", "pipeline", "fused", "passthrough", "streams", "soak", "service", "chain",
-             "transcode", "tiers", "cpu-efficiency", "seg-sizes")
-# chain needs the export extra (torch), service the serve extra: ask for them by name
-DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in ("service", "chain", "transcode", "tiers", "cpu-efficiency",
-                                                           "seg-sizes"))
+# run only when named: chain needs the export extra (torch), service the serve extra, and the
+# rest are long or load other models
+NAMED_ONLY = ("service", "chain", "transcode", "tiers", "cpu-efficiency", "seg-sizes")
+SCENARIOS = ("engine", "stages", "pipeline", "fused", "passthrough", "streams", "soak", *NAMED_ONLY)
+DEFAULT_SCENARIOS = tuple(s for s in SCENARIOS if s not in NAMED_ONLY)
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,17 @@ def _pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else 0.0
 
 
+def _timed(fn, *args, calls: int, seconds: float = 0.0) -> list[float]:
+    """Seconds of each call of ``fn(*args)``: at least ``calls`` calls, and calls until ``seconds`` have passed."""
+    times = []
+    budget = time.perf_counter() + seconds
+    while time.perf_counter() < budget or len(times) < calls:
+        start = time.perf_counter()
+        fn(*args)
+        times.append(time.perf_counter() - start)
+    return times
+
+
 def engine(job: Job) -> dict:
     """Model-only throughput and latency for each batch size."""
     rows = []
@@ -94,12 +105,7 @@ def engine(job: Job) -> dict:
         for batch in job.cfg.batch:
             x = make(batch)
             fn(x)  # warm-up
-            lat = []
-            budget = time.perf_counter() + max(2.0, 0.2 * job.cfg.repeats)
-            while time.perf_counter() < budget or len(lat) < job.cfg.repeats:
-                start = time.perf_counter()
-                fn(x)
-                lat.append(time.perf_counter() - start)
+            lat = _timed(fn, x, calls=job.cfg.repeats, seconds=max(2.0, 0.2 * job.cfg.repeats))
             rows.append({"model": name, "batch": batch, "fps": batch / statistics.median(lat),
                          "p50_ms": _pct(lat, 50) * 1000, "p95_ms": _pct(lat, 95) * 1000})
     return {"rows": rows}
@@ -295,8 +301,8 @@ def tiers(job: Job) -> dict:
                 source = _source(tier, _display(tier))
                 w, h = tier.models.size
                 start = time.perf_counter()
-                stats = Pipeline(source, tier.infer, _sink(source, job.cfg.workdir / f"tiers-{name}.mp4"),
-                                 model_shape=(h, w, 3), batch=job.cfg.batch[0], render=tier.render).run()
+                Pipeline(source, tier.infer, _sink(source, job.cfg.workdir / f"tiers-{name}.mp4"),
+                         model_shape=(h, w, 3), batch=job.cfg.batch[0], render=tier.render).run()
                 times[name].append(time.perf_counter() - start)
         for name, tier in jobs.items():
             frames, metas = _decode_all(tier)
@@ -353,19 +359,13 @@ def graph_flops(path: Path) -> float:
 def _peak(threads: int) -> dict:
     """The machine's measured peak in this run: an fp32 matmul (numpy's BLAS) and an int8 one
     (onnxruntime's MatMulInteger, u8 x s8 -> s32, the kernel int8 convolutions use), GFLOP/s."""
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     n = 2048
     a, b = np.random.default_rng(0).standard_normal((2, n, n), dtype=np.float32)
     a @ b  # warm-up
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    fp32 = 2 * n ** 3 / min(times) / 1e9
+    fp32 = 2 * n ** 3 / min(_timed(np.matmul, a, b, calls=5)) / 1e9
     graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "peak",
                               [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n]),
                                helper.make_tensor_value_info("b", TensorProto.INT8, [n, n])],
@@ -377,12 +377,8 @@ def _peak(threads: int) -> dict:
     feed = {"a": np.random.default_rng(1).integers(0, 255, (n, n), dtype=np.uint8),
             "b": np.random.default_rng(2).integers(-127, 127, (n, n), dtype=np.int8)}
     sess.run(None, feed)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return {"fp32_gflops": fp32, "int8_gops": 2 * n ** 3 / min(times) / 1e9, "matmul_size": n}
+    int8 = 2 * n ** 3 / min(_timed(sess.run, None, feed, calls=5)) / 1e9
+    return {"fp32_gflops": fp32, "int8_gops": int8, "matmul_size": n}
 
 
 def cpu_efficiency(job: Job) -> dict:
@@ -415,12 +411,7 @@ def cpu_efficiency(job: Job) -> dict:
                 feed[m.name] = (np.zeros(shape, m.dtype) if np.issubdtype(m.dtype, np.integer) else
                                 np.random.default_rng(0).standard_normal(shape).astype(np.float32))
             runner.infer(feed)
-            times = []
-            budget = time.perf_counter() + max(2.0, 0.5 * job.cfg.repeats)
-            while time.perf_counter() < budget or len(times) < 3:
-                start = time.perf_counter()
-                runner.infer(feed)
-                times.append(time.perf_counter() - start)
+            times = _timed(runner.infer, feed, calls=3, seconds=max(2.0, 0.5 * job.cfg.repeats))
         finally:
             runner.deactivate()
         flops, seconds = graph_flops(path), statistics.median(times)
@@ -456,11 +447,7 @@ def seg_sizes(job: Job) -> dict:
                     try:
                         out = [resize_labels(seg(resize_rgb(f, size, size)[None])[0], 513, 513) for f in frames]
                         x = resize_rgb(frames[0], size, size)[None]
-                        times = []
-                        for _ in range(max(3, job.cfg.repeats)):
-                            start = time.perf_counter()
-                            seg(x)
-                            times.append(time.perf_counter() - start)
+                        times = _timed(seg, x, calls=max(3, job.cfg.repeats))
                     finally:
                         seg.close()
                     reference = out if reference is None else reference  # float, 513, as exported: first

@@ -631,10 +631,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(threaded vs sequential vs infer alone), fused (the models as one graph vs one by one), "
                                    "passthrough (vs the ffmpeg CLI), streams "
                                    "(N live streams), soak (memory over time); chain (the fused graph, FP16 vs TF32 on "
-                                   "GPUs, CUDA-event timed, double-buffered; needs torch) and transcode (a folder of clips, "
-                                   "--jobs 1 "
-                                   "vs 2) only when named. Ratios come from one run.")
-    p.add_argument("scenarios", nargs="*", metavar="SCENARIO", help="default: all but chain, service, transcode")
+                                   "GPUs, CUDA-event timed, double-buffered; needs torch), service, transcode (a folder "
+                                   "of clips, --jobs 1 vs 2), tiers (--models quality vs fast), cpu-efficiency (FLOPs "
+                                   "and share of the CPU's peak) and seg-sizes (each --seg-size) only when named. "
+                                   "Ratios come from one run.")
+    p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
+                   help="default: all but chain, service, transcode, tiers, cpu-efficiency, seg-sizes")
     p.add_argument("--size", default="1280x720", metavar="WxH", help="generated input size (default 1280x720)")
     p.add_argument("--rate", type=int, default=30, help="generated input / live source fps (default 30)")
     p.add_argument("--frames", type=int, default=300, help="frames per measurement (soak: total; default 300)")

@@ -66,6 +66,11 @@ class Record:
     worker: str = ""
     finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
+    @classmethod
+    def of(cls, task: Task, status: str, **fields) -> Record:
+        """A record of ``task`` (its input, output, size, hash and settings) with ``status``."""
+        return cls(task.source, task.output, task.size, task.sha256, task.settings, status, **fields)
+
 
 # ---- planning (driver) -----------------------------------------------------------------------
 def expand(inputs: list[str], out: Path, *, pattern: str | None = None, recursive: bool = False,
@@ -195,7 +200,7 @@ def transcode_file(task: Task, stream_options: dict, model_options: dict, report
 
     from .session import StreamSession
 
-    record = Record(task.source, task.output, task.size, task.sha256, task.settings, "failed", worker=worker)
+    record = Record.of(task, "failed", worker=worker)
     start = time.perf_counter()
     try:
         models, record.load_seconds = _models(model_options)
@@ -287,9 +292,8 @@ def run_local(tasks: list[Task], stream_options: dict, model_options: dict, *, j
                     if task is not None and attempts[task.source] <= retry:
                         pending.append(task)
                     elif task is not None:
-                        yield Record(task.source, task.output, task.size, task.sha256, task.settings, "failed",
-                                     error=f"the worker process died (exit code {proc.exitcode})",
-                                     attempts=attempts[task.source], worker=dead)
+                        yield Record.of(task, "failed", error=f"the worker process died (exit code {proc.exitcode})",
+                                        attempts=attempts[task.source], worker=dead)
                     if pending and not stop.is_set():
                         assign(spawn())
             if kind is None:
@@ -352,8 +356,8 @@ def run_ray(tasks: list[Task], stream_options: dict, model_options: dict, *, add
                 try:
                     record = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - retries used up: the worker or node died each time
-                    record = Record(task.source, task.output, task.size, task.sha256, task.settings, "failed",
-                                    error=f"Ray: {type(exc).__name__}: {str(exc).splitlines()[0]}", attempts=retry + 1)
+                    record = Record.of(task, "failed", error=f"Ray: {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                                       attempts=retry + 1)
                 yield record
     finally:
         for ref in flight:
@@ -467,12 +471,10 @@ def transcode(inputs: list[str], out: Path, *, stream_options: dict, model_optio
                 task = Task(str(src), str(target), src.stat().st_size, media.sha256_of(src), settings)
             except OSError as exc:
                 task = Task(str(src), str(target), 0, "", settings)
-                records.append(Record(task.source, task.output, 0, "", settings, "failed",
-                                      error=f"cannot read it: {exc.strerror or exc}"))
+                records.append(Record.of(task, "failed", error=f"cannot read it: {exc.strerror or exc}"))
                 continue
             if resume and manifest.done(task):
-                records.append(Record(task.source, task.output, task.size, task.sha256, settings, "skipped",
-                                      attempts=0))
+                records.append(Record.of(task, "skipped", attempts=0))
             else:
                 tasks.append(task)
         for record in records:

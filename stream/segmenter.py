@@ -43,18 +43,19 @@ def reshaped(path: Path, size: int | None, lowres: bool, cache_dir: Path | None)
     from segsynth.export.seg_size import argmax_before_upsampling, resize_segmenter
     from segsynth.stream.media import atomic_output
 
-    model = onnx.load(str(path))
-    if model.graph.input[0].type.tensor_type.shape.dim[2].dim_value in (size, None) and not lowres:
-        return path
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     name = f"{path.stem}-{size or 'same'}{'-lowres' if lowres else ''}-{digest}.onnx"
     out = (cache_dir or Path.home() / ".cache" / "segsynth") / "segmenters" / name
-    if not out.is_file():
-        model = resize_segmenter(model, size) if size else model
-        model = argmax_before_upsampling(model) if lowres else model
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_output(out, path) as tmp:
-            onnx.save(model, str(tmp))
+    if out.is_file():  # made by an earlier start
+        return out
+    model = onnx.load(str(path))
+    if model.graph.input[0].type.tensor_type.shape.dim[2].dim_value == size and not lowres:
+        return path  # already that size
+    model = resize_segmenter(model, size) if size else model
+    model = argmax_before_upsampling(model) if lowres else model
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(out, path) as tmp:
+        onnx.save(model, str(tmp))
     return out
 
 
