@@ -378,9 +378,10 @@ def test_the_cpu_image_builds_runs_as_its_user_and_passes_its_healthcheck(tmp_pa
     token.write_text("0123456789abcdef0123456789abcdef")
     token.chmod(0o644)
     pod("rm", "-f", name, ok=False)
+    # host network, the service on loopback only
     pod("run", "-d", "--name", name, "--network", "host", "-v", f"{token}:/run/secrets/segsynth-token:ro",
         "-v", f"{DEPLOY / 'streams.yaml'}:/etc/segsynth/streams.yaml:ro", image,
-        "serve", "--host", "127.0.0.1", "--port", "8080", "--token-file", "/run/secrets/segsynth-token",  # loopback only
+        "serve", "--host", "127.0.0.1", "--port", "8080", "--token-file", "/run/secrets/segsynth-token",
         "--media-root", "/data", "--config", "/etc/segsynth/streams.yaml", "--segmenter", "voc", "--generator", "none")
     try:
         deadline = time.monotonic() + 120
