@@ -273,9 +273,7 @@ class ConvEncoder(nn.Module):
 
     def __init__(self, opt: SpadeOptions) -> None:
         super().__init__()
-        if opt.crop_size < 256:
-            raise ModelError(f"the SPADE encoder needs crop_size >= 256 (the official one resizes "
-                             f"styles to 256x256), got {opt.crop_size}")
+        # Any crop_size: like the official encoder, it resizes every style image to 256 x 256.
         kw, pw, ndf = 3, 1, opt.ngf
         norm = opt.norm_E
         self.layer1 = _nonspade_norm(norm, nn.Conv2d(3, ndf, kw, stride=2, padding=pw))

@@ -2,8 +2,9 @@
 
 Losses as in SPADE's pix2pix model: hinge GAN loss against a multiscale PatchGAN
 discriminator (the official MultiscaleDiscriminator/NLayerDiscriminator structure and key
-names), discriminator feature matching (lambda_feat = 10), plus an L1 reconstruction term
-in place of the VGG perceptual loss (no pretrained VGG weights are available here).
+names), discriminator feature matching (lambda_feat = 10), and a perceptual loss; no VGG
+weights are available here, so it compares features of the bundled VOC MobileNetV2 backbone
+(``perceptual.py``; ``lambda_perceptual``), plus a small L1 reconstruction term.
 Adam with TTUR (G lr/2, D lr*2, betas 0/0.9). With ``vae`` the style encoder is trained
 too (z = mu + eps sigma from the real frame, KL term weighted 0.05, as officially). Checkpoints use the official layout
 (``latest_net_G.pth``, ``latest_net_D.pth``, ``opt.txt``), so ``segsynth export spade``
@@ -56,11 +57,12 @@ class TrainConfig:
     steps: int = 1000
     device: str = "cpu"
     resume: bool = False
-    init_from: Path | None = None  # start G (and E) from this checkpoint directory: fine-tuning
+    init_from: Path | None = None  # start G (and E) from this checkpoint directory (any size; see _init_from)
     batch: int | None = None  # default: the config's
     lr: float = 0.0002
     lambda_feat: float = 10.0
-    lambda_l1: float = 10.0
+    lambda_l1: float = 1.0
+    lambda_perceptual: float = 2.0  # 0: off
     vae: bool = False  # also train the style encoder (use_vae; KL term weight lambda_kld)
     lambda_kld: float = 0.05
     ema: float = 0.0  # decay of the generator's moving average (0: off; 0.999 typical)
@@ -78,6 +80,8 @@ class TrainConfig:
             raise InputError("--device must be cpu or cuda")
         if not 0 <= self.ema < 1:
             raise InputError("--ema must be in [0, 1) (e.g. 0.999; 0 turns it off)")
+        if self.lambda_perceptual < 0 or self.lambda_l1 < 0:
+            raise InputError("--lambda-perceptual and --lambda-l1 must not be negative")
         if self.resume and self.init_from is not None:
             raise InputError("--resume and --init-from exclude each other (resume continues the run in --out)")
 
@@ -156,8 +160,6 @@ def _options(cfg: TrainConfig, size: tuple[int, int]) -> SpadeOptions:
     w, h = size
     if w % 32 or h % 32:
         raise InputError(f"dataset size {w}x{h}: SPADE needs multiples of 32; remake it with --size")
-    if cfg.vae and w < 256:
-        raise InputError(f"--vae: the style encoder needs images at least 256 wide (the dataset is {w}x{h})")
     g_opts = CONFIGS[cfg.config][0]
     return SpadeOptions(label_nc=150, contain_dontcare_label=True, no_instance=True, crop_size=w, aspect_ratio=w / h,
                         use_vae=cfg.vae, z_dim=256, **g_opts)
@@ -261,14 +263,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         step, history = state["step"], state["history"]
         data.rng = np.random.default_rng(cfg.seed + step)
         log.info("resumed %s at step %d", out, step)
-    elif cfg.init_from is not None:  # fine-tune: the generator (and encoder) start from a checkpoint, D afresh
-        init = Path(cfg.init_from)
-        same = f"--config {cfg.config}{', --vae' if e is not None else ''}"
-        hint = f" (--init-from needs a checkpoint of the same architecture: {same})"
-        load_strict(g, read_state_dict(init / "latest_net_G.pth"), str(init / "latest_net_G.pth"), hint)
-        if e is not None:
-            load_strict(e, read_state_dict(init / "latest_net_E.pth"), str(init / "latest_net_E.pth"), hint)
-        log.info("generator initialised from %s", init)
+    elif cfg.init_from is not None:  # the generator (and encoder) start from a checkpoint, D afresh
+        _init_from(g, e, Path(cfg.init_from), f"--config {cfg.config}")
     ema = MovingAverage(g, cfg.ema) if cfg.ema else None
     if ema is not None and cfg.resume:
         load_strict(ema.module, read_state_dict(out / "latest_net_G.pth"), str(out / "latest_net_G.pth"))
@@ -276,6 +272,11 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     (out / "samples").mkdir(exist_ok=True)
     palette = L.get("ade20k").palette
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
+    perceptual = None
+    if cfg.lambda_perceptual:
+        from .perceptual import PerceptualLoss
+
+        perceptual = PerceptualLoss().to(device)
 
     def save() -> None:
         _save((ema.module if ema is not None else g).state_dict(), out / "latest_net_G.pth")
@@ -288,7 +289,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         _save(state, out / "train_state.pth")
         extra = {"name": out.name, "model": "pix2pix", "netD": "multiscale", "ndf": ndf, "n_layers_D": n_layers,
                  "num_D": num_d, "norm_D": "spectralinstance", "gan_mode": "hinge", "lambda_feat": cfg.lambda_feat,
-                 "lambda_l1": cfg.lambda_l1, "no_vgg_loss": True, "lr": cfg.lr, "beta1": 0.0, "beta2": 0.9,
+                 "lambda_l1": cfg.lambda_l1, "no_vgg_loss": True,
+                 "lambda_perceptual": cfg.lambda_perceptual, "perceptual_net": "deeplabv3_mnv2_voc backbone", "lr": cfg.lr, "beta1": 0.0, "beta2": 0.9,
                  "batchSize": batch, "dataset_mode": "segsynth", "dataroot": str(cfg.data), "isTrain": True,
                  "total_steps": step, "segsynth_config": cfg.config, "lambda_kld": cfg.lambda_kld,
                  "init_from": str(cfg.init_from or ""), "ema": cfg.ema}
@@ -323,7 +325,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
                 loss_fm = sum(F.l1_loss(f, r) for pf, pr in zip(g_fake, g_real) for f, r in zip(pf[:-1], pr[:-1]))
                 loss_fm = loss_fm * cfg.lambda_feat / num_d
                 loss_l1 = F.l1_loss(fake, real) * cfg.lambda_l1
-                loss_g = loss_gan + loss_fm + loss_l1 + loss_kld
+                loss_perc = perceptual(fake, real) * cfg.lambda_perceptual if perceptual else torch.zeros((), device=device)
+                loss_g = loss_gan + loss_fm + loss_l1 + loss_perc + loss_kld
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
@@ -331,14 +334,15 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
                 ema.update(g)
             step += 1
             losses = {"step": step, **{k: float(v.detach()) for k, v in (
-                ("D", loss_d), ("G_GAN", loss_gan), ("G_feat", loss_fm), ("G_L1", loss_l1), ("KLD", loss_kld))}}
+                ("D", loss_d), ("G_GAN", loss_gan), ("G_feat", loss_fm), ("G_L1", loss_l1), ("G_perc", loss_perc),
+                ("KLD", loss_kld))}}
             if not all(math.isfinite(v) for v in losses.values()):
                 raise ModelError(f"training diverged at step {step}: {losses}")
             history.append(losses)
             window.append(losses)
             progress.update()
             if step % max(1, min(cfg.sample_every, 50)) == 0 or step == cfg.steps:
-                mean = {k: np.mean([w[k] for w in window]) for k in ("D", "G_GAN", "G_feat", "G_L1")}
+                mean = {k: np.mean([w.get(k, 0.0) for w in window]) for k in ("D", "G_GAN", "G_feat", "G_L1", "G_perc", "KLD")}
                 log.info("step %d: %s (%.2f s/step)", step, ", ".join(f"{k} {v:.3f}" for k, v in mean.items()),
                          (time.monotonic() - start) / max(1, len(window)))
                 window, start = [], time.monotonic()
@@ -350,6 +354,59 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     (out / "history.json").write_text(json.dumps({"config": {k: str(v) for k, v in asdict(cfg).items()},
                                                   "history": history}) + "\n")
     return {"steps": step, "history": history, "opt": opt}
+
+
+def _init_from(g: SPADEGenerator, e: ConvEncoder | None, init: Path, config: str) -> None:
+    """Start G (and E) from ``init``'s weights, also across a change of size or of ``--vae``.
+
+    The SPADE blocks are convolutions, so they fit any size. Only the first layer depends on
+    it: with a VAE it is a Linear from z to the 16 ngf x sh x sw first feature map, which is
+    resized (nearest neighbour over sh x sw) when the size changed, and it is trained afresh
+    when the checkpoint had none (a label-conditioned generator's first layer is a conv on
+    the labels). The encoder starts from ``latest_net_E.pth`` where there is one."""
+    from .checkpoint import load_strict, read_state_dict
+
+    source = init / "latest_net_G.pth"
+    state, mine = read_state_dict(source), g.state_dict()
+    hint = f" (--init-from needs a generator of the same width and label set: {config})"
+    fc = {k: v for k, v in state.items() if k.startswith("fc.")}
+    rest = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    load_strict(_Without(g, "fc"), rest, str(source), hint)
+    if not g.opt.use_vae or fc.get("fc.weight", torch.empty(0)).dim() != 2:
+        if g.opt.use_vae:
+            log.info("--init-from %s: no z -> features layer there (not a VAE generator); it starts afresh", init)
+        else:
+            load_strict(g.fc, {k[3:]: v for k, v in fc.items()}, str(source), hint)
+    else:
+        c, (sh, sw) = 16 * g.opt.ngf, (g.sh, g.sw)
+        w, b = fc["fc.weight"], fc["fc.bias"]
+        old = w.shape[0] // c
+        oh = round(math.sqrt(old * g.sh / g.sw))
+        if oh * (old // oh) != old or w.shape[1] != g.opt.z_dim:
+            raise InputError(f"{source}: its z -> features layer {tuple(w.shape)} does not fit this generator{hint}")
+        resize = lambda t: F.interpolate(t, size=(sh, sw), mode="nearest")  # noqa: E731
+        w = resize(w.float().t().reshape(-1, c, oh, old // oh)).reshape(w.shape[1], -1).t()
+        b = resize(b.float().reshape(1, c, oh, old // oh)).reshape(-1)
+        with torch.no_grad():
+            g.fc.weight.copy_(w)
+            g.fc.bias.copy_(b)
+        if (oh, old // oh) != (sh, sw):
+            log.info("--init-from %s: z -> features layer resized from %dx%d to %dx%d", init, oh, old // oh, sh, sw)
+    if e is not None and (init / "latest_net_E.pth").is_file():
+        load_strict(e, read_state_dict(init / "latest_net_E.pth"), str(init / "latest_net_E.pth"), hint)
+    elif e is not None:
+        log.info("--init-from %s: no latest_net_E.pth there; the style encoder starts afresh", init)
+    log.info("generator initialised from %s", init)
+
+
+class _Without(nn.Module):
+    """A view of ``module``'s state dict without one child (for loading everything else strictly)."""
+
+    def __init__(self, module: nn.Module, child: str) -> None:
+        super().__init__()
+        for name, sub in module.named_children():
+            if name != child:
+                self.add_module(name, sub)
 
 
 class _NoAutocast:

@@ -255,8 +255,9 @@ def _dataset(args: argparse.Namespace) -> int:
     from .config import parse_size
     from .stream.dataset import DatasetConfig, make_dataset
 
-    cfg = DatasetConfig(videos=tuple(Path(v) for v in args.videos), out=Path(args.out), every=args.every,
-                        size=parse_size(args.size, "--size", "WxH"), segmenter=args.segmenter, threads=args.threads)
+    cfg = DatasetConfig(inputs=tuple(Path(v) for v in args.inputs), out=Path(args.out), every=args.every,
+                        size=parse_size(args.size, "--size", "WxH"), segmenter=args.segmenter, threads=args.threads,
+                        crops_per_image=args.crops_per_image)
     manifest = make_dataset(cfg, quiet=args.quiet)
     log.info("wrote %s: %d image/label pairs (%s, %dx%d)", cfg.out, len(manifest["items"]), manifest["label_set"],
              *manifest["size"])
@@ -272,7 +273,7 @@ def _train(args: argparse.Namespace) -> int:
                       device=args.device, resume=args.resume, batch=args.batch,
                       init_from=Path(args.init_from) if args.init_from else None, sample_every=args.sample_every,
                       save_every=args.save_every, threads=args.threads, seed=args.seed, vae=args.vae,
-                      ema=args.ema)
+                      ema=args.ema, lambda_perceptual=args.lambda_perceptual, lambda_l1=args.lambda_l1)
     result = train(cfg, quiet=args.quiet)
     last = result["history"][-1] if result["history"] else {}
     log.info("trained %d steps; checkpoint in %s (official layout: latest_net_G.pth, latest_net_D.pth, opt.txt)%s",
@@ -684,12 +685,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="SPADE: override an opt.txt option")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("dataset", parents=[common], help="make image/label training pairs from videos",
-                       description="dataset make VIDEOS... --out DIR: label frames with the default segmenter.")
+    p = sub.add_parser("dataset", parents=[common], help="make image/label training pairs from videos and photos",
+                       description="dataset make INPUTS... --out DIR: label video frames and images (or random crops "
+                                   "of them) with the default segmenter.")
     p.add_argument("action", choices=["make"])
-    p.add_argument("videos", nargs="+", help="video files")
+    p.add_argument("inputs", nargs="+", help="video files, image files, folders of images")
     p.add_argument("--out", required=True, help="new output directory (images/, labels/, manifest.json)")
     p.add_argument("--every", type=int, default=1, help="take every N-th frame (default 1)")
+    p.add_argument("--crops-per-image", type=int, default=0, metavar="N",
+                   help="images: N random crops of the pair's shape at 30-100%% of the largest that fits "
+                        "(default 0: each image whole, stretched)")
     p.add_argument("--size", default="256x256", metavar="WxH", help="pair size (default 256x256)")
     p.add_argument("--segmenter", default="ade20k+voc", help="segmenter used for the labels (default ade20k+voc)")
     p.add_argument("--threads", type=int, help="inference threads")
@@ -705,25 +710,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--init-from", metavar="CKPT_DIR",
-                   help="fine-tune: start the generator from this checkpoint directory (same --config; D starts afresh)")
+                   help="start the generator (and style encoder) from this checkpoint directory: same --config, any "
+                        "size, with or without --vae (a missing or differently sized z layer is re-made); D starts "
+                        "afresh")
     p.add_argument("--batch", type=int, help="batch size (default: the config's)")
     p.add_argument("--sample-every", type=int, default=100, help="write a sample grid every K steps")
     p.add_argument("--save-every", type=int, default=200, help="write the checkpoint every K steps")
     p.add_argument("--threads", type=int, help="CPU threads")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae", action="store_true", help="also train the VAE style encoder (needs images >= 256 wide)")
+    p.add_argument("--vae", action="store_true", help="also train the VAE style encoder (--style IMAGE at run time)")
+    p.add_argument("--lambda-perceptual", type=float, default=2.0, metavar="W",
+                   help="weight of the perceptual loss through the bundled VOC MobileNetV2 backbone (default 2; 0: off)")
+    p.add_argument("--lambda-l1", type=float, default=1.0, metavar="W", help="weight of the pixel L1 loss (default 1)")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="save a moving average of the generator's weights (e.g. 0.999; default 0: off); the "
                         "trained weights stay in train_state.pth for --resume")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("eval-generator", parents=[common], help="score a generator: mIoU, pixel accuracy, PSNR, SSIM",
+    p = sub.add_parser("eval-generator", parents=[common], help="score a generator: mIoU, pixel accuracy, PSNR, SSIM, "
+                                                                        "class colour distance",
                        description="Segment the generated frames and compare with the label maps they came from "
                                    "(the SPADE paper's protocol), plus PSNR/SSIM against the real frames.")
     p.add_argument("checkpoint", metavar="CKPT", help="'default', an exported .onnx, or a SPADE checkpoint directory")
     p.add_argument("--data", required=True, help="a held-out dataset made by segsynth dataset make")
     p.add_argument("--json", metavar="OUT", help="write the scores as JSON (miou, pixel_accuracy, fw_iou, psnr, "
-                                                 "ssim, frames, real_frames, baselines)")
+                                                 "ssim, colour_distance, frames, real_frames, baselines)")
     p.add_argument("--segmenter", default="ade20k+voc")
     p.add_argument("--limit", type=int, help="evaluate the first N pairs only")
     p.add_argument("--grid", metavar="OUT.png", help="also write a sample grid: label | real | generated rows")

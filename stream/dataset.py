@@ -1,7 +1,11 @@
 """``segsynth dataset make``: image/label pairs for training SPADE, made by the default segmenter.
 
-Every N-th frame of each video is resized (stretched, as the segmenter sees frames) to
-W x H, and that stored image is what gets labelled, so each label map is exactly the
+Inputs are videos, image files, and folders of images. Every N-th frame of each video is
+resized (stretched, as the segmenter sees frames) to W x H. An image gives either itself,
+stretched the same way (``crops_per_image`` 0, for held-out whole photos), or that many
+random crops of W:H shape covering 30-100 % of the largest such crop (multi-scale; positions
+and scales from a generator seeded by the image's bytes, so the output is reproducible).
+That stored image is what gets labelled, so each label map is exactly the
 segmenter's output on its image (evaluating real frames against their labels scores 1.0).
 The pair is written as PNGs (RGB image, 8-bit ids) and listed in ``manifest.json``. The output is deterministic: the same videos and options give the same
 files. The directory is built under a temporary name and renamed when complete.
@@ -9,6 +13,7 @@ files. The directory is built under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,31 +31,83 @@ from .segmenter import load_segmenter, resize_labels, resize_rgb
 
 log = logging.getLogger("segsynth")
 MANIFEST = "manifest.json"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    videos: tuple[Path, ...]
+    inputs: tuple[Path, ...]  # videos, images, folders of images
     out: Path
     every: int = 1
     size: tuple[int, int] = (256, 256)  # (W, H)
     segmenter: str = "ade20k+voc"
     threads: int | None = None
+    crops_per_image: int = 0  # 0: each image whole (stretched); N: N random multi-scale crops
 
     def __post_init__(self) -> None:
-        if not self.videos:
-            raise InputError("dataset make needs at least one video")
+        if not self.inputs:
+            raise InputError("dataset make needs at least one video, image or folder")
         if self.every < 1:
             raise InputError("--every must be at least 1")
         if min(self.size) < 16:
             raise InputError("--size must be at least 16x16")
+        if not 0 <= self.crops_per_image <= 10000:
+            raise InputError("--crops-per-image must be in 0..10000 (0: each image whole)")
+
+
+def expand_inputs(inputs) -> list[tuple[Path, str]]:
+    """(path, "image" | "video") for each input; a folder gives its images, sorted, recursively."""
+    out = []
+    for path in map(Path, inputs):
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not images:
+                raise InputError(f"{path}: no images in this folder ({', '.join(IMAGE_SUFFIXES)})")
+            out += [(p, "image") for p in images]
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
+            if not path.is_file():
+                raise InputError(f"{path}: no such image file")
+            out.append((path, "image"))
+        else:
+            media.check_input(path)
+            out.append((path, "video"))
+    return out
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"{path}: not a readable image ({exc})") from exc
+
+
+def image_views(rgb: np.ndarray, size: tuple[int, int], crops: int, seed: bytes):
+    """The W x H pictures one image gives: itself stretched (``crops`` 0) or ``crops`` random
+    crops of the W:H shape, each 30-100 % (in side length) of the largest one that fits."""
+    from PIL import Image
+
+    w, h = size
+    im = Image.fromarray(rgb)
+    if crops == 0:
+        yield np.asarray(im.resize((w, h), Image.LANCZOS)), None
+        return
+    rng = np.random.default_rng(np.frombuffer(hashlib.sha256(seed).digest()[:8], np.uint64)[0])
+    big_w = min(im.width, im.height * w / h)
+    for _ in range(crops):
+        cw = big_w * rng.uniform(0.3, 1.0)
+        ch = cw * h / w
+        x, y = rng.uniform(0, im.width - cw), rng.uniform(0, im.height - ch)
+        box = (round(x), round(y), round(x + cw), round(y + ch))
+        yield np.asarray(im.resize((w, h), Image.LANCZOS, box=box)), list(box)
 
 
 def make_dataset(cfg: DatasetConfig, *, quiet: bool = False) -> dict:
     from PIL import Image
 
-    for video in cfg.videos:
-        media.check_input(video)
+    inputs = expand_inputs(cfg.inputs)
     out = Path(cfg.out)
     if out.exists():
         raise OutputError(f"{out} already exists; choose a new directory")
@@ -63,7 +120,23 @@ def make_dataset(cfg: DatasetConfig, *, quiet: bool = False) -> dict:
     try:
         (staging / "images").mkdir(parents=True)
         (staging / "labels").mkdir()
-        for src_index, video in enumerate(cfg.videos):
+
+        def add(image: np.ndarray, item: dict) -> None:
+            label = resize_labels(segmenter(resize_rgb(image, *segmenter.size)[None])[0], w, h)
+            name = f"{len(items):06d}.png"
+            Image.fromarray(image).save(staging / "images" / name)
+            Image.fromarray(label, "L").save(staging / "labels" / name)
+            items.append({"image": f"images/{name}", "label": f"labels/{name}", **item})
+
+        for src_index, (video, kind) in enumerate(inputs):
+            if kind == "image":
+                data = Path(video).read_bytes()
+                views = list(image_views(_read_image(video), (w, h), cfg.crops_per_image, data))
+                for image, box in views:
+                    add(image, {"source": src_index, "crop": box})
+                sources.append({"path": str(video), "name": Path(video).name, "kind": "image",
+                                "sha256": hashlib.sha256(data).hexdigest(), "frames_used": len(views)})
+                continue
             container = media.open_video(video)
             with container:
                 stream = container.streams.video[0]
@@ -76,21 +149,17 @@ def make_dataset(cfg: DatasetConfig, *, quiet: bool = False) -> dict:
                         if index % cfg.every:
                             continue
                         image = frame.reformat(width=w, height=h, format="rgb24", interpolation="AREA").to_ndarray()
-                        label = resize_labels(segmenter(resize_rgb(image, *segmenter.size)[None])[0], w, h)
-                        name = f"{len(items):06d}.png"
-                        Image.fromarray(image).save(staging / "images" / name)
-                        Image.fromarray(label, "L").save(staging / "labels" / name)
                         seconds = float(frame.pts * frame.time_base) if frame.pts is not None else None
-                        items.append({"image": f"images/{name}", "label": f"labels/{name}", "source": src_index,
-                                      "frame": index, "time": seconds})
+                        add(image, {"source": src_index, "frame": index, "time": seconds})
                         taken.append(index)
                         progress.update()
                 for problem in problems:
                     log.warning("warning: %s: %s", video, problem)
-            sources.append({"path": str(video), "name": Path(video).name, "sha256": media.sha256_of(Path(video)),
-                            "frames_used": len(taken)})
+            sources.append({"path": str(video), "name": Path(video).name, "kind": "video",
+                            "sha256": media.sha256_of(Path(video)), "frames_used": len(taken)})
         manifest = {"version": 1, "label_set": segmenter.label_set.name, "segmenter": cfg.segmenter,
-                    "size": [w, h], "every": cfg.every, "sources": sources, "items": items}
+                    "size": [w, h], "every": cfg.every, "crops_per_image": cfg.crops_per_image,
+                    "sources": sources, "items": items}
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(staging, out)
     except BaseException:

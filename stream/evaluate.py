@@ -8,6 +8,12 @@ construction: the labels are the segmenter's own output on them). Frequency-weig
 et al., FCN) is reported beside mIoU: mIoU over "the classes present" weighs a class covering
 a few pixels as much as the sky.
 
+``colour_distance`` uses neither network: for each frame and each class in its label map,
+the distance (RGB, 0-255 per channel) between the mean colour of the generated and of the
+real pixels of that class, averaged with the class's pixel count as weight. It tells whether
+the sky comes out sky-coloured and the grass green, so progress cannot come from fooling
+the segmenter alone (a generator trained with a feature network's loss could do that).
+
 ``baselines`` also scores the real frames slightly degraded (Gaussian blur of 1 pixel, or
 noise of sigma 10 grey levels): how far any picture that is not the very frame the labels
 came from can get under this protocol. Segmenters are brittle on rare classes, so this
@@ -92,6 +98,26 @@ class Confusion:
         return {"miou": miou, "pixel_accuracy": acc, "fw_iou": float(fw)}
 
 
+class ColourDistance:
+    """Pixel-weighted mean distance between a class's mean colour in two pictures (see above)."""
+
+    def __init__(self) -> None:
+        self.total, self.pixels = 0.0, 0
+
+    def add(self, label: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        ids = label.ravel().astype(np.int64)
+        count = np.bincount(ids, minlength=256)
+        present = np.flatnonzero(count)
+        means = [np.stack([np.bincount(ids, x[..., ch].ravel().astype(np.float64), minlength=256)[present]
+                           for ch in range(3)], 1) / count[present, None] for x in (a, b)]
+        self.total += float((np.linalg.norm(means[0] - means[1], axis=1) * count[present]).sum())
+        self.pixels += int(count[present].sum())
+
+    @property
+    def value(self) -> float:
+        return self.total / self.pixels if self.pixels else 0.0
+
+
 def degraded(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     """The real frame slightly spoilt, for the protocol's ceiling (see the module docstring)."""
     if kind == "real_blur_1px":
@@ -132,7 +158,7 @@ def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", 
         fake_conf, real_conf = Confusion(len(label_set)), Confusion(len(label_set))
         base_conf = {kind: Confusion(len(label_set)) for kind in (BASELINES if baselines else ())}
         rng = np.random.default_rng(0)
-        psnrs, ssims, rows = [], [], []
+        psnrs, ssims, rows, colour = [], [], [], ColourDistance()
         pick = set(np.linspace(0, len(items) - 1, min(grid_rows, len(items))).astype(int).tolist())
         with Progress(f"eval {Path(str(generator_spec)).name}", len(items), enabled=not quiet) as progress:
             for item in items:
@@ -145,6 +171,7 @@ def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", 
                 for image, conf in scored:
                     predicted = seg(resize_rgb(image, *seg.size)[None])[0]
                     conf.add(label, resize_labels(predicted, w, h))
+                colour.add(label, fake, real)
                 psnrs.append(psnr(fake, real))
                 ssims.append(ssim(fake, real))
                 if grid is not None and len(psnrs) - 1 in pick:
@@ -156,7 +183,8 @@ def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", 
             Image.fromarray(np.concatenate(rows, 0)).save(grid)
         per_class = fake_conf.scores()[2]
         return {"generator": str(generator_spec), "data": str(data), "frames": len(items), **fake_conf.summary(),
-                "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "real_frames": real_conf.summary(),
+                "psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "colour_distance": colour.value,
+                "real_frames": real_conf.summary(),
                 "baselines": {kind: conf.summary() for kind, conf in base_conf.items()},
                 "per_class_iou": {label_set.name_of(c): v for c, v in sorted(per_class.items(), key=lambda kv: -kv[1])},
                 "label_set": label_set.name, "segmenter": segmenter}
@@ -173,6 +201,7 @@ def print_table(result: dict) -> None:
         log.info("%-22s" + " %14.3f" * len(columns), name, *(c[key] for c in columns.values()))
     log.info("%-22s %10.2f", "PSNR (dB)", result["psnr"])
     log.info("%-22s %10.3f", "SSIM", result["ssim"])
+    log.info("%-22s %10.1f", "class colour distance", result["colour_distance"])
     top = ", ".join(f"{k} {v:.2f}" for k, v in list(result["per_class_iou"].items())[:8])
     log.info("per-class IoU: %s (%d frames)", top, result["frames"])
 

@@ -139,6 +139,8 @@ def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir:
         path = bundled_generator()
         if path is None:
             return None
+        sibling = path.with_name(path.stem + "-encoder.onnx")  # the style encoder (float for both graphs)
+        encoder = sibling if sibling.is_file() else None
         if int8 and path.with_suffix(".int8.onnx").is_file():
             path = path.with_suffix(".int8.onnx")
     else:

@@ -225,3 +225,99 @@ def test_vae_training_writes_an_encoder_that_run_can_use(tmp_path, people_clip):
     proc = run_cli("train", "--data", tmp_path / "pairs256", "--out", tmp_path / "x", "--vae", "--steps", "1",
                    "--config", "tiny")
     assert proc.returncode == 0
+
+
+def test_dataset_from_photos_whole_and_multiscale_crops(tmp_path, real_photos):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "chelsea"):
+        Image.fromarray(real_photos[name]).save(folder / f"{name}.png")
+    crops, whole = tmp_path / "crops", tmp_path / "whole"
+    proc = run_cli("dataset", "make", folder, "--out", crops, "--size", "64x48", "--crops-per-image", "3",
+                   "--segmenter", "voc")
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((crops / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["sources"]] == ["astronaut.png", "chelsea.png"]
+    assert [i["source"] for i in manifest["items"]] == [0, 0, 0, 1, 1, 1]
+    boxes = [i["crop"] for i in manifest["items"]]
+    for box, item in zip(boxes, manifest["items"]):
+        h, w = real_photos[manifest["sources"][item["source"]]["name"][:-4]].shape[:2]
+        x0, y0, x1, y1 = box
+        assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        assert abs((x1 - x0) / (y1 - y0) - 64 / 48) < 0.05  # the pair's shape, not stretched
+    widths = [b[2] - b[0] for b in boxes]
+    assert max(widths) > 1.2 * min(widths)  # several scales
+    # the stored picture is that crop of the photo, resized
+    x0, y0, x1, y1 = boxes[1]
+    expected = np.asarray(Image.fromarray(real_photos["astronaut"][y0:y1, x0:x1]).resize((64, 48), Image.LANCZOS))
+    stored = np.asarray(Image.open(crops / manifest["items"][1]["image"]))
+    assert np.abs(stored.astype(int) - expected).mean() < 3
+    again = tmp_path / "again"
+    assert run_cli("dataset", "make", folder, "--out", again, "--size", "64x48", "--crops-per-image", "3",
+                   "--segmenter", "voc").returncode == 0
+    assert _digest(again) == _digest(crops)
+    proc = run_cli("dataset", "make", folder / "chelsea.png", "--out", whole, "--size", "64x48", "--segmenter", "voc")
+    assert proc.returncode == 0, proc.stderr
+    items = json.loads((whole / "manifest.json").read_text())["items"]
+    assert len(items) == 1 and items[0]["crop"] is None
+    (folder / "notes.jpg").write_text("not a picture")
+    proc = run_cli("dataset", "make", folder, "--out", tmp_path / "bad", "--size", "64x48", "--segmenter", "voc")
+    assert proc.returncode != 0 and "notes.jpg: not a readable image" in proc.stderr
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.partial-*"))
+
+
+def test_init_from_across_a_size_change_and_into_a_vae(dataset, people_clip, tmp_path):
+    """A label-only 64 x 64 generator seeds a VAE one (its z layer made afresh), which seeds a
+    128 x 128 VAE generator: the z -> features layer is upsampled, every other weight carried."""
+    data128 = tmp_path / "pairs128"
+    assert run_cli("dataset", "make", people_clip, "--out", data128, "--size", "128x128", "--every", "4",
+                   "--segmenter", "voc").returncode == 0
+    base, vae64, vae128 = tmp_path / "base", tmp_path / "vae64", tmp_path / "vae128"
+    tiny = ["--config", "tiny", "--lambda-perceptual", "0"]
+    assert run_cli("train", "--data", dataset, "--out", base, *tiny, "--steps", "2").returncode == 0
+    proc = run_cli("train", "--data", dataset, "--out", vae64, *tiny, "--steps", "2", "--vae", "--init-from", base)
+    assert proc.returncode == 0, proc.stderr
+    assert "not a VAE generator" in proc.stderr and "no latest_net_E.pth" in proc.stderr
+    proc = run_cli("train", "--data", data128, "--out", vae128, *tiny, "--steps", "1", "--vae", "--init-from", vae64)
+    assert proc.returncode == 0, proc.stderr
+    assert "resized from 2x2 to 4x4" in proc.stderr
+    g64, g128 = (torch.load(d / "latest_net_G.pth", weights_only=True) for d in (vae64, vae128))
+    assert g128["fc.weight"].shape == (4 * 4 * 64, 256) and g64["fc.weight"].shape == (2 * 2 * 64, 256)
+    # nearest upsampling by hand: feature (c, y, x) of the 4x4 map is (c, y // 2, x // 2) of the 2x2 one
+    w64 = g64["fc.weight"].numpy().reshape(64, 2, 2, 256)
+    expected = w64.repeat(2, axis=1).repeat(2, axis=2).reshape(-1, 256)
+    assert np.abs(g128["fc.weight"].numpy() - expected).max() < 1e-3  # one Adam step away
+    for k in g64:
+        if not k.startswith("fc.") and k.endswith(("weight", "weight_orig", "bias")):
+            assert float((g128[k] - g64[k]).abs().max()) < 1e-3, k
+    e64, e128 = (torch.load(d / "latest_net_E.pth", weights_only=True) for d in (vae64, vae128))
+    trained = [k for k in e64 if k.endswith(("weight", "weight_orig", "bias"))]  # not the power-iterated u/v
+    assert trained and max(float((e128[k] - e64[k]).abs().max()) for k in trained) < 1e-3
+
+
+def test_perceptual_features_are_the_voc_models_own_activations():
+    """The loss's MobileNetV2 activations equal onnxruntime's on the shipped VOC graph."""
+    import onnx
+    import onnxruntime
+
+    from segsynth.export.perceptual import TAPS, VOC_MODEL, PerceptualLoss
+
+    from importlib import resources
+
+    path = str(resources.files("segsynth.models").joinpath(VOC_MODEL))
+    model = onnx.load(path)
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(t) for t in TAPS)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 513, 513)).astype(np.float32)
+    reference = session.run(list(TAPS), {"image": x})
+    loss = PerceptualLoss()
+    ours = loss.net(image=torch.from_numpy(x))
+    for tap, ref in zip(TAPS, reference):
+        assert np.abs(ours[tap].numpy() - ref).max() < 1e-3 * max(1.0, np.abs(ref).max()), tap
+    real = torch.from_numpy(x[:, :, :128, :128])
+    fake = (real + 0.2 * torch.randn_like(real)).requires_grad_()
+    value = loss(fake, real)
+    value.backward()
+    assert float(loss(real, real)) == 0.0 and float(value) > 0 and float(fake.grad.abs().sum()) > 0
