@@ -7,6 +7,8 @@ HTTP API (FastAPI + uvicorn) with Prometheus metrics.
     PATCH  /v1/streams/{id}     change remap, view or seed while it runs
     DELETE /v1/streams/{id}     drain and close it
     GET    /healthz, /readyz, /metrics
+    GET    /                    the web studio; its endpoints (/v1/labels, /v1/segment,
+                                /v1/synthesize, /v1/style, /v1/streams/{id}/live.mjpg): segsynth.studio
 
 ``Service`` holds the sessions and is usable without HTTP (tests, embedding); ``create_app``
 puts the API in front of it. Bad input is a 4xx with ``{"error": ..., "field": ...}``.
@@ -26,6 +28,7 @@ from .errors import InputError, SegsynthError
 
 log = logging.getLogger("segsynth")
 MAX_BODY = 64 << 10  # bytes of JSON a request may send
+MAX_DRAIN = 64 << 20  # bytes of a refused body read (and dropped) so that the client sees the 413
 SPEC_FIELDS = ("id", "source", "sinks", "view", "remap", "seed", "style", "policy", "smooth", "stabilize", "fit",
                "batch", "segmenter", "generator", "max_frames", "duration", "segment_time", "rtsp_transport",
                "stall_timeout", "reconnect_max")
@@ -285,7 +288,7 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
     from pydantic import BaseModel, ConfigDict
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from segsynth import __version__, metrics
+    from segsynth import __version__, metrics, studio
 
     class StreamSpec(BaseModel):
         """A stream to start: what ``segsynth run`` takes, as JSON."""
@@ -357,18 +360,34 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
 
     @app.middleware("http")
     async def cap_body(request: Request, call_next):
+        cap = studio.MAX_UPLOAD if request.url.path in studio.UPLOAD_PATHS else MAX_BODY  # images, or JSON
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return JSONResponse({"error": f"request body over {MAX_BODY} bytes", "field": None}, status_code=413)
+        if length is not None and (not length.isdigit() or int(length) > cap):
+            return await too_large(request, cap, int(length) if length.isdigit() else None)
         if length is None and request.method in ("POST", "PATCH", "PUT"):
             body = b""
             async for chunk in request.stream():
                 body += chunk
-                if len(body) > MAX_BODY:
-                    return JSONResponse({"error": f"request body over {MAX_BODY} bytes", "field": None},
-                                        status_code=413)
+                if len(body) > cap:
+                    return await too_large(request, cap, None)
             request._body = body  # read once: handlers get it from here
         return await call_next(request)
+
+    async def too_large(request: Request, cap: int, length: int | None) -> JSONResponse:
+        """413. What the client still sends (up to MAX_DRAIN bytes) is read and dropped first, as
+        nginx's lingering close does: a client still sending would see a reset, not this answer."""
+        from starlette.requests import ClientDisconnect
+
+        if length is None or length <= MAX_DRAIN:
+            drained = 0
+            try:
+                async for chunk in request.stream():
+                    drained += len(chunk)
+                    if drained > MAX_DRAIN:
+                        break
+            except ClientDisconnect:
+                pass
+        return JSONResponse({"error": f"request body over {cap} bytes", "field": None}, status_code=413)
 
     @app.get("/healthz")
     def healthz() -> dict:
@@ -407,6 +426,7 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
     def delete_stream(stream_id: str) -> dict:
         return {"id": stream_id, "stats": service.remove(stream_id)}
 
+    studio.add_routes(app, service, auth)
     return app
 
 

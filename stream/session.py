@@ -11,8 +11,8 @@ sinks - running on the threaded pipeline, started, changed and stopped by a prog
 States: created -> running -> draining -> closed | failed. A session owns its threads and
 closes its source, outputs and metric series (also a source or sinks handed to it); it never
 installs signal handlers
-(the CLI and the service own signals). ``update``, ``stop``, ``join``, ``state`` and
-``stats`` may be called from any thread.
+(the CLI and the service own signals). ``update``, ``stop``, ``join``, ``state``,
+``stats``, ``watch`` and ``unwatch`` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class StreamSession:
         self._lock = threading.Lock()
         self._stop_requested: bool | None = None  # the drain flag of the first stop() (or an abort after it)
         self.policy = config.policy
+        self._watchers: set = set()  # see watch()
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> "StreamSession":
@@ -75,7 +76,7 @@ class StreamSession:
             source = self._source or open_source(cfg)
             sinks = []
             try:
-                source.model_size, source.need_display = self.models.size, self.view in DISPLAY_VIEWS
+                source.model_size, source.need_display = self.models.size, self._needs_display(self.view)
                 self.policy = cfg.policy or ("latest" if source.live else "lossless")
                 sinks = self._sinks or []
                 for spec in () if self._sinks else cfg.sinks:
@@ -210,11 +211,29 @@ class StreamSession:
         if view is not None:
             self.view = view
             if self.source is not None:
-                self.source.need_display = view in DISPLAY_VIEWS
+                self.source.need_display = self._needs_display(view)
+
+    def watch(self, watcher) -> None:
+        """Call ``watcher(display, result)`` for every frame from now on (in the encode thread:
+        keep it short): ``display`` the input frame (RGB, upright), ``result`` its FrameResult.
+        While any watcher is attached the source decodes the input frames for display too."""
+        self._watchers.add(watcher)
+        if self.source is not None:
+            self.source.need_display = True
+
+    def unwatch(self, watcher) -> None:
+        self._watchers.discard(watcher)
+        if self.source is not None:
+            self.source.need_display = self._needs_display(self.view)
+
+    def _needs_display(self, view: str) -> bool:
+        return view in DISPLAY_VIEWS or bool(self._watchers)
 
     def _render(self, result, meta):
         """The picture for the current view (encode thread). Frames read before a switch to a
         view that shows the input have no input frame: they show the synthesis (or the labels)."""
+        for watcher in list(self._watchers):
+            watcher(meta.get("display"), result)
         view = self.view
         if view in DISPLAY_VIEWS and meta.get("display") is None:
             view = "synth" if result.synth is not None else "labels"

@@ -50,12 +50,12 @@ def api(base: str, method: str, path: str, body=None, *, raw: bytes | None = Non
 
 
 @contextlib.contextmanager
-def service(tmp_path: Path, segmenter: Path, *args):
+def service(tmp_path: Path, segmenter: Path, *args, generator: str | Path = "none"):
     port = free_port()
     root = tmp_path / "media"
     root.mkdir(exist_ok=True)
     proc = subprocess.Popen([str(Path(sys.executable).with_name("segsynth")), "serve", "--port", str(port),
-                             "--segmenter", str(segmenter), "--generator", "none", "--media-root", str(root),
+                             "--segmenter", str(segmenter), "--generator", str(generator), "--media-root", str(root),
                              "--grace", "10", *map(str, args)],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL)
