@@ -80,8 +80,8 @@ class TrainConfig:
             raise InputError("--device must be cpu or cuda")
         if not 0 <= self.ema < 1:
             raise InputError("--ema must be in [0, 1) (e.g. 0.999; 0 turns it off)")
-        if self.lambda_perceptual < 0 or self.lambda_l1 < 0:
-            raise InputError("--lambda-perceptual and --lambda-l1 must not be negative")
+        if min(self.lambda_perceptual, self.lambda_l1, self.lambda_kld) < 0:
+            raise InputError("--lambda-perceptual, --lambda-l1 and --lambda-kld must not be negative")
         if self.resume and self.init_from is not None:
             raise InputError("--resume and --init-from exclude each other (resume continues the run in --out)")
 

@@ -273,7 +273,8 @@ def _train(args: argparse.Namespace) -> int:
                       device=args.device, resume=args.resume, batch=args.batch,
                       init_from=Path(args.init_from) if args.init_from else None, sample_every=args.sample_every,
                       save_every=args.save_every, threads=args.threads, seed=args.seed, vae=args.vae,
-                      ema=args.ema, lambda_perceptual=args.lambda_perceptual, lambda_l1=args.lambda_l1)
+                      ema=args.ema, lambda_perceptual=args.lambda_perceptual, lambda_l1=args.lambda_l1,
+                      lambda_kld=args.lambda_kld)
     result = train(cfg, quiet=args.quiet)
     last = result["history"][-1] if result["history"] else {}
     log.info("trained %d steps; checkpoint in %s (official layout: latest_net_G.pth, latest_net_D.pth, opt.txt)%s",
@@ -722,6 +723,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-perceptual", type=float, default=2.0, metavar="W",
                    help="weight of the perceptual loss through the bundled VOC MobileNetV2 backbone (default 2; 0: off)")
     p.add_argument("--lambda-l1", type=float, default=1.0, metavar="W", help="weight of the pixel L1 loss (default 1)")
+    p.add_argument("--lambda-kld", type=float, default=0.05, metavar="W",
+                   help="--vae: weight of the KL term (default 0.05, as officially; lower lets z carry more of "
+                        "the style image)")
     p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
                    help="save a moving average of the generator's weights (e.g. 0.999; default 0: off); the "
                         "trained weights stay in train_state.pth for --resume")

@@ -74,16 +74,6 @@ def expand_inputs(inputs) -> list[tuple[Path, str]]:
     return out
 
 
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"{path}: not a readable image ({exc})") from exc
-
-
 def image_views(rgb: np.ndarray, size: tuple[int, int], crops: int, seed: bytes):
     """The W x H pictures one image gives: itself stretched (``crops`` 0) or ``crops`` random
     crops of the W:H shape, each 30-100 % (in side length) of the largest one that fits."""
@@ -131,9 +121,12 @@ def make_dataset(cfg: DatasetConfig, *, quiet: bool = False) -> dict:
         for src_index, (video, kind) in enumerate(inputs):
             if kind == "image":
                 data = Path(video).read_bytes()
-                views = list(image_views(_read_image(video), (w, h), cfg.crops_per_image, data))
-                for image, box in views:
-                    add(image, {"source": src_index, "crop": box})
+                views = list(image_views(media.read_image(video), (w, h), cfg.crops_per_image, data))
+                with Progress(f"dataset {Path(video).name}", len(views), unit="pictures",
+                              enabled=not quiet and len(views) > 1) as progress:
+                    for image, box in views:
+                        add(image, {"source": src_index, "crop": box})
+                        progress.update()
                 sources.append({"path": str(video), "name": Path(video).name, "kind": "image",
                                 "sha256": hashlib.sha256(data).hexdigest(), "frames_used": len(views)})
                 continue

@@ -71,13 +71,15 @@ def test_int8_graphs_against_the_float_ones(capsys):
     from segsynth.stream.segmenter import load_segmenter, resize_labels, resize_rgb
 
     seg = load_segmenter("ade20k+voc")
-    label_maps = [resize_labels(seg(resize_rgb(f, 513, 513)[None]), 128, 128) for f in frames]
+    size = {i.name: i.shape for i in session(MODELS / "spade_ade20k.onnx").get_inputs()}["label"][-1]
+    label_maps = [resize_labels(seg(resize_rgb(f, 513, 513)[None]), size, size) for f in frames]
     seg.close()
+    z = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
     pictures = {}
     for kind in ("", ".int8"):
         sess = session(MODELS / f"spade_ade20k{kind}.onnx")
-        pictures[kind] = np.array([((sess.run(["image"], {"label": m.astype(np.int64)[:, None]})[0] + 1) * 127.5)
-                                   .round().clip(0, 255) for m in label_maps])
+        feeds = [{"label": m.astype(np.int64)[:, None], "z": z} for m in label_maps]
+        pictures[kind] = np.array([((sess.run(["image"], f)[0] + 1) * 127.5).round().clip(0, 255) for f in feeds])
     psnr = 10 * np.log10(255 ** 2 / np.mean((pictures[""] - pictures[".int8"]) ** 2))
     with capsys.disabled():
         print(f"\nint8 vs float on {len(frames)} held-out frames: ADE20K labels {agreement['ade20k']:.4f} "

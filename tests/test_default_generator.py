@@ -1,0 +1,66 @@
+"""The bundled default generator: a 256 x 256 VAE model whose style image changes the picture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import decode_video, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def default():
+    from segsynth.stream.generator import load_generator
+
+    gen = load_generator("default", threads=2)
+    yield gen
+    gen.close()
+
+
+def test_bundled_default_is_a_256_vae_generator_within_40_mb(default):
+    from segsynth.stream.generator import bundled_generator
+
+    assert default.size == (256, 256) and default.uses_z and default.encoder is not None
+    models = bundled_generator().parent
+    graph = sum((models / n).stat().st_size for n in ("spade_ade20k.onnx", "spade_ade20k-encoder.onnx"))
+    checkpoint = sum((models / "spade_ade20k" / n).stat().st_size for n in ("latest_net_G.pth", "latest_net_E.pth"))
+    assert graph <= 40e6 and checkpoint <= 40e6, (graph, checkpoint)
+
+
+def test_different_style_images_give_different_pictures_beyond_noise(default, real_photos):
+    from segsynth.stream.segmenter import load_segmenter, resize_labels, resize_rgb
+
+    seg = load_segmenter("ade20k+voc", threads=2)
+    try:
+        scene = real_photos["motorcycle"]
+        label = resize_labels(seg(resize_rgb(scene, *seg.size)[None])[0], 256, 256)[None]
+    finally:
+        seg.close()
+    rng = np.random.default_rng(0)
+    astronaut = real_photos["astronaut"]
+    noisy = np.clip(astronaut + rng.normal(0, 4, astronaut.shape), 0, 255).astype(np.uint8)
+    pictures = {name: default(label, default.encode_style(style)).astype(np.int64)[0]
+                for name, style in (("astronaut", astronaut), ("astronaut+noise", noisy),
+                                    ("coffee", real_photos["coffee"]), ("chelsea", real_photos["chelsea"]))}
+    noise = np.abs(pictures["astronaut"] - pictures["astronaut+noise"]).mean()
+    for other in ("coffee", "chelsea"):
+        change = np.abs(pictures["astronaut"] - pictures[other]).mean()
+        assert change > 4 and change > 5 * noise, (other, change, noise)
+    # and not just brightness: the mean colours differ as well
+    means = {k: v.reshape(-1, 3).mean(0) for k, v in pictures.items()}
+    assert np.linalg.norm(means["coffee"] - means["chelsea"]) > 3, means
+
+
+def test_run_with_a_style_image_out_of_the_box(tmp_path):
+    args = ["run", REPO / "examples" / "demo.mp4", "--frames", "6", "--threads", "2"]
+    styled, plain = tmp_path / "styled.mp4", tmp_path / "plain.mp4"
+    proc = run_cli(*args[:2], styled, *args[2:], "--style", REPO / "examples" / "astronaut.png")
+    assert proc.returncode == 0, proc.stderr
+    assert run_cli(*args[:2], plain, *args[2:]).returncode == 0
+    (t1, f1), (t2, f2) = decode_video(styled), decode_video(plain)
+    assert len(f1) == len(f2) == 6 and f1[0].shape == (360, 640, 3)
+    assert np.abs(f1[0].astype(int) - f2[0].astype(int)).mean() > 4  # the style, not the seed-0 z
