@@ -196,9 +196,10 @@ def quantize(model_path: Path, out: Path, videos: list[Path], *, frames: int = 4
         floated = Path(tmp) / "float.onnx"
         onnx.save(model, str(floated))
         quantized = Path(tmp) / "int8.onnx"
-        # generators: ranges at the 99.99th percentile (measured: 31.9 dB from the float picture
-        # against 30.0 with min/max); segmenters: min/max (a histogram of every activation of
-        # 48 frames at 513 x 513 needs over 20 GB)
+        # generators: ranges at the 99.99th percentile (measured on the first edition: 31.9 dB from
+        # the float picture against 30.0 with min/max); segmenters: min/max. Percentile keeps every
+        # activation of every frame: 48 frames at 513 x 513, or of a 256 x 256 generator, need over
+        # 24 GB (scripts/quantize-bundled calibrates the generator on 12)
         generator = meta.get("segsynth.role") == "generator"
         quantize_static(str(floated), str(quantized), _Feeds(feeds), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

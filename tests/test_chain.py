@@ -27,6 +27,11 @@ def _frames():
     return np.stack([np.asarray(Image.fromarray(p).resize((513, 513), Image.BILINEAR)) for p in photos])
 
 
+def _z(gen):
+    """A fixed z for VAE generators (the bundled default is one), None for the others."""
+    return np.random.default_rng(0).standard_normal((1, gen.z_dim)).astype(np.float32) if gen.uses_z else None
+
+
 def _host_path(seg, gen, table, frames, box):
     """Synthesize._complete's arithmetic, step by step on the host."""
     ids = table(seg(frames))
@@ -34,7 +39,7 @@ def _host_path(seg, gen, table, frames, box):
     x, y, cw, ch = box
     canvases = np.full((len(ids), gh, gw), labels.UNKNOWN, np.uint8)
     canvases[:, y:y + ch, x:x + cw] = resize_labels(ids, cw, ch)
-    return ids, np.concatenate([gen(c[None]) for c in canvases])  # the bundled generator takes one frame a call
+    return ids, np.concatenate([gen(c[None], _z(gen)) for c in canvases])  # the bundled generator: a frame a call
 
 
 @pytest.mark.parametrize("spec", ["voc", "ade20k+voc"])
@@ -49,7 +54,8 @@ def test_the_chain_gives_what_the_host_path_gives(spec):
         assert tensorrt_problems(chain) == []
         rows, cols = letterbox_indices(seg.size, gen.size, box)
         with OnnxRuntimeRunner(chain.SerializeToString()) as runner:
-            got = [runner.infer({"frames": f[None], "remap": table.lut, "rows": rows, "cols": cols}) for f in frames]
+            z = {"z": _z(gen)} if gen.uses_z else {}
+            got = [runner.infer({"frames": f[None], "remap": table.lut, "rows": rows, "cols": cols, **z}) for f in frames]
     finally:
         seg.close()
         gen.close()
@@ -192,8 +198,10 @@ def test_the_torch_interpreter_runs_the_chain_as_onnxruntime_does(tmp_path):
     finally:
         seg.close()
         gen.close()
-    rows, cols = letterbox_indices((513, 513), (128, 128), content_box((640, 360), (128, 128)))
+    rows, cols = letterbox_indices((513, 513), gen.size, content_box((640, 360), gen.size))
     feed = {"frames": _frames()[:1], "remap": table.lut, "rows": rows, "cols": cols}
+    if gen.uses_z:
+        feed["z"] = _z(gen)
     with OnnxRuntimeRunner(path) as ort_runner, TorchCudaRunner(path, device="cpu") as torch_runner:
         want, got = ort_runner.infer(feed), torch_runner.infer(feed)
     assert np.array_equal(got["labels"], want["labels"])
