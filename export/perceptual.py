@@ -8,9 +8,10 @@ after the expanded activations of four inverted-residual blocks (strides 2, 4, 8
 run by PyTorch operations (``engine/onnx_torch.py``), so gradients flow to the generator.
 
 Each activation is normalised to unit length over its channels at every pixel (as LPIPS
-does), and the loss is the mean L1 distance between the generated and the real frame's
-normalised activations (summed over channels, averaged over pixels), averaged over the four depths. Not the ADE20K model: that one scores
-the generator (``eval-generator``), and training through it would game its own score.
+does); the loss is the L1 distance between the generated and the real frame's normalised
+activations (summed over channels, averaged over pixels), averaged over the four depths.
+Not the ADE20K model: that one scores the generator (``eval-generator``), and training
+through it would game its own score.
 """
 
 from __future__ import annotations

@@ -289,8 +289,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         _save(state, out / "train_state.pth")
         extra = {"name": out.name, "model": "pix2pix", "netD": "multiscale", "ndf": ndf, "n_layers_D": n_layers,
                  "num_D": num_d, "norm_D": "spectralinstance", "gan_mode": "hinge", "lambda_feat": cfg.lambda_feat,
-                 "lambda_l1": cfg.lambda_l1, "no_vgg_loss": True,
-                 "lambda_perceptual": cfg.lambda_perceptual, "perceptual_net": "deeplabv3_mnv2_voc backbone", "lr": cfg.lr, "beta1": 0.0, "beta2": 0.9,
+                 "lambda_l1": cfg.lambda_l1, "no_vgg_loss": True, "lambda_perceptual": cfg.lambda_perceptual,
+                 "perceptual_net": "deeplabv3_mnv2_voc backbone", "lr": cfg.lr, "beta1": 0.0, "beta2": 0.9,
                  "batchSize": batch, "dataset_mode": "segsynth", "dataroot": str(cfg.data), "isTrain": True,
                  "total_steps": step, "segsynth_config": cfg.config, "lambda_kld": cfg.lambda_kld,
                  "init_from": str(cfg.init_from or ""), "ema": cfg.ema}
@@ -325,7 +325,8 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
                 loss_fm = sum(F.l1_loss(f, r) for pf, pr in zip(g_fake, g_real) for f, r in zip(pf[:-1], pr[:-1]))
                 loss_fm = loss_fm * cfg.lambda_feat / num_d
                 loss_l1 = F.l1_loss(fake, real) * cfg.lambda_l1
-                loss_perc = perceptual(fake, real) * cfg.lambda_perceptual if perceptual else torch.zeros((), device=device)
+                loss_perc = (perceptual(fake, real) * cfg.lambda_perceptual if perceptual is not None
+                             else torch.zeros((), device=device))
                 loss_g = loss_gan + loss_fm + loss_l1 + loss_perc + loss_kld
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
@@ -342,7 +343,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
             window.append(losses)
             progress.update()
             if step % max(1, min(cfg.sample_every, 50)) == 0 or step == cfg.steps:
-                mean = {k: np.mean([w.get(k, 0.0) for w in window]) for k in ("D", "G_GAN", "G_feat", "G_L1", "G_perc", "KLD")}
+                mean = {k: np.mean([w[k] for w in window]) for k in ("D", "G_GAN", "G_feat", "G_L1", "G_perc", "KLD")}
                 log.info("step %d: %s (%.2f s/step)", step, ", ".join(f"{k} {v:.3f}" for k, v in mean.items()),
                          (time.monotonic() - start) / max(1, len(window)))
                 window, start = [], time.monotonic()
@@ -367,7 +368,7 @@ def _init_from(g: SPADEGenerator, e: ConvEncoder | None, init: Path, config: str
     from .checkpoint import load_strict, read_state_dict
 
     source = init / "latest_net_G.pth"
-    state, mine = read_state_dict(source), g.state_dict()
+    state = read_state_dict(source)
     hint = f" (--init-from needs a generator of the same width and label set: {config})"
     fc = {k: v for k, v in state.items() if k.startswith("fc.")}
     rest = {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -61,8 +61,8 @@ def main() -> int:
     args = ap.parse_args()
     results = {}
     for data in args.data:
-        scores = {which: evaluate(spec, Path(data), threads=args.threads, quiet=True, baselines=True, backend="onnxruntime")
-                  for which, spec in (("old", args.old), ("new", args.new))}
+        scores = {which: evaluate(spec, Path(data), threads=args.threads, quiet=True, baselines=True,
+                                  backend="onnxruntime") for which, spec in (("old", args.old), ("new", args.new))}
         results[data] = scores
         print(table(Path(data).name, scores["old"], scores["new"]))
     if args.json:
@@ -84,7 +84,8 @@ def main() -> int:
                 rows.append(np.concatenate([labels.colorize(label, label_set), real, paint(old, label, z_old),
                                             paint(new, label, z0), paint(new, label, zs)], 1))
         width = max(r.shape[1] for r in rows)
-        Image.fromarray(np.concatenate([np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows], 0)).save(args.grid)
+        padded = [np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))) for r in rows]
+        Image.fromarray(np.concatenate(padded, 0)).save(args.grid)
         old.close()
         new.close()
     return 0

@@ -7,8 +7,8 @@ random crops of W:H shape covering 30-100 % of the largest such crop (multi-scal
 and scales from a generator seeded by the image's bytes, so the output is reproducible).
 That stored image is what gets labelled, so each label map is exactly the
 segmenter's output on its image (evaluating real frames against their labels scores 1.0).
-The pair is written as PNGs (RGB image, 8-bit ids) and listed in ``manifest.json``. The output is deterministic: the same videos and options give the same
-files. The directory is built under a temporary name and renamed when complete.
+The pair is written as PNGs (RGB image, 8-bit ids) and listed in ``manifest.json``. The
+output is deterministic: the same inputs and options give the same files. The directory is built under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations

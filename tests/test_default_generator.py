@@ -63,6 +63,6 @@ def test_run_with_a_style_image_out_of_the_box(tmp_path):
     proc = run_cli(*args[:2], styled, *args[2:], "--style", REPO / "examples" / "astronaut.png")
     assert proc.returncode == 0, proc.stderr
     assert run_cli(*args[:2], plain, *args[2:]).returncode == 0
-    (t1, f1), (t2, f2) = decode_video(styled), decode_video(plain)
+    (_, f1), (_, f2) = decode_video(styled), decode_video(plain)
     assert len(f1) == len(f2) == 6 and f1[0].shape == (360, 640, 3)
     assert np.abs(f1[0].astype(int) - f2[0].astype(int)).mean() > 4  # the style, not the seed-0 z

@@ -299,12 +299,12 @@ def test_init_from_across_a_size_change_and_into_a_vae(dataset, people_clip, tmp
 
 def test_perceptual_features_are_the_voc_models_own_activations():
     """The loss's MobileNetV2 activations equal onnxruntime's on the shipped VOC graph."""
+    from importlib import resources
+
     import onnx
     import onnxruntime
 
     from segsynth.export.perceptual import TAPS, VOC_MODEL, PerceptualLoss
-
-    from importlib import resources
 
     path = str(resources.files("segsynth.models").joinpath(VOC_MODEL))
     model = onnx.load(path)
