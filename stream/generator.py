@@ -126,21 +126,25 @@ def _export_checkpoint(directory: Path, size: tuple[int, int] | None, cache_dir:
     return gen, enc if enc.is_file() else None
 
 
+def _encoder_beside(path: Path) -> Path | None:
+    """``NAME-encoder.onnx`` beside ``NAME.onnx``: a VAE generator's style encoder, where there is one."""
+    sibling = path.with_name(path.stem + "-encoder.onnx")
+    return sibling if sibling.is_file() else None
+
+
 def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir: Path | None = None,
                    threads: int | None = None, backend: str = "onnxruntime", fp16: bool = True,
                    batch: int | None = None, int8: bool = False) -> Generator | None:
     """``default`` (None when no bundled generator exists), ``none`` (segmentation only), an .onnx
     file, or a checkpoint directory; run on ``backend`` ("auto": the best that can serve it);
     ``int8``: the bundled default's quantised graph."""
-    encoder = None
     if spec == "none":
         return None
     if spec == "default":
         path = bundled_generator()
         if path is None:
             return None
-        sibling = path.with_name(path.stem + "-encoder.onnx")  # the style encoder (float for both graphs)
-        encoder = sibling if sibling.is_file() else None
+        encoder = _encoder_beside(path)  # the float graph's style encoder serves its int8 graph too
         if int8 and path.with_suffix(".int8.onnx").is_file():
             path = path.with_suffix(".int8.onnx")
     else:
@@ -150,8 +154,7 @@ def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir:
         elif path.suffix.lower() != ".onnx" or not path.is_file():
             raise InputError(f"--generator {spec}: expected 'default', 'none', an .onnx file or a SPADE checkpoint directory")
         else:
-            sibling = path.with_name(path.stem + "-encoder.onnx")
-            encoder = sibling if sibling.is_file() else None
+            encoder = _encoder_beside(path)
     opened: list[Runner] = []
     try:
         for model in (path, encoder) if encoder else (path,):
