@@ -13,7 +13,8 @@ loads them like official ones; ``train_state.pth`` holds optimiser state for ``-
 With ``ema`` (e.g. 0.999) the generator that is saved as ``latest_net_G.pth`` is an
 exponential moving average of the trained weights (as in Karras et al.'s progressive GANs and
 StyleGAN; it smooths out the step-to-step jitter of GAN training); the trained weights
-themselves are kept in ``train_state.pth`` to resume from. Buffers (spectral norm's u/v,
+themselves are kept in ``train_state.pth`` to resume from (``--resume --ema`` on a run trained
+without it starts the average at the step it resumes from). Buffers (spectral norm's u/v,
 BatchNorm statistics) are copied from the trained generator.
 """
 
@@ -247,11 +248,9 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     if cfg.resume:
         state_path = out / "train_state.pth"
         state = torch.load(state_path, map_location=device, weights_only=False)
-        if cfg.ema and "g_trained" not in state:
-            raise InputError(f"--resume --ema: {out} was trained without --ema; resume it without")
         if not cfg.ema and "g_trained" in state:
             raise InputError(f"--resume: {out} was trained with --ema; resume it with --ema")
-        if cfg.ema:
+        if "g_trained" in state:
             load_strict(g, state["g_trained"], f"{state_path} (the trained generator)")
         else:
             load_strict(g, read_state_dict(out / "latest_net_G.pth"), str(out / "latest_net_G.pth"))
@@ -267,7 +266,10 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         _init_from(g, e, Path(cfg.init_from), f"--config {cfg.config}")
     ema = MovingAverage(g, cfg.ema) if cfg.ema else None
     if ema is not None and cfg.resume:
-        load_strict(ema.module, read_state_dict(out / "latest_net_G.pth"), str(out / "latest_net_G.pth"))
+        if "g_trained" in state:
+            load_strict(ema.module, read_state_dict(out / "latest_net_G.pth"), str(out / "latest_net_G.pth"))
+        else:  # a run trained without --ema: the average starts here, from the current weights
+            log.info("--ema: the moving average starts at step %d", step)
     out.mkdir(parents=True, exist_ok=True)  # only once the networks and checkpoints are known to fit
     (out / "samples").mkdir(exist_ok=True)
     palette = L.get("ade20k").palette
@@ -297,8 +299,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
         write_opt_txt(opt, out / "opt.txt", extra)
 
     start, window = time.monotonic(), []
-    with Progress(f"train {cfg.config}", cfg.steps, unit="steps", enabled=not quiet) as progress:
-        progress.done = step
+    with Progress(f"train {cfg.config}", cfg.steps, unit="steps", enabled=not quiet, initial=step) as progress:
         while step < cfg.steps:
             real, label = data.batch(batch)
             real, label = real.to(device), label.to(device)

@@ -11,12 +11,13 @@ log = logging.getLogger("segsynth")
 
 
 class Progress:
-    """Count work items; ``enabled=False`` (``--quiet``) shows nothing. Owned by one thread."""
+    """Count work items; ``enabled=False`` (``--quiet``) shows nothing. Owned by one thread.
+    ``initial``: items done before this run (a resumed one): counted, but not in the rate."""
 
     def __init__(self, description: str, total: int | None = None, *, unit: str = "frames",
-                 enabled: bool = True, interval: float = 5.0) -> None:
+                 enabled: bool = True, interval: float = 5.0, initial: int = 0) -> None:
         self.description, self.total, self.unit = description, total, unit
-        self.done, self.start = 0, time.monotonic()
+        self.done, self.initial, self.start = initial, initial, time.monotonic()
         self.enabled, self.interval, self._last = enabled, interval, self.start
         self._bar = self._task = None
         if enabled and sys.stderr.isatty():
@@ -27,13 +28,13 @@ class Progress:
             self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
                                      console=Console(stderr=True), transient=False)
-            self._task = self._bar.add_task(description, total=total, rate="")
+            self._task = self._bar.add_task(description, total=total, completed=initial, rate="")
             self._bar.start()
 
     @property
     def rate(self) -> float:
         elapsed = time.monotonic() - self.start
-        return self.done / elapsed if elapsed > 0 else 0.0
+        return (self.done - self.initial) / elapsed if elapsed > 0 else 0.0
 
     def update(self, n: int = 1) -> None:
         self.done += n

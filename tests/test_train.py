@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import types
 
 import numpy as np
 import onnxruntime as ort
@@ -140,8 +142,27 @@ def test_ema_saves_the_moving_average_and_resumes_it(dataset, tmp_path):
         assert torch.allclose(ema2[k], 0.25 * ema1[k] + 0.75 * g2[k], atol=1e-6), k
     proc = run_cli("train", "--data", dataset, "--out", run, "--config", "tiny", "--steps", "3", "--resume")
     assert proc.returncode != 0 and "resume it with --ema" in proc.stderr
+    # a run trained without --ema, resumed with it: the average starts from the resumed weights
+    proc = run_cli("train", "--data", dataset, "--out", base, "--config", "tiny", "--ema", "0.25", "--steps", "3",
+                   "--resume")
+    assert proc.returncode == 0 and "the moving average starts at step 2" in proc.stderr, proc.stderr
+    ema3, g3 = load(base)
+    for k in params:
+        assert torch.allclose(ema3[k], 0.25 * start[k] + 0.75 * g3[k], atol=1e-6), k
+    assert any(not torch.equal(ema3[k], g3[k]) for k in params)
     proc = run_cli("train", "--data", dataset, "--out", run, "--ema", "1")
     assert proc.returncode != 0 and "--ema must be in [0, 1)" in proc.stderr
+
+
+def test_progress_of_a_resumed_run_rates_only_its_own_steps(monkeypatch):
+    from segsynth.stream import progress as mod
+
+    clock = itertools.chain([100.0], itertools.repeat(110.0))
+    monkeypatch.setattr(mod, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
+    p = mod.Progress("train tiny", 1000, unit="steps", enabled=False, initial=600)
+    p.update(20)  # 20 steps in 10 s, after 600 done by an earlier run
+    assert p.done == 620 and p.rate == pytest.approx(2.0)
+    assert p.line() == "train tiny: 620/1000 steps, 2.0/s, ETA 190 s"
 
 
 def test_train_errors_are_one_line(tmp_path, dataset):
