@@ -85,7 +85,9 @@ def test_int8_graphs_against_the_float_ones(capsys):
         print(f"\nint8 vs float on {len(frames)} held-out frames: ADE20K labels {agreement['ade20k']:.4f} "
               f"(fwIoU {fwiou['ade20k']:.4f}), VOC labels {agreement['voc']:.4f} (fwIoU {fwiou['voc']:.4f}), "
               f"default generator picture {psnr:.2f} dB PSNR")
-    assert agreement["ade20k"] >= 0.88 and agreement["voc"] >= 0.97 and psnr >= 30
+    # the generator measured 29.4 dB (second edition, stage 3 weights; 31.9 with the first edition's);
+    # issue 21 asks 25 dB end to end, fast tier against quality
+    assert agreement["ade20k"] >= 0.88 and agreement["voc"] >= 0.97 and psnr >= 28
     assert fwiou["ade20k"] >= 0.8 and fwiou["voc"] >= 0.95
 
 
