@@ -51,8 +51,8 @@ def test_different_style_images_give_different_pictures_beyond_noise(default, re
     print(f"\nstyle change (mean |diff|, grey levels): {changes}; same style + noise sigma 4: {noise:.3f}")
     # measured: 5.9 (coffee) and 13.4 (chelsea) grey levels against 0.070 (see the model card)
     for other, change in changes.items():
-        assert change > 1.5 and change > 20 * noise, (other, change, noise)
-    # the pictures differ as wholes (the mean colour moves), not in a few pixels
+        assert change > 4 and change > 20 * noise, (other, change, noise)
+    # the pictures differ as wholes (the mean colour moves, measured 2.3), not in a few pixels
     means = {k: v.reshape(-1, 3).mean(0) for k, v in pictures.items()}
     assert np.linalg.norm(means["coffee"] - means["chelsea"]) > 1, means
 
@@ -66,5 +66,5 @@ def test_run_with_a_style_image_out_of_the_box(tmp_path):
     (_, f1), (_, f2) = decode_video(styled), decode_video(plain)
     assert len(f1) == len(f2) == 6 and f1[0].shape == (360, 640, 3)
     # the style, not the seed-0 z: measured 3.5 grey levels; 0 if --style were dropped (both runs are
-    # deterministic), 1.5 is the floor the test above holds style changes to
+    # deterministic)
     assert np.abs(f1[0].astype(int) - f2[0].astype(int)).mean() > 1.5
