@@ -83,17 +83,23 @@ class SpadeOptions:
         """Parse the official ``opt.txt`` (``key: value  [default: x]`` per line); options that do
         not shape the networks are ignored. ``overrides`` win over the file."""
         kinds = {f.name: f.type for f in fields(cls)}
-        texts: dict[str, str] = {}
-        for line in Path(path).read_text(errors="replace").splitlines():
-            if ":" not in line or line.strip().startswith("-"):
-                continue
-            key, _, rest = line.partition(":")
-            texts[key.strip()] = rest.split("\t[default:")[0].strip()
+        texts = read_opt_txt(path)
         for key, value in (overrides or {}).items():
             if key not in kinds:
                 raise ModelError(f"unknown SPADE option {key!r}; known: {', '.join(sorted(kinds))}")
             texts[key] = str(value)
         return cls(**{k: _parse_value(k, v, kinds[k]) for k, v in texts.items() if k in kinds})
+
+
+def read_opt_txt(path: str | Path) -> dict[str, str]:
+    """Every option of an official ``opt.txt`` as text, ``[default: x]`` notes dropped."""
+    texts: dict[str, str] = {}
+    for line in Path(path).read_text(errors="replace").splitlines():
+        if ":" not in line or line.strip().startswith("-"):
+            continue
+        key, _, rest = line.partition(":")
+        texts[key.strip()] = rest.split("\t[default:")[0].strip()
+    return texts
 
 
 def _parse_value(key: str, text: str, kind: str):
