@@ -6,18 +6,14 @@ import types
 
 import pytest
 
-from conftest import REPO, make_spade_checkpoint, run_cli
+from conftest import REPO, run_cli
 
 
-def test_quick_bench_reports_every_scenario(tmp_path):
+def test_quick_bench_reports_every_scenario(tmp_path, tiny_generator):
     """Plumbing: a tiny 64 x 64 generator (the default one at 1.6 fps made this test 5 minutes long)."""
-    make_spade_checkpoint(tmp_path / "spade", label_nc=150, contain_dontcare_label=True, no_instance=True, ngf=4,
-                          crop_size=64, norm_G="spectralspadeinstance3x3")
-    generator = tmp_path / "spade.onnx"
-    assert run_cli("export", "spade", "--checkpoint", tmp_path / "spade", "--out", generator).returncode == 0
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = run_cli("bench", "--frames", "50", "--size", "320x240", "--repeats", "1", "--segmenter", "voc",
-                   "--generator", generator, "--streams", "2", "--batch", "1,2", "--live-seconds", "6",
+                   "--generator", tiny_generator, "--streams", "2", "--batch", "1,2", "--live-seconds", "6",
                    "--json", out, "--plot", png, timeout=600)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())

@@ -7,10 +7,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
+from conftest import TINY_ADE_SPADE as ADE
 from conftest import decode_video, make_spade_checkpoint, run_cli, write_clip
-
-ADE = dict(label_nc=150, contain_dontcare_label=True, no_instance=True, ngf=4, crop_size=64,
-           norm_G="spectralspadeinstance3x3")
 
 
 @pytest.fixture(scope="module")

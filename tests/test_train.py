@@ -202,10 +202,9 @@ def test_confusion_scores_by_hand():
 
 
 def test_eval_generator_scores_and_real_frames_score_one(dataset, tmp_path):
-    from conftest import make_spade_checkpoint
+    from conftest import TINY_ADE_SPADE, make_spade_checkpoint
 
-    make_spade_checkpoint(tmp_path / "g", label_nc=150, contain_dontcare_label=True, no_instance=True, ngf=4,
-                          crop_size=64, norm_G="spectralspadeinstance3x3")
+    make_spade_checkpoint(tmp_path / "g", **TINY_ADE_SPADE)
     out = tmp_path / "scores.json"
     proc = run_cli("eval-generator", tmp_path / "g", "--data", dataset, "--json", out, "--cache-dir", tmp_path / "c",
                    "--grid", tmp_path / "grid.png", "--baselines")
