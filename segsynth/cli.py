@@ -110,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     import signal
 
     from .config import ModelConfig, StreamConfig, parse_size
-    from .errors import InputError, Interrupted
+    from .errors import InputError, Interrupted, OutputError
     from .stream.run import run
 
     outputs = [*args.outputs, *(args.out or []), *([f"mjpeg://{args.preview}"] if args.preview else [])]
@@ -141,13 +141,16 @@ def _run(args: argparse.Namespace) -> int:
         first = f": {stats['problems'][0]}" if stats["problems"] else ""
         log.warning("warning: %s looks truncated or damaged: decoded %d frames%s and wrote them%s",
                     cfg.source, stats["frames_in"], of, first)
+    failed = [out for out in stats.get("outputs", []) if not out["ok"]]
+    written = [out["name"] for out in stats.get("outputs", []) if out["ok"]]
     log.info("wrote %s (%s): %d frames in, %d out, %d dropped, reconnects %d, %.1f s, %.2f fps",
-             ", ".join(outputs), stats["view"], stats["frames_in"], stats["frames_out"], stats["dropped"],
+             ", ".join(written) or "nothing", stats["view"], stats["frames_in"], stats["frames_out"], stats["dropped"],
              stats["reconnects"], stats["seconds"], stats["fps"])
     for out in stats.get("outputs", []):
         if not out["ok"] or out["reconnects"] or out["skipped"]:
             log.info("  output %s: %s, reconnects %d, %d frames skipped", out["name"],
-                     "ok" if out["ok"] else "dropped", out["reconnects"], out["skipped"])
+                     "ok" if out["ok"] else f"FAILED ({out['error']}); what it recorded is kept", out["reconnects"],
+                     out["skipped"])
     for name, t in stats["stages"].items():
         log.info("  %-7s mean %7.1f ms   p95 %7.1f ms", name, t["mean_ms"], t["p95_ms"])
     if stats["latency_ms"]:
@@ -157,6 +160,10 @@ def _run(args: argparse.Namespace) -> int:
     if signum is not None:
         raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after {stats['frames_out']} frames; "
                                   "the output holds them and is closed")
+    if failed:  # the others went on to the end; the run still failed
+        raise OutputError(f"output {failed[0]['name']} failed: {failed[0]['error']}"
+                          + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
+                          + (f"; {', '.join(written)} complete" if written else ""))
     return 0
 
 
@@ -168,7 +175,13 @@ def _serve(args: argparse.Namespace) -> int:
     from .service import check_listen, serve
     from .stream.models import ModelSet
 
-    token = args.token
+    import os
+
+    token = os.environ.get("SEGSYNTH_TOKEN") or None  # read here, at the edge
+    if args.token:
+        log.warning("warning: --token is visible to every user of this machine in its process list; use "
+                    "--token-file FILE or SEGSYNTH_TOKEN")
+        token = args.token
     if args.token_file:
         try:
             token = Path(args.token_file).read_text().strip()
@@ -176,6 +189,8 @@ def _serve(args: argparse.Namespace) -> int:
             raise InputError(f"--token-file {args.token_file}: {exc.strerror or exc}") from None
         if not token:
             raise InputError(f"--token-file {args.token_file}: the file is empty")
+    if args.max_streams < 1 or args.max_outputs < 1:
+        raise InputError("--max-streams and --max-outputs must be at least 1")
     check_listen(args.host, token)  # before any model loads
     if args.media_root and not Path(args.media_root).is_dir():
         raise InputError(f"--media-root {args.media_root}: not a directory")
@@ -186,7 +201,8 @@ def _serve(args: argparse.Namespace) -> int:
         return serve(host=args.host, port=args.port, models=models, token=token,
                      config=Path(args.config) if args.config else None,
                      media_root=Path(args.media_root) if args.media_root else None,
-                     protect_metrics=args.protect_metrics, grace=args.grace)
+                     protect_metrics=args.protect_metrics, grace=args.grace, max_streams=args.max_streams,
+                     max_outputs=args.max_outputs)
 
 
 def _devices(args: argparse.Namespace) -> int:
@@ -526,6 +542,7 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import EXPORT_TARGETS, FITS, SEGMENT_VIEWS
+    from .service import MAX_OUTPUTS, MAX_STREAMS
 
     common = _common()
     parser = argparse.ArgumentParser(
@@ -612,10 +629,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback; others need a token)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--config", metavar="streams.yaml", help="streams to start at boot ('streams:' list of POST bodies)")
-    p.add_argument("--token", help="every /v1 call needs 'Authorization: Bearer TOKEN'")
-    p.add_argument("--token-file", metavar="FILE", help="read the token from FILE")
+    p.add_argument("--token-file", metavar="FILE", help="every /v1 call needs 'Authorization: Bearer TOKEN', the "
+                                                         "token read from FILE (or from $SEGSYNTH_TOKEN)")
+    p.add_argument("--token", help="the token itself (visible in the process list: prefer --token-file)")
     p.add_argument("--protect-metrics", action="store_true", help="/metrics needs the token too")
-    p.add_argument("--media-root", metavar="DIR", help="file sources and outputs must lie under DIR")
+    p.add_argument("--media-root", metavar="DIR", help="file sources, style images and file outputs must lie under "
+                                                       "DIR (default: none; without it the service reads and writes "
+                                                       "no files, only live sources and network outputs)")
+    p.add_argument("--max-streams", type=int, default=MAX_STREAMS, metavar="N",
+                   help=f"streams at once (default {MAX_STREAMS}; more get 429)")
+    p.add_argument("--max-outputs", type=int, default=MAX_OUTPUTS, metavar="N",
+                   help=f"outputs a stream may have (default {MAX_OUTPUTS})")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT: drain streams this long, then abort them (default 10)")
     p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx")

@@ -3,11 +3,12 @@ HTTP API all build these), then passed down unchanged."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputError
+from .errors import Forbidden, InputError, LabelError, at_field
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".nut", ".ts"}
@@ -159,6 +160,41 @@ def sink_kind(spec: str) -> str:
     return "hls" if spec.lower().endswith(".m3u8") else "file"
 
 
+def check_sink(sink: str, kind: str) -> None:
+    """One output string, checked before anything runs."""
+    if kind == "file" and Path(sink).suffix.lower() not in VIDEO_EXTS:
+        raise InputError(f"{sink}: the output must be a video ({', '.join(sorted(VIDEO_EXTS))}), a stream "
+                         "URL (rtsp://, rtmp://, srt://), an .m3u8 playlist or mjpeg://HOST:PORT")
+    if kind == "preview":
+        from segsynth.stream.preview import parse_address
+
+        parse_address(sink)
+    if kind == "push" and sink.lower().startswith("srt://"):
+        from segsynth.stream.media import ffmpeg_version, has_protocol
+
+        if not has_protocol("srt"):
+            raise InputError(f"{sink}: this FFmpeg ({ffmpeg_version()}, PyAV's) has no SRT support; push "
+                             "with rtsp:// or rtmp://")
+
+
+def check_source(source: str) -> None:
+    """A source string: a file or an image sequence, or a live source of a supported kind."""
+    from segsynth.stream.live import is_live
+
+    scheme = source.split("://", 1)[0].lower() if "://" in source else ""
+    if is_live(source):
+        from segsynth.stream.live import LiveOptions, target
+
+        target(source, LiveOptions())  # the URL, camera or lavfi graph, and what this FFmpeg can read
+        return
+    if scheme and scheme != "file":
+        raise InputError(f"{source}: not a supported input (files, rtsp://, rtsps://, rtmp://, srt://, http(s)://, "
+                         "/dev/videoN, v4l2:N, lavfi:GRAPH)")
+    if Path(source).suffix.lower() in IMAGE_EXTS and not is_image_sequence(source):
+        raise InputError(f"{source} is an image; run works on video (use segment for images, or an image "
+                         "sequence: a folder, a glob or a pattern like img_%04d.jpg)")
+
+
 def check_seed(seed) -> None:
     if seed is not None and not (isinstance(seed, int) and 0 <= seed < 2**32):
         raise InputError("seed: must be a whole number from 0 to 4294967295")
@@ -250,86 +286,108 @@ class StreamConfig:
     reconnect_max: int | None = None  # live: reconnects in a row before giving up (None: forever)
     camera_size: tuple[int, int] | None = None  # (W, H)
     camera_fps: float | None = None
+    media_root: Path | None = None  # files read and written must lie under it (the service's --media-root);
+    # a source's playlist may then name files under it only (None: under the source's own folder)
 
     def __post_init__(self) -> None:
         source = str(self.source)
         object.__setattr__(self, "source", source)
         sinks = (self.sinks,) if isinstance(self.sinks, (str, Path)) else tuple(self.sinks)
         object.__setattr__(self, "sinks", tuple(str(s) for s in sinks))
-        if self.style is not None:
-            object.__setattr__(self, "style", Path(self.style))
-        if not self.sinks:
-            raise InputError("sinks: at least one output is needed")
-        kinds = [sink_kind(s) for s in self.sinks]
-        names = [str(Path(s).resolve()) if k in ("file", "hls") else s.rstrip("/") for s, k in zip(self.sinks, kinds)]
-        if len(set(names)) < len(names):
-            raise InputError("sinks: the same output is named twice")
-        for sink, kind in zip(self.sinks, kinds):
-            if kind == "file" and Path(sink).suffix.lower() not in VIDEO_EXTS:
-                raise InputError(f"{sink}: the output must be a video ({', '.join(sorted(VIDEO_EXTS))}), a stream "
-                                 "URL (rtsp://, rtmp://, srt://), an .m3u8 playlist or mjpeg://HOST:PORT")
-            if kind == "preview":
-                from segsynth.stream.preview import parse_address
-
-                parse_address(sink)
-        from segsynth.stream.live import is_live
-
-        if not is_live(source) and Path(source).suffix.lower() in IMAGE_EXTS and not is_image_sequence(source):
-            raise InputError(f"{source} is an image; run works on video (use segment for images, or an image "
-                             "sequence: a folder, a glob or a pattern like img_%04d.jpg)")
+        for name in ("style", "media_root"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        # each field on its own first, each error naming its field; what needs several fields last
+        with at_field("source"):
+            check_source(source)
+        with at_field("sinks"):
+            kinds = [sink_kind(s) for s in self.sinks]
+            for sink, kind in zip(self.sinks, kinds):
+                check_sink(sink, kind)
+            names = [str(Path(s).resolve()) if k in ("file", "hls") else s.rstrip("/")
+                     for s, k in zip(self.sinks, kinds)]
+            if len(set(names)) < len(names):
+                raise InputError("sinks: the same output is named twice")
+        for name in ("fps", "duration", "segment_time", "stall_timeout", "camera_fps"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise InputError(f"{name}: a finite number is needed", field=name)
         if self.view is not None and self.view not in SESSION_VIEWS:
-            raise InputError(f"view: unknown view {self.view!r}; choose one of: {', '.join(SESSION_VIEWS)}")
-        if self.view == "ids" and any(k != "file" or Path(s).suffix.lower() not in IDS_VIDEO_EXTS
-                                      for s, k in zip(self.sinks, kinds)):
-            raise InputError("view: ids writes lossless FFV1 grayscale video; use .mkv")
+            raise InputError(f"view: unknown view {self.view!r}; choose one of: {', '.join(SESSION_VIEWS)}",
+                             field="view")
         if self.policy is not None and self.policy not in POLICIES:
-            raise InputError(f"policy: must be one of: {', '.join(POLICIES)}")
+            raise InputError(f"policy: must be one of: {', '.join(POLICIES)}", field="policy")
         if self.fit is not None and self.fit not in FITS:
-            raise InputError(f"fit: must be one of: {', '.join(FITS)}")
+            raise InputError(f"fit: must be one of: {', '.join(FITS)}", field="fit")
         if not 1 <= self.smooth <= 15:
-            raise InputError("smooth: must be between 1 (off) and 15 frames")
+            raise InputError("smooth: must be between 1 (off) and 15 frames", field="smooth")
         if self.stabilize is not None:
             from segsynth.stream.stabilize import parse
 
-            parse(self.stabilize)
+            with at_field("stabilize"):
+                parse(self.stabilize)
             if self.smooth > 1:
-                raise InputError("smooth is the old name of stabilize=majority:K; give one of them")
+                raise InputError("smooth is the old name of stabilize=majority:K; give one of them", field="smooth")
         if not 1 <= self.batch <= 64:
-            raise InputError("batch: must be between 1 and 64")
+            raise InputError("batch: must be between 1 and 64", field="batch")
         if self.ring_slots is not None and self.ring_slots < max(2, self.batch):
-            raise InputError("ring_slots: the frame ring needs at least max(2, batch) slots")
-        check_seed(self.seed)
+            raise InputError("ring_slots: the frame ring needs at least max(2, batch) slots", field="ring_slots")
+        with at_field("seed"):
+            check_seed(self.seed)
         if self.style is not None and self.seed is not None:
-            raise InputError("style and seed both set z; give one")
+            raise InputError("style and seed both set z; give one", field="seed")
         if self.fps is not None and not 0 < self.fps <= 1000:
-            raise InputError("fps: must be between 0 and 1000")
+            raise InputError("fps: must be between 0 and 1000", field="fps")
         if self.max_frames is not None and self.max_frames < 1:
-            raise InputError("frames: must be at least 1")
+            raise InputError("frames: must be at least 1", field="max_frames")
         if self.duration is not None and not self.duration > 0:
-            raise InputError("duration: must be more than 0 seconds")
+            raise InputError("duration: must be more than 0 seconds", field="duration")
         if self.segment_time is not None and not self.segment_time >= 1:
-            raise InputError("segment_time: must be at least 1 second")
+            raise InputError("segment_time: must be at least 1 second", field="segment_time")
         if self.rtsp_transport not in RTSP_TRANSPORTS:
-            raise InputError(f"rtsp_transport: must be one of: {', '.join(RTSP_TRANSPORTS)}")
+            raise InputError(f"rtsp_transport: must be one of: {', '.join(RTSP_TRANSPORTS)}", field="rtsp_transport")
         if not 0.5 <= self.stall_timeout <= 600:
-            raise InputError("stall_timeout: must be between 0.5 and 600 seconds")
+            raise InputError("stall_timeout: must be between 0.5 and 600 seconds", field="stall_timeout")
         if self.reconnect_max is not None and self.reconnect_max < 0:
-            raise InputError("reconnect_max: must be 0 or more")
+            raise InputError("reconnect_max: must be 0 or more", field="reconnect_max")
         if self.camera_fps is not None and not 0 < self.camera_fps <= 240:
-            raise InputError("camera_fps: must be between 0 and 240")
+            raise InputError("camera_fps: must be between 0 and 240", field="camera_fps")
         if self.id is not None and not _STREAM_ID.fullmatch(self.id):
-            raise InputError(f"id: {self.id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+            raise InputError(f"id: {self.id!r} must be 1-64 letters, digits, '.', '_' or '-'", field="id")
         from segsynth.stream.media import check_encoder_settings
 
         from . import labels
-        from .errors import LabelError
 
         try:
             labels.check_rules(self.remap)
         except LabelError as exc:
-            raise LabelError(f"remap: {exc}") from None
+            raise LabelError(f"remap: {exc}", field="remap") from None
         check_encoder_settings("ffv1" if self.view == "ids" else self.codec, crf=self.crf, preset=self.preset,
                                bitrate=self.bitrate)
+        if self.view == "ids" and any(k != "file" or Path(s).suffix.lower() not in IDS_VIDEO_EXTS
+                                      for s, k in zip(self.sinks, kinds)):
+            raise InputError("view: ids writes lossless FFV1 grayscale video; use .mkv", field="view")
+        if self.media_root is not None:
+            self._check_under_root(kinds)
+        if not self.sinks:
+            raise InputError("sinks: at least one output is needed", field="sinks")
+
+    def local_paths(self, kinds: list[str] | None = None) -> list[tuple[str, str]]:
+        """(field, path) of every file this stream reads or writes: a file source, the style
+        image, file and HLS outputs."""
+        from segsynth.stream.live import is_live
+
+        kinds = kinds or [sink_kind(s) for s in self.sinks]
+        paths = [] if is_live(self.source) else [("source", self.source)]
+        paths += [("style", str(self.style))] if self.style is not None else []
+        return paths + [("sinks", s) for s, k in zip(self.sinks, kinds) if k in ("file", "hls")]
+
+    def _check_under_root(self, kinds: list[str]) -> None:
+        root = self.media_root.resolve()
+        for field, path in self.local_paths(kinds):
+            resolved = Path(path).resolve()
+            if resolved != root and root not in resolved.parents:
+                raise Forbidden(f"{field}: {path} is outside the media root {root}", field=field)
 
     @property
     def stabilization(self) -> str:

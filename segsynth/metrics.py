@@ -76,21 +76,24 @@ class StreamMetrics:
         self._reconnects.inc()
         self._up.set(1)
 
-    def close(self) -> None:
-        """Remove every series of this stream."""
+    def close(self, down: bool = False) -> None:
+        """Remove every series of this stream; ``down`` (it failed): all but ``segsynth_stream_up``,
+        left at 0 (and the stream's name taken) until a later ``close()``, so the stream-down
+        alert sees the failure for as long as the stream is kept."""
         self._up.set(0)
         for metric, labelsets in ((FRAMES, [(self.stream, n) for n in _STAGE_FRAMES.values()]),
                                   (STAGE_SECONDS, [(self.stream, s) for s in _STAGE_FRAMES]),
                                   (QUEUE_DEPTH, [(self.stream, q) for q in ("ring", "results")]),
                                   (LATENCY, [(self.stream,)]), (DROPPED, [(self.stream,)]),
-                                  (RECONNECTS, [(self.stream,)]), (STREAM_UP, [(self.stream,)])):
+                                  (RECONNECTS, [(self.stream,)]), *(() if down else ((STREAM_UP, [(self.stream,)]),))):
             for labels in labelsets:
                 try:
                     metric.remove(*labels)
                 except KeyError:
                     pass
-        with _lock:
-            _live.discard(self.stream)
+        if not down:
+            with _lock:
+                _live.discard(self.stream)
 
 
 def exposition() -> bytes:
@@ -117,11 +120,25 @@ def process_exposition() -> bytes:
     return generate_latest(_PROCESS)
 
 
+def os_threads() -> int:
+    """Threads of this process as the kernel counts them (encoder and decoder threads of
+    FFmpeg and x264, onnxruntime's pools, ...): /proc/self/status; Python's threads elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Threads:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return threading.active_count()
+
+
 class _ThreadsCollector:
     def collect(self):
         from prometheus_client.core import GaugeMetricFamily
 
-        yield GaugeMetricFamily("segsynth_process_threads", "Threads of the process", value=threading.active_count())
+        yield GaugeMetricFamily("segsynth_process_threads", "Threads of the process (the kernel's count: native "
+                                "threads included)", value=os_threads())
 
 
 class _GpuCollector:

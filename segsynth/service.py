@@ -39,8 +39,13 @@ class ServiceError(InputError):
     """A request the service refuses: ``status`` is the HTTP code, ``field`` the body field at fault."""
 
     def __init__(self, message: str, field: str | None = None, status: int = 422) -> None:
-        super().__init__(message)
-        self.field, self.status = field, status
+        super().__init__(message, field=field)
+        self.status = status
+
+    @classmethod
+    def of(cls, exc: SegsynthError, fields=SPEC_FIELDS) -> "ServiceError":
+        """``exc`` as the answer to a request: its status, and the field it names (or starts with)."""
+        return cls(str(exc), exc.field or _field_of(str(exc), fields), exc.status)
 
 
 def _check_text(value, field: str) -> None:
@@ -89,15 +94,22 @@ class _StreamsCollector:
         yield target
 
 
-class Service:
-    """The streams of one process, sharing ``models``. ``media_root``: where file sources and
-    file outputs may be (None: anywhere). Thread-safe."""
+MAX_STREAMS = 64  # streams a service runs at once (--max-streams)
+MAX_OUTPUTS = 8  # outputs a stream may have (--max-outputs)
 
-    def __init__(self, models, *, media_root: Path | None = None, max_streams: int = 64) -> None:
-        self.models, self.max_streams = models, max_streams
+
+class Service:
+    """The streams of one process, sharing ``models``. ``media_root``: where file sources,
+    style images and file outputs may be (None: the service refuses them). At most
+    ``max_streams`` streams, each with at most ``max_outputs`` outputs. Thread-safe."""
+
+    def __init__(self, models, *, media_root: Path | None = None, max_streams: int = MAX_STREAMS,
+                 max_outputs: int = MAX_OUTPUTS) -> None:
+        self.models, self.max_streams, self.max_outputs = models, max_streams, max_outputs
         self.media_root = media_root.resolve() if media_root else None
         self.sessions: dict[str, Any] = {}
         self.specs: dict[str, dict] = {}
+        self.removing: set[str] = set()  # streams whose DELETE ran out of time: aborted, listed until gone
         self._lock = threading.Lock()
         self._closing = False
         self.registry = CollectorRegistry(auto_describe=False)  # what /metrics adds: _StreamsCollector
@@ -106,7 +118,6 @@ class Service:
     # ---- requests --------------------------------------------------------------------------
     def add(self, spec: dict):
         from segsynth.config import StreamConfig, sink_kind
-        from segsynth.stream.live import is_live
         from segsynth.stream.session import StreamSession
 
         unknown = sorted(set(spec) - set(SPEC_FIELDS))
@@ -116,6 +127,9 @@ class Service:
             raise ServiceError("source: a string is needed (a file, rtsp://..., lavfi:...)", "source")
         if not isinstance(spec.get("sinks", []), (list, tuple)):
             raise ServiceError("sinks: a list of outputs is needed", "sinks")
+        if len(spec.get("sinks") or ()) > self.max_outputs:
+            raise ServiceError(f"sinks: at most {self.max_outputs} outputs a stream (this service's --max-outputs); "
+                               f"got {len(spec['sinks'])}", "sinks")
         for name in ("source", "id", "remap", "style", "view", "policy", "fit", "stabilize"):
             _check_text(spec.get(name), name)
         for sink in spec.get("sinks") or ():
@@ -127,74 +141,63 @@ class Service:
         fields = {k: v for k, v in spec.items() if k not in ("segmenter", "generator")}
         fields["sinks"] = tuple(fields.get("sinks") or ())
         try:
-            if not is_live(fields["source"]):
-                self._check_local(fields["source"], "source")
-            if fields.get("style") is not None:
-                self._check_local(fields["style"], "style")
-            for sink in fields["sinks"]:
-                kind = sink_kind(sink)
-                if kind in ("file", "hls"):
-                    self._check_local(sink, "sinks")
-                elif kind == "preview":
-                    from segsynth.stream.preview import parse_address
-
-                    if parse_address(sink)[0] not in LOOPBACK:  # a listener the token does not guard
-                        raise ServiceError(f"sinks: {sink}: previews listen on loopback only", "sinks", 403)
-            config = StreamConfig(**fields)
-        except ServiceError:
-            raise
+            config = StreamConfig(**fields, media_root=self.media_root)
+        except SegsynthError as exc:
+            raise ServiceError.of(exc) from None
         except (TypeError, ValueError) as exc:  # a value of the wrong type, a malformed URL
             raise ServiceError(str(exc)) from None
-        except InputError as exc:
-            msg = str(exc)
-            named = "source" if msg.startswith(fields["source"]) else "sinks" if any(
-                isinstance(k, str) and msg.startswith(k) for k in fields["sinks"]) else None
-            raise ServiceError(msg, _field_of(msg) or named) from None
+        if self.media_root is None:  # secure by default: no file of this machine is read or written
+            for field, path in config.local_paths():
+                raise ServiceError(f"{field}: {path}: this service reads and writes no files (it was started "
+                                   "without --media-root DIR, the folder they may be in)", field, 403)
+        for sink in config.sinks:
+            if sink_kind(sink) == "preview":
+                from segsynth.stream.preview import parse_address
+
+                if parse_address(sink)[0] not in LOOPBACK:  # a listener the token does not guard
+                    raise ServiceError(f"sinks: {sink}: previews listen on loopback only", "sinks", 403)
         try:
             self.models.remap(config.remap)  # a name no label set knows is refused here
         except InputError as exc:
             raise ServiceError(f"remap: {exc}", "remap") from None
         try:
             session = StreamSession(config, self.models)
-        except InputError as exc:
-            raise ServiceError(str(exc), _field_of(str(exc))) from None
+        except SegsynthError as exc:
+            raise ServiceError.of(exc) from None
         with self._lock:
             if self._closing:
                 raise ServiceError("the service is shutting down", status=503)
             if session.id in self.sessions:
                 raise ServiceError(f"id: a stream called {session.id!r} exists already", "id", 409)
             if len(self.sessions) >= self.max_streams:
-                raise ServiceError(f"at most {self.max_streams} streams; delete one first", status=429)
+                raise ServiceError(f"at most {self.max_streams} streams (this service's --max-streams); delete one "
+                                   "first", status=429)
             self.sessions[session.id] = session  # reserved: a second POST with this id is refused
             self.specs[session.id] = {k: v for k, v in spec.items() if v is not None}
         try:
             session.start()
         except SegsynthError as exc:
             self._forget(session.id)
-            raise ServiceError(str(exc), _field_of(str(exc)) or "source") from None
+            raise ServiceError.of(exc) from None
         except BaseException:
             self._forget(session.id)
             raise
         log.info("stream %s: started (%s)", session.id, config.source)
         return session
 
-    def _forget(self, stream_id: str) -> None:
+    def _forget(self, stream_id: str, session=None) -> None:
         with self._lock:
             self.sessions.pop(stream_id, None)
             self.specs.pop(stream_id, None)
+            self.removing.discard(stream_id)
+        if session is not None:
+            session.release()
 
     def _started(self, stream_id: str):
         session = self.get(stream_id)
         if session.state == "created":
             raise ServiceError(f"stream {stream_id} is still starting; try again", status=409)
         return session
-
-    def _check_local(self, path: str, field: str) -> None:
-        if self.media_root is None:
-            return
-        resolved = Path(path).resolve()
-        if resolved != self.media_root and self.media_root not in resolved.parents:
-            raise ServiceError(f"{field}: {path} is outside the media root {self.media_root}", field, 403)
 
     def get(self, stream_id: str):
         session = self.sessions.get(stream_id)
@@ -203,8 +206,8 @@ class Service:
         return session
 
     def describe(self, session) -> dict:
-        return {"id": session.id, "state": session.state, "config": self.specs.get(session.id, {}),
-                "stats": session.stats()}
+        state = "removing" if session.id in self.removing and session.state != "closed" else session.state
+        return {"id": session.id, "state": state, "config": self.specs.get(session.id, {}), "stats": session.stats()}
 
     def update(self, stream_id: str, patch: dict) -> None:
         from segsynth.config import check_seed
@@ -230,16 +233,33 @@ class Service:
             raise ServiceError(str(exc), _field_of(str(exc), PATCH_FIELDS) or next(iter(patch), None)) from None
         self.specs.get(stream_id, {}).update({k: v for k, v in patch.items() if v is not None})
 
-    def remove(self, stream_id: str, timeout: float = 30.0) -> dict:
-        """Drain and close a stream; its metric series go with it."""
+    def remove(self, stream_id: str, timeout: float = 30.0, abort_timeout: float = 10.0) -> tuple[bool, dict]:
+        """Drain and close a stream; its metric series go with it. A stream not drained within
+        ``timeout`` seconds is aborted; one still not gone ``abort_timeout`` seconds later (an
+        output blocked in a write) stays listed, as ``removing``, until its threads have ended.
+        Returns (gone, its stats)."""
         session = self._started(stream_id)
+        with self._lock:
+            if stream_id in self.removing:  # a DELETE ran out of time already: the stream is on its way
+                return False, session.stats()
+            self.removing.add(stream_id)
         session.stop(drain=True)
         if not session.join(timeout):
+            log.warning("stream %s: not drained within %.0f s; aborted", stream_id, timeout)
             session.stop(drain=False)
-            session.join(10)
-        self._forget(stream_id)
+            if not session.join(abort_timeout):
+                threading.Thread(target=self._reap, args=(session,), name=f"segsynth-reap-{stream_id}",
+                                 daemon=True).start()
+                return False, session.stats()
+        self._forget(stream_id, session)
         log.info("stream %s: removed", stream_id)
-        return session.stats()
+        return True, session.stats()
+
+    def _reap(self, session) -> None:
+        """Forget an aborted stream once its threads have ended (they stop at their next check)."""
+        session.join()
+        self._forget(session.id, session)
+        log.info("stream %s: removed (after it was aborted)", session.id)
 
     def shutdown(self, grace: float = 10.0) -> None:
         """Stop accepting, drain every stream, abort what is not done after ``grace`` seconds."""
@@ -257,6 +277,8 @@ class Service:
         with self._lock:
             self.sessions.clear()
             self.specs.clear()
+        for s in sessions:
+            s.release()
 
 
 def load_config(path: Path) -> list[dict]:
@@ -276,12 +298,26 @@ def load_config(path: Path) -> list[dict]:
 
 
 # ---- HTTP ----------------------------------------------------------------------------------------
+ERRORS = {400: "malformed JSON", 401: "no valid 'Authorization: Bearer TOKEN' (services with a token)",
+          403: "a file outside --media-root (or any file without one), a listener beyond loopback",
+          404: "no such stream", 409: "the stream exists, is starting or not running, or an output is another "
+          "stream's", 413: "the body is over its limit", 422: "a field is invalid: `field` names it",
+          429: "the service runs --max-streams streams already", 503: "the service is shutting down"}
+
+
+def error_responses(*codes: int) -> dict:
+    """OpenAPI ``responses`` for the errors an endpoint gives: ``{"error": ..., "field": ...}``."""
+    schema = {"type": "object", "required": ["error", "field"],
+              "properties": {"error": {"type": "string"}, "field": {"type": ["string", "null"]}}}
+    return {code: {"description": ERRORS[code], "content": {"application/json": {"schema": schema}}} for code in codes}
+
+
 def create_app(service: Service, *, token: str | None = None, protect_metrics: bool = False,
                grace: float = 10.0):
     import hmac
     from contextlib import asynccontextmanager
 
-    from fastapi import Depends, FastAPI, Request
+    from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
@@ -293,7 +329,7 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
     class StreamSpec(BaseModel):
         """A stream to start: what ``segsynth run`` takes, as JSON."""
 
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
         source: str
         sinks: list[str] = []
         id: str | None = None
@@ -318,17 +354,10 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
     class StreamPatch(BaseModel):
         """What a running stream can change."""
 
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
         remap: str | None = None
         view: str | None = None
         seed: int | None = None
-
-    def check_token(request: Request) -> None:
-        if token is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            raise ServiceError("a valid 'Authorization: Bearer TOKEN' header is needed", status=401)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -336,10 +365,9 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
         await run_in_threadpool(service.shutdown, grace)  # SIGTERM/SIGINT: uvicorn stops accepting first
 
     app = FastAPI(title="segsynth", version=__version__, lifespan=lifespan)
-    auth = [Depends(check_token)]
 
-    @app.exception_handler(ServiceError)
-    async def service_error(request, exc: ServiceError):
+    @app.exception_handler(SegsynthError)
+    async def refused(request, exc: SegsynthError):
         return JSONResponse({"error": str(exc), "field": exc.field}, status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
@@ -373,6 +401,16 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
             request._body = body  # read once: handlers get it from here
         return await call_next(request)
 
+    @app.middleware("http")  # added last, so it runs first: nothing of a request is read before its token
+    async def check_token(request: Request, call_next):
+        path = request.url.path
+        if token is not None and (path.startswith("/v1/") or (protect_metrics and path == "/metrics")):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return JSONResponse({"error": "a valid 'Authorization: Bearer TOKEN' header is needed",
+                                     "field": None}, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
     async def too_large(request: Request, cap: int, length: int | None) -> JSONResponse:
         """413. What the client still sends (up to MAX_DRAIN bytes) is read and dropped first, as
         nginx's lingering close does: a client still sending would see a reset, not this answer."""
@@ -400,33 +438,37 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
                 "models": m.config.models, "backend": m.backend, "fused": sorted(part for part, c in m.chains.items() if c is not None),
                 "streams": len(service.sessions)}
 
-    @app.get("/metrics", dependencies=auth if protect_metrics else [])
+    @app.get("/metrics", responses=error_responses(401) if protect_metrics else None)
     def metrics_endpoint() -> Response:
         return Response(metrics.exposition() + metrics.process_exposition() + generate_latest(service.registry),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/streams", dependencies=auth)
+    @app.get("/v1/streams", responses=error_responses(401))
     def list_streams() -> dict:
         return {"streams": [service.describe(s) for s in list(service.sessions.values())]}
 
-    @app.post("/v1/streams", status_code=201, dependencies=auth)
+    @app.post("/v1/streams", status_code=201, responses=error_responses(400, 401, 403, 409, 413, 422, 429, 503))
     def add_stream(spec: StreamSpec) -> dict:
         return service.describe(service.add(spec.model_dump(exclude_none=True)))
 
-    @app.get("/v1/streams/{stream_id}", dependencies=auth)
+    @app.get("/v1/streams/{stream_id}", responses=error_responses(401, 404))
     def get_stream(stream_id: str) -> dict:
         return service.describe(service.get(stream_id))
 
-    @app.patch("/v1/streams/{stream_id}", dependencies=auth)
+    @app.patch("/v1/streams/{stream_id}", responses=error_responses(400, 401, 404, 409, 413, 422))
     def patch_stream(stream_id: str, patch: StreamPatch) -> dict:
         service.update(stream_id, patch.model_dump(exclude_none=True))
         return service.describe(service.get(stream_id))
 
-    @app.delete("/v1/streams/{stream_id}", dependencies=auth)
-    def delete_stream(stream_id: str) -> dict:
-        return {"id": stream_id, "stats": service.remove(stream_id)}
+    @app.delete("/v1/streams/{stream_id}", responses={
+        202: {"description": "not drained in time: aborted, and listed as `removing` until its threads end"},
+        **error_responses(401, 404, 409)})
+    def delete_stream(stream_id: str):
+        gone, stats = service.remove(stream_id)
+        return JSONResponse({"id": stream_id, "state": "closed" if gone else "removing", "stats": stats},
+                            status_code=200 if gone else 202)
 
-    studio.add_routes(app, service, auth)
+    studio.add_routes(app, service)
     return app
 
 
@@ -439,7 +481,7 @@ def check_listen(host: str, token: str | None) -> None:
 
 
 def serve(*, host: str, port: int, models, token: str | None, config: Path | None, media_root: Path | None,
-          protect_metrics: bool, grace: float) -> int:
+          protect_metrics: bool, grace: float, max_streams: int = MAX_STREAMS, max_outputs: int = MAX_OUTPUTS) -> int:
     import contextlib
     import signal
 
@@ -460,7 +502,7 @@ def serve(*, host: str, port: int, models, token: str | None, config: Path | Non
 
     check_listen(host, token)
     boot = load_config(config) if config else []
-    service = Service(models, media_root=media_root)
+    service = Service(models, media_root=media_root, max_streams=max_streams, max_outputs=max_outputs)
     try:
         for i, spec in enumerate(boot, 1):  # a bad stream in the config stops the service before it listens
             try:

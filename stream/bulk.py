@@ -36,6 +36,7 @@ from . import media
 log = logging.getLogger("segsynth")
 MANIFEST = "manifest.jsonl"
 LOCK = ".segsynth-transcode.lock"
+WORKER_LOCK = ".segsynth-transcode.workers.lock"
 PARTIAL = ".*.partial-*"  # FileSink's temporary names for atomic outputs
 
 
@@ -212,6 +213,7 @@ def transcode_file(task: Task, stream_options: dict, model_options: dict, report
         session.start()  # opens the source (and closes it again when it cannot start)
         while not session.join(0.5):
             pass
+        session.release()
         stats = session.stats()
         if session.error is not None:
             raise session.error
@@ -228,12 +230,43 @@ def transcode_file(task: Task, stream_options: dict, model_options: dict, report
 
 
 # ---- local worker processes -------------------------------------------------------------------
-def _worker_main(name: str, inbox, results, stream_options: dict, model_options: dict) -> None:
+def _die_with_parent() -> None:
+    """End this worker the moment its driver process ends, however it ends (kill -9 included):
+    a thread waits on the sentinel multiprocessing gives every child of its parent."""
+    import multiprocessing as mp
+    from multiprocessing.connection import wait
+
+    parent = mp.parent_process()
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(70)  # its file never reaches a final name; the next run removes the temporary one
+
+    if parent is not None:
+        threading.Thread(target=watch, name="segsynth-parent-watch", daemon=True).start()
+
+
+def _hold(lock: Path | None):
+    """A shared lock on the output folder's worker lock while this worker lives: a later run
+    cannot start on the folder until every worker of this one has ended."""
+    import fcntl
+
+    if lock is None:
+        return None
+    handle = open(lock, "a")  # noqa: SIM115 - held until the process ends
+    fcntl.flock(handle, fcntl.LOCK_SH)
+    return handle
+
+
+def _worker_main(name: str, inbox, results, stream_options: dict, model_options: dict, lock: Path | None) -> None:
     """A worker process: files from ``inbox`` until None; ("progress", name, frames) and ("done",
-    name, record) to ``results``. SIGINT is the driver's (a Ctrl-C reaches the whole process group)."""
+    name, record) to ``results``. SIGINT is the driver's (a Ctrl-C reaches the whole process group).
+    It ends with its driver (see _die_with_parent) and holds the folder's worker lock."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent()
+    held = _hold(lock)  # noqa: F841 - released when the process ends
     while (task := inbox.get()) is not None:
         record = transcode_file(task, stream_options, model_options,
                                 lambda frames: results.put(("progress", name, frames)), worker=name)
@@ -241,12 +274,13 @@ def _worker_main(name: str, inbox, results, stream_options: dict, model_options:
 
 
 def run_local(tasks: list[Task], stream_options: dict, model_options: dict, *, jobs: int, retry: int = 0,
-              stop: threading.Event, abort: threading.Event, on_event=None):
+              stop: threading.Event, abort: threading.Event, on_event=None, lock: Path | None = None):
     """Yield a Record per task as it ends, from ``jobs`` worker processes (spawned: nothing
     inherited but the options), each given its next file when it is free. A worker that dies
     takes its file with it: the file is retried up to ``retry`` times on a new worker, then
     recorded as failed. ``on_event(kind, worker, payload)``: "start" (the input) and
-    "progress" (frames so far) as they happen."""
+    "progress" (frames so far) as they happen. ``lock``: the worker lock each worker holds
+    (shared) while it lives."""
     import itertools
     import multiprocessing as mp
 
@@ -259,7 +293,7 @@ def run_local(tasks: list[Task], stream_options: dict, model_options: dict, *, j
 
     def spawn() -> str:
         name, inbox = f"worker-{next(numbers)}", ctx.Queue()
-        proc = ctx.Process(target=_worker_main, args=(name, inbox, results, stream_options, model_options),
+        proc = ctx.Process(target=_worker_main, args=(name, inbox, results, stream_options, model_options, lock),
                            name=f"segsynth-{name}", daemon=True)
         proc.start()
         workers[name] = (proc, inbox)
@@ -433,15 +467,24 @@ class _BatchProgress:
 
 def _locked(out: Path):
     """An exclusive lock on ``out`` for this run (two runs into one folder would fight over its
-    files and manifest); released when the process ends, however it ends."""
+    files and manifest); released when the process ends, however it ends. Workers of an earlier
+    run that outlive their driver for a moment hold WORKER_LOCK (shared): the folder is taken
+    until they are gone too."""
     import fcntl
 
-    handle = open(out / LOCK, "a")
+    handle = open(out / LOCK, "a")  # noqa: SIM115 - held for the run
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         handle.close()
         raise OutputError(f"{out} is being written by another segsynth transcode") from None
+    with open(out / WORKER_LOCK, "a") as workers:
+        try:
+            fcntl.flock(workers, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise OutputError(f"{out} is being written by the workers of an earlier segsynth transcode, still "
+                              "running; try again in a few seconds") from None
     return handle
 
 
@@ -496,7 +539,8 @@ def transcode(inputs: list[str], out: Path, *, stream_options: dict, model_optio
             else:
                 threads = model_options.get("threads") or max(1, (os.cpu_count() or 1) // jobs)
                 runner = run_local(tasks, stream_options, {**model_options, "threads": threads}, jobs=jobs,
-                                   retry=retry or 0, stop=stop, abort=abort, on_event=progress.event)
+                                   retry=retry or 0, stop=stop, abort=abort, on_event=progress.event,
+                                   lock=out / WORKER_LOCK)
             for record in runner:
                 manifest.append(record)
                 records.append(record)

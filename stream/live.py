@@ -5,9 +5,10 @@ A live source reads until it is stopped. When the stream drops, stalls (nothing 
 jitter, at most ``reconnect_max`` times in a row (None: forever), and rebases timestamps so
 the output timeline goes on strictly increasing across the gap (the gap itself is kept: a
 frame after it is as far from the last one before as the wall clock says). Every network
-source is opened with FFmpeg open/read timeouts and an explicit ``protocol_whitelist``; an
-HLS playlist is checked, at every (re)connect, to name only http(s) URLs on the host it
-was given.
+source is opened with FFmpeg open/read timeouts; RTSP, RTMP and SRT with an explicit
+``protocol_whitelist``, HTTP(S) through an ``HttpGate`` (stream.gate): every URL FFmpeg
+opens for it - an HLS playlist's variants, segments, reloads, redirects - is checked and
+fetched by the gate, on the host and port the source names.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import random
 import re
 import time
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -29,6 +29,7 @@ import numpy as np
 from segsynth.errors import InputError, SourceError
 
 from . import media
+from .gate import HttpGate, Refused
 from .sources import AudioItem, AudioTrack, SourceInfo
 
 log = logging.getLogger("segsynth")
@@ -116,77 +117,16 @@ def target(spec: str, opts: LiveOptions) -> Target:
                          "/dev/videoN, v4l2:N, lavfi:GRAPH)")
     if not parts.hostname:
         raise InputError(f"{spec}: no host in the URL")
+    if scheme == "srt" and not media.has_protocol("srt"):
+        raise InputError(f"{spec}: this FFmpeg (PyAV's {media.ffmpeg_version()}) has no SRT support; use rtsp://, "
+                         "rtmp:// or http(s)://")
     options = {"protocol_whitelist": NETWORK[scheme]}
     if scheme in ("rtsp", "rtsps"):
         options["rtsp_transport"] = opts.rtsp_transport
-    if scheme in ("http", "https"):
-        options["reconnect"] = "0"  # reconnecting is ours, with the timestamps rebased
+    if scheme in ("http", "https"):  # FFmpeg's own HTTP client is not used: the gate fetches (see _connect)
+        options = {"http_persistent": "0"}  # HLS: a fresh request per URL, each through the gate
     return Target(spec, None, options, clocked=scheme in ("rtsp", "rtsps", "rtmp", "rtmps", "srt"),
                   vod_possible=scheme in ("http", "https"))
-
-
-class _SameHost(urllib.request.HTTPRedirectHandler):
-    """Redirects are followed only on the host the URL names."""
-
-    def __init__(self, origin) -> None:
-        self.origin = origin
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        _check_same_host(self.origin, urllib.parse.urljoin(req.full_url, newurl), "redirects to")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _check_same_host(origin, url: str, verb: str) -> None:
-    try:
-        parts = urllib.parse.urlsplit(url)
-        same = parts.scheme.lower() in ("http", "https") and (parts.hostname, parts.port) == (origin.hostname,
-                                                                                              origin.port)
-    except ValueError:
-        same = False
-    if not same:
-        raise InputError(f"{origin.geturl()}: the playlist {verb} {url}, outside {origin.scheme}://{origin.netloc}; "
-                         "refused (an HLS playlist may only name http(s) URLs on its own host)")
-
-
-PLAYLIST_BYTES = 4 << 20  # larger "playlists" are refused
-PLAYLISTS = 16  # variant playlists checked at most
-
-
-def check_playlist(url: str, timeout: float, *, seen: set | None = None) -> float | None:
-    """When ``url`` (http/https) answers with an HLS playlist, it and the variant playlists it
-    names may point only at http(s) URLs on the host of ``url`` (redirects included); ``file:``,
-    other protocols and other hosts are refused. Returns the longest target duration (s) of
-    the playlists, None when the URL is not a playlist. Checked before FFmpeg opens the URL
-    and again at each reconnect; playlist reloads FFmpeg makes while it reads are not."""
-    seen = set() if seen is None else seen
-    seen.add(url)
-    origin = urllib.parse.urlsplit(url)
-    opener = urllib.request.build_opener(_SameHost(origin))
-    try:
-        with opener.open(url, timeout=timeout) as reply:
-            head = reply.read(4096)
-            if not head.lstrip().startswith(b"#EXTM3U") and "mpegurl" not in reply.headers.get("Content-Type", ""):
-                return None  # not a playlist: FFmpeg reads it as a media stream
-            body = head + reply.read(PLAYLIST_BYTES + 1 - len(head))
-            base = reply.geturl()
-    except InputError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise ConnectionError(f"cannot fetch the playlist: {exc}") from exc
-    if len(body) > PLAYLIST_BYTES:
-        raise InputError(f"{url}: a playlist over {PLAYLIST_BYTES >> 20} MiB; refused")
-    text = body.decode("utf-8", "replace")
-    uris = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    uris += [quoted or bare for quoted, bare in re.findall(r'URI=(?:"([^"]*)"|([^,\s]+))', text)]
-    durations = [float(d) for d in re.findall(r"#EXT-X-TARGETDURATION:\s*([\d.]+)", text)]
-    for uri in uris:
-        full = urllib.parse.urljoin(base, uri)
-        _check_same_host(origin, full, "points at")
-        if full not in seen and urllib.parse.urlsplit(full).path.lower().endswith((".m3u8", ".m3u")):
-            if len(seen) >= PLAYLISTS:
-                raise InputError(f"{url}: more than {PLAYLISTS} variant playlists; refused")
-            durations.append(check_playlist(full, timeout, seen=seen) or 0.0)
-    return max(durations, default=0.0)
 
 
 def list_cameras() -> list[str]:
@@ -288,15 +228,25 @@ class LiveSource:
         import av
 
         t = self.target
-        if t.vod_possible:
-            segment = check_playlist(t.url, self.opts.open_timeout)
-            if segment:  # HLS: FFmpeg waits up to a segment inside one read at the live edge
-                self.hls, self.stall = True, max(self.opts.stall_timeout, 2 * segment + 1)
+        gate = None
+        if t.vod_possible:  # http(s): FFmpeg reads only what the gate fetched; the gate bounds each read
+            gate = HttpGate(t.url, timeout=max(self.opts.open_timeout, self.opts.stall_timeout),
+                            stall=self.opts.stall_timeout)
         try:
-            container = av.open(t.url, "r", format=t.format, options=dict(t.options),
-                                timeout=(self.opts.open_timeout, self.stall))
-        except av.FFmpegError as exc:
+            container = av.open(t.url, "r", format=t.format, options=dict(t.options), io_open=gate,
+                                timeout=(self.opts.open_timeout, None if gate else self.stall))
+        except Refused:
+            gate.close()
+            raise
+        except (av.FFmpegError, OSError) as exc:
+            if gate is not None:
+                gate.close()
             raise ConnectionError(media.ffmpeg_message(exc)) from exc
+        if gate is not None:
+            container = media.GatedInput(container, gate)
+        if gate is not None and "hls" in container.format.name:
+            # at the live edge FFmpeg waits up to a segment inside one read: the stall is the gate's
+            self.hls, self.stall = True, gate.stall
         if not container.streams.video:
             container.close()
             raise InputError(f"{self.spec}: has no video stream")
@@ -350,6 +300,8 @@ class LiveSource:
             began = time.monotonic()  # what the new connection sends first is from about now
             try:
                 self.container, self.video = self._connect()
+            except Refused:
+                raise
             except (ConnectionError, InputError) as exc:
                 cause = f"reopening failed: {exc}"
                 continue
@@ -407,7 +359,7 @@ class LiveSource:
                     packet = next(packets)
                 except StopIteration:
                     return
-                except av.FFmpegError as exc:
+                except (av.FFmpegError, OSError) as exc:  # OSError: the gate's reads (HTTP)
                     raise Lost(media.ffmpeg_message(exc)) from None
                 arrival = time.perf_counter()
                 if time.monotonic() - last_frame_wall > self.stall:
@@ -473,4 +425,6 @@ class LiveSource:
     def close(self) -> None:
         if self.container is not None:
             self.container.close()
-            self.container = None
+        self.container = self.video = None  # the decoders (and their threads) go now, not at garbage collection
+        if hasattr(self, "info"):
+            self.info = self.info.released()

@@ -17,6 +17,8 @@ import numpy as np
 
 from segsynth.errors import InputError, OutputError
 
+from .gate import FileGate, Refused
+
 log = logging.getLogger("segsynth")
 MAX_SIDE = 16384  # larger declared frame sizes are damaged or hostile files
 
@@ -69,14 +71,73 @@ def ffmpeg_message(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or str(exc).splitlines()[0]
 
 
-def open_video(path: str | Path):
-    """Open a media file for reading; InputError for anything that is not a video."""
+READ_BUFFER = 1 << 18  # bytes FFmpeg asks of a file at a time (through the gate: Python reads)
+
+
+class GatedInput:
+    """A PyAV input container and the gate every file it reads came through: attributes are the
+    container's; ``close()`` closes both (FFmpeg leaves the first file of a custom input open)."""
+
+    def __init__(self, container, gate) -> None:
+        self.container, self.gate = container, gate
+
+    def __getattr__(self, name: str):
+        return getattr(self.container, name)
+
+    def close(self) -> None:
+        try:
+            self.container.close()
+        finally:
+            self.gate.close()
+
+    def __enter__(self) -> "GatedInput":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_PROTOCOLS: dict[str, bool] = {}
+
+
+def has_protocol(name: str) -> bool:
+    """Whether PyAV's FFmpeg has the protocol ``name`` (srt is not in every build): asked once,
+    by opening ``name://127.0.0.1:1``, which fails at once either way."""
     import av
 
+    if name not in _PROTOCOLS:
+        try:
+            av.open(f"{name}://127.0.0.1:1", "r", timeout=0.5).close()
+            _PROTOCOLS[name] = True
+        except av.error.ProtocolNotFoundError:
+            _PROTOCOLS[name] = False
+        except (av.FFmpegError, OSError):
+            _PROTOCOLS[name] = True  # known, only nothing listens there
+    return _PROTOCOLS[name]
+
+
+def ffmpeg_version() -> str:
+    import av
+
+    return f"FFmpeg {av.ffmpeg_version_info}"
+
+
+def open_video(path: str | Path, root: str | Path | None = None):
+    """Open a media file for reading; InputError for anything that is not a video. Every file
+    FFmpeg opens for it (a playlist's segments, a concat list's files) passes a FileGate: under
+    ``root``, by default the file's own folder."""
+    import av
+
+
     path = check_input(path)
+    gate = FileGate(path, root)
     try:
-        container = av.open(str(path), "r")
-    except (av.FFmpegError, UnicodeDecodeError) as exc:
+        container = GatedInput(av.open(gate.url(), "r", io_open=gate, buffer_size=READ_BUFFER), gate)
+    except Refused:
+        gate.close()
+        raise
+    except (av.FFmpegError, UnicodeDecodeError, OSError) as exc:
+        gate.close()
         raise InputError(f"{path}: not a readable video ({ffmpeg_message(exc)})") from exc
     if not container.streams.video:
         container.close()
@@ -111,7 +172,7 @@ class BestEffortTimestamps:
         return dts
 
 
-def open_image_sequence(spec: str | Path, fps: float | None = None):
+def open_image_sequence(spec: str | Path, fps: float | None = None, root: str | Path | None = None):
     """A folder of images, a glob (``shots/*.png``) or an image2 pattern (``img_%04d.jpg``)
     opened as a video at ``fps`` (25 by default, as ffmpeg), in name order."""
     import glob as globbing
@@ -143,9 +204,17 @@ def open_image_sequence(spec: str | Path, fps: float | None = None):
         pattern = str(spec)
         if not globbing.glob(pattern):
             raise InputError(f"{spec}: no image matches the pattern")
+
+    pattern = os.path.abspath(pattern)  # image2 opens each picture by this name: never a protocol
+    gate = FileGate(pattern, root)
     try:
-        container = av.open(pattern, "r", format="image2", options=options)
-    except (av.FFmpegError, UnicodeDecodeError) as exc:
+        container = GatedInput(av.open(pattern, "r", format="image2", options=options, io_open=gate,
+                                       buffer_size=READ_BUFFER), gate)
+    except Refused:
+        gate.close()
+        raise
+    except (av.FFmpegError, UnicodeDecodeError, OSError) as exc:
+        gate.close()
         raise InputError(f"{spec}: not a readable image sequence ({ffmpeg_message(exc)})") from exc
     if not container.streams.video:
         container.close()
@@ -246,6 +315,7 @@ class MediaWriter:
             self.container.close()
         finally:
             self.file.close()
+            self.container = None  # the muxer goes with its last reference, now
 
     def __enter__(self) -> "MediaWriter":
         return self
@@ -271,7 +341,10 @@ class URLWriter:
     mux = MediaWriter.mux
 
     def close(self) -> None:
-        self.container.close()
+        try:
+            self.container.close()
+        finally:
+            self.container = None
 
 
 def check_output(path: Path, *inputs: Path) -> None:
@@ -316,6 +389,7 @@ class AudioTemplates:
         if self.scratch is not None:
             self.scratch.close()
             self.scratch = None
+        self.streams = {}
 
 
 class AudioOutput:

@@ -295,6 +295,9 @@ class Pipeline:
             if self.on_done is not None:
                 self.on_done(self)
         finally:
+            # the owner's callbacks (bound methods: a reference cycle through its owner) go, so
+            # what the owner holds is freed when its last reference goes, not by the collector
+            self.on_done = self.render = self.observer = self.progress = None
             with self._state_lock:
                 self.state = "failed" if self.errors else "closed"
             self.done.set()

@@ -11,7 +11,7 @@ import contextlib
 from pathlib import Path
 
 from segsynth.config import ModelConfig, StreamConfig
-from segsynth.errors import InputError, SourceError
+from segsynth.errors import InputError
 
 from . import media
 from .models import ModelSet
@@ -57,10 +57,8 @@ def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, contr
     finally:
         if stats_json and session is not None and session.pipeline is not None:
             _write_json(Path(stats_json), session.stats())
-    if session.error is not None:
+    if session.error is not None:  # a source given up: the outputs are complete and kept; the run still failed
         raise session.error
-    if getattr(source, "lost", None):  # the outputs are complete and kept; the run still failed
-        raise SourceError(source.lost)
     stats = session.stats()
     if stats["frames_out"] == 0:
         raise InputError(f"{cfg.source}: no decodable video frames" +

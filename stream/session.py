@@ -23,9 +23,9 @@ import threading
 from pathlib import Path
 
 from segsynth.config import StreamConfig
-from segsynth.errors import InputError, OutputError, SegsynthError
+from segsynth.errors import InputError, OutputError, SegsynthError, SourceError, at_field
 
-from . import media
+from . import claims, media
 from .models import ModelSet
 from .pipeline import Pipeline
 from .render import compose
@@ -73,14 +73,21 @@ class StreamSession:
             if self.pipeline is not None or self._stop_requested is not None:
                 raise RuntimeError(f"session {self.id} was started or stopped already")
             cfg = self.config
-            source = self._source or open_source(cfg)
+            self._claim()
+            try:
+                with at_field("source"):
+                    source = self._source or open_source(cfg)
+            except BaseException:
+                claims.release(self.id)
+                raise
             sinks = []
             try:
                 source.model_size, source.need_display = self.models.size, self._needs_display(self.view)
                 self.policy = cfg.policy or ("latest" if source.live else "lossless")
                 sinks = self._sinks or []
                 for spec in () if self._sinks else cfg.sinks:
-                    sinks.append(self._make_sink(spec, source))
+                    with at_field("sinks"):
+                        sinks.append(self._make_sink(spec, source))
                 source.decode_audio = set().union(*(s.decoded_audio for s in sinks))
                 self.source, self.sinks = source, sinks
                 self.sink = sinks[0] if len(sinks) == 1 else TeeSink(sinks)
@@ -106,10 +113,23 @@ class StreamSession:
                 for sink in sinks:
                     sink.close()  # nothing was written yet; this releases what the sink holds
                 source.close()
+                claims.release(self.id)
                 raise
         if self._stop_requested is not None:  # a stop (a signal) arrived while starting
             self.pipeline.stop(self._stop_requested)
         return self
+
+    def _claim(self) -> None:
+        """The files this session will write and read, claimed before anything is opened: one
+        writer per path in this process, and never a path another stream reads (Conflict)."""
+        from segsynth.config import is_image_sequence, sink_kind
+
+        from .live import is_live
+
+        cfg = self.config
+        writes = [] if self._sinks else [s for s in cfg.sinks if sink_kind(s) in ("file", "hls")]
+        reads = [] if self._source or is_live(cfg.source) or is_image_sequence(cfg.source) else [cfg.source]
+        claims.claim(self.id, writes, reads)
 
     def _make_sink(self, spec: str, source):
         """The sink an output string names: a file (or a file series), a push to a server, an
@@ -153,26 +173,41 @@ class StreamSession:
     def state(self) -> str:
         if self.pipeline is None:
             return "closed" if self._stop_requested is not None else "created"
-        return self.pipeline.state
+        state = self.pipeline.state
+        return "failed" if state == "closed" and self.error is not None else state
+
+    def release(self) -> None:
+        """Remove what the session still shows of itself once it is over (the down series of a
+        failed stream, which stays until then so an alert can see it)."""
+        if self.metrics is not None and self.state in ("closed", "failed"):
+            self.metrics.close()
 
     def _finished(self, pipeline: Pipeline) -> None:
         """Called by the pipeline's last thread once everything is closed: a failed run leaves
         no half-written output, a run cut short no atomic output; a finished one commits them.
-        Each sink is settled on its own, so one failing rename leaves no other output unsettled."""
+        An output dropped while the others went on (a full disk, a push that gave up) keeps
+        what it recorded, unless it is atomic. Each sink is settled on its own, so one failing
+        rename leaves no other output unsettled. A live source given up after ``reconnect_max``
+        ends the run with its outputs kept, and the session ``failed`` with the reason."""
         if pipeline.errors:
             self.error = self._explain(*pipeline.errors[0])
         dropped = {id(sink) for sink, _ in getattr(self.sink, "failed", [])}  # by a TeeSink
         for sink in self.sinks:
+            atomic = getattr(sink, "atomic", False)
             try:
-                if pipeline.errors or id(sink) in dropped or (pipeline.cut_short and getattr(sink, "atomic", False)):
+                if pipeline.errors or (atomic and (id(sink) in dropped or pipeline.cut_short)):
                     getattr(sink, "discard", lambda: None)()
-                else:
+                elif id(sink) not in dropped:
                     getattr(sink, "commit", lambda: None)()
             except BaseException as exc:  # noqa: BLE001 - a commit that fails (rename) fails the session
                 if self.error is None:
                     self.error = self._explain("encode", exc)
                 pipeline.errors.append(("encode", exc))
-        self.metrics.close()
+        lost = getattr(self.source, "lost", None)
+        if lost and self.error is None:
+            self.error = SourceError(lost)
+        claims.release(self.id)
+        self.metrics.close(down=self.error is not None)
 
     def _explain(self, stage: str, exc: BaseException) -> BaseException:
         """Media errors as one line that says which side failed; bugs keep their traceback."""
@@ -253,8 +288,9 @@ class StreamSession:
                "error": str(self.error) if self.error is not None else None}
         if p is not None:
             s = p.stats()
-            failed = {id(sink) for sink, _ in getattr(self.sink, "failed", [])}
+            failed = {id(sink): exc for sink, exc in getattr(self.sink, "failed", [])}
             out["outputs"] = [{"name": getattr(k, "name", str(k)), "ok": id(k) not in failed,
+                               "error": str(failed[id(k)]).splitlines()[0] if id(k) in failed else None,
                                "reconnects": getattr(k, "reconnects", 0), "skipped": getattr(k, "skipped", 0)}
                               for k in self.sinks]
             out["reconnects"] = getattr(self.source, "reconnects", 0)

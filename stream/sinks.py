@@ -161,7 +161,13 @@ class FileSink:
                     self.writer.mux(self.held)  # a track that never sent a packet: as far as it goes
         finally:
             self.writer.close()
-            self.container = None
+            self._release()
+
+    def _release(self) -> None:
+        """Drop every PyAV object: the encoders (and their threads) go now, not at garbage collection."""
+        self.container = self.vstream = None
+        self.audio, self.held = {}, []
+        self.info = self.info.released()
 
     def commit(self) -> None:
         """After ``close`` of a run that finished: an atomic output takes its final name."""
@@ -179,7 +185,7 @@ class FileSink:
                     self.writer.close()
                 except Exception:  # noqa: BLE001 - the run failed already; the file goes anyway
                     pass
-                self.container = None
+                self._release()
             self.target.unlink(missing_ok=True)
 
 
@@ -245,6 +251,11 @@ class StreamingSink(FileSink):
                 pass
         self.writer = self.container = self.vstream = None
         self.audio, self.held, self._next_key = {}, [], None
+
+    def _release(self) -> None:
+        info = self.info
+        super()._release()
+        self.info = info  # kept: a push is reopened from it
 
     def write(self, picture: np.ndarray, meta: dict) -> None:
         self._guard(lambda: FileSink.write(self, picture, meta))

@@ -62,6 +62,12 @@ class SourceInfo:
     audio: tuple[AudioTrack, ...] = ()
     declared_frames: int | None = None
 
+    def released(self) -> "SourceInfo":
+        """The same, holding no input stream any more (once the source is closed)."""
+        import dataclasses
+
+        return dataclasses.replace(self, audio=tuple(dataclasses.replace(t, template=None) for t in self.audio))
+
 
 class Source(Protocol):
     live: bool
@@ -87,8 +93,8 @@ class FileSource:
 
     live = False
 
-    def __init__(self, path, *, stream: int | None = None, fps: float | None = None) -> None:
-        self.path, self.stream_index, self.fps = path, stream, fps
+    def __init__(self, path, *, stream: int | None = None, fps: float | None = None, root=None) -> None:
+        self.path, self.stream_index, self.fps, self.root = path, stream, fps, root  # root: see media.open_video
         self.container = self.video = None
         self.model_size, self.need_display = (513, 513), False
         self.decode_audio: set[int] = set()
@@ -99,7 +105,8 @@ class FileSource:
         from segsynth.config import is_image_sequence
 
         sequence = is_image_sequence(str(self.path))
-        self.container = media.open_image_sequence(self.path, self.fps) if sequence else media.open_video(self.path)
+        self.container = (media.open_image_sequence(self.path, self.fps, self.root) if sequence
+                          else media.open_video(self.path, self.root))
         streams = self.container.streams
         if self.stream_index is not None:
             match = [s for s in streams if s.index == self.stream_index]
@@ -165,7 +172,9 @@ class FileSource:
     def close(self) -> None:
         if self.container is not None:
             self.container.close()
-            self.container = None
+        self.container = self.video = None  # the decoders (and their threads) go now, not at garbage collection
+        if hasattr(self, "info"):
+            self.info = self.info.released()
 
 
 class SyntheticSource:
@@ -221,12 +230,8 @@ def open_source(cfg) -> Source:
     or a media file or image sequence."""
     from .live import LiveOptions, LiveSource, is_live
 
-    scheme = cfg.source.split("://", 1)[0].lower() if "://" in cfg.source else ""
-    if scheme and not is_live(cfg.source) and scheme != "file":
-        raise InputError(f"{cfg.source}: not a supported input (files, rtsp://, rtsps://, rtmp://, srt://, http(s)://, "
-                         "/dev/videoN, v4l2:N, lavfi:GRAPH)")
     if is_live(cfg.source):
         options = LiveOptions(cfg.rtsp_transport, cfg.stall_timeout, reconnect_max=cfg.reconnect_max,
                               camera_size=cfg.camera_size, camera_fps=cfg.camera_fps)
         return LiveSource(cfg.source, options, stream=cfg.stream).open()
-    return FileSource(cfg.source, stream=cfg.stream, fps=cfg.fps).open()
+    return FileSource(cfg.source, stream=cfg.stream, fps=cfg.fps, root=cfg.media_root).open()

@@ -268,9 +268,11 @@ def test_a_failing_push_is_retried_then_dropped_and_the_file_goes_on(tmp_path, t
     r = run_cli("run", "lavfi:testsrc2=size=160x120:rate=15", out, f"rtmp://127.0.0.1:{nobody}/live/x",
                 "--reconnect-max", 1, "--frames", 40, "--segmenter", tiny_segmenter, "--generator", "none",
                 "--stats-json", tmp_path / "s.json", timeout=120)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 3, r.stderr  # an output failed: the run did, though the file is complete
     assert re.search(rf"output rtmp://127\.0\.0\.1:{nobody}/live/x failed .*; retrying in", r.stderr), r.stderr
     assert re.search(rf"output rtmp://127\.0\.0\.1:{nobody}/live/x failed and is dropped", r.stderr), r.stderr
+    assert re.search(rf"error: output rtmp://127\.0\.0\.1:{nobody}/live/x failed: .*; {re.escape(str(out))} "
+                     "complete$", r.stderr.strip()), r.stderr
     stats = json.loads((tmp_path / "s.json").read_text())
     assert [o["ok"] for o in stats["outputs"]] == [True, False]
     assert stats["frames_out"] == 40 and len(video_times(out)) == 40

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from segsynth import labels
-from segsynth.service import ServiceError
+from segsynth.service import ServiceError, error_responses
 
 STATIC = Path(__file__).with_name("static")
 MAX_UPLOAD = 8 << 20  # bytes a request to UPLOAD_PATHS may send
@@ -34,6 +34,7 @@ UPLOAD_PATHS = ("/v1/segment", "/v1/synthesize", "/v1/style")
 LIVE_HEIGHT = 240  # pixels: the height of each panel of the live view
 LIVE_FPS = 10.0  # at most this many live frames a second per viewer
 BOUNDARY = "segsynthframe"
+MAX_Z_TEXT = 64 << 10  # characters of the z form field (a few hundred numbers need a few KiB)
 
 
 def open_image(data: bytes, field: str):
@@ -174,13 +175,14 @@ class Studio:
             raise ServiceError(f"{given[1]}: give one of style, seed and z, not {' and '.join(given)}", given[1])
         if style is not None:
             return self.style(style)
+        if z is not None:  # its form first, then whether the generator takes one
+            try:
+                values = np.asarray(json.loads(z), np.float32).reshape(1, -1)
+            except (ValueError, TypeError, RecursionError):  # RecursionError: lists nested thousands deep
+                raise ServiceError("z: a JSON list of numbers is needed", "z") from None
         gen = self._need_generator()
         if z is not None:
             self._need_z("z")
-            try:
-                values = np.asarray(json.loads(z), np.float32).reshape(1, -1)
-            except (ValueError, TypeError):
-                raise ServiceError("z: a JSON list of numbers is needed", "z") from None
             if values.shape[1] != gen.z_dim or not np.isfinite(values).all():
                 raise ServiceError(f"z: {gen.z_dim} finite numbers are needed, got {values.shape[1]}", "z")
             return values
@@ -238,7 +240,7 @@ class LiveView:
         return seq, buf.getvalue()
 
 
-def add_routes(app, service, auth: list) -> None:
+def add_routes(app, service) -> None:
     """The studio's page and endpoints on ``app`` (create_app's), over ``service``'s models."""
     from fastapi import File, Form, Request, UploadFile
     from fastapi.responses import FileResponse, Response, StreamingResponse
@@ -246,7 +248,8 @@ def add_routes(app, service, auth: list) -> None:
     from starlette.concurrency import run_in_threadpool
 
     studio = Studio(service.models)
-    png_reply = {200: {"content": {"image/png": {}}, "description": "a PNG"}}
+    png_reply = {200: {"content": {"image/png": {}}, "description": "a PNG"}, **error_responses(401, 409, 413, 422)}
+    upload_errors = error_responses(401, 409, 413, 422)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -254,12 +257,12 @@ def add_routes(app, service, auth: list) -> None:
 
     app.mount("/studio", StaticFiles(directory=STATIC), name="studio")
 
-    @app.get("/v1/labels", dependencies=auth)
+    @app.get("/v1/labels", responses=error_responses(401))
     def label_set() -> dict:
         """The label set the studio paints with (the generator's): names, colours, canvas size."""
         return studio.info()
 
-    @app.post("/v1/segment", dependencies=auth)
+    @app.post("/v1/segment", responses=upload_errors)
     def segment(image: UploadFile = File(description="a photo")) -> dict:
         """A photo -> its label map at the canvas size (``labels``: a data URL of an 8-bit PNG
         of class ids) and the classes present (``legend``)."""
@@ -268,18 +271,19 @@ def add_routes(app, service, auth: list) -> None:
                 "labels": "data:image/png;base64," + base64.b64encode(png(ids)).decode(),
                 "legend": legend(ids, studio.models.label_set)}
 
-    @app.post("/v1/synthesize", dependencies=auth, response_class=Response, responses=png_reply)
+    @app.post("/v1/synthesize", response_class=Response, responses=png_reply)
     def synthesize(labels: UploadFile = File(description="an 8-bit PNG of class ids of the label set"),
                    style: UploadFile | None = File(None, description="a style image (VAE generators)"),
                    seed: int | None = Form(None, ge=0, lt=2**32, description="z drawn from this seed (default 0)"),
-                   z: str | None = Form(None, description="z as a JSON list of numbers (from /v1/style)")) -> Response:
+                   z: str | None = Form(None, max_length=MAX_Z_TEXT,
+                                        description="z as a JSON list of numbers (from /v1/style)")) -> Response:
         """A label map -> the generator's picture (PNG at its size); z from ``style``, ``seed`` or ``z``."""
         ids = read_label_map(labels.file.read(), studio.models.label_set)
         style_rgb = read_rgb(style.file.read(), "style") if style is not None else None
         picture = studio.synthesize(ids, studio.z(style=style_rgb, seed=seed, z=z))
         return Response(png(picture), media_type="image/png", headers={"Cache-Control": "no-store"})
 
-    @app.post("/v1/style", dependencies=auth)
+    @app.post("/v1/style", responses=upload_errors)
     def style_vector(image: UploadFile = File(description="a style image")) -> dict:
         """A style image -> z (the VAE encoder's mean), to send back to /v1/synthesize."""
         z = studio.style(read_rgb(image.file.read(), "image"))
@@ -291,8 +295,8 @@ def add_routes(app, service, auth: list) -> None:
             raise ServiceError(f"stream {stream_id} is {session.state}", status=409)
         return session
 
-    @app.get("/v1/streams/{stream_id}/live.jpg", dependencies=auth, response_class=Response,
-             responses={200: {"content": {"image/jpeg": {}}}})
+    @app.get("/v1/streams/{stream_id}/live.jpg", response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}}, **error_responses(401, 404, 409, 503)})
     def live_frame(stream_id: str) -> Response:
         """The next frame of a running stream: input | labels (with legend) | synthesis."""
         session, view = running(stream_id), LiveView(service.models.label_set)
@@ -305,8 +309,9 @@ def add_routes(app, service, auth: list) -> None:
             raise ServiceError(f"stream {stream_id} made no frame within 10 s", status=503)
         return Response(jpeg, media_type="image/jpeg", headers={"Cache-Control": "no-store"})
 
-    @app.get("/v1/streams/{stream_id}/live.mjpg", dependencies=auth, response_class=StreamingResponse,
-             responses={200: {"content": {f"multipart/x-mixed-replace; boundary={BOUNDARY}": {}}}})
+    @app.get("/v1/streams/{stream_id}/live.mjpg", response_class=StreamingResponse,
+             responses={200: {"content": {f"multipart/x-mixed-replace; boundary={BOUNDARY}": {}}},
+                        **error_responses(401, 404, 409)})
     def live_stream(stream_id: str, request: Request) -> StreamingResponse:
         """A running stream as MJPEG (input | labels | synthesis), at most 10 frames a second,
         until the stream ends or the viewer leaves."""
