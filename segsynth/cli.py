@@ -345,7 +345,7 @@ def _transcode(args: argparse.Namespace) -> int:
         summary = transcode(args.inputs, Path(args.out), stream_options=picture, model_options=model,
                             jobs=args.jobs, pattern=args.pattern, recursive=args.recursive, ext=args.ext,
                             resume=args.resume, retry=args.retry, ray=args.ray, stop=stop, abort=abort,
-                            quiet=args.quiet)
+                            quiet=args.quiet, probe=args.probe)
     finally:
         for signum, handler in saved.items():
             signal.signal(signum, handler)
@@ -497,9 +497,10 @@ def _add_picture_options(p: argparse.ArgumentParser, threads: str) -> None:
     p.add_argument("--fit", choices=FITS, help="how frames meet the synthesis size (default: as the generator "
                                                "was trained; letterbox keeps the aspect ratio)")
     p.add_argument("--batch", type=int, default=1, help="frames per inference batch (default 1)")
-    p.add_argument("--codec", default="libx264",
-                   help="video encoder: libx264 (default), libx265, h264_nvenc, ..., or auto (a hardware H.264 "
-                        "encoder when one works here, else libx264)")
+    p.add_argument("--codec",
+                   help="video encoder: libx264, libx265, libvpx-vp9, h264_nvenc, ..., or auto (a hardware H.264 "
+                        "encoder when one works here, else libx264); default: libx264, or the first encoder the "
+                        "output's container holds (VP9 for .webm)")
     p.add_argument("--crf", type=int, default=20, help="x264/x265 quality (0-51, default 20)")
     p.add_argument("--preset", default="veryfast", help="x264/x265 preset (default veryfast)")
     p.add_argument("--bitrate", help="target bitrate instead of --crf, e.g. 4M")
@@ -611,9 +612,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="the output folder (made when missing)")
     p.add_argument("--jobs", type=int, default=1, metavar="N", help="files at a time, each in its own worker "
                                                                      "process with the models loaded once (default 1)")
-    p.add_argument("--pattern", metavar="GLOB", help="files of folders to take (default: video extensions)")
+    p.add_argument("--pattern", metavar="GLOB", help="files of folders to take (default: every file with an "
+                                                      "extension FFmpeg reads; what is not a video is skipped, and "
+                                                      "named in the summary)")
     p.add_argument("--recursive", action="store_true", help="folders' subfolders too")
-    p.add_argument("--ext", metavar="EXT", help="the outputs' extension (default: each input's own)")
+    p.add_argument("--ext", metavar="EXT", help="the outputs' extension (default: each input's own, or .mp4 for raw "
+                                                 "streams such as .h264 and .ivf; .mkv where --codec does not fit)")
+    p.add_argument("--probe", action="store_true", help="also look inside files whose extension no FFmpeg format "
+                                                         "claims (videos without a telling name)")
     p.add_argument("--resume", action="store_true", help="skip files done with the same input and settings")
     p.add_argument("--retry", type=int, metavar="K", help="times a file is retried when its worker process (or Ray "
                                                            "node) dies (default 0 locally, 3 on Ray)")

@@ -11,14 +11,38 @@ from pathlib import Path
 from .errors import Forbidden, InputError, LabelError, at_field
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
-VIDEO_EXTS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".nut", ".ts"}
-IDS_VIDEO_EXTS = {".mkv", ".nut", ".avi", ".mp4"}  # containers that hold lossless FFV1 grayscale
 SEGMENT_VIEWS = ("labels", "overlay", "side-by-side", "ids")
+VIDEO_OUTPUTS = ".mp4, .mkv, .webm, .mov, .avi, .ts, ..."  # for messages: what FFmpeg writes decides
 
 
 def _kind(path: Path) -> str | None:
+    from segsynth.stream.media import output_format
+
     ext = path.suffix.lower()
-    return "image" if ext in IMAGE_EXTS else "video" if ext in VIDEO_EXTS else None
+    return "image" if ext in IMAGE_EXTS else "video" if output_format(path) else None
+
+
+def check_video_output(path: str | Path, codec: str | None, *, gray: bool = False) -> None:
+    """A video file output: FFmpeg writes its extension, and its container holds ``codec`` (an
+    asked-for encoder), or one of the encoders segsynth picks (VP9 for WebM), or lossless FFV1
+    grayscale for ``gray`` (the ids view)."""
+    from segsynth.stream.media import output_format, video_codec
+
+    fmt = output_format(path)
+    if fmt is None:
+        raise InputError(f"{path}: the output must be a video container FFmpeg writes ({VIDEO_OUTPUTS}), a stream "
+                         "URL (rtsp://, rtmp://, srt://), an .m3u8 playlist or mjpeg://HOST:PORT")
+    if gray:
+        if video_codec(fmt, "ffv1") is None:
+            raise InputError(f"view: ids writes lossless FFV1 grayscale video, which {Path(path).suffix} cannot "
+                             "hold; use .mkv", field="view")
+    elif codec is not None and video_codec(fmt, codec) is None:
+        other = video_codec(fmt)
+        raise InputError(f"codec: {path} ({fmt}) cannot hold {codec}; write .mkv or .mp4 instead"
+                         + (f", or leave --codec out ({Path(path).suffix} gets {other})" if other else ""),
+                         field="codec")
+    elif video_codec(fmt) is None:
+        raise InputError(f"{path}: FFmpeg's {fmt} holds none of the video encoders here; write .mp4 or .mkv")
 
 
 @dataclass(frozen=True)
@@ -54,14 +78,13 @@ class SegmentConfig:
         out_kind = _kind(self.output)
         if out_kind is None:
             raise InputError(f"{self.output}: unknown output type {self.output.suffix!r}; use an image "
-                             f"({', '.join(sorted(IMAGE_EXTS))}) or video ({', '.join(sorted(VIDEO_EXTS))}) extension")
+                             f"({', '.join(sorted(IMAGE_EXTS))}) or video ({VIDEO_OUTPUTS}) extension")
         in_kind = _kind(self.input) or "video"  # unknown extensions are probed as media
         if in_kind != out_kind:
             raise InputError(f"{self.input} is {'an image' if in_kind == 'image' else 'a video'} "
                              f"but {self.output} names {'an image' if out_kind == 'image' else 'a video'} file")
-        if self.view == "ids" and out_kind == "video" and self.output.suffix.lower() not in IDS_VIDEO_EXTS:
-            raise InputError(f"--view ids writes lossless FFV1 grayscale video, which {self.output.suffix} cannot "
-                             "hold; use .mkv")
+        if out_kind == "video":
+            check_video_output(self.output, None, gray=self.view == "ids")
         if self.threads is not None and self.threads < 1:
             raise InputError("--threads must be at least 1")
         if not 0 <= self.crf <= 51:
@@ -160,11 +183,10 @@ def sink_kind(spec: str) -> str:
     return "hls" if spec.lower().endswith(".m3u8") else "file"
 
 
-def check_sink(sink: str, kind: str) -> None:
-    """One output string, checked before anything runs."""
-    if kind == "file" and Path(sink).suffix.lower() not in VIDEO_EXTS:
-        raise InputError(f"{sink}: the output must be a video ({', '.join(sorted(VIDEO_EXTS))}), a stream "
-                         "URL (rtsp://, rtmp://, srt://), an .m3u8 playlist or mjpeg://HOST:PORT")
+def check_sink(sink: str, kind: str, codec: str | None = None, gray: bool = False) -> None:
+    """One output string, checked before anything runs (a file: see check_video_output)."""
+    if kind == "file":
+        check_video_output(sink, codec, gray=gray)
     if kind == "preview":
         from segsynth.stream.preview import parse_address
 
@@ -269,7 +291,7 @@ class StreamConfig:
     fit: str | None = None  # letterbox | stretch; default: how the generator was trained
     policy: str | None = None  # None: latest for live sources, lossless for files
     batch: int = 1
-    codec: str = "libx264"
+    codec: str | None = None  # None: libx264, or the first encoder a file's container holds (VP9 for WebM)
     crf: int = 20
     preset: str = "veryfast"
     bitrate: str | None = None
@@ -303,7 +325,7 @@ class StreamConfig:
         with at_field("sinks"):
             kinds = [sink_kind(s) for s in self.sinks]
             for sink, kind in zip(self.sinks, kinds):
-                check_sink(sink, kind)
+                check_sink(sink, kind, self.codec, gray=self.view == "ids")
             names = [str(Path(s).resolve()) if k in ("file", "hls") else s.rstrip("/")
                      for s, k in zip(self.sinks, kinds)]
             if len(set(names)) < len(names):
@@ -362,11 +384,10 @@ class StreamConfig:
             labels.check_rules(self.remap)
         except LabelError as exc:
             raise LabelError(f"remap: {exc}", field="remap") from None
-        check_encoder_settings("ffv1" if self.view == "ids" else self.codec, crf=self.crf, preset=self.preset,
-                               bitrate=self.bitrate)
-        if self.view == "ids" and any(k != "file" or Path(s).suffix.lower() not in IDS_VIDEO_EXTS
-                                      for s, k in zip(self.sinks, kinds)):
-            raise InputError("view: ids writes lossless FFV1 grayscale video; use .mkv", field="view")
+        check_encoder_settings("ffv1" if self.view == "ids" else self.codec or "libx264", crf=self.crf,
+                               preset=self.preset, bitrate=self.bitrate)
+        if self.view == "ids" and any(k != "file" for k in kinds):
+            raise InputError("view: ids writes lossless FFV1 grayscale video to files; use .mkv", field="view")
         if self.media_root is not None:
             self._check_under_root(kinds)
         if not self.sinks:

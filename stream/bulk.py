@@ -28,7 +28,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from segsynth.config import VIDEO_EXTS
 from segsynth.errors import InputError, OutputError, SegsynthError
 
 from . import media
@@ -47,6 +46,7 @@ class Task:
     size: int
     sha256: str
     settings: str  # hash of everything that decides the output
+    note: str | None = None  # why the output's extension is not the input's
 
 
 @dataclass
@@ -65,54 +65,108 @@ class Record:
     first_frame_seconds: float | None = None  # from the session's start to its first frame out
     attempts: int = 1
     worker: str = ""
+    note: str | None = None  # why the output's extension is not the input's
     finished: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     @classmethod
     def of(cls, task: Task, status: str, **fields) -> Record:
-        """A record of ``task`` (its input, output, size, hash and settings) with ``status``."""
-        return cls(task.source, task.output, task.size, task.sha256, task.settings, status, **fields)
+        """A record of ``task`` (its input, output, size, hash, settings, note) with ``status``."""
+        return cls(task.source, task.output, task.size, task.sha256, task.settings, status, note=task.note, **fields)
 
 
 # ---- planning (driver) -----------------------------------------------------------------------
-def expand(inputs: list[str], out: Path, *, pattern: str | None = None, recursive: bool = False,
-           ext: str | None = None) -> list[tuple[Path, Path]]:
-    """(input, output) pairs: files as given; folders' files matching ``pattern`` (default: the
-    video extensions), with their folder structure mirrored under ``out``; globs. ``ext``: the
-    outputs' extension (default: the input's)."""
-    pairs: list[tuple[Path, Path]] = []
+@dataclass
+class Plan:
+    """What a batch will do: ``videos`` (input, output, note: why the output's extension differs
+    from the input's, if it does) and ``skipped`` (input, why: not videos; named in the summary)."""
 
-    def wanted(path: Path) -> bool:
-        return fnmatch.fnmatch(path.name.lower(), pattern.lower()) if pattern else path.suffix.lower() in VIDEO_EXTS
+    videos: list[tuple[Path, Path, str | None]] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
 
+
+def _found(inputs: list[str], pattern: str | None, recursive: bool) -> list[tuple[Path, Path]]:
+    """(file, its path under the output folder): files as given, folders' files (matching
+    ``pattern`` when given), globs."""
+    found: list[tuple[Path, Path]] = []
     for spec in inputs:
         path = Path(spec)
         if path.is_dir():
-            found = path.rglob("*") if recursive else path.iterdir()
-            pairs += [(f, f.relative_to(path)) for f in sorted(found) if f.is_file() and wanted(f)]
+            files = path.rglob("*") if recursive else path.iterdir()
+            found += [(f, f.relative_to(path)) for f in sorted(files) if f.is_file() and not f.name.startswith(".")
+                      and (not pattern or fnmatch.fnmatch(f.name.lower(), pattern.lower()))]
         elif path.is_file():
-            pairs.append((path, Path(path.name)))
+            found.append((path, Path(path.name)))
         elif glob.has_magic(spec):
-            pairs += [(Path(f), Path(Path(f).name)) for f in sorted(glob.glob(spec, recursive=recursive))
+            found += [(Path(f), Path(Path(f).name)) for f in sorted(glob.glob(spec, recursive=recursive))
                       if Path(f).is_file()]
         else:
             raise InputError(f"{spec}: no such file or folder")
-    if not pairs:
-        raise InputError(f"no input files found in {', '.join(inputs)}"
-                         + (f" matching {pattern!r}" if pattern else " (video extensions; --pattern to choose)"))
+    if not found:
+        raise InputError(f"no input files found in {', '.join(inputs)}" + (f" matching {pattern!r}" if pattern else ""))
+    return found
+
+
+def _output(src: Path, target: Path, ext: str | None, codec: str | None) -> tuple[Path, str | None]:
+    """Where ``src`` is written, and a note when that is not its own extension: a raw stream
+    (.h264, .ivf: no container) -> .mp4; an asked-for codec its container cannot hold -> .mkv.
+    Without an asked-for codec a container gets one it holds (VP9 for WebM: see media.video_codec)."""
+    if ext:
+        return target, None
+    fmt = media.output_format(target)
+    if fmt is None or not media.is_container(fmt) or media.video_codec(fmt) is None:
+        return target.with_suffix(".mp4"), f"{src.suffix} is not a container segsynth writes: written as .mp4"
+    if codec and media.video_codec(fmt, codec) is None:
+        return target.with_suffix(".mkv"), f"{codec} does not fit {src.suffix}: written as .mkv"
+    return target, None
+
+
+def expand(inputs: list[str], out: Path, *, pattern: str | None = None, recursive: bool = False,
+           ext: str | None = None, probe: bool = False, codec: str | None = None) -> Plan:
+    """The plan of a batch. What FFmpeg reads decides what is a video: a file with an extension
+    one of FFmpeg's formats claims (or any file matching ``pattern``, or any file at all with
+    ``probe``) is opened and looked at; pictures, text, audio and what FFmpeg cannot read are
+    not videos. Outputs mirror the inputs' folders under ``out`` with the input's extension
+    (``ext``: another one), in a container that holds their codec (see _output)."""
     out = out.resolve()
-    result, seen = [], {}
-    for src, rel in pairs:
-        target = out / (rel.with_suffix(f".{ext.lstrip('.')}") if ext else rel)
-        if target.suffix.lower() not in VIDEO_EXTS:
-            raise InputError(f"{src}: cannot write {target.suffix or 'files without an extension'}; "
-                             f"choose --ext ({', '.join(sorted(e[1:] for e in VIDEO_EXTS))})")
+    if ext:
+        ext = "." + ext.lstrip(".")
+        fmt = media.output_format(f"x{ext}")
+        if fmt is None or media.video_codec(fmt, codec) is None:
+            raise InputError(f"--ext {ext}: FFmpeg writes no video{' in ' + codec if codec else ''} into {ext} files")
+    plan, seen = Plan(), {}
+    for src, rel in _found(inputs, pattern, recursive):
+        kind = media.extension_kind(src)
+        if kind != "media" and not (pattern or probe):
+            plan.skipped.append((src, "a picture" if kind == "picture" else "no media extension (--probe looks "
+                                                                              "inside)"))
+            continue
+        target = out / (rel.with_suffix(ext) if ext else rel)
+        try:
+            why = media.probe(src)
+        except InputError:
+            # named as media (clip.mp4) but unreadable: a video, which its worker fails and says why;
+            # otherwise (notes.txt) not a video
+            why = None if media.output_format(src) is not None else "not media FFmpeg reads"
+        if why is not None:
+            plan.skipped.append((src, why))
+            continue
+        target, note = _output(src, target, ext, codec)
         if target in seen:
             raise InputError(f"{src} and {seen[target]} would both be written to {target}")
         if target.resolve() == src.resolve():
             raise OutputError(f"{target} would overwrite its input; choose another --out")
         seen[target] = src
-        result.append((src.resolve(), target))
-    return result
+        plan.videos.append((src.resolve(), target, note))
+    if not plan.videos:
+        raise InputError(f"no videos found in {', '.join(inputs)}: " + _skipped_line(plan.skipped))
+    return plan
+
+
+def _skipped_line(skipped: list[tuple[Path, str]]) -> str:
+    names = sorted(f"{src.name} ({why})" for src, why in skipped)
+    return f"skipped {len(names)} file{'s' if len(names) != 1 else ''} that {'are' if len(names) != 1 else 'is'} " \
+           f"not {'videos' if len(names) != 1 else 'a video'}: {', '.join(names[:20])}" + (
+               f" and {len(names) - 20} more" if len(names) > 20 else "")
 
 
 def settings_hash(options: dict) -> str:
@@ -491,11 +545,13 @@ def _locked(out: Path):
 def transcode(inputs: list[str], out: Path, *, stream_options: dict, model_options: dict, jobs: int = 1,
               pattern: str | None = None, recursive: bool = False, ext: str | None = None, resume: bool = False,
               retry: int | None = None, ray: str | None = None, stop: threading.Event | None = None,
-              abort: threading.Event | None = None, quiet: bool = False) -> dict:
-    """Run every input file into ``out``; returns the summary (counts, rates, ``table``, ``line``)."""
+              abort: threading.Event | None = None, quiet: bool = False, probe: bool = False) -> dict:
+    """Run every video of the inputs into ``out``; returns the summary (counts, rates, ``table``,
+    ``line``). What is a video, and where each goes: ``expand``."""
     stop, abort = stop or threading.Event(), abort or threading.Event()
     out = Path(out)
-    pairs = expand(inputs, out, pattern=pattern, recursive=recursive, ext=ext)
+    plan = expand(inputs, out, pattern=pattern, recursive=recursive, ext=ext, probe=probe,
+                  codec=stream_options.get("codec"))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -509,11 +565,11 @@ def transcode(inputs: list[str], out: Path, *, stream_options: dict, model_optio
         settings = settings_hash({**stream_options, **{k: v for k, v in model_options.items()
                                                         if k not in ("threads", "cache_dir", "fused")}})
         tasks, records = [], []
-        for src, target in pairs:
+        for src, target, note in plan.videos:
             try:
-                task = Task(str(src), str(target), src.stat().st_size, media.sha256_of(src), settings)
+                task = Task(str(src), str(target), src.stat().st_size, media.sha256_of(src), settings, note)
             except OSError as exc:
-                task = Task(str(src), str(target), 0, "", settings)
+                task = Task(str(src), str(target), 0, "", settings, note)
                 records.append(Record.of(task, "failed", error=f"cannot read it: {exc.strerror or exc}"))
                 continue
             if resume and manifest.done(task):
@@ -522,9 +578,10 @@ def transcode(inputs: list[str], out: Path, *, stream_options: dict, model_optio
                 tasks.append(task)
         for record in records:
             manifest.append(record)
-        log.info("transcode: %d files, %d to run%s into %s", len(pairs), len(tasks),
-                 f", {len(pairs) - len(tasks) - sum(r.status == 'failed' for r in records)} done before"
-                 if resume else "", out)
+        total = len(plan.videos)
+        log.info("transcode: %d files, %d to run%s into %s%s", total, len(tasks),
+                 f", {total - len(tasks) - sum(r.status == 'failed' for r in records)} done before"
+                 if resume else "", out, f"; {_skipped_line(plan.skipped)}" if plan.skipped else "")
         progress = _BatchProgress(len(tasks), enabled=not quiet)
         start = time.monotonic()
         try:
@@ -548,12 +605,12 @@ def transcode(inputs: list[str], out: Path, *, stream_options: dict, model_optio
         finally:
             progress.close()
             remove_partials(out)  # every worker has ended: what is left was abandoned (a dead node, an abort)
-        return _summary(records, len(pairs), time.monotonic() - start, out)
+        return _summary(records, total, time.monotonic() - start, out, plan.skipped)
     finally:
         lock.close()
 
 
-def _summary(records: list[Record], total: int, seconds: float, out: Path) -> dict:
+def _summary(records: list[Record], total: int, seconds: float, out: Path, skipped: list[tuple[Path, str]]) -> dict:
     counts = {status: sum(r.status == status for r in records) for status in ("done", "skipped", "failed")}
     ran = [r for r in records if r.status == "done"]
     frames = sum(r.frames for r in ran)
@@ -563,13 +620,22 @@ def _summary(records: list[Record], total: int, seconds: float, out: Path) -> di
             + f"; {frames} frames in {seconds:.1f} s ({frames / seconds if seconds else 0:.2f} frames/s, "
               f"{len(ran) * 60 / seconds if seconds else 0:.2f} files/min)")
     rows = [f"transcode into {out}: {line}"]
+    if skipped:
+        rows.append(_skipped_line(skipped))
+    notes: dict[str, list[str]] = {}  # each note once, with the files it is about
+    for r in records:
+        if r.note and r.status == "done":
+            notes.setdefault(r.note, []).append(Path(r.input).name)
+    rows += [f"{len(names)} file{'s' if len(names) > 1 else ''} ({', '.join(names[:5])}"
+             f"{', ...' if len(names) > 5 else ''}): {note}" for note, names in notes.items()]
     failed = [r for r in records if r.status == "failed"]
     if failed:
         rows.append("failed:")
         rows += [f"  {Path(r.input).name}: {r.error}" for r in failed]
     loads = [r.load_seconds for r in ran if r.load_seconds]
     firsts = [r.first_frame_seconds for r in ran if r.first_frame_seconds is not None]
-    return {**counts, "not_started": not_run, "frames": frames, "seconds": seconds,
+    return {**counts, "not_started": not_run, "not_videos": [str(src) for src, _ in skipped], "frames": frames,
+            "seconds": seconds,
             "fps": frames / seconds if seconds else 0.0,
             "files_per_minute": len(ran) * 60 / seconds if seconds else 0.0,
             "model_load_seconds": loads, "first_frame_seconds": firsts, "line": line, "table": "\n".join(rows)}

@@ -122,23 +122,27 @@ def ffmpeg_version() -> str:
     return f"FFmpeg {av.ffmpeg_version_info}"
 
 
-def open_video(path: str | Path, root: str | Path | None = None):
-    """Open a media file for reading; InputError for anything that is not a video. Every file
-    FFmpeg opens for it (a playlist's segments, a concat list's files) passes a FileGate: under
+def open_media(path: str | Path, root: str | Path | None = None) -> "GatedInput":
+    """Open a media file for reading; InputError for what FFmpeg cannot read. Every file FFmpeg
+    opens for it (a playlist's segments, a concat list's files) passes a FileGate: under
     ``root``, by default the file's own folder."""
     import av
-
 
     path = check_input(path)
     gate = FileGate(path, root)
     try:
-        container = GatedInput(av.open(gate.url(), "r", io_open=gate, buffer_size=READ_BUFFER), gate)
+        return GatedInput(av.open(gate.url(), "r", io_open=gate, buffer_size=READ_BUFFER), gate)
     except Refused:
         gate.close()
         raise
     except (av.FFmpegError, UnicodeDecodeError, OSError) as exc:
         gate.close()
         raise InputError(f"{path}: not a readable video ({ffmpeg_message(exc)})") from exc
+
+
+def open_video(path: str | Path, root: str | Path | None = None) -> "GatedInput":
+    """``open_media``, refusing what holds no video (or an implausible one)."""
+    container = open_media(path, root)
     if not container.streams.video:
         container.close()
         raise InputError(f"{path}: has no video stream")
@@ -263,8 +267,103 @@ def _decode(decode, problems: list[str]) -> list:
         return []
 
 
-_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi",
-            ".nut": "nut", ".ts": "mpegts"}
+# ---- what FFmpeg reads and writes: asked, not listed by hand -----------------------------------------
+VIDEO_ENCODERS = ("libx264", "libvpx-vp9", "libvpx", "mpeg4", "mpeg2video")  # in the order they are picked
+AUDIO_ENCODERS = ("aac", "libopus", "mp2", "ac3", "libmp3lame", "pcm_s16le")  # for audio a format cannot copy
+AVFMT_NOTIMESTAMPS = 0x80
+_muxers: dict[str, str | None] = {}
+_holds: dict[tuple[str, str], bool] = {}
+_extensions: dict[str, str] = {}
+
+
+def output_format(path: str | Path) -> str | None:
+    """The name of FFmpeg's muxer for ``path``'s extension (as the ffmpeg CLI picks it), or None
+    when FFmpeg has none or writes pictures with it (image2)."""
+    import av
+
+    ext = Path(path).suffix.lower()
+    if ext not in _muxers:
+        try:
+            with av.open(f"probe{ext}", "w") as scratch:  # guessed from the name; no file is made
+                name = scratch.format.name
+            _muxers[ext] = None if name.startswith("image2") or not ext else name
+        except (ValueError, av.FFmpegError):
+            _muxers[ext] = None
+    return _muxers[ext]
+
+
+def holds(fmt: str, codec: str) -> bool:
+    """Whether FFmpeg's muxer ``fmt`` takes a stream of ``codec`` (an encoder name): asked by
+    writing a header in memory, which is where muxers refuse what they cannot store."""
+    import av
+
+    key = (fmt, codec)
+    if key not in _holds:
+        try:
+            with av.open(io.BytesIO(), "w", format=fmt) as scratch:
+                if av.Codec(codec, "w").type == "audio":
+                    scratch.add_stream(codec, rate=48000)
+                else:
+                    stream = scratch.add_stream(codec, rate=25)
+                    stream.width, stream.height, stream.pix_fmt = 64, 48, "gray" if codec == "ffv1" else "yuv420p"
+                scratch.start_encoding()
+            _holds[key] = True
+        except (ValueError, av.FFmpegError, OSError):
+            _holds[key] = False
+    return _holds[key]
+
+
+def video_codec(fmt: str, asked: str | None = None) -> str | None:
+    """The encoder an output in ``fmt`` gets: ``asked`` if the format holds it (else None);
+    without one, the first of VIDEO_ENCODERS this FFmpeg has and the format holds (VP9 for WebM)."""
+    import av
+
+    if asked is not None:
+        return asked if holds(fmt, pick_encoder(asked)) else None
+    return next((c for c in VIDEO_ENCODERS if c in av.codecs_available and holds(fmt, c)), None)
+
+
+def is_container(fmt: str) -> bool:
+    """A format that keeps timestamps and takes audio: not a raw elementary stream (.h264, .hevc)
+    nor a video-only one (.ivf). What an output may keep of its input's extension."""
+    import av
+
+    flags = av.format.ContainerFormat(fmt, "w").flags
+    return not flags & AVFMT_NOTIMESTAMPS and any(holds(fmt, c) for c in AUDIO_ENCODERS if c in av.codecs_available)
+
+
+def extension_kind(path: str | Path) -> str | None:
+    """What FFmpeg's formats say of ``path``'s extension: "media" (a format claims it: demuxers
+    and muxers alike, as many demuxers - MPEG-TS, ASF - name none and probe instead), "picture"
+    (only image2 and the *_pipe image formats claim it), or None (no format does)."""
+    import av
+
+    if not _extensions:
+        pictures: set[str] = set()
+        media: set[str] = set()
+        for name in av.formats_available:
+            for mode in ("r", "w"):
+                try:
+                    fmt = av.format.ContainerFormat(name, mode)
+                except ValueError:
+                    continue
+                (pictures if name.startswith("image2") or name.endswith("_pipe") else media).update(fmt.extensions)
+        _extensions.update({e: "media" for e in media} | {e: "picture" for e in pictures - media})
+    return _extensions.get(Path(path).suffix.lower().lstrip("."))
+
+
+def probe(path: str | Path, root: str | Path | None = None) -> str | None:
+    """What ``path`` holds, by its content: None for a video, else why it is not one ("a
+    picture", "text", "no video stream"). InputError when FFmpeg cannot read it at all."""
+    with open_media(path, root) as container:
+        name = container.format.name
+        if name.startswith("image2") or name.endswith("_pipe"):
+            return "a picture"
+        if name == "tty":  # FFmpeg shows a text file as ANSI art
+            return "text"
+        if not container.streams.video:
+            return "no video stream" + (" (audio only)" if container.streams.audio else "")
+    return None
 
 
 class MediaWriter:
@@ -294,7 +393,7 @@ class MediaWriter:
         except OSError as exc:
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
         try:
-            self.container = av.open(self.file, "w", format=_FORMATS.get(ext), options=options)
+            self.container = av.open(self.file, "w", format=output_format(path), options=options)
         except (av.FFmpegError, OSError, ValueError) as exc:
             self.file.close()
             raise OutputError(f"cannot write {path}: {ffmpeg_message(exc)}") from exc
@@ -359,10 +458,6 @@ def check_output(path: Path, *inputs: Path) -> None:
             raise OutputError(f"{path} would overwrite the input; choose another output name")
 
 
-def _output_format(path: Path) -> str | None:
-    return _FORMATS.get(Path(path).suffix.lower())
-
-
 class AudioTemplates:
     """Copies of the input audio streams' codec parameters, made by the thread that builds a
     sink (before any stage runs) in a scratch container of the output's format, in memory:
@@ -376,7 +471,7 @@ class AudioTemplates:
 
         self.copy: dict[int, bool] = {}
         self.streams: dict[int, object] = {}
-        fmt = fmt or _output_format(path) or "matroska"
+        fmt = fmt or output_format(path) or "matroska"
         self.scratch = av.open(io.BytesIO(), "w", format=fmt) if tracks else None
         for track in tracks:
             try:
@@ -416,8 +511,8 @@ class AudioOutput:
                 self.bsf = BitStreamFilterContext("aac_adtstoasc", template)
             self.ready = self.bsf is None
             return
-        codec = "libopus" if container.format.name == "webm" else "aac"
-        rate = 48000 if codec == "libopus" else (track.sample_rate or 48000)
+        codec = next(c for c in AUDIO_ENCODERS if c in av.codecs_available and holds(container.format.name, c))
+        rate = 48000 if codec in ("libopus", "mp2", "ac3") else (track.sample_rate or 48000)
         self.stream = container.add_stream(codec, rate=rate)
         # The standard layout for the channel count (AAC refuses channels without an order); more
         # than two channels: 5.1 where it is 5.1, otherwise a stereo downmix.
@@ -572,6 +667,15 @@ def add_video_stream(container, codec: str, info, size: tuple[int, int], *, crf:
     options = {}
     if codec.startswith("libx26"):
         options = {"preset": preset} if bitrate else {"crf": str(crf), "preset": preset}
+    elif codec in ("libvpx-vp9", "libvpx"):  # their own quality scale (0-63) and speed settings
+        fast = X264_PRESETS.index(preset) <= X264_PRESETS.index("faster") if preset in X264_PRESETS else True
+        options = {"deadline": "realtime" if fast else "good", "cpu-used": "8" if fast else "4", "row-mt": "1"}
+        if not bitrate:
+            options["crf"] = str(round(crf * 63 / 51))
+            stream.bit_rate = 0 if codec == "libvpx-vp9" else 8_000_000  # VP9: constant quality; VP8: a cap
+    elif not bitrate:  # MPEG-4 part 2, MPEG-2 and the like: a fixed quantiser for the CRF
+        stream.codec_context.qscale = True
+        stream.codec_context.global_quality = 118 * max(2, round(crf / 6))  # FF_QP2LAMBDA x q (crf 20 -> q 3)
     if bitrate:
         stream.bit_rate = parse_bitrate(bitrate)
     if not b_frames:

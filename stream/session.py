@@ -142,7 +142,9 @@ class StreamSession:
 
             return PreviewSink(spec)
         live = kind in ("push", "hls") or self.policy == "latest"
-        encoding = Encoding(cfg.codec, cfg.crf, cfg.preset, cfg.bitrate, low_latency=live, gray=self.view == "ids")
+        # no --codec: libx264 for streams, the first encoder a file's container holds (VP9 for WebM)
+        codec = cfg.codec or (media.video_codec(media.output_format(spec)) if kind == "file" else "libx264")
+        encoding = Encoding(codec, cfg.crf, cfg.preset, cfg.bitrate, low_latency=live, gray=self.view == "ids")
         if kind == "push":
             scheme = spec.split("://", 1)[0].lower()
             options = {"rtsp_transport": "tcp"} if scheme.startswith("rtsp") else {}

@@ -300,7 +300,7 @@ def segment_sink(path: str, info: SourceInfo, encoding: Encoding, seconds: float
     playable while it is written, starting at time 0 (as recorders such as Frigate write them)."""
     p = Path(path)
     pattern = str(p) if re.search(r"%0?\d*d", p.name) else str(p.with_name(f"{p.stem}-%05d{p.suffix}"))
-    fmt = media._output_format(p) or "matroska"
+    fmt = media.output_format(p) or "matroska"
     options = {"segment_time": f"{seconds:g}", "segment_format": fmt, "reset_timestamps": "1"}
     if fmt in ("mp4", "mov"):
         options["segment_format_options"] = "movflags=frag_keyframe+empty_moov+default_base_moof"
