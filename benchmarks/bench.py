@@ -17,8 +17,8 @@ from pathlib import Path
 
 from segsynth.errors import InputError
 
-from . import inputs, machine, scenarios, tiny
-from .scenarios import BenchConfig, Job
+from segsynth.benchmarks import inputs, machine, scenarios, tiny
+from segsynth.benchmarks.scenarios import BenchConfig, Job
 
 log = logging.getLogger("segsynth")
 

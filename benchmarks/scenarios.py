@@ -254,7 +254,7 @@ def transcode(job: Job) -> dict:
 
     from segsynth.stream.bulk import transcode as run_batch
 
-    from . import inputs
+    from segsynth.benchmarks import inputs
 
     w, h = job.cfg.size
     folder = job.cfg.workdir / "transcode-in"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from segsynth.errors import ModelError
 
-from .onnx_torch import _attrs  # node attributes as Python values (imports no torch)
+from segsynth.engine.onnx_torch import _attrs  # node attributes as Python values (imports no torch)
 
 OPSET_RANGE = (9, 20)
 F32, U8, I8, I32, I64, BOOL, F16, F64, BF16 = 1, 2, 3, 6, 7, 9, 10, 11, 16

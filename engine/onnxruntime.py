@@ -11,7 +11,7 @@ import numpy as np
 
 from segsynth.errors import BackendError, ModelError
 
-from .runner import Runner, TensorMeta
+from segsynth.engine.runner import Runner, TensorMeta
 
 log = logging.getLogger("segsynth")
 

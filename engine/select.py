@@ -17,8 +17,8 @@ from pathlib import Path
 
 from segsynth.errors import BackendError, ModelError
 
-from .onnxruntime import OnnxRuntimeRunner  # imports no onnxruntime until a runner activates
-from .runner import Runner
+from segsynth.engine.onnxruntime import OnnxRuntimeRunner  # imports no onnxruntime until a runner activates
+from segsynth.engine.runner import Runner
 
 log = logging.getLogger("segsynth")
 BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime")
@@ -52,7 +52,7 @@ def _say_once(line: str) -> None:
 @functools.lru_cache(maxsize=1)
 def _tensorrt_usable() -> bool:
     """TensorRT imports and is a version the backend supports; said once when it is not."""
-    from .tensorrt import import_tensorrt
+    from segsynth.engine.tensorrt import import_tensorrt
 
     try:
         import_tensorrt()
@@ -65,7 +65,7 @@ def _tensorrt_usable() -> bool:
 def backend_candidates() -> list[tuple[str, str]]:
     """The backends ``auto`` may use here, best first, each with why: TensorRT >
     onnxruntime-cuda > torch-cuda > onnxruntime (CPU, always last)."""
-    from . import cuda
+    from segsynth.engine import cuda
 
     problem = cuda.gpu_problem() if _has("cuda") else "cuda-python is not installed"
     gpu = problem is None
@@ -114,11 +114,11 @@ def make_runner(model: str | Path, backend: str, *, fp16: bool = True, threads: 
                                              io_binding=True)
         return OnnxRuntimeRunner(model, threads=threads, providers=cuda_providers, io_binding=True)
     if backend == "torch-cuda":
-        from .torch_runner import TorchCudaRunner
+        from segsynth.engine.torch_runner import TorchCudaRunner
 
         return TorchCudaRunner(model, fp16=fp16)
     if backend == "tensorrt":
-        from .tensorrt import TensorRTRunner
+        from segsynth.engine.tensorrt import TensorRTRunner
 
         return TensorRTRunner(model, fp16=fp16, batch=batch, cache_dir=cache_dir / "engines" if cache_dir else None)
     raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -160,7 +160,7 @@ class Float16OnnxRuntimeRunner(OnnxRuntimeRunner):
         return self.source.name
 
     def _activate_impl(self) -> None:
-        from .fp16 import cached_float16
+        from segsynth.engine.fp16 import cached_float16
 
         self.model = cached_float16(self.source, self.cache_dir)
         super()._activate_impl()

@@ -34,9 +34,9 @@ import numpy as np
 
 from segsynth.errors import BackendError, ModelError
 
-from . import cuda
-from .cache import EngineCache, EngineKey, graph_sha256, profile_string
-from .runner import Runner, TensorMeta
+from segsynth.engine import cuda
+from segsynth.engine.cache import EngineCache, EngineKey, graph_sha256, profile_string
+from segsynth.engine.runner import Runner, TensorMeta
 
 log = logging.getLogger("segsynth")
 SUPPORTED_MAJORS = ("10", "11")
@@ -85,7 +85,7 @@ def batch_profile(onnx_bytes: bytes, batch: tuple[int, int, int]) -> dict:
     """min/opt/max shapes for every input: the batch axis varies, every other axis is fixed."""
     import onnx
 
-    from .onnxruntime import describe_onnx
+    from segsynth.engine.onnxruntime import describe_onnx
 
     inputs, _, _ = describe_onnx(onnx.load_from_string(onnx_bytes))
     shapes = {}
@@ -219,7 +219,7 @@ class TensorRTRunner(Runner):
     def _activate_impl(self) -> None:
         import onnx
 
-        from .onnxruntime import describe_onnx
+        from segsynth.engine.onnxruntime import describe_onnx
 
         trt = import_tensorrt()
         dev = cuda.device(self.device_index)
@@ -230,7 +230,7 @@ class TensorRTRunner(Runner):
         strong = strongly_typed(trt)
         built = onnx_bytes
         if strong and self.fp16:  # TensorRT 11: FP16 is a float16 graph
-            from .fp16 import to_float16
+            from segsynth.engine.fp16 import to_float16
 
             built = to_float16(onnx.load_from_string(onnx_bytes)).SerializeToString()
         precision = ("fp16" if self.fp16 else "fp32") + ("-strong" if strong else "")

@@ -18,7 +18,7 @@ import numpy as np
 
 from segsynth.errors import BackendError
 
-from .runner import Runner
+from segsynth.engine.runner import Runner
 
 
 class TorchCudaRunner(Runner):
@@ -35,8 +35,8 @@ class TorchCudaRunner(Runner):
             import torch
         except ImportError as exc:
             raise BackendError("the torch-cuda backend needs torch (pip install 'segsynth[export]')") from exc
-        from .onnx_torch import OnnxTorchModule
-        from .onnxruntime import describe_onnx
+        from segsynth.engine.onnx_torch import OnnxTorchModule
+        from segsynth.engine.onnxruntime import describe_onnx
 
         if self.device_name.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError("torch-cuda: torch sees no CUDA GPU here (a CPU-only torch build, or no driver)")

@@ -19,7 +19,7 @@ def run_export(cfg: ExportConfig) -> str:
     if cfg.what == "deeplab" and cfg.from_tflite:
         return _from_tflite(cfg)
     if cfg.what == "quantize":
-        from .quantize import quantize
+        from segsynth.export.quantize import quantize
 
         return quantize(cfg.model, cfg.out, list(cfg.calibrate), frames=cfg.frames)
     import torch
@@ -35,7 +35,7 @@ def _from_tflite(cfg: ExportConfig) -> str:
 
     from segsynth.stream.media import atomic_output
 
-    from .tflite import segmenter_from_tflite
+    from segsynth.export.tflite import segmenter_from_tflite
 
     model = segmenter_from_tflite(cfg.from_tflite, label_set=cfg.label_set)
     with atomic_output(cfg.out, cfg.from_tflite) as tmp:
@@ -47,7 +47,7 @@ def _from_tflite(cfg: ExportConfig) -> str:
 
 def _spade_options(cfg: ExportConfig, size: tuple[int, int] | None):
     """opt.txt with the --opt overrides; ``size`` (H, W) sets crop_size and aspect_ratio."""
-    from .spade import NUM_UP_LAYERS, read_options
+    from segsynth.export.spade import NUM_UP_LAYERS, read_options
 
     overrides = dict(cfg.overrides)
     if size:
@@ -83,8 +83,8 @@ def _generator_inputs(opt, batch: int):
 
 
 def _spade(cfg: ExportConfig) -> str:
-    from .onnx_export import GeneratorGraph, export
-    from .spade import load_spade
+    from segsynth.export.onnx_export import GeneratorGraph, export
+    from segsynth.export.spade import load_spade
 
     opt = _spade_options(cfg, cfg.size)
     graph = GeneratorGraph(load_spade(cfg.checkpoint, opt, cfg.epoch))
@@ -98,8 +98,8 @@ def _spade(cfg: ExportConfig) -> str:
 def _encoder(cfg: ExportConfig) -> str:
     import torch
 
-    from .onnx_export import EncoderGraph, export
-    from .spade import load_spade
+    from segsynth.export.onnx_export import EncoderGraph, export
+    from segsynth.export.spade import load_spade
 
     opt = _spade_options(cfg, None)  # --size is the style image size here
     graph = EncoderGraph(load_spade(cfg.checkpoint, opt, cfg.epoch))
@@ -112,8 +112,8 @@ def _encoder(cfg: ExportConfig) -> str:
 
 
 def _load_deeplab(path: Path):
-    from .checkpoint import read_state_dict
-    from .deeplab import build_deeplab
+    from segsynth.export.checkpoint import read_state_dict
+    from segsynth.export.deeplab import build_deeplab
 
     return build_deeplab(read_state_dict(path), str(path))
 
@@ -126,7 +126,7 @@ def _check_seg_size(size: tuple[int, int], flag: str) -> None:
 def _deeplab(cfg: ExportConfig) -> str:
     import torch
 
-    from .onnx_export import SegmenterGraph, export
+    from segsynth.export.onnx_export import SegmenterGraph, export
 
     size = cfg.size or (513, 513)
     _check_seg_size(size, "--size")
@@ -147,8 +147,8 @@ def _deeplab(cfg: ExportConfig) -> str:
 def _chain(cfg: ExportConfig) -> str:
     import torch
 
-    from .onnx_export import ChainGraph, export
-    from .spade import load_spade
+    from segsynth.export.onnx_export import ChainGraph, export
+    from segsynth.export.spade import load_spade
 
     _check_seg_size(cfg.seg_size, "--seg-size")
     deeplab = _load_deeplab(cfg.deeplab)

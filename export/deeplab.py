@@ -309,7 +309,7 @@ class LoadedDeepLab:
 
 def build_deeplab(state: dict, source: str = "checkpoint") -> LoadedDeepLab:
     """Recognise the checkpoint format from its keys, build the matching network, load strictly."""
-    from .checkpoint import load_strict
+    from segsynth.export.checkpoint import load_strict
 
     keys = set(state)
     if "base.layer1.conv1.conv.weight" in keys or "layer1.conv1.conv.weight" in keys:

@@ -25,8 +25,8 @@ from torch import nn
 
 from segsynth.errors import ModelError, OutputError
 
-from .deeplab import LoadedDeepLab
-from .spade import LoadedSpade, SemanticInput, frozen
+from segsynth.export.deeplab import LoadedDeepLab
+from segsynth.export.spade import LoadedSpade, SemanticInput, frozen
 
 OPSET = 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf cannot hold more than 2 GB in one file

@@ -363,7 +363,7 @@ def read_options(directory: str | Path, overrides: dict | None = None) -> SpadeO
 def load_spade(directory: str | Path, opt: SpadeOptions | None = None, epoch: str = "latest") -> LoadedSpade:
     """Load an official-layout checkpoint directory: ``opt.txt``, ``{epoch}_net_G.pth`` and,
     for VAE models, ``{epoch}_net_E.pth`` (optional: without it styles cannot be encoded)."""
-    from .checkpoint import load_strict, read_state_dict
+    from segsynth.export.checkpoint import load_strict, read_state_dict
 
     directory = Path(directory)
     opt = opt or read_options(directory)

@@ -36,7 +36,7 @@ from torch.nn.utils import spectral_norm
 
 from segsynth.errors import InputError, ModelError
 
-from .spade import ConvEncoder, SemanticInput, SPADEGenerator, SpadeOptions, write_opt_txt
+from segsynth.export.spade import ConvEncoder, SemanticInput, SPADEGenerator, SpadeOptions, write_opt_txt
 
 log = logging.getLogger("segsynth")
 
@@ -221,7 +221,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     from segsynth import labels as L
     from segsynth.stream.progress import Progress
 
-    from .checkpoint import load_strict, read_state_dict
+    from segsynth.export.checkpoint import load_strict, read_state_dict
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda: no CUDA GPU is visible to torch here")
@@ -276,7 +276,7 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
     perceptual = None
     if cfg.lambda_perceptual:
-        from .perceptual import PerceptualLoss
+        from segsynth.export.perceptual import PerceptualLoss
 
         perceptual = PerceptualLoss().to(device)
 
@@ -366,7 +366,7 @@ def _init_from(g: SPADEGenerator, e: ConvEncoder | None, init: Path, config: str
     resized (nearest neighbour over sh x sw) when the size changed, and it is trained afresh
     when the checkpoint had none (a label-conditioned generator's first layer is a conv on
     the labels). The encoder starts from ``latest_net_E.pth`` where there is one."""
-    from .checkpoint import load_strict, read_state_dict
+    from segsynth.export.checkpoint import load_strict, read_state_dict
 
     source = init / "latest_net_G.pth"
     state = read_state_dict(source)

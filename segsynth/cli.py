@@ -9,8 +9,8 @@ import logging
 import sys
 import traceback
 
-from . import __version__
-from .errors import SegsynthError
+from segsynth import __version__
+from segsynth.errors import SegsynthError
 
 log = logging.getLogger("segsynth")
 
@@ -26,8 +26,8 @@ def _cache_dir(flag: str | None):
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .config import SegmentConfig
-    from .stream.segment import run_segment
+    from segsynth.config import SegmentConfig
+    from segsynth.stream.segment import run_segment
 
     cfg = SegmentConfig(input=args.input, output=args.output, view=args.view, remap=args.remap,
                         segmenter=args.segmenter, label_set=args.label_set, threads=args.threads,
@@ -88,7 +88,7 @@ def _tier(args: argparse.Namespace, live: bool) -> str:
     if args.models:
         return args.models
     if live and args.backend in ("auto", "onnxruntime"):
-        from .engine.select import backend_candidates
+        from segsynth.engine.select import backend_candidates
 
         if args.backend == "onnxruntime" or backend_candidates()[0][0] == "onnxruntime":
             log.debug("live input on the CPU: --models fast (int8 graphs); --models quality for the float ones")
@@ -98,7 +98,7 @@ def _tier(args: argparse.Namespace, live: bool) -> str:
 
 def _model_fields(args: argparse.Namespace, live: bool = False) -> dict:
     """ModelConfig's fields (run and transcode share them)."""
-    from .config import parse_size
+    from segsynth.config import parse_size
 
     return dict(segmenter=args.segmenter, generator=args.generator,
                 size=parse_size(args.size, "--size", "WxH") if args.size else None, threads=args.threads,
@@ -109,9 +109,9 @@ def _model_fields(args: argparse.Namespace, live: bool = False) -> dict:
 def _run(args: argparse.Namespace) -> int:
     import signal
 
-    from .config import ModelConfig, StreamConfig, parse_size
-    from .errors import InputError, Interrupted, OutputError
-    from .stream.run import run
+    from segsynth.config import ModelConfig, StreamConfig, parse_size
+    from segsynth.errors import InputError, Interrupted, OutputError
+    from segsynth.stream.run import run
 
     outputs = [*args.outputs, *(args.out or []), *([f"mjpeg://{args.preview}"] if args.preview else [])]
     if not outputs:
@@ -122,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
                        stall_timeout=args.stall_timeout, reconnect_max=args.reconnect_max,
                        camera_size=parse_size(args.camera_size, "--camera-size", "WxH") if args.camera_size else None,
                        camera_fps=args.camera_fps)
-    from .stream.live import is_live
+    from segsynth.stream.live import is_live
 
     models = ModelConfig(**_model_fields(args, live=is_live(args.input)))
     controls = []
@@ -170,10 +170,10 @@ def _run(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import ModelConfig
-    from .errors import InputError
-    from .service import check_listen, serve
-    from .stream.models import ModelSet
+    from segsynth.config import ModelConfig
+    from segsynth.errors import InputError
+    from segsynth.service import check_listen, serve
+    from segsynth.stream.models import ModelSet
 
     import os
 
@@ -206,7 +206,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
-    from .stream.live import describe_cameras
+    from segsynth.stream.live import describe_cameras
 
     cameras = describe_cameras()
     if not cameras:
@@ -219,9 +219,9 @@ def _devices(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .benchmarks.bench import plot, run_bench, write_json
-    from .benchmarks.scenarios import DEFAULT_SCENARIOS, BenchConfig
-    from .config import parse_size
+    from segsynth.benchmarks.bench import plot, run_bench, write_json
+    from segsynth.benchmarks.scenarios import DEFAULT_SCENARIOS, BenchConfig
+    from segsynth.config import parse_size
 
     try:
         batches = tuple(int(b) for b in args.batch.split(","))
@@ -248,7 +248,7 @@ def _bench(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import ExportConfig, parse_batch, parse_overrides, parse_size
+    from segsynth.config import ExportConfig, parse_batch, parse_overrides, parse_size
 
     def path(value):
         return Path(value) if value else None
@@ -259,7 +259,7 @@ def _export(args: argparse.Namespace) -> int:
         seg_size=parse_size(args.seg_size, "--seg-size"), batch=parse_batch(args.batch), argmax=args.argmax,
         label_set=args.label_set, epoch=args.epoch, overrides=parse_overrides(args.opt), model=path(args.model),
         calibrate=tuple(map(Path, args.calibrate or ())), frames=args.frames)
-    from .export.commands import run_export
+    from segsynth.export.commands import run_export
 
     log.info("%s", run_export(cfg))
     return 0
@@ -268,8 +268,8 @@ def _export(args: argparse.Namespace) -> int:
 def _dataset(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .config import parse_size
-    from .stream.dataset import DatasetConfig, make_dataset
+    from segsynth.config import parse_size
+    from segsynth.stream.dataset import DatasetConfig, make_dataset
 
     cfg = DatasetConfig(inputs=tuple(Path(v) for v in args.inputs), out=Path(args.out), every=args.every,
                         size=parse_size(args.size, "--size", "WxH"), segmenter=args.segmenter, threads=args.threads,
@@ -283,7 +283,7 @@ def _dataset(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .export.train import TrainConfig, train
+    from segsynth.export.train import TrainConfig, train
 
     cfg = TrainConfig(data=Path(args.data), out=Path(args.out), config=args.config, steps=args.steps,
                       device=args.device, resume=args.resume, batch=args.batch,
@@ -301,7 +301,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval_generator(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .stream.evaluate import evaluate, print_table, write_json
+    from segsynth.stream.evaluate import evaluate, print_table, write_json
 
     result = evaluate(args.checkpoint, Path(args.data), segmenter=args.segmenter, limit=args.limit,
                       cache_dir=_cache_dir(args.cache_dir), grid=Path(args.grid) if args.grid else None,
@@ -320,9 +320,9 @@ def _transcode(args: argparse.Namespace) -> int:
     import threading
     from pathlib import Path
 
-    from .config import ModelConfig
-    from .errors import InputError, Interrupted
-    from .stream.bulk import transcode
+    from segsynth.config import ModelConfig
+    from segsynth.errors import InputError, Interrupted
+    from segsynth.stream.bulk import transcode
 
     if args.jobs < 1 or (args.retry is not None and args.retry < 0):
         raise InputError("--jobs must be at least 1 and --retry at least 0")
@@ -359,13 +359,13 @@ def _eval_temporal(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .config import ModelConfig
-    from .errors import InputError
-    from .stream import media
-    from .stream.models import ModelSet
-    from .stream.progress import Progress
-    from .stream.stabilize import DEFAULT, parse
-    from .stream.temporal import evaluate
+    from segsynth.config import ModelConfig
+    from segsynth.errors import InputError
+    from segsynth.stream import media
+    from segsynth.stream.models import ModelSet
+    from segsynth.stream.progress import Progress
+    from segsynth.stream.stabilize import DEFAULT, parse
+    from segsynth.stream.temporal import evaluate
 
     clip = Path(args.video)
     media.check_input(clip)
@@ -398,7 +398,7 @@ def _eval_temporal(args: argparse.Namespace) -> int:
 def _engine(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .engine import commands
+    from segsynth.engine import commands
 
     root = _cache_dir(args.cache_dir)  # engines live in ROOT/engines, as for run and bench
     if args.action == "build":
@@ -413,8 +413,8 @@ def _engine(args: argparse.Namespace) -> int:
     elif args.action == "check":
         if not args.files:
             raise SegsynthError("engine check needs one or more FILE.onnx")
-        from .engine.graphcheck import tensorrt_problems
-        from .errors import InputError, ModelError
+        from segsynth.engine.graphcheck import tensorrt_problems
+        from segsynth.errors import InputError, ModelError
 
         missing = [name for name in args.files if not Path(name).is_file()]
         if missing:
@@ -446,7 +446,7 @@ def _engine(args: argparse.Namespace) -> int:
 
 
 def _labels(args: argparse.Namespace) -> int:
-    from . import labels
+    from segsynth import labels
 
     if args.action == "list":
         for name in labels.LABEL_SETS:
@@ -479,7 +479,7 @@ def _common() -> argparse.ArgumentParser:
 
 def _add_picture_options(p: argparse.ArgumentParser, threads: str) -> None:
     """How frames are made and encoded: run's and transcode's options."""
-    from .config import FITS, SESSION_VIEWS
+    from segsynth.config import FITS, SESSION_VIEWS
 
     p.add_argument("--view", choices=SESSION_VIEWS, help="synth (default with a generator), labels (default "
                                                          "without), overlay, side-by-side (input | synthesis), grid "
@@ -512,7 +512,7 @@ def _add_picture_options(p: argparse.ArgumentParser, threads: str) -> None:
 
 
 def _add_stabilize(p: argparse.ArgumentParser) -> None:
-    from .stream.stabilize import CHOICES, DEFAULT
+    from segsynth.stream.stabilize import CHOICES, DEFAULT
 
     p.add_argument("--stabilize", metavar=CHOICES,
                    help=f"videos: keep labels (and the picture) still where the input did not change (default "
@@ -522,8 +522,8 @@ def _add_stabilize(p: argparse.ArgumentParser) -> None:
 
 
 def _add_backend(p: argparse.ArgumentParser) -> None:
-    from .config import FAST_SEG_SIZE, FUSED, TIERS
-    from .engine.select import BACKENDS
+    from segsynth.config import FAST_SEG_SIZE, FUSED, TIERS
+    from segsynth.engine.select import BACKENDS
 
     p.add_argument("--models", choices=TIERS,
                    help=f"quality: the float graphs, segmenters at 513 x 513; fast: the bundled int8 graphs "
@@ -542,8 +542,8 @@ def _add_backend(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import EXPORT_TARGETS, FITS, SEGMENT_VIEWS
-    from .service import MAX_OUTPUTS, MAX_STREAMS
+    from segsynth.config import EXPORT_TARGETS, FITS, SEGMENT_VIEWS
+    from segsynth.service import MAX_OUTPUTS, MAX_STREAMS
 
     common = _common()
     parser = argparse.ArgumentParser(

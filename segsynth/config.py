@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Forbidden, InputError, LabelError, at_field
+from segsynth.errors import Forbidden, InputError, LabelError, at_field
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 SEGMENT_VIEWS = ("labels", "overlay", "side-by-side", "ids")
@@ -378,7 +378,7 @@ class StreamConfig:
             raise InputError(f"id: {self.id!r} must be 1-64 letters, digits, '.', '_' or '-'", field="id")
         from segsynth.stream.media import check_encoder_settings
 
-        from . import labels
+        from segsynth import labels
 
         try:
             labels.check_rules(self.remap)

@@ -21,7 +21,7 @@ from importlib import resources
 
 import numpy as np
 
-from .errors import LabelError
+from segsynth.errors import LabelError
 
 UNKNOWN = 255
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 
-from .errors import InputError, SegsynthError
+from segsynth.errors import InputError, SegsynthError
 
 log = logging.getLogger("segsynth")
 MAX_BODY = 64 << 10  # bytes of JSON a request may send

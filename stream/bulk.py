@@ -30,7 +30,7 @@ from pathlib import Path
 
 from segsynth.errors import InputError, OutputError, SegsynthError
 
-from . import media
+from segsynth.stream import media
 
 log = logging.getLogger("segsynth")
 MANIFEST = "manifest.jsonl"
@@ -221,7 +221,7 @@ _MODELS: dict = {}  # per worker process: model options -> (ModelSet, seconds it
 def _models(model_options: dict):
     """The ModelSet of this process for ``model_options``, loaded on first use; (models, load
     seconds when this call loaded them, else 0)."""
-    from .models import ModelSet
+    from segsynth.stream.models import ModelSet
 
     key = json.dumps(model_options, sort_keys=True, default=str)
     if key in _MODELS:
@@ -253,7 +253,7 @@ def transcode_file(task: Task, stream_options: dict, model_options: dict, report
     record says why it failed."""
     from segsynth.config import StreamConfig
 
-    from .session import StreamSession
+    from segsynth.stream.session import StreamSession
 
     record = Record.of(task, "failed", worker=worker)
     start = time.perf_counter()

@@ -25,9 +25,9 @@ import numpy as np
 
 from segsynth.errors import InputError, OutputError
 
-from . import media
-from .progress import Progress
-from .segmenter import load_segmenter, resize_labels, resize_rgb
+from segsynth.stream import media
+from segsynth.stream.progress import Progress
+from segsynth.stream.segmenter import load_segmenter, resize_labels, resize_rgb
 
 log = logging.getLogger("segsynth")
 MANIFEST = "manifest.json"

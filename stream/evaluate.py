@@ -30,9 +30,9 @@ import numpy as np
 
 from segsynth import labels
 
-from .dataset import load_manifest, read_pair
-from .progress import Progress
-from .segmenter import load_segmenter, resize_labels, resize_rgb
+from segsynth.stream.dataset import load_manifest, read_pair
+from segsynth.stream.progress import Progress
+from segsynth.stream.segmenter import load_segmenter, resize_labels, resize_rgb
 
 log = logging.getLogger("segsynth")
 
@@ -137,7 +137,7 @@ def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", 
              backend: str = "auto", grid: Path | None = None, grid_rows: int = 4, baselines: bool = False) -> dict:
     from segsynth.errors import InputError
 
-    from .generator import load_generator
+    from segsynth.stream.generator import load_generator
 
     manifest = load_manifest(data)
     items = manifest["items"][:limit] if limit else manifest["items"]

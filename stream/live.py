@@ -28,9 +28,9 @@ import numpy as np
 
 from segsynth.errors import InputError, SourceError
 
-from . import media
-from .gate import HttpGate, Refused
-from .sources import AudioItem, AudioTrack, SourceInfo
+from segsynth.stream import media
+from segsynth.stream.gate import HttpGate, Refused
+from segsynth.stream.sources import AudioItem, AudioTrack, SourceInfo
 
 log = logging.getLogger("segsynth")
 TIME_BASE = Fraction(1, 90000)  # of live output timestamps (RTP's video clock)

@@ -17,7 +17,7 @@ import numpy as np
 
 from segsynth.errors import InputError, OutputError
 
-from .gate import FileGate, Refused
+from segsynth.stream.gate import FileGate, Refused
 
 log = logging.getLogger("segsynth")
 MAX_SIDE = 16384  # larger declared frame sizes are damaged or hostile files

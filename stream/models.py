@@ -22,9 +22,9 @@ from segsynth import labels
 from segsynth.config import ModelConfig
 from segsynth.errors import BackendError, InputError, ModelError
 
-from . import chain as chain_module
-from . import media
-from .generator import Generator, load_generator
+from segsynth.stream import chain as chain_module
+from segsynth.stream import media
+from segsynth.stream.generator import Generator, load_generator
 
 log = logging.getLogger("segsynth")
 
@@ -43,7 +43,7 @@ class ModelSet:
     def load(cls, segmenter: str = "ade20k+voc", generator: str = "default", **options) -> "ModelSet":
         """Load each model once: ``segmenter`` (ade20k+voc, ade20k, voc or FILE.onnx) and
         ``generator`` (default, none, DIR or FILE.onnx); ``options`` are ModelConfig's fields."""
-        from .segmenter import load_segmenter
+        from segsynth.stream.segmenter import load_segmenter
 
         cfg = ModelConfig(segmenter=segmenter, generator=generator, **options)
         # each model takes the best backend that can serve it ("auto" falls back model by model)

@@ -29,7 +29,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .ring import FrameRing
+from segsynth.stream.ring import FrameRing
 
 log = logging.getLogger("segsynth")
 _EOS = object()

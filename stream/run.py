@@ -13,11 +13,11 @@ from pathlib import Path
 from segsynth.config import ModelConfig, StreamConfig
 from segsynth.errors import InputError
 
-from . import media
-from .models import ModelSet
-from .progress import Progress
-from .session import StreamSession
-from .sources import open_source
+from segsynth.stream import media
+from segsynth.stream.models import ModelSet
+from segsynth.stream.progress import Progress
+from segsynth.stream.session import StreamSession
+from segsynth.stream.sources import open_source
 
 
 def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, control=None,

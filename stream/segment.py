@@ -16,9 +16,9 @@ import numpy as np
 from segsynth import labels
 from segsynth.config import ModelConfig, SegmentConfig, StreamConfig
 
-from . import media
-from .render import render
-from .segmenter import load_segmenter, resize_labels, resize_rgb
+from segsynth.stream import media
+from segsynth.stream.render import render
+from segsynth.stream.segmenter import load_segmenter, resize_labels, resize_rgb
 
 log = logging.getLogger("segsynth")
 
@@ -73,7 +73,7 @@ def _segment_image(cfg, segmenter, remap) -> SegmentSummary:
 
 def _segment_video(cfg: SegmentConfig, quiet: bool) -> SegmentSummary:
     """A stream session without a generator, written atomically (the output appears when complete)."""
-    from .run import run
+    from segsynth.stream.run import run
 
     stream = StreamConfig(source=str(cfg.input), sinks=(str(cfg.output),), view=cfg.view, remap=cfg.remap,
                           crf=cfg.crf, preset=cfg.preset, legend=cfg.legend, stabilize=cfg.stabilize)

@@ -25,13 +25,13 @@ from pathlib import Path
 from segsynth.config import StreamConfig
 from segsynth.errors import InputError, OutputError, SegsynthError, SourceError, at_field
 
-from . import claims, media
-from .models import ModelSet
-from .pipeline import Pipeline
-from .render import compose
-from .sinks import PUSH_FORMATS, Encoding, FileSink, StreamingSink, TeeSink, hls_sink, segment_sink
-from .sources import open_source
-from .synth import Synthesize
+from segsynth.stream import claims, media
+from segsynth.stream.models import ModelSet
+from segsynth.stream.pipeline import Pipeline
+from segsynth.stream.render import compose
+from segsynth.stream.sinks import PUSH_FORMATS, Encoding, FileSink, StreamingSink, TeeSink, hls_sink, segment_sink
+from segsynth.stream.sources import open_source
+from segsynth.stream.synth import Synthesize
 
 log = logging.getLogger("segsynth")
 DISPLAY_VIEWS = ("overlay", "side-by-side", "grid")  # views that show the input frame itself
@@ -124,7 +124,7 @@ class StreamSession:
         writer per path in this process, and never a path another stream reads (Conflict)."""
         from segsynth.config import is_image_sequence, sink_kind
 
-        from .live import is_live
+        from segsynth.stream.live import is_live
 
         cfg = self.config
         writes = [] if self._sinks else [s for s in cfg.sinks if sink_kind(s) in ("file", "hls")]
@@ -138,7 +138,7 @@ class StreamSession:
 
         cfg, kind = self.config, sink_kind(spec)
         if kind == "preview":
-            from .preview import PreviewSink
+            from segsynth.stream.preview import PreviewSink
 
             return PreviewSink(spec)
         live = kind in ("push", "hls") or self.policy == "latest"

@@ -23,9 +23,9 @@ import numpy as np
 
 from segsynth.errors import OutputError
 
-from . import media
-from .render import fit_picture
-from .sources import AudioItem, SourceInfo
+from segsynth.stream import media
+from segsynth.stream.render import fit_picture
+from segsynth.stream.sources import AudioItem, SourceInfo
 
 log = logging.getLogger("segsynth")
 
@@ -208,7 +208,7 @@ class StreamingSink(FileSink):
         self.failures = self.reconnects = self.skipped = 0
         self.keyframe_every = 2.0
         self.retry_at: float | None = None
-        from .live import Backoff
+        from segsynth.stream.live import Backoff
 
         self.backoff = Backoff()
 

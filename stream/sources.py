@@ -21,7 +21,7 @@ import numpy as np
 
 from segsynth.errors import InputError
 
-from . import media
+from segsynth.stream import media
 
 
 @dataclass
@@ -200,7 +200,7 @@ class SyntheticSource:
         return self
 
     def frames(self, stop, audio: Callable) -> Iterator[tuple[np.ndarray, dict]]:
-        from .segmenter import resize_rgb
+        from segsynth.stream.segmenter import resize_rgb
 
         start = time.perf_counter()
         for i in range(self.count):
@@ -228,7 +228,7 @@ class SyntheticSource:
 def open_source(cfg) -> Source:
     """The source a StreamConfig names, opened: a live stream (network, camera, lavfi graph),
     or a media file or image sequence."""
-    from .live import LiveOptions, LiveSource, is_live
+    from segsynth.stream.live import LiveOptions, LiveSource, is_live
 
     if is_live(cfg.source):
         options = LiveOptions(cfg.rtsp_transport, cfg.stall_timeout, reconnect_max=cfg.reconnect_max,

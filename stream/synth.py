@@ -16,8 +16,8 @@ import numpy as np
 
 from segsynth import labels
 
-from . import stabilize as stabilizers
-from .segmenter import resize_labels
+from segsynth.stream import stabilize as stabilizers
+from segsynth.stream.segmenter import resize_labels
 
 
 @dataclass

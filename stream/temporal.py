@@ -26,8 +26,8 @@ import numpy as np
 
 from segsynth import labels
 
-from .segmenter import resize_labels
-from .stabilize import dilate, luma
+from segsynth.stream.segmenter import resize_labels
+from segsynth.stream.stabilize import dilate, luma
 
 log = logging.getLogger("segsynth")
 STATIC_THRESHOLD = 3.0  # grey levels
@@ -80,8 +80,8 @@ def evaluate(clip: Path, models, *, stabilize: str, remap: str | None = None, fi
              progress=None) -> dict:
     """``stabilize`` and ``off`` over ``clip`` in one run (each frame through both in turn,
     alternating which goes first); the report of each and their ratios."""
-    from .sources import FileSource
-    from .synth import Synthesize
+    from segsynth.stream.sources import FileSource
+    from segsynth.stream.synth import Synthesize
 
     table, z = models.remap(remap), models.z(seed=seed, quiet=True)
     gen = models.generator
