@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from segsynth.errors import InputError
+from segsynth.core.errors import InputError
 
 from segsynth.benchmarks import inputs, machine, scenarios, tiny
 from segsynth.benchmarks.scenarios import BenchConfig, Job
@@ -24,7 +24,7 @@ log = logging.getLogger("segsynth")
 
 
 def _make_job(cfg: BenchConfig, source: Path) -> Job:
-    from segsynth.stream.models import ModelSet
+    from segsynth.stream.infer.models import ModelSet
 
     segmenter = str(tiny.segmenter(cfg.workdir / "tiny-segmenter.onnx")) if cfg.segmenter == "tiny" else cfg.segmenter
     models = ModelSet.load(segmenter, cfg.generator, threads=cfg.threads, backend=cfg.backend, fp16=cfg.fp16,

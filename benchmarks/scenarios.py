@@ -58,7 +58,7 @@ class Job:
 
     def make_infer(self):
         """A fresh infer step (its own smoother, remap and z) over the shared models."""
-        from segsynth.stream.synth import Synthesize
+        from segsynth.stream.infer.synth import Synthesize
 
         m = self.models
         gen = m.generator
@@ -112,7 +112,7 @@ def engine(job: Job) -> dict:
 
 
 def _source(job: Job, need_display: bool):
-    from segsynth.stream.sources import FileSource
+    from segsynth.stream.io.sources import FileSource
 
     source = FileSource(job.input).open()
     source.model_size, source.need_display = job.models.size, need_display
@@ -120,7 +120,7 @@ def _source(job: Job, need_display: bool):
 
 
 def _sink(source, out: Path):
-    from segsynth.stream.sinks import FileSink
+    from segsynth.stream.io.sinks import FileSink
 
     return FileSink(out, source.info)
 
@@ -205,8 +205,8 @@ def fused(job: Job) -> dict:
     """The infer step over the same decoded frames with the models fused into one graph
     (stream.chain: uint8 frames in, labels and pictures out) and with the models one by one,
     alternating in one run; and how far their results differ (GPU FP16 may differ a little)."""
-    from segsynth.stream import chain
-    from segsynth.stream.synth import Synthesize
+    from segsynth.stream.infer import chain
+    from segsynth.stream.infer.synth import Synthesize
 
     m = job.models
     graph = m.fused("all") or chain.load_chain(m.segmenter, m.generator, backend=m.backend, cache_dir=job.cfg.workdir,
@@ -252,7 +252,7 @@ def transcode(job: Job) -> dict:
     overhead (the models loading in its worker, the time to its first frame)."""
     from dataclasses import asdict
 
-    from segsynth.stream.bulk import transcode as run_batch
+    from segsynth.jobs.transcode import transcode as run_batch
 
     from segsynth.benchmarks import inputs
 
@@ -283,9 +283,9 @@ def tiers(job: Job) -> dict:
     from quality's on every frame: label agreement (on the frame's grid) and the picture's PSNR."""
     from dataclasses import replace
 
-    from segsynth.stream.models import ModelSet
+    from segsynth.stream.infer.models import ModelSet
     from segsynth.stream.pipeline import Pipeline
-    from segsynth.stream.segmenter import resize_labels
+    from segsynth.stream.infer.segmenter import resize_labels
 
     first = job.models.config
     other = replace(first, models="fast" if first.models == "quality" else "quality", seg_size=None)
@@ -387,10 +387,10 @@ def cpu_efficiency(job: Job) -> dict:
     peak measured in the same run (fp32 matmul for float graphs, int8 matmul for int8 ones)."""
     import os
 
-    from segsynth.config import FAST_SEG_SIZE
+    from segsynth.core.grammar import FAST_SEG_SIZE
     from segsynth.engine.select import open_runner
-    from segsynth.stream.generator import bundled_generator
-    from segsynth.stream.segmenter import bundled_model, reshaped
+    from segsynth.stream.infer.generator import bundled_generator
+    from segsynth.stream.infer.segmenter import bundled_model, reshaped
 
     threads = job.cfg.threads or os.cpu_count() or 1
     peak = _peak(threads)
@@ -427,8 +427,8 @@ def seg_sizes(job: Job) -> dict:
     upsampling (as exported) and before it (--models fast): time per frame alone and label
     agreement with the float graph at 513 on the input's frames (every 8th, on the 513 grid)."""
     from segsynth.engine.select import open_runner
-    from segsynth.export.seg_size import SIZES
-    from segsynth.stream.segmenter import OnnxSegmenter, bundled_model, reshaped, resize_labels, resize_rgb
+    from segsynth.core.grammar import SEG_SIZES
+    from segsynth.stream.infer.segmenter import OnnxSegmenter, bundled_model, reshaped, resize_labels, resize_rgb
 
     source = _source(job, True)
     try:
@@ -441,7 +441,7 @@ def seg_sizes(job: Job) -> dict:
         reference = None
         for int8 in (False, True):
             for lowres in (False, True):
-                for size in SIZES:
+                for size in SEG_SIZES:
                     path = reshaped(bundled_model(name, int8), size, lowres, job.cfg.workdir)
                     seg = OnnxSegmenter(open_runner(path, "onnxruntime", threads=job.cfg.threads), path=path)
                     try:
@@ -461,9 +461,9 @@ class _PassSource:
     """Decoded frames straight to the encoder (the identity model): no colour conversion."""
 
     def __init__(self, path: Path) -> None:
-        from segsynth.stream import media
+        from segsynth.stream.io import demux
 
-        self.container = media.open_video(path)
+        self.container = demux.open_video(path)
         self.video, self.audio = self.container.streams.video[0], list(self.container.streams.audio)
         self.video.thread_type = "AUTO"
         self.problems: list[str] = []
@@ -471,10 +471,10 @@ class _PassSource:
     def frames(self, stop, audio):
         import av
 
-        from segsynth.stream import media
+        from segsynth.stream.io import demux
 
         dummy = np.zeros((1, 1, 3), np.uint8)
-        for item in media.demux_decode(self.container, self.video, self.audio, self.problems):
+        for item in demux.demux_decode(self.container, self.video, self.audio, self.problems):
             if isinstance(item, av.Packet):
                 audio(item)
             else:
@@ -486,14 +486,14 @@ class _PassSource:
 
 class _PassSink:
     def __init__(self, source: _PassSource, out: Path) -> None:
-        from segsynth.stream import media
-        from segsynth.stream.sources import SourceInfo
+        from segsynth.stream.io import mux, streams
+        from segsynth.stream.io.sources import SourceInfo
 
-        self.writer = media.MediaWriter(out, fragmented=True)
+        self.writer = mux.MediaWriter(out, fragmented=True)
         c = self.writer.container
         v = source.video
         info = SourceInfo(str(out), v.average_rate or 30, v.time_base)
-        self.v = media.add_video_stream(c, "libx264", info, (v.codec_context.width, v.codec_context.height), crf=20,
+        self.v = streams.add_video_stream(c, "libx264", info, (v.codec_context.width, v.codec_context.height), crf=20,
                                         preset="veryfast", bitrate=None, b_frames=False)
         self.a = {s.index: c.add_stream_from_template(s) for s in source.audio}
 
@@ -569,7 +569,7 @@ def _pictures(job: Job, count: int = 250) -> list[np.ndarray]:
 
 
 def _session(job: Job, source, sink, policy: str, ring_slots: int = 8, progress=None):
-    from segsynth.config import StreamConfig
+    from segsynth.core.config import StreamConfig
     from segsynth.stream.session import StreamSession
 
     cfg = StreamConfig(source="synthetic", sinks=("memory.mkv",), view=job.view, policy=policy,
@@ -580,8 +580,8 @@ def _session(job: Job, source, sink, policy: str, ring_slots: int = 8, progress=
 def streams(job: Job) -> dict:
     """1..N concurrent live streams (latest policy) from a synthetic real-time source, all over
     one ModelSet: per-stream fps, end-to-end latency percentiles and drops, for each count."""
-    from segsynth.stream.sinks import MemorySink
-    from segsynth.stream.sources import SyntheticSource
+    from segsynth.stream.io.sinks import MemorySink
+    from segsynth.stream.io.sources import SyntheticSource
 
     pictures = _pictures(job)
     count = job.cfg.frames
@@ -632,8 +632,8 @@ def _live_drift(job: Job, pictures: list, policy: str) -> dict:
     """One stream from a real-time source for ``live_seconds``: latency p99 over the first
     and the last third of the run. With a model slower than the source, ``latest`` should
     hold it flat (ratio near 1) while ``lossless`` lets the queue, and the latency, grow."""
-    from segsynth.stream.sinks import MemorySink
-    from segsynth.stream.sources import SyntheticSource
+    from segsynth.stream.io.sinks import MemorySink
+    from segsynth.stream.io.sources import SyntheticSource
 
     seconds = job.cfg.live_seconds
     sink = _Timed(MemorySink(job.cfg.rate))
@@ -676,8 +676,8 @@ class _RssProbe:
 def soak(job: Job) -> dict:
     """RSS while one stream session runs ``frames`` frames (the input's pictures, repeated, from
     memory, into an in-memory encoder): at 10 % of the run and at the end."""
-    from segsynth.stream.sinks import MemorySink
-    from segsynth.stream.sources import SyntheticSource
+    from segsynth.stream.io.sinks import MemorySink
+    from segsynth.stream.io.sources import SyntheticSource
 
     n = job.cfg.frames
     probe = _RssProbe(max(1, n // 20))
@@ -708,7 +708,7 @@ def service(job: Job) -> dict:
     under the HTTP API) with no stream, then with ``streams`` streams from 1 fps lavfi cameras
     at ``--size`` into .mkv files: RSS per added stream, and CPU (in cores) of the idle service
     and per stream. The model's own cost is in it (one frame a second per stream)."""
-    from segsynth.service import Service
+    from segsynth.serve.service import Service
 
     n, (w, h) = job.cfg.streams, job.cfg.size
     svc = Service(job.models)
@@ -796,9 +796,9 @@ def chain(job: Job) -> dict:
     a warm-up of each of the runner's two streams."""
     import torch
 
-    from segsynth.config import ExportConfig
+    from segsynth.core.config import ExportConfig
     from segsynth.engine.select import make_runner
-    from segsynth.export.commands import run_export
+    from segsynth.jobs.export import run_export
     from segsynth.export.deeplab import TVDeepLabV3
     from segsynth.export.spade import SPADEGenerator, SpadeOptions, write_opt_txt
 

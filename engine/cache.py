@@ -1,4 +1,4 @@
-"""The engine cache: built TensorRT engines on disk, keyed by everything that makes an engine
+"""Products of graph transforms kept on disk (``CachedFile``), and the engine cache: built TensorRT engines on disk, keyed by everything that makes an engine
 unportable - the ONNX graph's hash, the GPU's name and compute capability, the TensorRT
 version, precision and the shape profile. Each engine has a JSON sidecar with its key
 fields, so an engine built for another GPU or TensorRT version is recognised as stale
@@ -11,8 +11,10 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger("segsynth")
 
@@ -36,6 +38,39 @@ class EngineKey:
 
 def graph_sha256(onnx_bytes: bytes) -> str:
     return hashlib.sha256(onnx_bytes).hexdigest()
+
+
+def content_key(*parts: bytes | str | Path, length: int = 16) -> str:
+    """A hex digest of files (their bytes), bytes and strings: the name of a cached product."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.read_bytes() if isinstance(part, Path) else part.encode() if isinstance(part, str) else part)
+        digest.update(b"\0")
+    return digest.hexdigest()[:length]
+
+
+class CachedFile:
+    """A graph transform's product kept on disk, the way Polygraphy's loaders compose:
+    ``CachedFile(path)(make)`` returns ``path``, made once by ``make(tmp)`` (which writes the
+    product to ``tmp``). Written whole or not at all - a temporary name in the same folder,
+    renamed - so a crash, or two processes making it at once, never leave half a file. Every
+    cached artefact goes through it: re-shaped segmenters, fused chains, FP16 graphs, exported
+    generators, TensorRT engines."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def __call__(self, make: Callable[[Path], None]) -> Path:
+        if self.path.is_file():
+            return self.path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}-{threading.get_ident()}.partial{self.path.suffix}")
+        try:
+            make(tmp)
+            os.replace(tmp, self.path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return self.path
 
 
 def profile_string(shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]) -> str:
@@ -69,11 +104,9 @@ class EngineCache:
         return None
 
     def store(self, key: EngineKey, engine: bytes) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.path(key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(engine)
-        os.replace(tmp, path)
+        path.unlink(missing_ok=True)  # a rebuild replaces it
+        CachedFile(path)(lambda tmp: tmp.write_bytes(engine))
         path.with_suffix(".json").write_text(json.dumps(asdict(key), indent=1) + "\n")
         return path
 

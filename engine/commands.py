@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segsynth.errors import InputError
+from segsynth.core.errors import InputError
 
 from segsynth.engine.select import make_runner, resolve_backend
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segsynth.errors import BackendError
+from segsynth.core.errors import BackendError
 
 _HINTS = {
     "cudaErrorNoDevice": "no CUDA GPU is visible here (check nvidia-smi and CUDA_VISIBLE_DEVICES)",

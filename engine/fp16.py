@@ -33,8 +33,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 
-from segsynth.errors import ModelError
+from segsynth.core.errors import ModelError
+from segsynth.engine.cache import CachedFile, content_key
 
 F32, F16 = 1, 10  # onnx.TensorProto.FLOAT, FLOAT16
 FP16_MAX = 65504.0
@@ -225,29 +227,21 @@ CONVERTER_VERSION = 1  # part of cached file names: a change to the rules above 
 
 def cached_float16(onnx_path: str | Path, cache_dir: str | Path | None) -> Path | bytes:
     """The float16 form of the graph at ``onnx_path``: a file in ``cache_dir/fp16`` named by
-    the source graph's sha256 (written once, atomically), or serialized bytes when
+    the source graph's sha256 (made once: engine.cache.CachedFile), or serialized bytes when
     ``cache_dir`` is None."""
-    import onnx
-
     source = Path(onnx_path)
     if not source.is_file():
         raise ModelError(f"{source}: no such ONNX file")
     data = source.read_bytes()
-    target = None
-    if cache_dir is not None:
-        digest = hashlib.sha256(data).hexdigest()[:24]
-        target = Path(cache_dir) / "fp16" / f"{source.stem}-{digest}-v{CONVERTER_VERSION}.onnx"
-        if target.is_file():
-            return target
-    try:
-        proto = onnx.load_from_string(data)
-    except Exception as exc:  # protobuf's DecodeError
-        raise ModelError(f"{source.name}: not an ONNX graph ({type(exc).__name__})") from exc
-    converted = to_float16(proto).SerializeToString()
-    if target is None:
-        return converted
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(converted)
-    os.replace(tmp, target)  # readers see the whole file or none
-    return target
+
+    def convert() -> bytes:
+        try:
+            proto = onnx.load_from_string(data)
+        except Exception as exc:  # protobuf's DecodeError
+            raise ModelError(f"{source.name}: not an ONNX graph ({type(exc).__name__})") from exc
+        return to_float16(proto).SerializeToString()
+
+    if cache_dir is None:
+        return convert()
+    name = f"{source.stem}-{content_key(data, length=24)}-v{CONVERTER_VERSION}.onnx"
+    return CachedFile(Path(cache_dir) / "fp16" / name)(lambda tmp: tmp.write_bytes(convert()))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segsynth.errors import ModelError
+from segsynth.core.errors import ModelError
 
 from segsynth.engine.onnx_torch import _attrs  # node attributes as Python values (imports no torch)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segsynth.errors import BackendError
+from segsynth.core.errors import BackendError
 
 _ONNX_TO_TORCH_DTYPE = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
                         11: "float64"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segsynth.errors import BackendError, ModelError
+from segsynth.core.errors import BackendError, ModelError
 
 from segsynth.engine.runner import Runner, TensorMeta
 

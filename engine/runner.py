@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from segsynth.errors import BackendError
+from segsynth.core.errors import BackendError
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from segsynth.errors import BackendError, ModelError
+from segsynth.core.errors import BackendError, ModelError
 
 from segsynth.engine.onnxruntime import OnnxRuntimeRunner  # imports no onnxruntime until a runner activates
 from segsynth.engine.runner import Runner

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from segsynth.errors import BackendError, ModelError
+from segsynth.core import paths
+from segsynth.core.errors import BackendError, ModelError
 
 from segsynth.engine import cuda
 from segsynth.engine.cache import EngineCache, EngineKey, graph_sha256, profile_string
@@ -211,7 +212,7 @@ class TensorRTRunner(Runner):
         self.onnx_path, self.fp16, self.batch = Path(onnx_path), fp16, batch_range(batch)
         self.max_batch = self.batch[2]
         self.label = self.onnx_path.name
-        self.cache = EngineCache(Path(cache_dir) if cache_dir else Path.home() / ".cache" / "segsynth" / "engines")
+        self.cache = EngineCache(Path(cache_dir) if cache_dir else paths.cache_dir() / "engines")
         self.workspace_bytes, self.device_index = workspace_bytes, device
         self._next = 0
         self._pools: list[cuda.PinnedPool] = []  # pinned_allocator()'s, until closed

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segsynth.errors import BackendError
+from segsynth.core.errors import BackendError
 
 from segsynth.engine.runner import Runner
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segsynth.errors import ModelError
+from segsynth.core.errors import ModelError
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

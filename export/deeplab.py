@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segsynth.errors import ModelError
+from segsynth.core.errors import ModelError
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from segsynth.errors import ModelError, OutputError
+from segsynth.core.errors import ModelError, OutputError
 
 from segsynth.export.deeplab import LoadedDeepLab
 from segsynth.export.spade import LoadedSpade, SemanticInput, frozen

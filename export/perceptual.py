@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from segsynth.errors import ModelError
+from segsynth.core import paths
+from segsynth.core.errors import ModelError
 
 VOC_MODEL = "deeplabv3_mnv2_voc.onnx"
 # The ReLU6 after the expansion convolution of blocks 1, 3, 6 and 10 of MobileNetV2 (96, 144,
@@ -38,7 +39,7 @@ class PerceptualLoss(nn.Module):
 
         from segsynth.engine.onnx_torch import OnnxTorchModule
 
-        path = Path(model) if model else Path(str(resources.files("segsynth.models").joinpath(VOC_MODEL)))
+        path = Path(model) if model else paths.bundled(VOC_MODEL)
         proto = onnx.load(str(path))
         produced = {o for n in proto.graph.node for o in n.output}
         missing = [t for t in taps if t not in produced]

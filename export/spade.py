@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
-from segsynth.errors import ModelError
+from segsynth.core.errors import ModelError
 
 NUM_UP_LAYERS = {"normal": 5, "more": 6, "most": 7}
 

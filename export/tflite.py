@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from segsynth.errors import ModelError
+from segsynth.core.errors import ModelError
 
 if TYPE_CHECKING:  # imported lazily at run time
     import onnx

@@ -21,7 +21,7 @@ __all__ = ["ModelConfig", "StreamConfig", *_EXPORTS]
 
 def __getattr__(name: str):
     if name in ("StreamConfig", "ModelConfig"):
-        from segsynth import config
+        from segsynth.core import config
 
         return getattr(config, name)
     if name in _EXPORTS:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import threading
 
-from segsynth.errors import Conflict
+from segsynth.core.errors import Conflict
 
 _lock = threading.Lock()
 _writers: dict[str, str] = {}  # path -> the stream that writes it

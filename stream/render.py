@@ -7,8 +7,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from segsynth import labels
-from segsynth.labels import LabelSet
+from segsynth.core import labels
+from segsynth.core.labels import LabelSet
 
 
 @lru_cache(maxsize=8)
@@ -113,7 +113,7 @@ def compose(view: str, display: np.ndarray | None, label_map: np.ndarray, synth:
     map + legend); overlay (labels blended over the input); side-by-side (input | synthesis,
     or input | labels without a generator); grid (2 x 2: input, labels, synthesis, overlay);
     ids (the class ids as a grayscale picture)."""
-    from segsynth.stream.segmenter import resize_labels
+    from segsynth.stream.infer.segmenter import resize_labels
 
     w, h = frame_size
     if view == "grid":

@@ -22,16 +22,18 @@ import logging
 import threading
 from pathlib import Path
 
-from segsynth.config import StreamConfig
-from segsynth.errors import InputError, OutputError, SegsynthError, SourceError, at_field
+from segsynth.core.config import StreamConfig
+from segsynth.core.errors import InputError, OutputError, SegsynthError, SourceError, at_field
 
-from segsynth.stream import claims, media
-from segsynth.stream.models import ModelSet
+from segsynth.stream import claims
+from segsynth.core import formats
+from segsynth.stream.io import mux
+from segsynth.stream.infer.models import ModelSet
 from segsynth.stream.pipeline import Pipeline
 from segsynth.stream.render import compose
-from segsynth.stream.sinks import PUSH_FORMATS, Encoding, FileSink, StreamingSink, TeeSink, hls_sink, segment_sink
-from segsynth.stream.sources import open_source
-from segsynth.stream.synth import Synthesize
+from segsynth.stream.io.sinks import PUSH_FORMATS, Encoding, FileSink, StreamingSink, TeeSink, hls_sink, segment_sink
+from segsynth.stream.io.sources import open_source
+from segsynth.stream.infer.synth import Synthesize
 
 log = logging.getLogger("segsynth")
 DISPLAY_VIEWS = ("overlay", "side-by-side", "grid")  # views that show the input frame itself
@@ -67,7 +69,7 @@ class StreamSession:
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> "StreamSession":
         """Open the source and start the stages; InputError/OutputError for what cannot be opened."""
-        from segsynth.metrics import StreamMetrics
+        from segsynth.core.metrics import StreamMetrics
 
         with self._lock:
             if self.pipeline is not None or self._stop_requested is not None:
@@ -122,9 +124,9 @@ class StreamSession:
     def _claim(self) -> None:
         """The files this session will write and read, claimed before anything is opened: one
         writer per path in this process, and never a path another stream reads (Conflict)."""
-        from segsynth.config import is_image_sequence, sink_kind
+        from segsynth.core.grammar import is_image_sequence, sink_kind
 
-        from segsynth.stream.live import is_live
+        from segsynth.core.grammar import is_live
 
         cfg = self.config
         writes = [] if self._sinks else [s for s in cfg.sinks if sink_kind(s) in ("file", "hls")]
@@ -134,23 +136,23 @@ class StreamSession:
     def _make_sink(self, spec: str, source):
         """The sink an output string names: a file (or a file series), a push to a server, an
         HLS playlist, an MJPEG preview."""
-        from segsynth.config import sink_kind
+        from segsynth.core.grammar import sink_kind
 
         cfg, kind = self.config, sink_kind(spec)
         if kind == "preview":
-            from segsynth.stream.preview import PreviewSink
+            from segsynth.stream.io.preview import PreviewSink
 
             return PreviewSink(spec)
         live = kind in ("push", "hls") or self.policy == "latest"
         # no --codec: libx264 for streams, the first encoder a file's container holds (VP9 for WebM)
-        codec = cfg.codec or (media.video_codec(media.output_format(spec)) if kind == "file" else "libx264")
+        codec = cfg.codec or (formats.video_codec(formats.output_format(spec)) if kind == "file" else "libx264")
         encoding = Encoding(codec, cfg.crf, cfg.preset, cfg.bitrate, low_latency=live, gray=self.view == "ids")
         if kind == "push":
             scheme = spec.split("://", 1)[0].lower()
             options = {"rtsp_transport": "tcp"} if scheme.startswith("rtsp") else {}
             return StreamingSink(spec, source.info, encoding, fmt=PUSH_FORMATS[scheme], options=options,
                                  retries=cfg.reconnect_max)
-        media.check_output(Path(spec), *([Path(source.info.name)] if not source.live else []))
+        mux.check_output(Path(spec), *([Path(source.info.name)] if not source.live else []))
         if kind == "hls":
             return hls_sink(spec, source.info, encoding)
         if cfg.segment_time:
@@ -218,10 +220,10 @@ class StreamSession:
         if isinstance(exc, SegsynthError) or not isinstance(exc, (OSError, av.FFmpegError)):
             return exc
         if stage == "decode":
-            err = InputError(f"reading {self.source.info.name} failed: {media.ffmpeg_message(exc)}")
+            err = InputError(f"reading {self.source.info.name} failed: {formats.ffmpeg_message(exc)}")
         else:
             err = OutputError(f"writing {', '.join(self.config.sinks) or 'the output'} failed: "
-                              f"{media.ffmpeg_message(exc)}")
+                              f"{formats.ffmpeg_message(exc)}")
         err.__cause__ = exc
         return err
 
@@ -231,13 +233,13 @@ class StreamSession:
         """Change the remap rules, the view, or z (``seed`` or ``style`` image) of a running
         session; each takes effect from the next batch. Bad values raise InputError and change
         nothing."""
-        from segsynth.config import check_seed
+        from segsynth.core.grammar import check_seed
 
         check_seed(seed)
         table = self.models.remap(remap) if remap is not None else None
         z = self.models.z(style=style, seed=seed) if seed is not None or style is not None else None
         if view is not None:
-            from segsynth.config import SESSION_VIEWS
+            from segsynth.core.grammar import SESSION_VIEWS
 
             if view not in SESSION_VIEWS:
                 raise InputError(f"view: unknown view {view!r}; choose one of: {', '.join(SESSION_VIEWS)}")

@@ -1,4 +1,4 @@
-"""The runtime chain (segsynth.stream.chain): the bundled segmenters, a remap table and the
+"""The runtime chain (segsynth.stream.infer.chain): the bundled segmenters, a remap table and the
 bundled generator composed into one graph give, on onnxruntime, what the host path gives:
 labels exactly, pixels within one level; and the composed graph is TensorRT-parsable."""
 
@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 
 from conftest import assert_tensorrt_parsable, decode_video, run_cli, write_clip
-from segsynth import labels
+from segsynth.core import labels
 from segsynth.engine.graphcheck import tensorrt_problems
 from segsynth.engine.onnxruntime import OnnxRuntimeRunner
-from segsynth.stream.chain import compose, letterbox_indices
-from segsynth.stream.generator import load_generator
-from segsynth.stream.segmenter import load_segmenter, resize_labels
-from segsynth.stream.synth import content_box
+from segsynth.stream.infer.chain import compose, letterbox_indices
+from segsynth.stream.infer.generator import load_generator
+from segsynth.stream.infer.segmenter import load_segmenter, resize_labels
+from segsynth.stream.infer.synth import content_box
 
 
 def _frames():
@@ -105,7 +105,7 @@ def test_a_session_through_the_chain_writes_what_the_models_write_one_by_one(tmp
     """The fused graphs in a real session (VFR clip with audio, batches of 2, letterbox, a remap):
     the same frames and timestamps as the models one by one. Unstabilised, one graph does it
     all; stabilised, the segment and synth parts run either side of the stabiliser."""
-    from segsynth.config import StreamConfig
+    from segsynth.core.config import StreamConfig
     from segsynth.stream import ModelSet, StreamSession
 
     parts = ("all",) if stabilize == "off" else ("segment", "synth")
@@ -129,7 +129,7 @@ def test_a_session_through_the_chain_writes_what_the_models_write_one_by_one(tmp
 
 def test_the_models_are_fused_by_default_and_the_chain_is_written_once(tmp_path, monkeypatch):
     from segsynth.stream import ModelSet
-    from segsynth.stream import chain as chain_module
+    from segsynth.stream.infer import chain as chain_module
 
     with ModelSet.load("voc", "none", fused="off") as models:
         assert models.fused("all") is None and models.fused("segment") is None
@@ -163,10 +163,10 @@ def test_models_that_cannot_be_fused_are_said_once_and_run_one_by_one(tmp_path, 
     takes exactly 1 (one by one, each model gets its own batch)."""
     import onnx
 
-    from segsynth.errors import ModelError
+    from segsynth.core.errors import ModelError
     from segsynth.stream import ModelSet
-    from segsynth.stream.generator import bundled_generator
-    from segsynth.stream.segmenter import bundled_model
+    from segsynth.stream.infer.generator import bundled_generator
+    from segsynth.stream.infer.segmenter import bundled_model
 
     pairs = onnx.load(str(bundled_model("voc")))
     pairs.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
@@ -194,7 +194,7 @@ def test_the_torch_interpreter_runs_the_chain_as_onnxruntime_does(tmp_path):
 
     from segsynth.engine.onnx_torch import OnnxTorchModule
     from segsynth.engine.torch_runner import TorchCudaRunner
-    from segsynth.stream.chain import write_chain
+    from segsynth.stream.infer.chain import write_chain
 
     seg, gen = load_segmenter("voc"), load_generator("default")
     try:

@@ -138,9 +138,9 @@ def test_stream_and_engine_import_without_torch(tmp_path, where):
     cwd = tmp_path if where == "outside the checkout" else REPO
     code = "import segsynth.stream, segsynth.engine, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd)
-    code = ("import sys, segsynth.stream.segment, segsynth.stream.segmenter, segsynth.engine.onnxruntime, "
-            "segsynth.stream.run, segsynth.stream.pipeline, segsynth.stream.generator, segsynth.stream.session, "
-            "segsynth.stream.sources, segsynth.stream.sinks, segsynth.stream.models, segsynth.metrics, segsynth.cli; "
+    code = ("import sys, segsynth.jobs.segment, segsynth.stream.infer.segmenter, segsynth.engine.onnxruntime, "
+            "segsynth.jobs.run, segsynth.stream.pipeline, segsynth.stream.infer.generator, segsynth.stream.session, "
+            "segsynth.stream.io.sources, segsynth.stream.io.sinks, segsynth.stream.infer.models, segsynth.core.metrics, segsynth.cli; "
             "from segsynth.stream import ModelSet, StreamConfig, StreamSession; "
             "bad = {'torch', 'tensorrt', 'cuda'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=cwd)

@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def default():
-    from segsynth.stream.generator import load_generator
+    from segsynth.stream.infer.generator import load_generator
 
     gen = load_generator("default", threads=2)
     yield gen
@@ -22,7 +22,7 @@ def default():
 
 
 def test_bundled_default_is_a_256_vae_generator_within_40_mb(default):
-    from segsynth.stream.generator import bundled_generator
+    from segsynth.stream.infer.generator import bundled_generator
 
     assert default.size == (256, 256) and default.uses_z and default.encoder is not None
     models = bundled_generator().parent
@@ -32,7 +32,7 @@ def test_bundled_default_is_a_256_vae_generator_within_40_mb(default):
 
 
 def test_different_style_images_give_different_pictures_beyond_noise(default, real_photos):
-    from segsynth.stream.segmenter import load_segmenter, resize_labels, resize_rgb
+    from segsynth.stream.infer.segmenter import load_segmenter, resize_labels, resize_rgb
 
     seg = load_segmenter("ade20k+voc", threads=2)
     try:

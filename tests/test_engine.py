@@ -14,8 +14,8 @@ from conftest import make_deeplab_checkpoint, make_spade_checkpoint, run_cli
 from segsynth.engine.cache import EngineCache, EngineKey
 from segsynth.engine.onnxruntime import OnnxRuntimeRunner
 from segsynth.engine.select import make_runner, resolve_backend
-from segsynth.errors import BackendError
-from segsynth.stream.segmenter import bundled_model
+from segsynth.core.errors import BackendError
+from segsynth.stream.infer.segmenter import bundled_model
 
 SPADE = dict(label_nc=6, contain_dontcare_label=True, no_instance=False, ngf=8, crop_size=64,
              norm_G="spectralspadesyncbatch3x3")

@@ -86,7 +86,7 @@ def test_remap_table_changes_output_only_where_the_class_was(chain):
 
 def test_chain_bridges_label_sets_by_name(chain):
     """A VOC segmenter drives a COCO-Stuff generator through the by-name bridge table."""
-    from segsynth import labels as L
+    from segsynth.core import labels as L
 
     meta = chain["chain"].get_modelmeta().custom_metadata_map
     assert meta["segsynth.segmenter_label_set"] == "voc" and meta["segsynth.generator_label_set"] == "coco-stuff"

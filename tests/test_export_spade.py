@@ -296,7 +296,7 @@ def test_encode_style_feeds_the_encoder_graph_its_own_size(tiny_vae):
     from segsynth.engine.runner import Runner, TensorMeta
     from segsynth.engine.select import make_runner
     from segsynth.export.spade import load_spade
-    from segsynth.stream.generator import Generator
+    from segsynth.stream.infer.generator import Generator
 
     rgb = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     generator = Generator(make_runner(tiny_vae / "spade.onnx", "onnxruntime"),

@@ -19,8 +19,8 @@ from segsynth.engine.graphcheck import tensorrt_problems
 from segsynth.engine.onnxruntime import OnnxRuntimeRunner
 from segsynth.engine.select import Float16OnnxRuntimeRunner
 from segsynth.engine.torch_runner import TorchCudaRunner
-from segsynth.stream.generator import bundled_generator
-from segsynth.stream.segmenter import OnnxSegmenter, bundled_model, resize_labels, resize_rgb
+from segsynth.stream.infer.generator import bundled_generator
+from segsynth.stream.infer.segmenter import OnnxSegmenter, bundled_model, resize_labels, resize_rgb
 
 GRAPHS = {"voc": lambda: bundled_model("voc"), "ade20k": lambda: bundled_model("ade20k"),
           "generator": bundled_generator}

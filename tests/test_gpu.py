@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import make_spade_checkpoint, run_cli
-from segsynth.stream.segmenter import bundled_model
+from segsynth.stream.infer.segmenter import bundled_model
 
 pytestmark = pytest.mark.gpu
 
@@ -98,7 +98,7 @@ def test_a_gpu_session_runs_the_fused_chain_and_agrees_with_the_cpu(tmp_path):
     """The fused graph on a GPU backend: uint8 frames in, labels and pictures out of one graph;
     the result agrees with the CPU's."""
     from segsynth.stream import ModelSet
-    from segsynth.stream.synth import Synthesize
+    from segsynth.stream.infer.synth import Synthesize
 
     frames, metas = _photos(2), [{"size": (640, 360)}] * 2
     results = {}

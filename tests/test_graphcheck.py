@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from conftest import REPO, assert_tensorrt_parsable, run_cli
 from segsynth.engine.graphcheck import tensorrt_problems
-from segsynth.stream.segmenter import bundled_model
-from segsynth.stream.generator import bundled_generator
+from segsynth.stream.infer.segmenter import bundled_model
+from segsynth.stream.infer.generator import bundled_generator
 
 
 @pytest.mark.parametrize("name", ["ade20k", "voc", "generator"])

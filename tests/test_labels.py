@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from segsynth import labels
-from segsynth.errors import LabelError
+from segsynth.core import labels
+from segsynth.core.errors import LabelError
 
 
 def test_label_sets_have_the_published_sizes_and_spade_ids():

@@ -131,7 +131,8 @@ def test_rtsp_run_reconnects_across_a_server_restart(tmp_path, tiny_segmenter):
 
 @needs_rtsp_server
 def test_a_stalled_camera_counts_as_lost_within_the_stall_timeout():
-    from segsynth.stream.live import LiveOptions, LiveSource
+    from segsynth.stream.io.live import LiveSource
+    from segsynth.core.grammar import LiveOptions
 
     port = free_port()
     with rtsp_camera(port) as server:
@@ -396,7 +397,7 @@ def test_frames_duration_and_stats_json_on_a_lavfi_source(tmp_path, tiny_segment
 def test_backoff_grows_exponentially_with_jitter_up_to_its_cap_and_resets():
     import random
 
-    from segsynth.stream.live import Backoff
+    from segsynth.stream.io.live import Backoff
 
     b = Backoff(initial=0.5, cap=8.0, rng=random.Random(1))
     delays = [b.next() for _ in range(8)]
@@ -409,7 +410,7 @@ def test_backoff_grows_exponentially_with_jitter_up_to_its_cap_and_resets():
 
 
 def test_timeline_keeps_bursts_and_backlogs_and_cuts_jumps(monkeypatch):
-    from segsynth.stream import live
+    from segsynth.stream.io import live
 
     clock = [100.0]
     monkeypatch.setattr(live.time, "monotonic", lambda: clock[0])
@@ -438,8 +439,8 @@ def test_timeline_keeps_bursts_and_backlogs_and_cuts_jumps(monkeypatch):
     (("mjpeg://127.0.0.1",), "expected HOST:PORT"),
 ])
 def test_output_strings_are_checked_before_anything_runs(sinks, message):
-    from segsynth.config import StreamConfig
-    from segsynth.errors import InputError
+    from segsynth.core.config import StreamConfig
+    from segsynth.core.errors import InputError
 
     with pytest.raises(InputError, match=message):
         StreamConfig(source="in.mp4", sinks=sinks)

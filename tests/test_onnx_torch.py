@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from conftest import make_spade_checkpoint, run_cli
 from segsynth.engine.onnx_torch import OnnxTorchModule
 from segsynth.engine.onnxruntime import OnnxRuntimeRunner
-from segsynth.stream.segmenter import bundled_model
+from segsynth.stream.infer.segmenter import bundled_model
 
 
 def _ints(name, values):

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime
 
 from segsynth.engine.onnxruntime import OnnxRuntimeRunner
-from segsynth.stream.segmenter import bundled_model
+from segsynth.stream.infer.segmenter import bundled_model
 
 CUDA = ("CUDAExecutionProvider", "CPUExecutionProvider")
 

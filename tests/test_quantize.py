@@ -68,7 +68,7 @@ def test_int8_graphs_against_the_float_ones(capsys):
         meta = {p.key: p.value for p in model.metadata_props}
         assert meta["segsynth.role"] == "segmenter" and "bbb_h264_aac_720p_10s.mp4#0-7" in meta["segsynth.calibration"]
         assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 50
-    from segsynth.stream.segmenter import load_segmenter, resize_labels, resize_rgb
+    from segsynth.stream.infer.segmenter import load_segmenter, resize_labels, resize_rgb
 
     seg = load_segmenter("ade20k+voc")
     size = {i.name: i.shape for i in session(MODELS / "spade_ade20k.onnx").get_inputs()}["label"][-1]
@@ -127,8 +127,8 @@ def test_quantize_refuses_what_it_cannot_take(tmp_path):
 
 
 def test_segmenters_reshaped_to_other_sizes_and_argmax_before_upsampling():
-    from segsynth.errors import InputError
-    from segsynth.export.seg_size import argmax_before_upsampling, resize_segmenter
+    from segsynth.core.errors import InputError
+    from segsynth.stream.infer.seg_size import argmax_before_upsampling, resize_segmenter
 
     model = onnx.load(str(MODELS / "deeplabv3_mnv2_voc.onnx"))
     frames = held_out_frames()

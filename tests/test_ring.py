@@ -4,7 +4,7 @@ import time
 import numpy as np
 
 from segsynth.stream.ring import FrameRing
-from segsynth.stream.stabilize import Majority
+from segsynth.stream.infer.stabilize import Majority
 
 
 def test_lossless_ring_blocks_the_producer_and_keeps_order():
@@ -66,8 +66,8 @@ def test_label_smoother_takes_the_majority_of_the_last_k_frames():
 
 
 def test_letterbox_keeps_the_aspect_and_pads_with_dontcare():
-    from segsynth import labels
-    from segsynth.stream.synth import Synthesize, content_box
+    from segsynth.core import labels
+    from segsynth.stream.infer.synth import Synthesize, content_box
 
     assert content_box((1280, 720), (64, 64)) == (0, 14, 64, 36)
     assert content_box((720, 1280), (64, 64)) == (14, 0, 36, 64)

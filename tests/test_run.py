@@ -124,7 +124,7 @@ def test_audio_is_reencoded_when_the_container_cannot_hold_it(tmp_path):
 def test_codec_auto_uses_a_working_encoder(tmp_path):
     import av
 
-    from segsynth.stream.media import HARDWARE_H264, pick_encoder
+    from segsynth.core.formats import HARDWARE_H264, pick_encoder
 
     src = _media("no-audio", tmp_path)
     out = tmp_path / "auto.mp4"

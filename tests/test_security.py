@@ -132,7 +132,8 @@ def hostile_server(directory: Path, trap: Trap):
 
 def _read(url: str, frames: int = 5) -> int:
     """Open ``url`` as segsynth does and read up to ``frames`` frames; how many came."""
-    from segsynth.stream.live import LiveOptions, LiveSource
+    from segsynth.stream.io.live import LiveSource
+    from segsynth.core.grammar import LiveOptions
 
     source = LiveSource(url, LiveOptions(open_timeout=10, reconnect_max=0)).open()
     got = 0
@@ -164,7 +165,7 @@ def test_what_ffmpeg_reads_is_what_the_gate_fetched(segments, name):
                                        ("nested.m3u8", "outside http://127.0.0.1"),
                                        ("key.m3u8", "outside http://127.0.0.1")])
 def test_a_playlist_that_shows_another_host_is_refused_before_a_byte_is_read_there(segments, name, why):
-    from segsynth.errors import InputError
+    from segsynth.core.errors import InputError
 
     trap = Trap()
     try:
@@ -220,9 +221,9 @@ def test_file_names_never_reach_ffmpeg_as_protocols(tmp_path, people_clip):
 
 
 def test_srt_works_or_is_refused_with_the_reason():
-    from segsynth.config import StreamConfig
-    from segsynth.errors import InputError
-    from segsynth.stream.media import has_protocol
+    from segsynth.core.config import StreamConfig
+    from segsynth.core.errors import InputError
+    from segsynth.core.formats import has_protocol
 
     if has_protocol("srt"):
         pytest.skip("this PyAV's FFmpeg has SRT: it is accepted")
@@ -296,8 +297,8 @@ def test_the_token_comes_before_the_body_and_deep_form_fields_are_422(tmp_path, 
 
 
 def test_without_a_media_root_the_service_reads_and_writes_no_files(tmp_path, tiny_segmenter):
-    from segsynth.service import Service, ServiceError
-    from segsynth.stream.models import ModelSet
+    from segsynth.serve.service import Service, ServiceError
+    from segsynth.stream.infer.models import ModelSet
 
     with ModelSet.load(str(tiny_segmenter), "none") as models:
         svc = Service(models)
@@ -317,7 +318,7 @@ def test_token_on_the_command_line_is_warned_about():
 def test_a_delete_that_times_out_aborts_and_the_stream_stays_listed_until_gone():
     """Service.remove with a session whose threads take long to end (a fake session, isolating
     the service's bookkeeping): aborted, listed as removing, forgotten once it has ended."""
-    from segsynth.service import Service
+    from segsynth.serve.service import Service
 
     class SlowSession:
         id, state, released = "slow", "running", False
@@ -354,9 +355,9 @@ def test_a_delete_that_times_out_aborts_and_the_stream_stays_listed_until_gone()
 def test_add_and_delete_free_encoders_and_their_threads_without_the_collector(tmp_path, tiny_segmenter):
     import gc
 
-    from segsynth import metrics
-    from segsynth.service import Service
-    from segsynth.stream.models import ModelSet
+    from segsynth.core import metrics
+    from segsynth.serve.service import Service
+    from segsynth.stream.infer.models import ModelSet
 
     with ModelSet.load(str(tiny_segmenter), "none") as models:
         svc = Service(models, media_root=tmp_path)

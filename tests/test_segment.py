@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import REPO, audio_info, decode_video, run_cli
-from segsynth import labels
+from segsynth.core import labels
 
 ADE = labels.get("ade20k")
 PERSON, ANIMAL = ADE.id_of("person"), ADE.id_of("animal")

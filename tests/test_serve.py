@@ -104,7 +104,7 @@ def voc_class_of_red(segmenter: Path) -> str:
     DeepLab contract's input: RGB scaled to -1..1, NCHW)."""
     import onnxruntime
 
-    from segsynth import labels
+    from segsynth.core import labels
 
     sess = onnxruntime.InferenceSession(str(segmenter), providers=["CPUExecutionProvider"])
     x = np.zeros((1, 3, 64, 64), np.float32)
@@ -286,9 +286,9 @@ def test_prometheus_scrapes_the_service(tmp_path, tiny_segmenter):
 
 
 def test_sixteen_streams_added_and_removed_fifty_times_leak_nothing(tmp_path, tiny_segmenter):
-    from segsynth import metrics
-    from segsynth.service import Service
-    from segsynth.stream.models import ModelSet
+    from segsynth.core import metrics
+    from segsynth.serve.service import Service
+    from segsynth.stream.infer.models import ModelSet
 
     def fds() -> int:
         return len(os.listdir("/proc/self/fd"))
@@ -319,7 +319,7 @@ def test_the_service_reports_each_streams_state_and_a_live_sources_rate():
 
     from prometheus_client import generate_latest
 
-    from segsynth.service import Service
+    from segsynth.serve.service import Service
 
     service = Service(models=None)
     live = SimpleNamespace(live=True, info=SimpleNamespace(rate=Fraction(30000, 1001)))

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import decode_video, run_cli, write_clip
-from segsynth import labels
-from segsynth.config import StreamConfig
-from segsynth.errors import InputError, LabelError
+from segsynth.core import labels
+from segsynth.core.config import StreamConfig
+from segsynth.core.errors import InputError, LabelError
 
 VOC = labels.get("voc")
 PERSON, DOG = VOC.id_of("person"), VOC.id_of("dog")
@@ -121,7 +121,7 @@ def test_fifty_start_stop_cycles_leave_threads_and_files_as_they_were(tmp_path, 
 @pytest.mark.parametrize("fused", ["off", "on"])  # on: the remap table is an input of the one graph
 def test_remap_update_changes_the_output_two_batches_later_only_where_the_class_was(tmp_path, astronaut, fused):
     from segsynth.stream import ModelSet, StreamSession
-    from segsynth.stream.sources import SyntheticSource
+    from segsynth.stream.io.sources import SyntheticSource
 
     out = tmp_path / "ids.mkv"
     picture = astronaut[::2, ::2]
@@ -191,10 +191,10 @@ def test_a_class_only_another_set_has_maps_to_its_nearest_by_meaning(tmp_path):
 def test_metrics_follow_a_session_and_vanish_with_it(tmp_path, astronaut, tiny_segmenter):
     from prometheus_client.parser import text_string_to_metric_families
 
-    from segsynth import metrics
+    from segsynth.core import metrics
     from segsynth.stream import ModelSet, StreamSession
-    from segsynth.stream.sinks import MemorySink
-    from segsynth.stream.sources import SyntheticSource
+    from segsynth.stream.io.sinks import MemorySink
+    from segsynth.stream.io.sources import SyntheticSource
 
     def series(stream: str) -> dict:
         found = {}
@@ -240,8 +240,8 @@ def test_stage_timers_keep_constant_memory_and_exact_means():
 
 def test_sessions_can_be_stopped_before_they_start_and_start_only_once(tmp_path, tiny_segmenter):
     from segsynth.stream import ModelSet, StreamSession
-    from segsynth.stream.sinks import MemorySink
-    from segsynth.stream.sources import SyntheticSource
+    from segsynth.stream.io.sinks import MemorySink
+    from segsynth.stream.io.sources import SyntheticSource
 
     with ModelSet.load(str(tiny_segmenter), "none") as models:
         s = StreamSession(StreamConfig(source="synthetic", sinks=["x.mp4"]), models,
@@ -258,7 +258,7 @@ def test_sessions_can_be_stopped_before_they_start_and_start_only_once(tmp_path,
 
 def test_a_segmenter_with_a_fixed_batch_size_takes_larger_batches_in_chunks(tmp_path):
     from segsynth.benchmarks import tiny
-    from segsynth.stream.segmenter import load_segmenter
+    from segsynth.stream.infer.segmenter import load_segmenter
 
     fixed = load_segmenter(str(tiny.segmenter(tmp_path / "b1.onnx", batch=1)), backend="onnxruntime")
     dynamic = load_segmenter(str(tiny.segmenter(tmp_path / "bn.onnx")), backend="onnxruntime")
@@ -275,7 +275,7 @@ def test_a_segmenter_with_a_fixed_batch_size_takes_larger_batches_in_chunks(tmp_
 
 def test_view_update_switches_the_picture_and_keeps_the_output_size(tmp_path, astronaut, tiny_segmenter):
     from segsynth.stream import ModelSet, StreamSession
-    from segsynth.stream.sources import SyntheticSource
+    from segsynth.stream.io.sources import SyntheticSource
 
     out = tmp_path / "v.mkv"
     picture = astronaut[::4, ::4]  # 128 x 128
@@ -306,7 +306,7 @@ def test_a_segmenter_splits_batches_larger_than_its_runner_takes(tmp_path):
     # a GPU engine built for batch 2 (TensorRT profile 1..2) takes at most 2 frames a call
     from segsynth.benchmarks import tiny
     from segsynth.engine.onnxruntime import OnnxRuntimeRunner
-    from segsynth.stream.segmenter import OnnxSegmenter
+    from segsynth.stream.infer.segmenter import OnnxSegmenter
 
     class Recording(OnnxRuntimeRunner):
         def _infer_impl(self, feed):

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import MEDIA, decode_video, run_cli, write_clip
-from segsynth.errors import InputError
-from segsynth.stream import stabilize
-from segsynth.stream.synth import FrameResult
-from segsynth.stream.temporal import Stability, static_pixels
+from segsynth.core.errors import InputError
+from segsynth.stream.infer import stabilize
+from segsynth.stream.infer.synth import FrameResult
+from segsynth.jobs.eval_temporal import Stability, static_pixels
 
 RNG = np.random.default_rng(7)
 
@@ -143,7 +143,7 @@ def test_bad_stabilize_specs_are_refused(spec):
 
 
 def test_smooth_is_majority_and_the_default_is_hysteresis(tmp_path):
-    from segsynth.config import StreamConfig
+    from segsynth.core.config import StreamConfig
 
     clip = str(tmp_path / "in.mp4")
     assert StreamConfig(source=clip, sinks=["o.mp4"]).stabilization == "hysteresis"
@@ -163,9 +163,9 @@ def test_a_stabilised_ids_video_is_the_stabilised_labels_losslessly(tmp_path, as
 
     from PIL import Image
 
-    from segsynth.stream.models import ModelSet
-    from segsynth.stream.segmenter import resize_labels
-    from segsynth.stream.sources import FileSource
+    from segsynth.stream.infer.models import ModelSet
+    from segsynth.stream.infer.segmenter import resize_labels
+    from segsynth.stream.io.sources import FileSource
 
     background = np.asarray(Image.fromarray(astronaut).resize((256, 192), Image.BILINEAR))
     square = _textured(64, 64, seed=8)

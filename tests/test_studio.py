@@ -92,7 +92,7 @@ def png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
     """A PNG of ``array``; mode "P": ids with ADE20K's palette (a colour label map, as datasets ship them)."""
     from PIL import Image
 
-    from segsynth import labels
+    from segsynth.core import labels
 
     image = Image.fromarray(array, mode)
     if mode == "P":
@@ -137,7 +137,7 @@ def error(reply) -> dict:
 
 
 def class_id(name: str) -> int:
-    from segsynth import labels
+    from segsynth.core import labels
 
     return labels.get("ade20k").id_of(name)
 
@@ -199,7 +199,7 @@ def open_studio(page, base: str) -> np.ndarray:
 
 # ---- the endpoints --------------------------------------------------------------------------------
 def test_synthesize_segment_and_style_endpoints(studio, tiny_segmenter, astronaut):
-    from segsynth import labels
+    from segsynth.core import labels
 
     base, _ = studio
     status, info = api(base, "GET", "/v1/labels")
@@ -408,7 +408,7 @@ def test_a_style_image_and_shuffle_change_the_picture(studio, page, tmp_path, as
 
 
 def test_live_view_of_a_lavfi_stream_and_a_remap_change(studio, tiny_segmenter, page):
-    from segsynth import labels
+    from segsynth.core import labels
 
     base, _ = studio
     status, made = api(base, "POST", "/v1/streams", {"id": "red", "source": RED,

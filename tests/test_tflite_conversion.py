@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import MODELS, run_cli
-from segsynth.stream.segmenter import bundled_model
+from segsynth.stream.infer.segmenter import bundled_model
 
 CASES = {
     "ade20k": (MODELS / "deeplabv3_mnv2_ade20k.tflite", bundled_model("ade20k")),

@@ -155,7 +155,7 @@ def test_ema_saves_the_moving_average_and_resumes_it(dataset, tmp_path):
 
 
 def test_progress_of_a_resumed_run_rates_only_its_own_steps(monkeypatch):
-    from segsynth.stream import progress as mod
+    from segsynth.jobs import progress as mod
 
     clock = itertools.chain([100.0], itertools.repeat(110.0))
     monkeypatch.setattr(mod, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))
@@ -175,7 +175,7 @@ def test_train_errors_are_one_line(tmp_path, dataset):
 def test_ssim_and_psnr_match_scikit_image():
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    from segsynth.stream.evaluate import psnr, ssim
+    from segsynth.jobs.eval_generator import psnr, ssim
 
     rng = np.random.default_rng(0)
     a = rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)
@@ -188,7 +188,7 @@ def test_ssim_and_psnr_match_scikit_image():
 
 
 def test_confusion_scores_by_hand():
-    from segsynth.stream.evaluate import Confusion
+    from segsynth.jobs.eval_generator import Confusion
 
     truth = np.array([0, 0, 0, 0, 0, 0, 1, 1, 255, 2])
     pred = np.array([0, 0, 0, 0, 0, 1, 1, 0, 2, 255])  # 255 for class 2: wrong, no false positive

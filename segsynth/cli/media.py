@@ -1,0 +1,212 @@
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger("segsynth")
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from segsynth.core.config import SegmentConfig
+    from segsynth.jobs.segment import run_segment
+
+    cfg = SegmentConfig(input=args.input, output=args.output, view=args.view, remap=args.remap,
+                        segmenter=args.segmenter, label_set=args.label_set, threads=args.threads,
+                        legend=not args.no_legend, crf=args.crf, preset=args.preset, backend=args.backend,
+                        fp16=not args.fp32, fused=args.fused, stabilize=args.stabilize, models=tier(args, False),
+                        seg_size=args.seg_size)
+    summary = run_segment(cfg, quiet=args.quiet)
+    log.info("%s", summary.line(cfg))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    import signal
+
+    from segsynth.core.config import ModelConfig, StreamConfig
+    from segsynth.core.grammar import parse_size
+    from segsynth.core.errors import InputError, Interrupted, OutputError
+    from segsynth.jobs.run import run
+
+    outputs = [*args.outputs, *(args.out or []), *([f"mjpeg://{args.preview}"] if args.preview else [])]
+    if not outputs:
+        raise InputError("run needs an output: run IN OUT [OUT ...], --out OUT or --preview HOST:PORT")
+    cfg = StreamConfig(source=args.input, sinks=tuple(outputs), **picture_fields(args), policy=args.policy,
+                       fps=args.fps, max_frames=args.frames, duration=args.duration,
+                       segment_time=args.segment_time, rtsp_transport=args.rtsp_transport,
+                       stall_timeout=args.stall_timeout, reconnect_max=args.reconnect_max,
+                       camera_size=parse_size(args.camera_size, "--camera-size", "WxH") if args.camera_size else None,
+                       camera_fps=args.camera_fps)
+    from segsynth.core.grammar import is_live
+
+    models = ModelConfig(**model_fields(args, live=is_live(args.input)))
+    controls = []
+
+    def control(session):
+        controls.append(StopOnSignals(session))
+        return controls[0]
+
+    stats, session = run(cfg, models, quiet=args.quiet, control=control, stats_json=args.stats_json)
+    declared = session.source.info.declared_frames
+    signum = controls[0].signum if controls else None
+    if stats["problems"] and session.source.live:
+        log.warning("warning: %s: %d problems, e.g. %s", cfg.source, len(stats["problems"]), stats["problems"][0])
+    elif stats["problems"]:  # damage, or a video that ends before the time it declares
+        of = f" of the {declared} it declares" if declared else ""
+        first = f": {stats['problems'][0]}" if stats["problems"] else ""
+        log.warning("warning: %s looks truncated or damaged: decoded %d frames%s and wrote them%s",
+                    cfg.source, stats["frames_in"], of, first)
+    failed = [out for out in stats.get("outputs", []) if not out["ok"]]
+    written = [out["name"] for out in stats.get("outputs", []) if out["ok"]]
+    log.info("wrote %s (%s): %d frames in, %d out, %d dropped, reconnects %d, %.1f s, %.2f fps",
+             ", ".join(written) or "nothing", stats["view"], stats["frames_in"], stats["frames_out"], stats["dropped"],
+             stats["reconnects"], stats["seconds"], stats["fps"])
+    for out in stats.get("outputs", []):
+        if not out["ok"] or out["reconnects"] or out["skipped"]:
+            log.info("  output %s: %s, reconnects %d, %d frames skipped", out["name"],
+                     "ok" if out["ok"] else f"FAILED ({out['error']}); what it recorded is kept", out["reconnects"],
+                     out["skipped"])
+    for name, t in stats["stages"].items():
+        log.info("  %-7s mean %7.1f ms   p95 %7.1f ms", name, t["mean_ms"], t["p95_ms"])
+    if stats["latency_ms"]:
+        lat = stats["latency_ms"]
+        log.info("  latency p50 %.0f ms, p95 %.0f ms, p99 %.0f ms (arrival to mux)", lat["p50"], lat["p95"],
+                 lat["p99"])
+    if signum is not None:
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after {stats['frames_out']} frames; "
+                                  "the output holds them and is closed")
+    if failed:  # the others went on to the end; the run still failed
+        raise OutputError(f"output {failed[0]['name']} failed: {failed[0]['error']}"
+                          + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
+                          + (f"; {', '.join(written)} complete" if written else ""))
+    return 0
+
+
+def _transcode(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+    from pathlib import Path
+
+    from segsynth.core.config import ModelConfig
+    from segsynth.core.errors import InputError, Interrupted
+    from segsynth.jobs.transcode import transcode
+
+    if args.jobs < 1 or (args.retry is not None and args.retry < 0):
+        raise InputError("--jobs must be at least 1 and --retry at least 0")
+    picture = picture_fields(args)
+    model = model_fields(args)
+    ModelConfig(**model)  # checked before any file is read
+    stop, abort, received = threading.Event(), threading.Event(), []
+
+    def handle(signum, _frame):
+        received.append(signum)
+        if not stop.is_set():
+            log.warning("%s: no new files start; running ones finish (signal again to abandon them)",
+                        signal.Signals(signum).name)
+            stop.set()
+        else:
+            abort.set()
+
+    saved = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        summary = transcode(args.inputs, Path(args.out), stream_options=picture, model_options=model,
+                            jobs=args.jobs, pattern=args.pattern, recursive=args.recursive, ext=args.ext,
+                            resume=args.resume, retry=args.retry, ray=args.ray, stop=stop, abort=abort,
+                            quiet=args.quiet, probe=args.probe)
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+    print(summary["table"])
+    if received:
+        raise Interrupted(received[0], f"stopped by {signal.Signals(received[0]).name}: {summary['line']}")
+    return 0 if not summary["failed"] else 1
+
+
+def _devices(args: argparse.Namespace) -> int:
+    from segsynth.core.grammar import describe_cameras
+
+    cameras = describe_cameras()
+    if not cameras:
+        print("no cameras found (no /dev/video* devices)")
+    for device, name in cameras:
+        print(f"{device}\t{name}")
+    return 0
+
+
+def add_parsers(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("segment", parents=[common], help="label an image or every frame of a video",
+                       description="Segment an image or a video file into labelled classes.")
+    p.add_argument("input", help="image (.png/.jpg/...) or video file")
+    p.add_argument("output", help="output image or video; same kind as the input")
+    p.add_argument("--view", choices=SEGMENT_VIEWS, default="labels",
+                   help="labels: colour map with legend; overlay: blended over the input; side-by-side: "
+                        "input | labels; ids: raw class ids as 8-bit grayscale (PNG, or lossless FFV1 video)")
+    p.add_argument("--remap", metavar="RULES", help="rewrite classes, e.g. 'person=animal,car=refrigerator'")
+    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx",
+                   help="ade20k+voc (default: scene + people/animals/vehicles), ade20k, voc, or a segmenter ONNX")
+    p.add_argument("--label-set", help="label set of a custom segmenter ONNX without segsynth metadata")
+    p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
+    p.add_argument("--no-legend", action="store_true", help="omit the legend box")
+    p.add_argument("--crf", type=int, default=18, help="x264 quality for video output (0-51, default 18)")
+    p.add_argument("--preset", default="veryfast", help="x264 preset for video output (default veryfast)")
+    add_stabilize(p)
+    add_backend(p)
+    p.set_defaults(func=_segment)
+    p = sub.add_parser("run", parents=[common], help="segment, remap and re-synthesize every frame of a video",
+                       description="The main job: DeepLab labels every frame, --remap rewrites the labels, SPADE "
+                                   "paints a new frame; threaded decode -> infer -> encode, timestamps and audio kept.")
+    p.add_argument("input", help="input: a video file, an image sequence, rtsp:// rtsps:// rtmp:// srt:// "
+                   "http(s):// (incl. HLS .m3u8), a camera (/dev/videoN, v4l2:N) or lavfi:GRAPH")
+    p.add_argument("outputs", nargs="*", metavar="OUTPUT",
+                   help="one or more outputs: video files (.mp4 written fragmented, .mkv, ...), rtsp:// or "
+                   "rtmp:// or srt:// (pushed to a server), DIR/NAME.m3u8 (HLS)")
+    p.add_argument("--out", action="append", metavar="OUTPUT", help="another output (may be repeated)")
+    p.add_argument("--preview", metavar="HOST:PORT", help="serve an MJPEG preview, e.g. 127.0.0.1:8090")
+    p.add_argument("--frames", type=int, metavar="N", help="stop after N frames (like ffmpeg -frames:v)")
+    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this much input (like ffmpeg -t)")
+    p.add_argument("--stats-json", metavar="FILE", help="write the final statistics as JSON")
+    p.add_argument("--segment-time", type=float, metavar="SECONDS",
+                   help="file outputs: start a new file (NAME-00000.mp4, ...) every SECONDS")
+    p.add_argument("--rtsp-transport", choices=["tcp", "udp"], default="tcp", help="RTSP input transport (tcp)")
+    p.add_argument("--stall-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="live: a source that sends no frame this long is lost and reconnected (default 5)")
+    p.add_argument("--reconnect-max", type=int, metavar="N",
+                   help="live: give up after N reconnect attempts in a row (default: never)")
+    p.add_argument("--camera-size", metavar="WxH", help="camera capture size, e.g. 1280x720")
+    p.add_argument("--camera-fps", type=float, metavar="N", help="camera capture rate")
+    p.add_argument("--policy", choices=["lossless", "latest"], default=None,
+                   help="lossless: every frame in order (default for files); latest: drop the oldest queued frame "
+                   "under load (default for live sources)")
+    p.add_argument("--fps", type=float, help="frame rate of an image sequence input (default 25)")
+    add_picture_options(p, threads="inference threads per model (default: all cores)")
+    p.set_defaults(func=_run)
+    p = sub.add_parser("transcode", parents=[common], help="run every video of files and folders, in parallel or "
+                                                           "on a Ray cluster, resumable",
+                       description="Bulk transcoding: each input file is run (as segsynth run would) into --out, "
+                                   "the folder structure mirrored; outputs appear under their names only when "
+                                   "complete; every file is recorded in OUT/manifest.jsonl (done, failed, skipped, "
+                                   "why); --resume skips files done with the same settings. Exit 0 only when every "
+                                   "file succeeded. SIGINT/SIGTERM: no new file starts, running ones finish; a "
+                                   "second signal abandons them (nothing left under a final name).")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, folders and globs")
+    p.add_argument("--out", required=True, metavar="DIR", help="the output folder (made when missing)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N", help="files at a time, each in its own worker "
+                                                                     "process with the models loaded once (default 1)")
+    p.add_argument("--pattern", metavar="GLOB", help="files of folders to take (default: every file with an "
+                                                      "extension FFmpeg reads; what is not a video is skipped, and "
+                                                      "named in the summary)")
+    p.add_argument("--recursive", action="store_true", help="folders' subfolders too")
+    p.add_argument("--ext", metavar="EXT", help="the outputs' extension (default: each input's own, or .mp4 for raw "
+                                                 "streams such as .h264 and .ivf; .mkv where --codec does not fit)")
+    p.add_argument("--probe", action="store_true", help="also look inside files whose extension no FFmpeg format "
+                                                         "claims (videos without a telling name)")
+    p.add_argument("--resume", action="store_true", help="skip files done with the same input and settings")
+    p.add_argument("--retry", type=int, metavar="K", help="times a file is retried when its worker process (or Ray "
+                                                           "node) dies (default 0 locally, 3 on Ray)")
+    p.add_argument("--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+                   help="run the files as tasks on a Ray cluster (the ray extra): auto = the running one, or "
+                        "HOST:PORT; --out must be a path every node reaches")
+    add_picture_options(p, threads="inference threads per file (default: the cores / --jobs; 1 on Ray)")
+    p.set_defaults(func=_transcode)
+    p = sub.add_parser("devices", parents=[common], help="list the cameras run can read (/dev/videoN)")
+    p.set_defaults(func=_devices)

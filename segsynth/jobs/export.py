@@ -1,0 +1,171 @@
+"""``segsynth export``: build the requested graph from checkpoints and write it."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+from segsynth.core.config import ExportConfig
+from segsynth.core.errors import InputError
+
+log = logging.getLogger("segsynth")
+
+_SETS_BY_CLASSES = {182: "coco-stuff", 150: "ade20k", 21: "voc", 19: "cityscapes"}
+
+
+def run_export(cfg: ExportConfig) -> str:
+    """Do the export; returns a one-line summary."""
+    if cfg.what == "deeplab" and cfg.from_tflite:
+        return _from_tflite(cfg)
+    if cfg.what == "quantize":
+        from segsynth.jobs.quantize import quantize
+
+        return quantize(cfg.model, cfg.out, list(cfg.calibrate), frames=cfg.frames)
+    import torch
+
+    logging.getLogger("torch").setLevel(logging.ERROR)  # the exporter's notes about torchvision ops
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecation chatter from inside the exporter, not actionable here
+        return {"spade": _spade, "encoder": _encoder, "deeplab": _deeplab, "chain": _chain}[cfg.what](cfg)
+
+
+def _from_tflite(cfg: ExportConfig) -> str:
+    import onnx
+
+    from segsynth.stream.io.mux import atomic_output
+
+    from segsynth.export.tflite import segmenter_from_tflite
+
+    model = segmenter_from_tflite(cfg.from_tflite, label_set=cfg.label_set)
+    with atomic_output(cfg.out, cfg.from_tflite) as tmp:
+        onnx.save(model, str(tmp))
+    props = {p.key: p.value for p in model.metadata_props}
+    size = "x".join(str(d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim[2:])
+    return f"wrote {cfg.out} ({props['segsynth.label_set']} segmenter, {props['segsynth.classes']} classes, input {size})"
+
+
+def _spade_options(cfg: ExportConfig, size: tuple[int, int] | None):
+    """opt.txt with the --opt overrides; ``size`` (H, W) sets crop_size and aspect_ratio."""
+    from segsynth.export.spade import NUM_UP_LAYERS, read_options
+
+    overrides = dict(cfg.overrides)
+    if size:
+        h, w = size
+        opt = read_options(cfg.checkpoint, overrides)
+        step = 2 ** NUM_UP_LAYERS[opt.num_upsampling_layers]
+        if h % step or w % step:
+            raise InputError(f"--size {h}x{w}: SPADE with num_upsampling_layers={opt.num_upsampling_layers} "
+                             f"needs both sides to be multiples of {step}")
+        overrides.update(crop_size=w, aspect_ratio=w / h)
+    return read_options(cfg.checkpoint, overrides)
+
+
+def _generator_metadata(opt, label_set: str | None) -> dict[str, str]:
+    h, w = opt.output_size
+    return {"segsynth.role": "generator", "segsynth.label_set": label_set or _SETS_BY_CLASSES.get(opt.label_nc, ""),
+            "segsynth.label_nc": str(opt.label_nc), "segsynth.contain_dontcare_label": str(opt.contain_dontcare_label),
+            "segsynth.no_instance": str(opt.no_instance), "segsynth.use_vae": str(opt.use_vae),
+            "segsynth.z_dim": str(opt.z_dim), "segsynth.size": f"{h}x{w}"}
+
+
+def _generator_inputs(opt, batch: int):
+    import torch
+
+    h, w = opt.output_size
+    label = torch.randint(0, opt.label_nc, (batch, 1, h, w))
+    inputs = {"label": label}
+    if not opt.no_instance:
+        inputs["instance"] = label.clone()
+    if opt.use_vae:
+        inputs["z"] = torch.randn(batch, opt.z_dim)
+    return inputs
+
+
+def _spade(cfg: ExportConfig) -> str:
+    from segsynth.export.onnx_export import GeneratorGraph, export
+    from segsynth.export.spade import load_spade
+
+    opt = _spade_options(cfg, cfg.size)
+    graph = GeneratorGraph(load_spade(cfg.checkpoint, opt, cfg.epoch))
+    inputs = _generator_inputs(opt, cfg.batch or 2)
+    export(graph, inputs, ["image"], cfg.out, dynamic_batch=cfg.batch is None,
+           metadata=_generator_metadata(opt, cfg.label_set))
+    h, w = opt.output_size
+    return f"wrote {cfg.out} (SPADE generator, {opt.label_nc} labels, {h}x{w}, inputs {', '.join(inputs)})"
+
+
+def _encoder(cfg: ExportConfig) -> str:
+    import torch
+
+    from segsynth.export.onnx_export import EncoderGraph, export
+    from segsynth.export.spade import load_spade
+
+    opt = _spade_options(cfg, None)  # --size is the style image size here
+    graph = EncoderGraph(load_spade(cfg.checkpoint, opt, cfg.epoch))
+    # The official ConvEncoder is fed the dataset's images (crop_size wide, crop_size/aspect_ratio
+    # high: the generator's output size) and resizes them to 256x256 inside its forward, as ours does.
+    h, w = cfg.size or opt.output_size
+    export(graph, {"style": torch.rand(cfg.batch or 2, 3, h, w) * 2 - 1}, ["mu", "logvar"], cfg.out,
+           dynamic_batch=cfg.batch is None, metadata={"segsynth.role": "encoder", "segsynth.size": f"{h}x{w}"})
+    return f"wrote {cfg.out} (SPADE style encoder, style {h}x{w} -> mu, logvar)"
+
+
+def _load_deeplab(path: Path):
+    from segsynth.export.checkpoint import read_state_dict
+    from segsynth.export.deeplab import build_deeplab
+
+    return build_deeplab(read_state_dict(path), str(path))
+
+
+def _check_seg_size(size: tuple[int, int], flag: str) -> None:
+    if min(size) < 32:
+        raise InputError(f"{flag} {size[0]}x{size[1]}: DeepLab needs at least 32 pixels on each side")
+
+
+def _deeplab(cfg: ExportConfig) -> str:
+    import torch
+
+    from segsynth.export.onnx_export import SegmenterGraph, export
+
+    size = cfg.size or (513, 513)
+    _check_seg_size(size, "--size")
+    deeplab = _load_deeplab(cfg.checkpoint)
+    pre = deeplab.preprocess
+    label_set = cfg.label_set or _SETS_BY_CLASSES.get(deeplab.n_classes, "")
+    metadata = {"segsynth.role": "segmenter", "segsynth.label_set": label_set,
+                "segsynth.classes": str(deeplab.n_classes), "segsynth.family": deeplab.family,
+                "segsynth.input_order": pre.order, "segsynth.input_mean": ",".join(map(repr, pre.mean)),
+                "segsynth.input_std": ",".join(map(repr, pre.std))}
+    image = torch.randn(cfg.batch or 2, 3, *size) * 50
+    export(SegmenterGraph(deeplab, cfg.argmax), {"image": image}, ["labels" if cfg.argmax else "logits"],
+           cfg.out, dynamic_batch=cfg.batch is None, metadata=metadata)
+    return (f"wrote {cfg.out} ({deeplab.family}, {deeplab.n_classes} classes, input {size[0]}x{size[1]}, "
+            f"output {'labels' if cfg.argmax else 'logits'})")
+
+
+def _chain(cfg: ExportConfig) -> str:
+    import torch
+
+    from segsynth.export.onnx_export import ChainGraph, export
+    from segsynth.export.spade import load_spade
+
+    _check_seg_size(cfg.seg_size, "--seg-size")
+    deeplab = _load_deeplab(cfg.deeplab)
+    opt = _spade_options(cfg, None)  # --size is the frame size here; the generator keeps its own
+    spade = load_spade(cfg.checkpoint, opt, cfg.epoch)
+    seg_set = cfg.label_set or _SETS_BY_CLASSES.get(deeplab.n_classes, "")
+    gen_set = _SETS_BY_CLASSES.get(opt.label_nc, "")
+    graph = ChainGraph(deeplab, spade, cfg.size, cfg.seg_size)
+    batch = cfg.batch or 2
+    inputs = {"frames": torch.randint(0, 256, (batch, *cfg.size, 3), dtype=torch.uint8),
+              "remap": torch.arange(256, dtype=torch.uint8)}
+    if opt.use_vae:
+        inputs["z"] = torch.randn(batch, opt.z_dim)
+    metadata = {**_generator_metadata(opt, None), "segsynth.role": "chain", "segsynth.segmenter_label_set": seg_set,
+                "segsynth.generator_label_set": gen_set, "segsynth.frame_size": "x".join(map(str, cfg.size)),
+                "segsynth.seg_size": "x".join(map(str, cfg.seg_size))}
+    export(graph, inputs, ["image", "labels"], cfg.out, dynamic_batch=cfg.batch is None, metadata=metadata,
+           unbatched=("remap",))
+    return (f"wrote {cfg.out} (chain: {deeplab.family} [{seg_set or '?'}] -> SPADE [{gen_set or '?'}], "
+            f"frames {cfg.size[0]}x{cfg.size[1]})")

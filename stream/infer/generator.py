@@ -1,0 +1,136 @@
+"""SPADE generators at run time: label maps in, RGB frames out, through a Runner.
+
+A generator is an ONNX graph following the SPADE contract (``label`` [+ ``instance``]
+[+ ``z``] -> ``image``), from one of:
+* ``default``: the bundled generator the project trained itself (segsynth/models);
+* an ``.onnx`` file exported with ``segsynth export spade``;
+* an official-layout checkpoint directory, exported once to the cache by
+  segsynth.jobs.models (the export extra: torch) and then loaded as the .onnx it became.
+
+Threading: stateless between calls; safe to share between sessions (the runners serialise
+where their backend needs it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from segsynth.core import labels, paths
+from segsynth.engine.runner import Runner
+from segsynth.engine.select import open_runner
+from segsynth.core.errors import InputError, ModelError
+
+log = logging.getLogger("segsynth")
+DEFAULT_GENERATOR = "spade_ade20k.onnx"
+
+
+def bundled_generator() -> Path | None:
+    path = paths.bundled(DEFAULT_GENERATOR)
+    return path if path.is_file() else None
+
+
+class Generator:
+    def __init__(self, runner: Runner, encoder: Runner | None = None, path: Path | None = None) -> None:
+        self.runner, self.path = runner.activate(), path  # path: the graph, for the runtime chain
+        self.source = getattr(runner, "label", runner.name)
+        names = set(runner.inputs)
+        meta = runner.metadata
+        if "label" not in names or "image" not in runner.outputs or meta.get("segsynth.role", "generator") != "generator":
+            raise ModelError(f"{self.source} is not a SPADE generator (expected input label[N,1,H,W] and output "
+                             f"image[N,3,H,W]; got inputs {sorted(names)} and outputs {sorted(runner.outputs)})")
+        h, w = runner.inputs["label"].shape[2:]
+        if not (isinstance(h, int) and isinstance(w, int)):
+            raise ModelError(f"{self.source}: generators need a fixed size, got {h} x {w}")
+        self.size = (w, h)  # (W, H)
+        self.uses_instance, self.uses_z = "instance" in names, "z" in names
+        self.z_dim = int(runner.inputs["z"].shape[1]) if self.uses_z else 0
+        self.label_set = labels.get(meta["segsynth.label_set"]) if meta.get("segsynth.label_set") else None
+        self.fit = meta.get("segsynth.fit", "letterbox")  # how the training frames met the model's size
+        self.encoder = encoder.activate() if encoder is not None else None
+        batch = runner.inputs["label"].shape[0]
+        self.batch = batch if isinstance(batch, int) else runner.max_batch  # frames per call; None: any
+
+    def encode_style(self, rgb: np.ndarray) -> np.ndarray:
+        """A style image (H x W x 3 uint8) -> z (1 x z_dim): the encoder's mean."""
+        if not self.uses_z:
+            raise InputError(f"{self.source} has no style input (it is not a VAE generator); --style needs one")
+        if self.encoder is None:
+            raise InputError(f"{self.source}: no style encoder (latest_net_E.pth) to encode --style with")
+        batch, _, *size = self.encoder.inputs["style"].shape
+        from PIL import Image
+
+        # the encoder graph's own style size; where a dim is dynamic, the generator's (the size the
+        # official encoder saw its training images at; it resizes to 256x256 inside either way)
+        h, w = (s if isinstance(s, int) else g for s, g in zip(size, self.size[::-1]))
+        x = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR), np.float32) / 127.5 - 1
+        x = np.repeat(x.transpose(2, 0, 1)[None], batch if isinstance(batch, int) else 1, 0)  # a fixed batch N
+        return self.encoder.infer({"style": x})["mu"][:1, : self.z_dim]
+
+    def __call__(self, label_maps: np.ndarray, z: np.ndarray | None = None) -> np.ndarray:
+        """N x H x W uint8 ids (at ``self.size``) -> N x H x W x 3 uint8 pixels."""
+        outs = []
+        step = self.batch or len(label_maps)
+        for start in range(0, len(label_maps), step):
+            ids = label_maps[start:start + step].astype(np.int64)[:, None]
+            feed = {"label": ids}
+            if self.uses_instance:
+                feed["instance"] = ids
+            if self.uses_z:
+                feed["z"] = np.repeat(z, len(ids), 0).astype(np.float32)
+            image = self.runner.infer(feed)["image"]
+            outs.append(((image + 1) * 127.5).round().clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
+        return np.concatenate(outs)
+
+    @property
+    def runners(self) -> tuple:
+        return (self.runner, *((self.encoder,) if self.encoder is not None else ()))
+
+    def close(self) -> None:
+        self.runner.deactivate()
+        if self.encoder is not None:
+            self.encoder.deactivate()
+
+
+def _encoder_beside(path: Path) -> Path | None:
+    """``NAME-encoder.onnx`` beside ``NAME.onnx``: a VAE generator's style encoder, where there is one."""
+    sibling = path.with_name(path.stem + "-encoder.onnx")
+    return sibling if sibling.is_file() else None
+
+
+def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir: Path | None = None,
+                   threads: int | None = None, backend: str = "onnxruntime", fp16: bool = True,
+                   batch: int | None = None, int8: bool = False) -> Generator | None:
+    """``default`` (None when no bundled generator exists), ``none`` (segmentation only), an .onnx
+    file, or a checkpoint directory; run on ``backend`` ("auto": the best that can serve it);
+    ``int8``: the bundled default's quantised graph."""
+    if spec == "none":
+        return None
+    if spec == "default":
+        path = bundled_generator()
+        if path is None:
+            return None
+        encoder = _encoder_beside(path)  # the float graph's style encoder serves its int8 graph too
+        if int8 and path.with_suffix(".int8.onnx").is_file():
+            path = path.with_suffix(".int8.onnx")
+    else:
+        path = Path(spec)
+        if path.is_dir():  # exporting it needs torch: segsynth.export, which the stream library does not import
+            raise ModelError(f"--generator {spec}: a checkpoint directory is exported to ONNX first: load it with "
+                             "segsynth.jobs.models.load_models (the commands do), or segsynth export spade")
+        if path.suffix.lower() != ".onnx" or not path.is_file():
+            raise InputError(f"--generator {spec}: expected 'default', 'none', an .onnx file or a SPADE checkpoint directory")
+        encoder = _encoder_beside(path)
+    opened: list[Runner] = []
+    try:
+        for model in (path, encoder) if encoder else (path,):
+            opened.append(open_runner(model, backend, fp16=fp16, threads=threads, cache_dir=cache_dir, batch=batch))
+        return Generator(*opened, path=path)
+    except BaseException:
+        for r in opened:
+            r.deactivate()
+        raise

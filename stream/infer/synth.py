@@ -1,0 +1,158 @@
+"""The infer step of a stream session: segment a batch, stabilise the labels over time,
+remap them, synthesize a new picture from them, and hold the picture still where its
+labels are.
+
+The models are shared (a ``ModelSet`` serves many sessions); what belongs to one session -
+its stabiliser state, remap table and style vector ``z`` - lives here. ``update()`` may be
+called from any thread: the change is picked up by the infer thread at the next batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from segsynth.core import labels
+
+from segsynth.stream.infer import stabilize as stabilizers
+from segsynth.stream.infer.segmenter import resize_labels
+
+
+@dataclass
+class FrameResult:
+    labels: np.ndarray  # ids at the segmenter's size, in the generator's (or segmenter's) label set
+    synth: np.ndarray | None  # RGB at the generator's content size, or None
+
+
+def content_box(frame_size: tuple[int, int], model_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x, y, w, h) of a frame of ``frame_size`` fitted into ``model_size`` keeping its aspect."""
+    fw, fh = frame_size
+    mw, mh = model_size
+    scale = min(mw / fw, mh / fh)
+    cw, ch = max(1, round(fw * scale)), max(1, round(fh * scale))
+    return (mw - cw) // 2, (mh - ch) // 2, cw, ch
+
+
+class Synthesize:
+    """Segment -> stabilise -> remap -> synthesize -> hold, for one session. ``segmenter`` and
+    ``generator`` (None: labels only) are shared models; ``stabilize`` a ``--stabilize`` spec
+    (see stream.stabilize); ``gen_size`` is the generator's (W, H) and ``fit`` how frames
+    meet it (letterbox keeps the aspect ratio, padding with dontcare). ``chains``: the same
+    models composed into graphs (stream.chain parts by name): ``all`` runs a batch in one
+    call when nothing happens between the models; ``segment`` and ``synth`` run either side
+    of the stabiliser; missing parts run model by model. ``class_counts`` adds up the pixels
+    of every class seen (256 counters)."""
+
+    def __init__(self, segmenter, generator, table: labels.RemapTable, z, stabilize: str, fit: str,
+                 gen_size: tuple[int, int] | None, chains: dict | None = None) -> None:
+        self.segmenter, self.generator, self.table, self.z, self.fit = segmenter, generator, table, z, fit
+        self.stabilizer = stabilizers.make(stabilize)
+        self.hold = stabilizers.PictureHold() if self.stabilizer is not None and generator is not None else None
+        self.gen_size = gen_size
+        self.chains = {k: v for k, v in (chains or {}).items() if v is not None}
+        self.whole = self.chains.get("all") if self.stabilizer is None else None
+        first = self.whole or self.chains.get("segment") or segmenter
+        self.asynchronous = getattr(first, "asynchronous", False)  # GPU runners overlap batches
+        self.class_counts = np.zeros(256, np.int64)
+        self._updates: dict = {}
+        self._lock = threading.Lock()
+
+    def update(self, *, table: labels.RemapTable | None = None, z: np.ndarray | None = None) -> None:
+        """Use a new remap table and/or style vector from the next batch on (any thread)."""
+        with self._lock:
+            if table is not None:
+                self._updates["table"] = table
+            if z is not None:
+                self._updates["z"] = z
+
+    def submit(self, frames: np.ndarray, metas: list[dict]):
+        """Start a batch (on GPU backends the device works while the caller goes on); changes
+        (``update``) apply from the batch submitted next."""
+        with self._lock:
+            updates, self._updates = self._updates, {}
+        self.table = updates.get("table", self.table)
+        if "z" in updates:
+            self.z = updates["z"]
+            if self.hold is not None:
+                self.hold.reset()  # a new style repaints everything
+        boxes = [self._box(meta) for meta in metas] if self.gen_size else None
+        if self.whole is not None:
+            return self.whole.submit(frames, self.table.lut, boxes, self.z), metas, boxes, None
+        # what the stabiliser reads of the frames is taken now: the batch's buffer is reused
+        frames_kept = frames.copy() if getattr(self.stabilizer, "needs_frames", False) else None
+        part = self.chains.get("segment")
+        return (part.submit(frames) if part else self.segmenter.submit(frames)), metas, boxes, frames_kept
+
+    def finish(self, handle) -> list[FrameResult]:
+        pending, metas, boxes, frames = handle
+        moved = [None] * len(metas)  # per frame: where its input moved (True: all, a scene cut), from the stabiliser
+        if self.whole is not None:
+            out = self.whole.finish(pending)
+            ids, synth = out["labels"], out.get("pixels")
+        else:
+            ids, synth = self._stabilised_synthesis(pending, boxes, frames, moved)
+        self.class_counts += np.bincount(ids.ravel(), minlength=256)
+        if synth is None:
+            return [FrameResult(m, None) for m in ids]
+        results = []
+        for m, s, (x, y, cw, ch), where in zip(ids, synth, boxes, moved):
+            picture = s[y:y + ch, x:x + cw]
+            if self.hold is not None:
+                if isinstance(where, np.ndarray):  # at the picture's size
+                    where = resize_labels(where.view(np.uint8), cw, ch).view(bool)
+                picture = self.hold(resize_labels(m, cw, ch), picture, where)
+            results.append(FrameResult(m, picture))
+        return results
+
+    def __call__(self, frames: np.ndarray, metas: list[dict]) -> list[FrameResult]:
+        return self.finish(self.submit(frames, metas))
+
+    def pinned_allocator(self):
+        """Host buffers the first model uploads from fast (see Runner.pinned_allocator)."""
+        return (self.whole or self.chains.get("segment") or self.segmenter).pinned_allocator()
+
+    def _stabilised_synthesis(self, pending, boxes, frames, moved: list) -> tuple[np.ndarray, np.ndarray | None]:
+        """Segment (chain part or models), stabilise on the host (``moved[i]``: where frame i's
+        input moved, as the stabiliser saw it), then remap and synthesize."""
+        part = self.chains.get("segment")
+        if part is not None:
+            out = part.finish(pending)
+            seg, confidence = out["ids"], out.get("confidence")
+        elif self.stabilizer is None:
+            seg, confidence = self.segmenter.finish(pending), None
+        else:
+            seg, confidence = self.segmenter.finish(pending, confidence=True)
+        if self.stabilizer is not None:
+            none, stable = [None] * len(seg), []
+            for i, (m, c, f) in enumerate(zip(seg, none if confidence is None else confidence,
+                                              none if frames is None else frames)):
+                stable.append(self.stabilizer(m, c, f))
+                started = getattr(self.stabilizer, "started", False)
+                moved[i] = True if started else getattr(self.stabilizer, "moved", None)
+            seg = np.stack(stable)
+        synth_part = self.chains.get("synth")
+        if self.generator is not None and synth_part is not None:
+            out = synth_part.finish(synth_part.submit(seg, self.table.lut, boxes, self.z))
+            return out["labels"], out["pixels"]
+        ids = self.table(seg)
+        if self.generator is None:
+            return ids, None
+        gw, gh = self.gen_size
+        canvases = np.full((len(ids), gh, gw), labels.UNKNOWN, np.uint8)
+        for canvas, m, (x, y, cw, ch) in zip(canvases, ids, boxes):
+            canvas[y:y + ch, x:x + cw] = resize_labels(m, cw, ch)
+        return ids, self.generator(canvases, self.z)
+
+    def _box(self, meta: dict) -> tuple[int, int, int, int]:
+        """Where a frame's picture lies on the generator's canvas."""
+        gw, gh = self.gen_size
+        return content_box(meta["size"], (gw, gh)) if self.fit == "letterbox" else (0, 0, gw, gh)
+
+    def class_fractions(self) -> dict[str, float]:
+        """Pixel share of every class seen so far, largest first, by name."""
+        counts = self.class_counts.copy()
+        total = counts.sum() or 1
+        names = self.table.dst
+        return {names.name_of(int(i)): float(counts[i] / total) for i in np.argsort(-counts) if counts[i]}
