@@ -15,16 +15,15 @@ import tempfile
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from segsynth.core.errors import InputError
-
 from segsynth.benchmarks import inputs, machine, scenarios, tiny
 from segsynth.benchmarks.scenarios import BenchConfig, Job
+from segsynth.core.errors import InputError
+from segsynth.stream.infer.models import ModelSet
 
 log = logging.getLogger("segsynth")
 
 
 def _make_job(cfg: BenchConfig, source: Path) -> Job:
-    from segsynth.stream.infer.models import ModelSet
 
     segmenter = str(tiny.segmenter(cfg.workdir / "tiny-segmenter.onnx")) if cfg.segmenter == "tiny" else cfg.segmenter
     models = ModelSet.load(segmenter, cfg.generator, threads=cfg.threads, backend=cfg.backend, fp16=cfg.fp16,
@@ -55,7 +54,7 @@ def run_bench(cfg: BenchConfig) -> dict:
         try:
             for name in cfg.scenarios:
                 log.info("running %s ...", name)
-                result = getattr(scenarios, name.replace("-", "_"))(job)
+                result = scenarios.RUN[name](job)
                 report["scenarios"][name] = result
                 report["ratios"].update(result.get("ratios", {}))
                 _print(name, result)

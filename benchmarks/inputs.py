@@ -6,11 +6,12 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
+import av
+
 
 def generate(path: Path, *, size: tuple[int, int] = (1280, 720), rate: int = 30, frames: int = 300,
              source: str = "testsrc2") -> Path:
     """Write ``frames`` frames of ``source`` at ``size`` and ``rate`` fps, with stereo AAC."""
-    import av
 
     if path.is_file():
         return path

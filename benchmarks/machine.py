@@ -8,6 +8,8 @@ import shutil
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 
+import av
+
 
 def _version(dist: str) -> str | None:
     try:
@@ -52,7 +54,6 @@ def _gpus() -> list[dict]:
 
 
 def describe() -> dict:
-    import av
 
     ffmpeg = None
     if shutil.which("ffmpeg"):

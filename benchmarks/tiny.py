@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 
 def segmenter(path: Path, size: tuple[int, int] = (64, 64), batch: int | None = None) -> Path:
     """Write the tiny segmenter to ``path`` (if not there yet) and return the path; ``batch``
     fixes the batch size (default: dynamic)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     if path.is_file():
         return path

@@ -7,10 +7,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from segsynth.core.errors import InputError
-
+from segsynth.engine.onnxruntime import describe_onnx
 from segsynth.engine.select import make_runner, resolve_backend
+from segsynth.engine.tensorrt import TensorRTRunner, import_tensorrt
 
 log = logging.getLogger("segsynth")
 
@@ -18,7 +20,6 @@ log = logging.getLogger("segsynth")
 def build(onnx_path: Path, *, fp16: bool, batch: int | tuple[int, int, int], cache_dir: Path | None) -> str:
     """Build (or find) the TensorRT engine for ``onnx_path`` in the engine cache. ``batch``:
     the batch it will run (N: profile 1..N, tuned for N) or (min, opt, max)."""
-    from segsynth.engine.tensorrt import TensorRTRunner
 
     if not onnx_path.is_file():
         raise InputError(f"{onnx_path}: no such ONNX file")
@@ -33,9 +34,7 @@ def info(path: Path) -> list[str]:
         raise InputError(f"{path}: no such file")
     lines = []
     if path.suffix == ".onnx":
-        import onnx
 
-        from segsynth.engine.onnxruntime import describe_onnx
 
         inputs, outputs, meta = describe_onnx(onnx.load(str(path), load_external_data=False))
         for kind, tensors in (("input", inputs), ("output", outputs)):
@@ -50,7 +49,6 @@ def info(path: Path) -> list[str]:
     lines += [f"built for {key['gpu']} (sm {key['compute_capability']}), TensorRT {key['tensorrt']}, "
               f"{key['precision']}", f"profile {key['profile']}", f"graph sha256 {key['graph_sha256']}"]
     try:
-        from segsynth.engine.tensorrt import import_tensorrt
 
         trt = import_tensorrt()
         engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(path.read_bytes())

@@ -28,12 +28,11 @@ The rules:
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper, numpy_helper
 
 from segsynth.core.errors import ModelError
 from segsynth.engine.cache import CachedFile, content_key
@@ -51,7 +50,6 @@ class _Slots:
     """What onnx's schema of one node says about each float32 input and output."""
 
     def __init__(self, node, opset: int, types: dict[str, int]) -> None:
-        import onnx
 
         try:
             schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
@@ -90,8 +88,6 @@ class _Slots:
 def to_float16(model):
     """A copy of ``model`` (an onnx ModelProto) computing in float16; see the module docstring.
     Raises ModelError for graphs it cannot convert (control flow, custom ops)."""
-    import onnx
-    from onnx import helper, numpy_helper
 
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
@@ -197,7 +193,6 @@ def to_float16(model):
 
 
 def _copy(node):
-    import onnx
 
     new = onnx.NodeProto()
     new.CopyFrom(node)
@@ -206,7 +201,6 @@ def _copy(node):
 
 def _retype_attributes(node) -> None:
     """The attributes that fix a float32 output type, rewritten for float16."""
-    from onnx import helper, numpy_helper
 
     attrs = {a.name: a for a in node.attribute}
     if node.op_type == "Cast" and attrs["to"].i == F32:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from segsynth.core.errors import ModelError
+import onnx
 
-from segsynth.engine.onnx_torch import _attrs  # node attributes as Python values (imports no torch)
+from segsynth.core.errors import ModelError
+from segsynth.engine.onnx_torch import (
+    _attrs,  # node attributes as Python values (imports no torch)
+)
 
 OPSET_RANGE = (9, 20)
 F32, U8, I8, I32, I64, BOOL, F16, F64, BF16 = 1, 2, 3, 6, 7, 9, 10, 11, 16
@@ -57,7 +60,6 @@ _RESIZE = {"mode": {"nearest", "linear"},
 def tensorrt_problems(model) -> list[str]:
     """Everything in ``model`` (a ModelProto, bytes or a path) that onnx-tensorrt would refuse;
     empty when TensorRT 10 can parse it."""
-    import onnx
 
     try:
         if isinstance(model, (str, Path)):

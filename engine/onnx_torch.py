@@ -19,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 
 from segsynth.core.errors import BackendError
 
@@ -27,7 +29,6 @@ _ONNX_TO_TORCH_DTYPE = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int
 
 
 def _attrs(node) -> dict:
-    from onnx import helper
 
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
@@ -58,9 +59,7 @@ class OnnxTorchModule:
     Not thread-safe while ``to()`` runs; calls share only the read-only constants."""
 
     def __init__(self, model: str | Path | bytes) -> None:
-        import onnx
         import torch
-        from onnx import numpy_helper
 
         proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
         self.proto = proto
@@ -254,7 +253,6 @@ def _unsqueezed(shape, axes):
 
 
 def _const_value(attrs):
-    from onnx import numpy_helper
 
     value = attrs.get("value")
     return numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)

@@ -8,9 +8,9 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 
 from segsynth.core.errors import BackendError, ModelError
-
 from segsynth.engine.runner import Runner, TensorMeta
 
 log = logging.getLogger("segsynth")
@@ -79,7 +79,6 @@ class OnnxRuntimeRunner(Runner):
         return "<in-memory model>" if isinstance(self.model, bytes) else Path(self.model).name
 
     def _activate_impl(self) -> None:
-        import onnxruntime as ort
 
         available = set(ort.get_available_providers())
         missing = [p for p in self.providers if p not in available]
@@ -128,7 +127,6 @@ class OnnxRuntimeRunner(Runner):
         names = list(self.outputs)
         if not self.io_binding:
             return dict(zip(names, self.session.run(names, feed)))
-        import onnxruntime as ort
 
         binding = getattr(self._local, "binding", None)
         if binding is None:  # one per thread: an IOBinding must not be shared by concurrent runs

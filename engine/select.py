@@ -15,10 +15,17 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from segsynth.core.errors import BackendError, ModelError
+import onnxruntime
 
-from segsynth.engine.onnxruntime import OnnxRuntimeRunner  # imports no onnxruntime until a runner activates
+from segsynth.core.errors import BackendError, ModelError
+from segsynth.engine import cuda
+from segsynth.engine.fp16 import cached_float16
+from segsynth.engine.onnxruntime import (
+    OnnxRuntimeRunner,  # imports no onnxruntime until a runner activates
+)
 from segsynth.engine.runner import Runner
+from segsynth.engine.tensorrt import TensorRTRunner, import_tensorrt
+from segsynth.engine.torch_runner import TorchCudaRunner
 
 log = logging.getLogger("segsynth")
 BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime")
@@ -31,7 +38,6 @@ def _has(module: str) -> bool:
 
 
 def _ort_cuda() -> bool:
-    import onnxruntime
 
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
@@ -52,7 +58,6 @@ def _say_once(line: str) -> None:
 @functools.lru_cache(maxsize=1)
 def _tensorrt_usable() -> bool:
     """TensorRT imports and is a version the backend supports; said once when it is not."""
-    from segsynth.engine.tensorrt import import_tensorrt
 
     try:
         import_tensorrt()
@@ -65,7 +70,6 @@ def _tensorrt_usable() -> bool:
 def backend_candidates() -> list[tuple[str, str]]:
     """The backends ``auto`` may use here, best first, each with why: TensorRT >
     onnxruntime-cuda > torch-cuda > onnxruntime (CPU, always last)."""
-    from segsynth.engine import cuda
 
     problem = cuda.gpu_problem() if _has("cuda") else "cuda-python is not installed"
     gpu = problem is None
@@ -114,11 +118,9 @@ def make_runner(model: str | Path, backend: str, *, fp16: bool = True, threads: 
                                              io_binding=True)
         return OnnxRuntimeRunner(model, threads=threads, providers=cuda_providers, io_binding=True)
     if backend == "torch-cuda":
-        from segsynth.engine.torch_runner import TorchCudaRunner
 
         return TorchCudaRunner(model, fp16=fp16)
     if backend == "tensorrt":
-        from segsynth.engine.tensorrt import TensorRTRunner
 
         return TensorRTRunner(model, fp16=fp16, batch=batch, cache_dir=cache_dir / "engines" if cache_dir else None)
     raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
@@ -160,7 +162,6 @@ class Float16OnnxRuntimeRunner(OnnxRuntimeRunner):
         return self.source.name
 
     def _activate_impl(self) -> None:
-        from segsynth.engine.fp16 import cached_float16
 
         self.model = cached_float16(self.source, self.cache_dir)
         super()._activate_impl()

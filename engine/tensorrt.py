@@ -28,15 +28,18 @@ runner); a handle stays valid when another caller reuses its slot (its outputs a
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from segsynth.core import paths
 from segsynth.core.errors import BackendError, ModelError
-
 from segsynth.engine import cuda
 from segsynth.engine.cache import EngineCache, EngineKey, graph_sha256, profile_string
+from segsynth.engine.fp16 import to_float16
+from segsynth.engine.onnxruntime import describe_onnx
 from segsynth.engine.runner import Runner, TensorMeta
 
 log = logging.getLogger("segsynth")
@@ -84,9 +87,7 @@ def batch_range(batch: int | tuple[int, int, int] | None) -> tuple[int, int, int
 
 def batch_profile(onnx_bytes: bytes, batch: tuple[int, int, int]) -> dict:
     """min/opt/max shapes for every input: the batch axis varies, every other axis is fixed."""
-    import onnx
 
-    from segsynth.engine.onnxruntime import describe_onnx
 
     inputs, _, _ = describe_onnx(onnx.load_from_string(onnx_bytes))
     shapes = {}
@@ -112,7 +113,6 @@ def public_shape(engine_shape: tuple, graph_meta) -> tuple:
 def timing_cache_name(key: EngineKey) -> str:
     """One timing cache per GPU model, compute capability and TensorRT version (tactic timings
     of one do not hold for another)."""
-    import re
 
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", key.gpu).strip("-")
     return f"timing-{gpu}-sm{key.compute_capability.replace('.', '')}-trt{key.tensorrt}.cache"
@@ -218,9 +218,7 @@ class TensorRTRunner(Runner):
         self._pools: list[cuda.PinnedPool] = []  # pinned_allocator()'s, until closed
 
     def _activate_impl(self) -> None:
-        import onnx
 
-        from segsynth.engine.onnxruntime import describe_onnx
 
         trt = import_tensorrt()
         dev = cuda.device(self.device_index)
@@ -231,7 +229,6 @@ class TensorRTRunner(Runner):
         strong = strongly_typed(trt)
         built = onnx_bytes
         if strong and self.fp16:  # TensorRT 11: FP16 is a float16 graph
-            from segsynth.engine.fp16 import to_float16
 
             built = to_float16(onnx.load_from_string(onnx_bytes)).SerializeToString()
         precision = ("fp16" if self.fp16 else "fp32") + ("-strong" if strong else "")

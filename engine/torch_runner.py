@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from segsynth.core.errors import BackendError
-
+from segsynth.engine.onnx_torch import OnnxTorchModule
+from segsynth.engine.onnxruntime import describe_onnx
 from segsynth.engine.runner import Runner
 
 
@@ -35,8 +36,6 @@ class TorchCudaRunner(Runner):
             import torch
         except ImportError as exc:
             raise BackendError("the torch-cuda backend needs torch (pip install 'segsynth[export]')") from exc
-        from segsynth.engine.onnx_torch import OnnxTorchModule
-        from segsynth.engine.onnxruntime import describe_onnx
 
         if self.device_name.startswith("cuda") and not torch.cuda.is_available():
             raise BackendError("torch-cuda: torch sees no CUDA GPU here (a CPU-only torch build, or no driver)")

@@ -19,12 +19,13 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from segsynth.core.errors import ModelError, OutputError
-
 from segsynth.export.deeplab import LoadedDeepLab
 from segsynth.export.spade import LoadedSpade, SemanticInput, frozen
 
@@ -108,7 +109,6 @@ def export(module: nn.Module, inputs: dict[str, torch.Tensor], output_names: lis
     ``out`` (with its external-data file when the weights pass ``external_data_bytes``),
     checked with onnx's checker and shape inference, then moved into place. With
     ``dynamic_batch`` the first axis of every input except those in ``unbatched`` is dynamic."""
-    import onnx
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -150,8 +150,6 @@ def store_weights_fp16(path: str | Path, min_elements: int = 1024) -> None:
     to float32 when the session loads (onnxruntime folds the casts): half the file size, the
     arithmetic still fp32. The weights are rounded to fp16 once (for SPADE graphs, whose
     spectral norm is folded into the weights at export, that moves outputs by ~1e-4)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(str(path))
     graph = model.graph

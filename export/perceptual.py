@@ -16,14 +16,16 @@ through it would game its own score.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
+import onnx
 import torch
+from onnx.utils import Extractor
 from torch import nn
 
 from segsynth.core import paths
 from segsynth.core.errors import ModelError
+from segsynth.engine.onnx_torch import OnnxTorchModule
 
 VOC_MODEL = "deeplabv3_mnv2_voc.onnx"
 # The ReLU6 after the expansion convolution of blocks 1, 3, 6 and 10 of MobileNetV2 (96, 144,
@@ -34,10 +36,7 @@ TAPS = ("clip_21", "clip_52", "clip_99", "clip_162")
 class PerceptualLoss(nn.Module):
     def __init__(self, model: str | Path | None = None, taps: tuple[str, ...] = TAPS) -> None:
         super().__init__()
-        import onnx
-        from onnx.utils import Extractor
 
-        from segsynth.engine.onnx_torch import OnnxTorchModule
 
         path = Path(model) if model else paths.bundled(VOC_MODEL)
         proto = onnx.load(str(path))

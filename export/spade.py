@@ -14,6 +14,7 @@ and the instance map becomes an edge map.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -384,7 +385,6 @@ def load_spade(directory: str | Path, opt: SpadeOptions | None = None, epoch: st
 def frozen(module: nn.Module) -> nn.Module:
     """An inference copy: eval mode, spectral norm folded into plain weights using the stored
     u/v without a power-iteration step (exactly what the eval-mode hook computes)."""
-    import copy
 
     from torch.nn.utils import remove_spectral_norm
     from torch.nn.utils.spectral_norm import SpectralNorm

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
 
 from segsynth.core.errors import ModelError
 
@@ -121,7 +123,6 @@ class _Builder:
     """Accumulates ONNX nodes and initialisers with deterministic names."""
 
     def __init__(self, tensors: list[_Tensor]) -> None:
-        from onnx import helper, numpy_helper
 
         self.helper, self.numpy_helper = helper, numpy_helper
         self.tensors = tensors
@@ -189,8 +190,6 @@ def convert(path: str | Path, *, class_lut: np.ndarray | None = None,
     For quantised inputs the normalisation is read from the input's quantisation
     (pixel * scale + offset); float inputs need ``input_scale``/``input_offset``.
     """
-    import onnx
-    from onnx import TensorProto, helper
 
     path = Path(path)
     if not path.is_file():
@@ -353,7 +352,6 @@ def _confidence(b: _Builder, logits: str, resized: dict) -> None:
     """Output ``confidence``: the top class's softmax probability per pixel, computed where the
     logits are small (before the final bilinear upsampling, when there is one: a softmax over
     151 x 513 x 513 would cost as much as the rest of the head) and upsampled the same way."""
-    from onnx import helper
 
     low, size, mode = resized.get(logits, (logits, None, None))
     # max softmax = 1 / sum(exp(x - max)): onnxruntime's Softmax over axis 1 of NCHW is ~20x slower

@@ -25,7 +25,7 @@ from segsynth.jobs.dataset import load_manifest, read_pair
 from segsynth.jobs.eval_generator import evaluate
 from segsynth.stream.infer.generator import load_generator
 from segsynth.stream.io.demux import read_image
-from segsynth.stream.infer.segmenter import resize_labels, resize_rgb
+from segsynth.stream.pictures import resize_labels, resize_rgb
 
 ROWS = (("fw_iou", "frequency-weighted IoU", "{:.3f}"), ("pixel_accuracy", "pixel accuracy", "{:.3f}"),
         ("miou", "mIoU (classes present)", "{:.3f}"), ("psnr", "PSNR vs the real frame (dB)", "{:.2f}"),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib
 
+from segsynth.core import config
+
 _EXPORTS = {
     "ModelSet": "models", "StreamSession": "session", "Pipeline": "pipeline",
     "FileSource": "sources", "SyntheticSource": "sources", "Source": "sources", "SourceInfo": "sources",
@@ -21,7 +23,6 @@ __all__ = ["ModelConfig", "StreamConfig", *_EXPORTS]
 
 def __getattr__(name: str):
     if name in ("StreamConfig", "ModelConfig"):
-        from segsynth.core import config
 
         return getattr(config, name)
     if name in _EXPORTS:

@@ -6,14 +6,15 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from segsynth.core import labels
 from segsynth.core.labels import LabelSet
+from segsynth.stream.pictures import resize_labels
 
 
 @lru_cache(maxsize=8)
 def _font(size: int):
-    from PIL import ImageFont
 
     return ImageFont.load_default(size=size)
 
@@ -22,7 +23,6 @@ def draw_legend(image: np.ndarray, label_map: np.ndarray, label_set: LabelSet, *
                 max_items: int = 10, min_fraction: float = 0.005) -> np.ndarray:
     """Draw a box listing the classes present (largest first, with pixel share) in the top-left
     corner of ``image`` (H x W x 3 uint8); returns a new array."""
-    from PIL import Image, ImageDraw
 
     present = [(i, f) for i, f in labels.class_fractions(label_map).items() if f >= min_fraction][:max_items]
     if not present:
@@ -67,7 +67,6 @@ def render(view: str, frame: np.ndarray, label_map: np.ndarray, label_set: Label
 
 
 def _resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
 
     if image.shape[1::-1] == tuple(size):
         return image
@@ -91,7 +90,6 @@ def fit_picture(picture: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     tw, th = size
     if (w, h) == (tw, th) or (0 <= tw - w <= 1 and 0 <= th - h <= 1):
         return pad_to(picture, size)
-    from PIL import Image
 
     scale = min(tw / w, th / h)
     cw, ch = max(1, round(w * scale)), max(1, round(h * scale))
@@ -113,7 +111,6 @@ def compose(view: str, display: np.ndarray | None, label_map: np.ndarray, synth:
     map + legend); overlay (labels blended over the input); side-by-side (input | synthesis,
     or input | labels without a generator); grid (2 x 2: input, labels, synthesis, overlay);
     ids (the class ids as a grayscale picture)."""
-    from segsynth.stream.infer.segmenter import resize_labels
 
     w, h = frame_size
     if view == "grid":

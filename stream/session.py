@@ -22,18 +22,42 @@ import logging
 import threading
 from pathlib import Path
 
-from segsynth.core.config import StreamConfig
-from segsynth.core.errors import InputError, OutputError, SegsynthError, SourceError, at_field
+import av
 
-from segsynth.stream import claims
 from segsynth.core import formats
-from segsynth.stream.io import mux
+from segsynth.core.config import StreamConfig
+from segsynth.core.errors import (
+    InputError,
+    OutputError,
+    SegsynthError,
+    SourceError,
+    at_field,
+)
+from segsynth.core.grammar import (
+    SESSION_VIEWS,
+    check_seed,
+    is_image_sequence,
+    is_live,
+    sink_kind,
+)
+from segsynth.core.metrics import StreamMetrics
+from segsynth.stream import claims
 from segsynth.stream.infer.models import ModelSet
+from segsynth.stream.infer.synth import Synthesize
+from segsynth.stream.io import mux
+from segsynth.stream.io.preview import PreviewSink
+from segsynth.stream.io.sinks import (
+    PUSH_FORMATS,
+    Encoding,
+    FileSink,
+    StreamingSink,
+    TeeSink,
+    hls_sink,
+    segment_sink,
+)
+from segsynth.stream.io.sources import open_source
 from segsynth.stream.pipeline import Pipeline
 from segsynth.stream.render import compose
-from segsynth.stream.io.sinks import PUSH_FORMATS, Encoding, FileSink, StreamingSink, TeeSink, hls_sink, segment_sink
-from segsynth.stream.io.sources import open_source
-from segsynth.stream.infer.synth import Synthesize
 
 log = logging.getLogger("segsynth")
 DISPLAY_VIEWS = ("overlay", "side-by-side", "grid")  # views that show the input frame itself
@@ -69,7 +93,6 @@ class StreamSession:
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> "StreamSession":
         """Open the source and start the stages; InputError/OutputError for what cannot be opened."""
-        from segsynth.core.metrics import StreamMetrics
 
         with self._lock:
             if self.pipeline is not None or self._stop_requested is not None:
@@ -124,9 +147,7 @@ class StreamSession:
     def _claim(self) -> None:
         """The files this session will write and read, claimed before anything is opened: one
         writer per path in this process, and never a path another stream reads (Conflict)."""
-        from segsynth.core.grammar import is_image_sequence, sink_kind
 
-        from segsynth.core.grammar import is_live
 
         cfg = self.config
         writes = [] if self._sinks else [s for s in cfg.sinks if sink_kind(s) in ("file", "hls")]
@@ -136,11 +157,9 @@ class StreamSession:
     def _make_sink(self, spec: str, source):
         """The sink an output string names: a file (or a file series), a push to a server, an
         HLS playlist, an MJPEG preview."""
-        from segsynth.core.grammar import sink_kind
 
         cfg, kind = self.config, sink_kind(spec)
         if kind == "preview":
-            from segsynth.stream.io.preview import PreviewSink
 
             return PreviewSink(spec)
         live = kind in ("push", "hls") or self.policy == "latest"
@@ -215,7 +234,6 @@ class StreamSession:
 
     def _explain(self, stage: str, exc: BaseException) -> BaseException:
         """Media errors as one line that says which side failed; bugs keep their traceback."""
-        import av
 
         if isinstance(exc, SegsynthError) or not isinstance(exc, (OSError, av.FFmpegError)):
             return exc
@@ -233,13 +251,11 @@ class StreamSession:
         """Change the remap rules, the view, or z (``seed`` or ``style`` image) of a running
         session; each takes effect from the next batch. Bad values raise InputError and change
         nothing."""
-        from segsynth.core.grammar import check_seed
 
         check_seed(seed)
         table = self.models.remap(remap) if remap is not None else None
         z = self.models.z(style=style, seed=seed) if seed is not None or style is not None else None
         if view is not None:
-            from segsynth.core.grammar import SESSION_VIEWS
 
             if view not in SESSION_VIEWS:
                 raise InputError(f"view: unknown view {view!r}; choose one of: {', '.join(SESSION_VIEWS)}")

@@ -15,7 +15,8 @@ from segsynth.engine.graphcheck import tensorrt_problems
 from segsynth.engine.onnxruntime import OnnxRuntimeRunner
 from segsynth.stream.infer.chain import compose, letterbox_indices
 from segsynth.stream.infer.generator import load_generator
-from segsynth.stream.infer.segmenter import load_segmenter, resize_labels
+from segsynth.stream.infer.segmenter import load_segmenter
+from segsynth.stream.pictures import resize_labels
 from segsynth.stream.infer.synth import content_box
 
 

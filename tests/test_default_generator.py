@@ -32,7 +32,8 @@ def test_bundled_default_is_a_256_vae_generator_within_40_mb(default):
 
 
 def test_different_style_images_give_different_pictures_beyond_noise(default, real_photos):
-    from segsynth.stream.infer.segmenter import load_segmenter, resize_labels, resize_rgb
+    from segsynth.stream.infer.segmenter import load_segmenter
+    from segsynth.stream.pictures import resize_labels, resize_rgb
 
     seg = load_segmenter("ade20k+voc", threads=2)
     try:

@@ -20,7 +20,8 @@ from segsynth.engine.onnxruntime import OnnxRuntimeRunner
 from segsynth.engine.select import Float16OnnxRuntimeRunner
 from segsynth.engine.torch_runner import TorchCudaRunner
 from segsynth.stream.infer.generator import bundled_generator
-from segsynth.stream.infer.segmenter import OnnxSegmenter, bundled_model, resize_labels, resize_rgb
+from segsynth.stream.infer.segmenter import OnnxSegmenter, bundled_model
+from segsynth.stream.pictures import resize_labels, resize_rgb
 
 GRAPHS = {"voc": lambda: bundled_model("voc"), "ade20k": lambda: bundled_model("ade20k"),
           "generator": bundled_generator}

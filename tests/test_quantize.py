@@ -68,7 +68,8 @@ def test_int8_graphs_against_the_float_ones(capsys):
         meta = {p.key: p.value for p in model.metadata_props}
         assert meta["segsynth.role"] == "segmenter" and "bbb_h264_aac_720p_10s.mp4#0-7" in meta["segsynth.calibration"]
         assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 50
-    from segsynth.stream.infer.segmenter import load_segmenter, resize_labels, resize_rgb
+    from segsynth.stream.infer.segmenter import load_segmenter
+    from segsynth.stream.pictures import resize_labels, resize_rgb
 
     seg = load_segmenter("ade20k+voc")
     size = {i.name: i.shape for i in session(MODELS / "spade_ade20k.onnx").get_inputs()}["label"][-1]

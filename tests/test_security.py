@@ -297,7 +297,8 @@ def test_the_token_comes_before_the_body_and_deep_form_fields_are_422(tmp_path, 
 
 
 def test_without_a_media_root_the_service_reads_and_writes_no_files(tmp_path, tiny_segmenter):
-    from segsynth.serve.service import Service, ServiceError
+    from segsynth.core.errors import ServiceError
+    from segsynth.serve.service import Service
     from segsynth.stream.infer.models import ModelSet
 
     with ModelSet.load(str(tiny_segmenter), "none") as models:

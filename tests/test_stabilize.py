@@ -164,7 +164,7 @@ def test_a_stabilised_ids_video_is_the_stabilised_labels_losslessly(tmp_path, as
     from PIL import Image
 
     from segsynth.stream.infer.models import ModelSet
-    from segsynth.stream.infer.segmenter import resize_labels
+    from segsynth.stream.pictures import resize_labels
     from segsynth.stream.io.sources import FileSource
 
     background = np.asarray(Image.fromarray(astronaut).resize((256, 192), Image.BILINEAR))

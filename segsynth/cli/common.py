@@ -2,18 +2,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
+from pathlib import Path
+
+from segsynth.core.grammar import (
+    FAST_SEG_SIZE,
+    FITS,
+    FUSED,
+    SESSION_VIEWS,
+    STABILIZE_CHOICES,
+    STABILIZE_DEFAULT,
+    TIERS,
+    parse_size,
+)
 
 log = logging.getLogger("segsynth")
 
-
-def cache_dir(flag: str | None):
-    """--cache-dir, else $XDG_CACHE_HOME/segsynth, else ~/.cache/segsynth (read here, at the edge)."""
-    import os
-    from pathlib import Path
-
-    if flag:
-        return Path(flag)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segsynth"
 
 
 class StopOnSignals:
@@ -24,8 +29,6 @@ class StopOnSignals:
         self.session, self.signum, self._saved = session, None, {}
 
     def __enter__(self) -> "StopOnSignals":
-        import signal
-        import threading
 
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
@@ -33,7 +36,6 @@ class StopOnSignals:
         return self
 
     def _handle(self, signum, _frame) -> None:
-        import signal
 
         if self.signum is None:
             self.signum = signum
@@ -44,7 +46,6 @@ class StopOnSignals:
             self.session.stop(drain=False)
 
     def __exit__(self, *exc) -> None:
-        import signal
 
         for signum, handler in self._saved.items():
             signal.signal(signum, handler)
@@ -52,7 +53,6 @@ class StopOnSignals:
 
 def picture_fields(args: argparse.Namespace) -> dict:
     """StreamConfig's fields of how frames are made and encoded (run and transcode share them)."""
-    from pathlib import Path
 
     return dict(view=args.view, remap=args.remap, style=Path(args.style) if args.style else None, seed=args.seed,
                 smooth=args.smooth, stabilize=args.stabilize, fit=args.fit, batch=args.batch, codec=args.codec,
@@ -75,11 +75,10 @@ def tier(args: argparse.Namespace, live: bool) -> str:
 
 def model_fields(args: argparse.Namespace, live: bool = False) -> dict:
     """ModelConfig's fields (run and transcode share them)."""
-    from segsynth.core.grammar import parse_size
 
     return dict(segmenter=args.segmenter, generator=args.generator,
                 size=parse_size(args.size, "--size", "WxH") if args.size else None, threads=args.threads,
-                cache_dir=cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32, batch=args.batch,
+                cache_dir=args.cache_dir, backend=args.backend, fp16=not args.fp32, batch=args.batch,
                 fused=args.fused, models=tier(args, live), seg_size=args.seg_size)
 
 
@@ -96,7 +95,6 @@ def shared_options() -> argparse.ArgumentParser:
 
 def add_picture_options(p: argparse.ArgumentParser, threads: str) -> None:
     """How frames are made and encoded: run's and transcode's options."""
-    from segsynth.core.grammar import FITS, SESSION_VIEWS
 
     p.add_argument("--view", choices=SESSION_VIEWS, help="synth (default with a generator), labels (default "
                                                          "without), overlay, side-by-side (input | synthesis), grid "
@@ -129,7 +127,6 @@ def add_picture_options(p: argparse.ArgumentParser, threads: str) -> None:
 
 
 def add_stabilize(p: argparse.ArgumentParser) -> None:
-    from segsynth.core.grammar import STABILIZE_CHOICES, STABILIZE_DEFAULT
 
     p.add_argument("--stabilize", metavar=STABILIZE_CHOICES,
                    help=f"videos: keep labels (and the picture) still where the input did not change (default "
@@ -139,7 +136,6 @@ def add_stabilize(p: argparse.ArgumentParser) -> None:
 
 
 def add_backend(p: argparse.ArgumentParser) -> None:
-    from segsynth.core.grammar import FAST_SEG_SIZE, FUSED, TIERS
     from segsynth.engine.select import BACKENDS
 
     p.add_argument("--models", choices=TIERS,

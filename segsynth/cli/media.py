@@ -2,12 +2,27 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import threading
+from pathlib import Path
+
+from segsynth.cli.common import (
+    StopOnSignals,
+    add_backend,
+    add_picture_options,
+    add_stabilize,
+    model_fields,
+    picture_fields,
+    tier,
+)
+from segsynth.core.config import ModelConfig, SegmentConfig, StreamConfig
+from segsynth.core.errors import InputError, Interrupted, OutputError
+from segsynth.core.grammar import SEGMENT_VIEWS, describe_cameras, is_live, parse_size
 
 log = logging.getLogger("segsynth")
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from segsynth.core.config import SegmentConfig
     from segsynth.jobs.segment import run_segment
 
     cfg = SegmentConfig(input=args.input, output=args.output, view=args.view, remap=args.remap,
@@ -21,11 +36,7 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import signal
 
-    from segsynth.core.config import ModelConfig, StreamConfig
-    from segsynth.core.grammar import parse_size
-    from segsynth.core.errors import InputError, Interrupted, OutputError
     from segsynth.jobs.run import run
 
     outputs = [*args.outputs, *(args.out or []), *([f"mjpeg://{args.preview}"] if args.preview else [])]
@@ -37,7 +48,6 @@ def _run(args: argparse.Namespace) -> int:
                        stall_timeout=args.stall_timeout, reconnect_max=args.reconnect_max,
                        camera_size=parse_size(args.camera_size, "--camera-size", "WxH") if args.camera_size else None,
                        camera_fps=args.camera_fps)
-    from segsynth.core.grammar import is_live
 
     models = ModelConfig(**model_fields(args, live=is_live(args.input)))
     controls = []
@@ -83,12 +93,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _transcode(args: argparse.Namespace) -> int:
-    import signal
-    import threading
-    from pathlib import Path
 
-    from segsynth.core.config import ModelConfig
-    from segsynth.core.errors import InputError, Interrupted
     from segsynth.jobs.transcode import transcode
 
     if args.jobs < 1 or (args.retry is not None and args.retry < 0):
@@ -123,7 +128,6 @@ def _transcode(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
-    from segsynth.core.grammar import describe_cameras
 
     cameras = describe_cameras()
     if not cameras:

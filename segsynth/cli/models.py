@@ -1,16 +1,28 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+from pathlib import Path
+
+from segsynth.cli.common import add_backend, add_stabilize, tier
+from segsynth.core.config import ExportConfig, ModelConfig
+from segsynth.core.errors import InputError
+from segsynth.core.grammar import (
+    EXPORT_TARGETS,
+    FITS,
+    STABILIZE_DEFAULT,
+    parse_batch,
+    parse_overrides,
+    parse_size,
+    parse_stabilize,
+)
 
 log = logging.getLogger("segsynth")
 
 
 def _export(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from segsynth.core.config import ExportConfig
-    from segsynth.core.grammar import parse_batch, parse_overrides, parse_size
 
     def path(value):
         return Path(value) if value else None
@@ -28,9 +40,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _dataset(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
-    from segsynth.core.grammar import parse_size
     from segsynth.jobs.dataset import DatasetConfig, make_dataset
 
     cfg = DatasetConfig(inputs=tuple(Path(v) for v in args.inputs), out=Path(args.out), every=args.every,
@@ -43,7 +53,6 @@ def _dataset(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from segsynth.jobs.train import TrainConfig, train
 
@@ -61,12 +70,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval_generator(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from segsynth.jobs.eval_generator import evaluate, print_table, write_json
 
     result = evaluate(args.checkpoint, Path(args.data), segmenter=args.segmenter, limit=args.limit,
-                      cache_dir=cache_dir(args.cache_dir), grid=Path(args.grid) if args.grid else None,
+                      cache_dir=args.cache_dir, grid=Path(args.grid) if args.grid else None,
                       threads=args.threads, quiet=args.quiet, backend=args.backend, baselines=args.baselines)
     print_table(result)
     if args.grid:
@@ -78,16 +86,11 @@ def _eval_generator(args: argparse.Namespace) -> int:
 
 
 def _eval_temporal(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
 
-    from segsynth.core.config import ModelConfig
-    from segsynth.core.errors import InputError
-    from segsynth.stream.io import demux
-    from segsynth.stream.infer.models import ModelSet
-    from segsynth.jobs.progress import Progress
-    from segsynth.core.grammar import STABILIZE_DEFAULT, parse_stabilize
     from segsynth.jobs.eval_temporal import evaluate
+    from segsynth.jobs.progress import Progress
+    from segsynth.stream.infer.models import ModelSet
+    from segsynth.stream.io import demux
 
     clip = Path(args.video)
     demux.check_input(clip)
@@ -96,7 +99,7 @@ def _eval_temporal(args: argparse.Namespace) -> int:
     if args.frames is not None and args.frames < 2:
         raise InputError("--frames must be at least 2 (the measures compare consecutive frames)")
     cfg = ModelConfig(segmenter=args.segmenter, generator=args.generator, threads=args.threads,
-                      cache_dir=cache_dir(args.cache_dir), backend=args.backend, fp16=not args.fp32, fused=args.fused,
+                      cache_dir=args.cache_dir, backend=args.backend, fp16=not args.fp32, fused=args.fused,
                       models=tier(args, False), seg_size=args.seg_size)
     with ModelSet.load(**vars(cfg)) as models, Progress("eval-temporal", args.frames,
                                                         enabled=not args.quiet) as progress:

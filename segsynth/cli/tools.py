@@ -2,16 +2,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+
+from segsynth.cli.common import add_backend, tier
+from segsynth.core import labels, paths
+from segsynth.core.errors import InputError, ModelError, SegsynthError
+from segsynth.core.grammar import parse_size
 
 log = logging.getLogger("segsynth")
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from segsynth.benchmarks.bench import plot, run_bench, write_json
     from segsynth.benchmarks.scenarios import DEFAULT_SCENARIOS, BenchConfig
-    from segsynth.core.grammar import parse_size
 
     try:
         batches = tuple(int(b) for b in args.batch.split(","))
@@ -36,11 +40,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from segsynth.engine import commands
 
-    root = cache_dir(args.cache_dir)  # engines live in ROOT/engines, as for run and bench
+    root = paths.cache_dir(args.cache_dir)  # engines live in ROOT/engines, as for run and bench
     if args.action == "build":
         if not args.onnx:
             raise SegsynthError("engine build needs --onnx FILE.onnx")
@@ -54,7 +57,6 @@ def _engine(args: argparse.Namespace) -> int:
         if not args.files:
             raise SegsynthError("engine check needs one or more FILE.onnx")
         from segsynth.engine.graphcheck import tensorrt_problems
-        from segsynth.core.errors import InputError, ModelError
 
         missing = [name for name in args.files if not Path(name).is_file()]
         if missing:
@@ -86,7 +88,6 @@ def _engine(args: argparse.Namespace) -> int:
 
 
 def _labels(args: argparse.Namespace) -> int:
-    from segsynth.core import labels
 
     if args.action == "list":
         for name in labels.LABEL_SETS:

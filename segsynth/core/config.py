@@ -9,12 +9,34 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from segsynth.core import paths
+from segsynth.core import labels, paths
 from segsynth.core.errors import Forbidden, InputError, LabelError, at_field
-from segsynth.core.grammar import (EXPORT_TARGETS, FITS, FUSED, IMAGE_EXTS, POLICIES, RTSP_TRANSPORTS,
-                                    SEGMENT_VIEWS, SESSION_VIEWS, STABILIZE_CHOICES, STABILIZE_DEFAULT, TIERS, VIDEO_OUTPUTS, _STREAM_ID,
-                                    _kind, check_seed, check_sink, check_source, check_video_output,
-                                    sink_kind)
+from segsynth.core.formats import check_encoder_settings
+from segsynth.core.grammar import (
+    _STREAM_ID,
+    EXPORT_TARGETS,
+    FITS,
+    FUSED,
+    IMAGE_EXTS,
+    LOOPBACK,
+    POLICIES,
+    RTSP_TRANSPORTS,
+    SEGMENT_VIEWS,
+    SESSION_VIEWS,
+    STABILIZE_CHOICES,
+    STABILIZE_DEFAULT,
+    TIERS,
+    VIDEO_OUTPUTS,
+    _kind,
+    check_seed,
+    check_sink,
+    check_size,
+    check_source,
+    check_video_output,
+    is_live,
+    parse_stabilize,
+    sink_kind,
+)
 
 
 @dataclass(frozen=True)
@@ -40,7 +62,6 @@ class SegmentConfig:
 
     def __post_init__(self) -> None:
         if self.stabilize is not None:
-            from segsynth.core.grammar import parse_stabilize
 
             parse_stabilize(self.stabilize)
         object.__setattr__(self, "input", Path(self.input))
@@ -129,7 +150,6 @@ class ModelConfig:
         if self.models not in TIERS:
             raise InputError(f"--models {self.models!r}: choose one of {', '.join(TIERS)}")
         if self.seg_size is not None:
-            from segsynth.core.grammar import check_size
 
             check_size(self.seg_size)
         object.__setattr__(self, "cache_dir", paths.cache_dir(self.cache_dir))  # the environment is read here
@@ -256,7 +276,6 @@ class StreamConfig:
         if not 1 <= self.smooth <= 15:
             raise InputError("smooth: must be between 1 (off) and 15 frames", field="smooth")
         if self.stabilize is not None:
-            from segsynth.core.grammar import parse_stabilize
 
             with at_field("stabilize"):
                 parse_stabilize(self.stabilize)
@@ -288,9 +307,7 @@ class StreamConfig:
             raise InputError("camera_fps: must be between 0 and 240", field="camera_fps")
         if self.id is not None and not _STREAM_ID.fullmatch(self.id):
             raise InputError(f"id: {self.id!r} must be 1-64 letters, digits, '.', '_' or '-'", field="id")
-        from segsynth.core.formats import check_encoder_settings
 
-        from segsynth.core import labels
 
         try:
             labels.check_rules(self.remap)
@@ -308,7 +325,6 @@ class StreamConfig:
     def local_paths(self, kinds: list[str] | None = None) -> list[tuple[str, str]]:
         """(field, path) of every file this stream reads or writes: a file source, the style
         image, file and HLS outputs."""
-        from segsynth.core.grammar import is_live
 
         kinds = kinds or [sink_kind(s) for s in self.sinks]
         paths = [] if is_live(self.source) else [("source", self.source)]

@@ -8,6 +8,7 @@ stderr and exits with ``err.exit_code``. Anything else is a bug and keeps its tr
 from __future__ import annotations
 
 import contextlib
+import signal
 
 
 class SegsynthError(Exception):
@@ -87,7 +88,6 @@ class Interrupted(SegsynthError):
     """The run was stopped by SIGINT (exit 130) or SIGTERM (exit 143) after a clean drain."""
 
     def __init__(self, signum: int, message: str = "") -> None:
-        import signal
 
         name = signal.Signals(signum).name
         super().__init__(message or f"stopped by {name}; output flushed and closed")

@@ -8,8 +8,9 @@ import io
 from fractions import Fraction
 from pathlib import Path
 
-from segsynth.core.errors import InputError
+import av
 
+from segsynth.core.errors import InputError
 
 # ---- what FFmpeg reads and writes: asked, not listed by hand -----------------------------------------
 VIDEO_ENCODERS = ("libx264", "libvpx-vp9", "libvpx", "mpeg4", "mpeg2video")  # in the order they are picked
@@ -33,7 +34,6 @@ _extensions: dict[str, str] = {}
 def output_format(path: str | Path) -> str | None:
     """The name of FFmpeg's muxer for ``path``'s extension (as the ffmpeg CLI picks it), or None
     when FFmpeg has none or writes pictures with it (image2)."""
-    import av
 
     ext = Path(path).suffix.lower()
     if ext not in _muxers:
@@ -49,7 +49,6 @@ def output_format(path: str | Path) -> str | None:
 def holds(fmt: str, codec: str) -> bool:
     """Whether FFmpeg's muxer ``fmt`` takes a stream of ``codec`` (an encoder name): asked by
     writing a header in memory, which is where muxers refuse what they cannot store."""
-    import av
 
     key = (fmt, codec)
     if key not in _holds:
@@ -70,7 +69,6 @@ def holds(fmt: str, codec: str) -> bool:
 def video_codec(fmt: str, asked: str | None = None) -> str | None:
     """The encoder an output in ``fmt`` gets: ``asked`` if the format holds it (else None);
     without one, the first of VIDEO_ENCODERS this FFmpeg has and the format holds (VP9 for WebM)."""
-    import av
 
     if asked is not None:
         return asked if holds(fmt, pick_encoder(asked)) else None
@@ -80,7 +78,6 @@ def video_codec(fmt: str, asked: str | None = None) -> str | None:
 def is_container(fmt: str) -> bool:
     """A format that keeps timestamps and takes audio: not a raw elementary stream (.h264, .hevc)
     nor a video-only one (.ivf). What an output may keep of its input's extension."""
-    import av
 
     flags = av.format.ContainerFormat(fmt, "w").flags
     return not flags & AVFMT_NOTIMESTAMPS and any(holds(fmt, c) for c in AUDIO_ENCODERS if c in av.codecs_available)
@@ -90,7 +87,6 @@ def extension_kind(path: str | Path) -> str | None:
     """What FFmpeg's formats say of ``path``'s extension: "media" (a format claims it: demuxers
     and muxers alike, as many demuxers - MPEG-TS, ASF - name none and probe instead), "picture"
     (only image2 and the *_pipe image formats claim it), or None (no format does)."""
-    import av
 
     if not _extensions:
         pictures: set[str] = set()
@@ -112,7 +108,6 @@ _PROTOCOLS: dict[str, bool] = {}
 def has_protocol(name: str) -> bool:
     """Whether PyAV's FFmpeg has the protocol ``name`` (srt is not in every build): asked once,
     by opening ``name://127.0.0.1:1``, which fails at once either way."""
-    import av
 
     if name not in _PROTOCOLS:
         try:
@@ -126,7 +121,6 @@ def has_protocol(name: str) -> bool:
 
 
 def ffmpeg_version() -> str:
-    import av
 
     return f"FFmpeg {av.ffmpeg_version_info}"
 
@@ -141,7 +135,6 @@ HARDWARE_H264 = ("h264_nvenc", "h264_qsv", "h264_vaapi")
 
 def pick_encoder(codec: str) -> str:
     """``auto``: the first hardware H.264 encoder that opens here, else libx264."""
-    import av
 
     if codec != "auto":
         return codec
@@ -164,7 +157,6 @@ def check_encoder_settings(codec: str, *, crf: int, preset: str, bitrate: str | 
     """Codec, preset, CRF and bitrate, checked before any model is loaded: the codec (``auto``
     resolved to what it picks here) must be a video encoder of this FFmpeg, and an x264/x265
     preset (the encoders segsynth hands one) one of theirs."""
-    import av
 
     if not 0 <= crf <= 51:
         raise InputError(f"crf: {crf} is out of range (0-51)")

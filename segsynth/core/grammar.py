@@ -13,7 +13,12 @@ from pathlib import Path
 
 from segsynth.core import formats
 from segsynth.core.errors import InputError
-
+from segsynth.core.formats import (
+    ffmpeg_version,
+    has_protocol,
+    output_format,
+    video_codec,
+)
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -25,7 +30,6 @@ VIDEO_OUTPUTS = ".mp4, .mkv, .webm, .mov, .avi, .ts, ..."  # for messages: what 
 
 
 def _kind(path: Path) -> str | None:
-    from segsynth.core.formats import output_format
 
     ext = path.suffix.lower()
     return "image" if ext in IMAGE_EXTS else "video" if output_format(path) else None
@@ -35,7 +39,6 @@ def check_video_output(path: str | Path, codec: str | None, *, gray: bool = Fals
     """A video file output: FFmpeg writes its extension, and its container holds ``codec`` (an
     asked-for encoder), or one of the encoders segsynth picks (VP9 for WebM), or lossless FFV1
     grayscale for ``gray`` (the ids view)."""
-    from segsynth.core.formats import output_format, video_codec
 
     fmt = output_format(path)
     if fmt is None:
@@ -122,11 +125,9 @@ def check_sink(sink: str, kind: str, codec: str | None = None, gray: bool = Fals
     if kind == "file":
         check_video_output(sink, codec, gray=gray)
     if kind == "preview":
-        from segsynth.core.grammar import parse_address
 
         parse_address(sink)
     if kind == "push" and sink.lower().startswith("srt://"):
-        from segsynth.core.formats import ffmpeg_version, has_protocol
 
         if not has_protocol("srt"):
             raise InputError(f"{sink}: this FFmpeg ({ffmpeg_version()}, PyAV's) has no SRT support; push "
@@ -135,11 +136,9 @@ def check_sink(sink: str, kind: str, codec: str | None = None, gray: bool = Fals
 
 def check_source(source: str) -> None:
     """A source string: a file or an image sequence, or a live source of a supported kind."""
-    from segsynth.core.grammar import is_live
 
     scheme = source.split("://", 1)[0].lower() if "://" in source else ""
     if is_live(source):
-        from segsynth.core.grammar import LiveOptions, target
 
         target(source, LiveOptions())  # the URL, camera or lavfi graph, and what this FFmpeg can read
         return

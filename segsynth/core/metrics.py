@@ -11,7 +11,16 @@ from __future__ import annotations
 
 import threading
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -110,7 +119,6 @@ def process_exposition() -> bytes:
     global _PROCESS
     with _lock:
         if _PROCESS is None:
-            from prometheus_client import PlatformCollector, ProcessCollector
 
             _PROCESS = CollectorRegistry(auto_describe=True)
             ProcessCollector(registry=_PROCESS)
@@ -135,7 +143,6 @@ def os_threads() -> int:
 
 class _ThreadsCollector:
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
 
         yield GaugeMetricFamily("segsynth_process_threads", "Threads of the process (the kernel's count: native "
                                 "threads included)", value=os_threads())
@@ -160,7 +167,6 @@ class _GpuCollector:
         return cls(pynvml, handles)
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
 
         used = GaugeMetricFamily("segsynth_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
         total = GaugeMetricFamily("segsynth_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])

@@ -22,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from segsynth.core.errors import InputError, OutputError
-
-from segsynth.stream.io import demux
 from segsynth.jobs.progress import Progress
-from segsynth.stream.infer.segmenter import load_segmenter, resize_labels, resize_rgb
+from segsynth.stream.infer.segmenter import load_segmenter
+from segsynth.stream.io import demux
+from segsynth.stream.pictures import resize_labels, resize_rgb
 
 log = logging.getLogger("segsynth")
 MANIFEST = "manifest.json"
@@ -77,7 +78,6 @@ def expand_inputs(inputs) -> list[tuple[Path, str]]:
 def image_views(rgb: np.ndarray, size: tuple[int, int], crops: int, seed: bytes):
     """The W x H pictures one image gives: itself stretched (``crops`` 0) or ``crops`` random
     crops of the W:H shape, each 30-100 % (in side length) of the largest one that fits."""
-    from PIL import Image
 
     w, h = size
     im = Image.fromarray(rgb)
@@ -95,7 +95,6 @@ def image_views(rgb: np.ndarray, size: tuple[int, int], crops: int, seed: bytes)
 
 
 def make_dataset(cfg: DatasetConfig, *, quiet: bool = False) -> dict:
-    from PIL import Image
 
     inputs = expand_inputs(cfg.inputs)
     out = Path(cfg.out)
@@ -179,7 +178,6 @@ def load_manifest(directory: str | Path) -> dict:
 
 
 def read_pair(directory: Path, item: dict) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
 
     image = np.asarray(Image.open(directory / item["image"]).convert("RGB"))
     label = np.asarray(Image.open(directory / item["label"]))

@@ -27,12 +27,16 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from PIL import Image, ImageFilter
 
 from segsynth.core import labels
-
+from segsynth.core.errors import InputError
 from segsynth.jobs.dataset import load_manifest, read_pair
 from segsynth.jobs.progress import Progress
-from segsynth.stream.infer.segmenter import load_segmenter, resize_labels, resize_rgb
+from segsynth.stream.infer.generator import load_generator
+from segsynth.stream.infer.segmenter import load_segmenter
+from segsynth.stream.pictures import resize_labels, resize_rgb
 
 log = logging.getLogger("segsynth")
 
@@ -44,7 +48,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def _gaussian_filter(x: np.ndarray, sigma: float = 1.5, size: int = 11) -> np.ndarray:
     """Separable Gaussian filter, 'valid' region only (as SSIM implementations crop the border)."""
-    from numpy.lib.stride_tricks import sliding_window_view
 
     g = np.exp(-((np.arange(size) - size // 2) ** 2) / (2 * sigma**2))
     g /= g.sum()
@@ -121,7 +124,6 @@ class ColourDistance:
 def degraded(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     """The real frame slightly spoilt, for the protocol's ceiling (see the module docstring)."""
     if kind == "real_blur_1px":
-        from PIL import Image, ImageFilter
 
         return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1)))
     if kind == "real_noise_10":
@@ -135,9 +137,7 @@ BASELINES = ("real_blur_1px", "real_noise_10")
 def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", limit: int | None = None,
              cache_dir: Path | None = None, threads: int | None = None, quiet: bool = False,
              backend: str = "auto", grid: Path | None = None, grid_rows: int = 4, baselines: bool = False) -> dict:
-    from segsynth.core.errors import InputError
 
-    from segsynth.stream.infer.generator import load_generator
 
     manifest = load_manifest(data)
     items = manifest["items"][:limit] if limit else manifest["items"]
@@ -178,7 +178,6 @@ def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", 
                     rows.append(np.concatenate([labels.colorize(label, label_set), real, fake], 1))
                 progress.update()
         if grid is not None:
-            from PIL import Image
 
             Image.fromarray(np.concatenate(rows, 0)).save(grid)
         per_class = fake_conf.scores()[2]

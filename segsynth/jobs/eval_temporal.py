@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from segsynth.core import labels
-
-from segsynth.stream.infer.segmenter import resize_labels
 from segsynth.stream.infer.stabilize import dilate, luma
+from segsynth.stream.infer.synth import Synthesize
+from segsynth.stream.io.sources import FileSource
+from segsynth.stream.pictures import resize_labels
 
 log = logging.getLogger("segsynth")
 STATIC_THRESHOLD = 3.0  # grey levels
@@ -80,8 +82,6 @@ def evaluate(clip: Path, models, *, stabilize: str, remap: str | None = None, fi
              progress=None) -> dict:
     """``stabilize`` and ``off`` over ``clip`` in one run (each frame through both in turn,
     alternating which goes first); the report of each and their ratios."""
-    from segsynth.stream.io.sources import FileSource
-    from segsynth.stream.infer.synth import Synthesize
 
     table, z = models.remap(remap), models.z(seed=seed, quiet=True)
     gen = models.generator
@@ -147,7 +147,6 @@ def _grid_frames(count: int) -> set[int]:
 def write_grid(path: Path, samples: dict, methods: list[str], label_set) -> None:
     """Rows: the sampled frames in order; columns: the input, then the labels and the picture of
     each method (off | stabilised), so flicker shows as rows that differ."""
-    from PIL import Image, ImageDraw
 
     side = 128
 

@@ -6,8 +6,23 @@ import logging
 import warnings
 from pathlib import Path
 
+import onnx
+
 from segsynth.core.config import ExportConfig
 from segsynth.core.errors import InputError
+from segsynth.export.checkpoint import read_state_dict
+from segsynth.export.deeplab import build_deeplab
+from segsynth.export.onnx_export import (
+    ChainGraph,
+    EncoderGraph,
+    GeneratorGraph,
+    SegmenterGraph,
+    export,
+)
+from segsynth.export.spade import NUM_UP_LAYERS, load_spade, read_options
+from segsynth.export.tflite import segmenter_from_tflite
+from segsynth.jobs.quantize import quantize
+from segsynth.stream.io.mux import atomic_output
 
 log = logging.getLogger("segsynth")
 
@@ -19,7 +34,6 @@ def run_export(cfg: ExportConfig) -> str:
     if cfg.what == "deeplab" and cfg.from_tflite:
         return _from_tflite(cfg)
     if cfg.what == "quantize":
-        from segsynth.jobs.quantize import quantize
 
         return quantize(cfg.model, cfg.out, list(cfg.calibrate), frames=cfg.frames)
     import torch
@@ -31,11 +45,8 @@ def run_export(cfg: ExportConfig) -> str:
 
 
 def _from_tflite(cfg: ExportConfig) -> str:
-    import onnx
 
-    from segsynth.stream.io.mux import atomic_output
 
-    from segsynth.export.tflite import segmenter_from_tflite
 
     model = segmenter_from_tflite(cfg.from_tflite, label_set=cfg.label_set)
     with atomic_output(cfg.out, cfg.from_tflite) as tmp:
@@ -47,7 +58,6 @@ def _from_tflite(cfg: ExportConfig) -> str:
 
 def _spade_options(cfg: ExportConfig, size: tuple[int, int] | None):
     """opt.txt with the --opt overrides; ``size`` (H, W) sets crop_size and aspect_ratio."""
-    from segsynth.export.spade import NUM_UP_LAYERS, read_options
 
     overrides = dict(cfg.overrides)
     if size:
@@ -83,8 +93,6 @@ def _generator_inputs(opt, batch: int):
 
 
 def _spade(cfg: ExportConfig) -> str:
-    from segsynth.export.onnx_export import GeneratorGraph, export
-    from segsynth.export.spade import load_spade
 
     opt = _spade_options(cfg, cfg.size)
     graph = GeneratorGraph(load_spade(cfg.checkpoint, opt, cfg.epoch))
@@ -98,8 +106,6 @@ def _spade(cfg: ExportConfig) -> str:
 def _encoder(cfg: ExportConfig) -> str:
     import torch
 
-    from segsynth.export.onnx_export import EncoderGraph, export
-    from segsynth.export.spade import load_spade
 
     opt = _spade_options(cfg, None)  # --size is the style image size here
     graph = EncoderGraph(load_spade(cfg.checkpoint, opt, cfg.epoch))
@@ -112,8 +118,6 @@ def _encoder(cfg: ExportConfig) -> str:
 
 
 def _load_deeplab(path: Path):
-    from segsynth.export.checkpoint import read_state_dict
-    from segsynth.export.deeplab import build_deeplab
 
     return build_deeplab(read_state_dict(path), str(path))
 
@@ -126,7 +130,6 @@ def _check_seg_size(size: tuple[int, int], flag: str) -> None:
 def _deeplab(cfg: ExportConfig) -> str:
     import torch
 
-    from segsynth.export.onnx_export import SegmenterGraph, export
 
     size = cfg.size or (513, 513)
     _check_seg_size(size, "--size")
@@ -147,8 +150,6 @@ def _deeplab(cfg: ExportConfig) -> str:
 def _chain(cfg: ExportConfig) -> str:
     import torch
 
-    from segsynth.export.onnx_export import ChainGraph, export
-    from segsynth.export.spade import load_spade
 
     _check_seg_size(cfg.seg_size, "--seg-size")
     deeplab = _load_deeplab(cfg.deeplab)

@@ -20,9 +20,17 @@ import logging
 import tempfile
 from pathlib import Path
 
+import av
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 from segsynth.core.errors import InputError
+from segsynth.engine.select import open_runner
+from segsynth.stream.infer.generator import Generator
+from segsynth.stream.infer.segmenter import OnnxSegmenter, load_segmenter
+from segsynth.stream.io.mux import atomic_output
+from segsynth.stream.pictures import resize_labels, resize_rgb
 
 log = logging.getLogger("segsynth")
 QUANTIZED_OPS = None  # every op the quantiser supports (Conv, Clip, Add, Mul, Concat, Resize...)
@@ -45,7 +53,6 @@ def _span(spec: str) -> tuple[Path, float, float]:
 def sample_frames(videos: list, count: int) -> list[np.ndarray]:
     """``count`` RGB frames (H x W x 3 uint8) spread evenly over the videos (as many from each);
     ``VIDEO#START-END`` takes them from those seconds only."""
-    import av
 
     per_video = [count // len(videos) + (i < count % len(videos)) for i in range(len(videos))]
     frames = []
@@ -70,8 +77,6 @@ def sample_frames(videos: list, count: int) -> list[np.ndarray]:
 def _float_weights(model) -> None:
     """Fold Cast(fp16 initializer -> fp32) into an fp32 initializer (generators store their
     weights in fp16); the quantiser needs the float weights of each Conv."""
-    import onnx
-    from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     keep = []
@@ -93,8 +98,6 @@ def _float_weights(model) -> None:
 
 def _calibration_inputs(path: Path, frames: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
     """One feed per frame, as the runtime would build it for this graph."""
-    from segsynth.engine.select import open_runner
-    from segsynth.stream.infer.segmenter import OnnxSegmenter, load_segmenter, resize_labels, resize_rgb
 
     runner = open_runner(path, "onnxruntime")
     role = runner.metadata.get("segsynth.role")
@@ -110,7 +113,6 @@ def _calibration_inputs(path: Path, frames: list[np.ndarray]) -> list[dict[str, 
         seg.close()
         return feeds
     if role == "generator":
-        from segsynth.stream.infer.generator import Generator
 
         gen = Generator(runner, path=path)
         w, h = gen.size
@@ -166,10 +168,13 @@ def _last_convs(model) -> list[str]:
 
 def quantize(model_path: Path, out: Path, videos: list[Path], *, frames: int = 48) -> str:
     """Write ``out``: the int8 QDQ version of ``model_path`` calibrated on ``frames`` frames of ``videos``."""
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
-    from segsynth.stream.io.mux import atomic_output
 
     if not videos:
         raise InputError("export quantize needs --calibrate VIDEO [VIDEO ...]")

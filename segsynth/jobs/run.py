@@ -8,16 +8,17 @@ the CLI's SIGINT/SIGTERM handler) is entered while the session runs.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 from segsynth.core.config import ModelConfig, StreamConfig
 from segsynth.core.errors import InputError
-
-from segsynth.stream.io import mux
-from segsynth.stream.infer.models import ModelSet
+from segsynth.core.grammar import sink_kind
 from segsynth.jobs.progress import Progress
-from segsynth.stream.session import StreamSession
+from segsynth.stream.infer.models import ModelSet
+from segsynth.stream.io import mux
 from segsynth.stream.io.sources import open_source
+from segsynth.stream.session import StreamSession
 
 
 def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, control=None,
@@ -25,7 +26,6 @@ def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, contr
     """Run the session to its end; returns its final ``stats()`` and the session. Raises the
     session's error (InputError, OutputError, ...) if it failed. ``stats_json``: where the
     final stats are written (also when the session failed)."""
-    from segsynth.core.grammar import sink_kind
 
     source = open_source(cfg)
     session = None
@@ -76,7 +76,6 @@ def _join_through_interrupts(session: StreamSession) -> None:
 
 
 def _write_json(path: Path, stats: dict) -> None:
-    import json
 
     with mux.atomic_output(path) as tmp:
         tmp.write_text(json.dumps(stats, indent=2) + "\n")

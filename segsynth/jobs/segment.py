@@ -15,10 +15,11 @@ import numpy as np
 
 from segsynth.core import labels
 from segsynth.core.config import ModelConfig, SegmentConfig, StreamConfig
-
+from segsynth.jobs.run import run
+from segsynth.stream.infer.segmenter import load_segmenter
 from segsynth.stream.io import demux, mux
+from segsynth.stream.pictures import resize_labels, resize_rgb
 from segsynth.stream.render import render
-from segsynth.stream.infer.segmenter import load_segmenter, resize_labels, resize_rgb
 
 log = logging.getLogger("segsynth")
 
@@ -73,7 +74,6 @@ def _segment_image(cfg, segmenter, remap) -> SegmentSummary:
 
 def _segment_video(cfg: SegmentConfig, quiet: bool) -> SegmentSummary:
     """A stream session without a generator, written atomically (the output appears when complete)."""
-    from segsynth.jobs.run import run
 
     stream = StreamConfig(source=str(cfg.input), sinks=(str(cfg.output),), view=cfg.view, remap=cfg.remap,
                           crf=cfg.crf, preset=cfg.preset, legend=cfg.legend, stabilize=cfg.stabilize)

@@ -20,6 +20,7 @@ BatchNorm statistics) are copied from the trained generator.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -31,12 +32,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.nn.utils import spectral_norm
 
+from segsynth.core import labels as L
 from segsynth.core.errors import InputError, ModelError
-
-from segsynth.export.spade import ConvEncoder, SemanticInput, SPADEGenerator, SpadeOptions, write_opt_txt
+from segsynth.export.checkpoint import load_strict, read_state_dict
+from segsynth.export.perceptual import PerceptualLoss
+from segsynth.export.spade import (
+    ConvEncoder,
+    SemanticInput,
+    SPADEGenerator,
+    SpadeOptions,
+    write_opt_txt,
+)
+from segsynth.jobs.dataset import load_manifest, read_pair
+from segsynth.jobs.progress import Progress
 
 log = logging.getLogger("segsynth")
 
@@ -130,7 +142,6 @@ class PairData:
     """The whole dataset in memory as uint8 arrays (it is small), sampled with random flips."""
 
     def __init__(self, directory: Path, label_nc: int, seed: int) -> None:
-        from segsynth.jobs.dataset import load_manifest, read_pair
 
         manifest = load_manifest(directory)
         pairs = [read_pair(directory, item) for item in manifest["items"]]
@@ -184,7 +195,6 @@ def _save(obj, path: Path) -> None:
 
 
 def _sample_grid(g, semantic, data: PairData, path: Path, palette: np.ndarray) -> None:
-    from PIL import Image
 
     n = min(4, len(data))
     real, label = data.batch(n, indices=np.linspace(0, len(data) - 1, n).astype(int))
@@ -203,7 +213,6 @@ class MovingAverage:
     """An exponential moving average of a module's parameters (buffers copied as they are)."""
 
     def __init__(self, module: nn.Module, decay: float) -> None:
-        import copy
 
         self.module, self.decay = copy.deepcopy(module).eval(), decay
         for p in self.module.parameters():
@@ -218,10 +227,7 @@ class MovingAverage:
 
 
 def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
-    from segsynth.core import labels as L
-    from segsynth.jobs.progress import Progress
 
-    from segsynth.export.checkpoint import load_strict, read_state_dict
 
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda: no CUDA GPU is visible to torch here")
@@ -276,7 +282,6 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
     perceptual = None
     if cfg.lambda_perceptual:
-        from segsynth.export.perceptual import PerceptualLoss
 
         perceptual = PerceptualLoss().to(device)
 
@@ -366,7 +371,6 @@ def _init_from(g: SPADEGenerator, e: ConvEncoder | None, init: Path, config: str
     resized (nearest neighbour over sh x sw) when the size changed, and it is trained afresh
     when the checkpoint had none (a label-conditioned generator's first layer is a conv on
     the labels). The encoder starts from ``latest_net_E.pth`` where there is one."""
-    from segsynth.export.checkpoint import load_strict, read_state_dict
 
     source = init / "latest_net_G.pth"
     state = read_state_dict(source)

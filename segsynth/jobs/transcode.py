@@ -16,23 +16,41 @@ the workers are killed; their files never reach a final name (the temporary ones
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import glob
 import hashlib
+import itertools
 import json
 import logging
+import multiprocessing as mp
 import os
 import queue
+import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from multiprocessing.connection import wait
 from pathlib import Path
 
-from segsynth.core.errors import InputError, OutputError, SegsynthError
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
+from segsynth import __version__
 from segsynth.core import formats
-
+from segsynth.core.config import StreamConfig
+from segsynth.core.errors import InputError, OutputError, SegsynthError
+from segsynth.engine.select import GPU_BACKENDS
+from segsynth.stream.infer.models import ModelSet
 from segsynth.stream.io import demux
+from segsynth.stream.session import StreamSession
 
 log = logging.getLogger("segsynth")
 MANIFEST = "manifest.jsonl"
@@ -173,7 +191,6 @@ def _skipped_line(skipped: list[tuple[Path, str]]) -> str:
 
 def settings_hash(options: dict) -> str:
     """What decides an output: the stream and model options and segsynth's version."""
-    from segsynth import __version__
 
     text = json.dumps({"version": __version__, **options}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -223,7 +240,6 @@ _MODELS: dict = {}  # per worker process: model options -> (ModelSet, seconds it
 def _models(model_options: dict):
     """The ModelSet of this process for ``model_options``, loaded on first use; (models, load
     seconds when this call loaded them, else 0)."""
-    from segsynth.stream.infer.models import ModelSet
 
     key = json.dumps(model_options, sort_keys=True, default=str)
     if key in _MODELS:
@@ -253,9 +269,7 @@ class _FileProgress:
 def transcode_file(task: Task, stream_options: dict, model_options: dict, report=None, worker: str = "") -> Record:
     """One file as one stream session (atomic output); never raises for a bad file: the
     record says why it failed."""
-    from segsynth.core.config import StreamConfig
 
-    from segsynth.stream.session import StreamSession
 
     record = Record.of(task, "failed", worker=worker)
     start = time.perf_counter()
@@ -289,8 +303,6 @@ def transcode_file(task: Task, stream_options: dict, model_options: dict, report
 def _die_with_parent() -> None:
     """End this worker the moment its driver process ends, however it ends (kill -9 included):
     a thread waits on the sentinel multiprocessing gives every child of its parent."""
-    import multiprocessing as mp
-    from multiprocessing.connection import wait
 
     parent = mp.parent_process()
 
@@ -305,7 +317,6 @@ def _die_with_parent() -> None:
 def _hold(lock: Path | None):
     """A shared lock on the output folder's worker lock while this worker lives: a later run
     cannot start on the folder until every worker of this one has ended."""
-    import fcntl
 
     if lock is None:
         return None
@@ -318,7 +329,6 @@ def _worker_main(name: str, inbox, results, stream_options: dict, model_options:
     """A worker process: files from ``inbox`` until None; ("progress", name, frames) and ("done",
     name, record) to ``results``. SIGINT is the driver's (a Ctrl-C reaches the whole process group).
     It ends with its driver (see _die_with_parent) and holds the folder's worker lock."""
-    import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent()
@@ -337,8 +347,6 @@ def run_local(tasks: list[Task], stream_options: dict, model_options: dict, *, j
     recorded as failed. ``on_event(kind, worker, payload)``: "start" (the input) and
     "progress" (frames so far) as they happen. ``lock``: the worker lock each worker holds
     (shared) while it lives."""
-    import itertools
-    import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
@@ -461,7 +469,6 @@ class _BatchProgress:
     (one per file, and the totals every few seconds) otherwise."""
 
     def __init__(self, total: int, enabled: bool, interval: float = 5.0) -> None:
-        import sys
 
         self.total, self.enabled, self.interval = total, enabled, interval
         self.files = self.frames = 0
@@ -469,8 +476,6 @@ class _BatchProgress:
         self.running: dict[str, int] = {}  # worker -> frames of its current file
         self.bar = None
         if enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
@@ -526,7 +531,6 @@ def _locked(out: Path):
     files and manifest); released when the process ends, however it ends. Workers of an earlier
     run that outlive their driver for a moment hold WORKER_LOCK (shared): the folder is taken
     until they are gone too."""
-    import fcntl
 
     handle = open(out / LOCK, "a")  # noqa: SIM115 - held for the run
     try:
@@ -589,7 +593,6 @@ def transcode(inputs: list[str], out: Path, *, stream_options: dict, model_optio
         try:
             if ray is not None:
                 threads = model_options.get("threads") or 1
-                from segsynth.engine.select import GPU_BACKENDS
 
                 runner = run_ray(tasks, stream_options, {**model_options, "threads": threads}, address=ray,
                                  retry=3 if retry is None else retry, cpus=threads,

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 # ---- HTTP ----------------------------------------------------------------------------------------
 ERRORS = {400: "malformed JSON", 401: "no valid 'Authorization: Bearer TOKEN' (services with a token)",
           403: "a file outside --media-root (or any file without one), a listener beyond loopback",

@@ -16,15 +16,18 @@ puts the API in front of it. Bad input is a 4xx with ``{"error": ..., "field": .
 
 
 import logging
-import re
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
 
-from segsynth.core.errors import InputError, SegsynthError
+from segsynth.core.config import ServiceConfig, StreamConfig
+from segsynth.core.errors import InputError, SegsynthError, ServiceError
+from segsynth.core.grammar import LOOPBACK, check_seed, parse_address, sink_kind
+from segsynth.stream.session import StreamSession
 
 log = logging.getLogger("segsynth")
 SPEC_FIELDS = ("id", "source", "sinks", "view", "remap", "seed", "style", "policy", "smooth", "stabilize", "fit",
@@ -58,7 +61,6 @@ class _StreamsCollector:
         self.service = service
 
     def collect(self):
-        from prometheus_client.core import GaugeMetricFamily
 
         state = GaugeMetricFamily("segsynth_stream_state", "1 for the state a stream of the service is in",
                                   labels=["stream", "state"])
@@ -94,9 +96,6 @@ class Service:
 
     # ---- requests --------------------------------------------------------------------------
     def add(self, spec: dict):
-        from segsynth.core.config import StreamConfig
-        from segsynth.core.grammar import sink_kind
-        from segsynth.stream.session import StreamSession
 
         unknown = sorted(set(spec) - set(SPEC_FIELDS))
         if unknown:
@@ -121,7 +120,7 @@ class Service:
         try:
             config = StreamConfig(**fields, media_root=self.media_root)
         except SegsynthError as exc:
-            raise ServiceError.of(exc) from None
+            raise
         except (TypeError, ValueError) as exc:  # a value of the wrong type, a malformed URL
             raise ServiceError(str(exc)) from None
         if self.media_root is None:  # secure by default: no file of this machine is read or written
@@ -130,7 +129,6 @@ class Service:
                                    "without --media-root DIR, the folder they may be in)", field, 403)
         for sink in config.sinks:
             if sink_kind(sink) == "preview":
-                from segsynth.core.grammar import parse_address
 
                 if parse_address(sink)[0] not in LOOPBACK:  # a listener the token does not guard
                     raise ServiceError(f"sinks: {sink}: previews listen on loopback only", "sinks", 403)
@@ -141,7 +139,7 @@ class Service:
         try:
             session = StreamSession(config, self.models)
         except SegsynthError as exc:
-            raise ServiceError.of(exc) from None
+            raise
         with self._lock:
             if self._closing:
                 raise ServiceError("the service is shutting down", status=503)
@@ -156,7 +154,7 @@ class Service:
             session.start()
         except SegsynthError as exc:
             self._forget(session.id)
-            raise ServiceError.of(exc) from None
+            raise
         except BaseException:
             self._forget(session.id)
             raise
@@ -188,7 +186,6 @@ class Service:
         return {"id": session.id, "state": state, "config": self.specs.get(session.id, {}), "stats": session.stats()}
 
     def update(self, stream_id: str, patch: dict) -> None:
-        from segsynth.core.grammar import check_seed
 
         session = self._started(stream_id)
         unknown = sorted(set(patch) - set(PATCH_FIELDS))
@@ -208,7 +205,8 @@ class Service:
         except TypeError as exc:
             raise ServiceError(str(exc)) from None
         except InputError as exc:
-            raise ServiceError(str(exc), _field_of(str(exc), PATCH_FIELDS) or next(iter(patch), None)) from None
+            exc.field = exc.field or next(iter(patch), None)
+            raise
         self.specs.get(stream_id, {}).update({k: v for k, v in patch.items() if v is not None})
 
     def remove(self, stream_id: str, timeout: float = 30.0, abort_timeout: float = 10.0) -> tuple[bool, dict]:

@@ -26,17 +26,17 @@ Only the composition needs onnx; the composed graph is written once into the cac
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 
 from segsynth.core import labels
-from segsynth.engine.select import open_runner
 from segsynth.core.errors import ModelError
 from segsynth.engine.cache import CachedFile, content_key
+from segsynth.engine.select import open_runner
 
 log = logging.getLogger("segsynth")
 F32, U8, I32 = 1, 2, 6
@@ -69,14 +69,12 @@ class _Graph:
         self.nodes, self.constants, self.opset = [], [], opset
 
     def const(self, array) -> str:
-        from onnx import numpy_helper
 
         name = f"chain/const_{len(self.constants)}"
         self.constants.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
-        from onnx import helper
 
         n = len(self.nodes)
         out = out or f"chain/{op_type.lower()}_{n}"
@@ -86,7 +84,6 @@ class _Graph:
     def absorb(self, model, prefix: str):
         """Append ``model``'s nodes and weights (at this graph's opset) with every name
         prefixed; returns the prefixed model."""
-        import onnx
 
         if _opset(model) != self.opset:
             model = onnx.version_converter.convert_version(model, self.opset)
@@ -109,7 +106,6 @@ def _opset(model) -> int:
 def _segmenter(g: _Graph, seg, model, prefix: str) -> tuple[str, str | None]:
     """One segmenter (an ``OnnxSegmenter``) fed from ``frames``: its int32 label ids and its
     ``confidence`` output (None when the graph has none)."""
-    import onnx
 
     x = g.op("Cast", ["frames"], to=F32)
     if seg.bgr:
@@ -153,8 +149,6 @@ def compose(segmenter, generator=None, part: str = "all"):
     segmenter's own ids, not remapped, + ``confidence`` where the segmenters give one), for
     work on the host between the models; ``synth`` (``ids`` uint8 N x H x W -> labels +
     pixels, the rest of ``all``)."""
-    import onnx
-    from onnx import helper
 
     if part not in PARTS:
         raise ValueError(f"unknown chain part {part!r}")

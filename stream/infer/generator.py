@@ -13,17 +13,16 @@ where their backend needs it).
 
 from __future__ import annotations
 
-import hashlib
 import logging
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 
 from segsynth.core import labels, paths
+from segsynth.core.errors import InputError, ModelError
 from segsynth.engine.runner import Runner
 from segsynth.engine.select import open_runner
-from segsynth.core.errors import InputError, ModelError
+from segsynth.stream.pictures import resize_rgb
 
 log = logging.getLogger("segsynth")
 DEFAULT_GENERATOR = "spade_ade20k.onnx"
@@ -62,12 +61,11 @@ class Generator:
         if self.encoder is None:
             raise InputError(f"{self.source}: no style encoder (latest_net_E.pth) to encode --style with")
         batch, _, *size = self.encoder.inputs["style"].shape
-        from PIL import Image
 
         # the encoder graph's own style size; where a dim is dynamic, the generator's (the size the
         # official encoder saw its training images at; it resizes to 256x256 inside either way)
         h, w = (s if isinstance(s, int) else g for s, g in zip(size, self.size[::-1]))
-        x = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR), np.float32) / 127.5 - 1
+        x = resize_rgb(rgb, w, h).astype(np.float32) / 127.5 - 1
         x = np.repeat(x.transpose(2, 0, 1)[None], batch if isinstance(batch, int) else 1, 0)  # a fixed batch N
         return self.encoder.infer({"style": x})["mu"][:1, : self.z_dim]
 

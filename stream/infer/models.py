@@ -21,11 +21,10 @@ import numpy as np
 from segsynth.core import labels
 from segsynth.core.config import ModelConfig
 from segsynth.core.errors import BackendError, InputError, ModelError
-
 from segsynth.stream.infer import chain as chain_module
-from segsynth.stream.io import demux
 from segsynth.stream.infer.generator import Generator, load_generator
 from segsynth.stream.infer.segmenter import load_segmenter
+from segsynth.stream.io import demux
 
 log = logging.getLogger("segsynth")
 

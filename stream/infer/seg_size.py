@@ -11,6 +11,8 @@ change: a size s on the 513 grid becomes (s - 1) * (S - 1) / 512 + 1.
 from __future__ import annotations
 
 import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 
 from segsynth.core.errors import InputError
 from segsynth.core.grammar import check_size
@@ -19,8 +21,6 @@ from segsynth.core.grammar import check_size
 def resize_segmenter(model, size: int):
     """A copy of ``model`` (an onnx ModelProto of a segsynth DeepLab segmenter) taking
     size x size frames."""
-    import onnx
-    from onnx import numpy_helper
 
     check_size(size)
     model = onnx.ModelProto.FromString(model.SerializeToString())
@@ -67,8 +67,6 @@ def argmax_before_upsampling(model):
     at full size: the same labels away from class boundaries, for a fraction of the work (for
     ADE20K at 321 x 321 the upsampling and argmax of 151 channels are two thirds of the graph).
     Labels along boundaries can move by up to half a low-resolution pixel."""
-    import onnx
-    from onnx import helper, numpy_helper
 
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph

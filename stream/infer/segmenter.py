@@ -10,17 +10,17 @@ serves many stream sessions at once (the runners serialise where their backend n
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from segsynth.core import labels, paths
+from segsynth.core.errors import InputError, ModelError
+from segsynth.core.grammar import FAST_SEG_SIZE
+from segsynth.engine.cache import CachedFile, content_key
 from segsynth.engine.runner import Runner
 from segsynth.engine.select import open_runner
-from segsynth.core.errors import InputError, ModelError
-from segsynth.engine.cache import CachedFile, content_key
 from segsynth.stream.infer.seg_size import argmax_before_upsampling, resize_segmenter
 
 BUNDLED = {
@@ -49,24 +49,6 @@ def reshaped(path: Path, size: int | None, lowres: bool, cache_dir: Path) -> Pat
     name = f"{path.stem}-{size or 'same'}{'-lowres' if lowres else ''}-{content_key(path)}.onnx"
     return CachedFile(cache_dir / "segmenters" / name)(make)
 
-
-def resize_rgb(frame: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Bilinear (area-aware when shrinking) resize of an H x W x 3 uint8 image."""
-    if frame.shape[1] == width and frame.shape[0] == height:
-        return frame
-    from PIL import Image
-
-    return np.asarray(Image.fromarray(frame).resize((width, height), Image.BILINEAR))
-
-
-def resize_labels(label_map: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Nearest-neighbour resize of an H x W id map (ids must never be blended)."""
-    h, w = label_map.shape[-2:]
-    if (h, w) == (height, width):
-        return label_map
-    ys = ((np.arange(height) + 0.5) * h / height).astype(np.intp)
-    xs = ((np.arange(width) + 0.5) * w / width).astype(np.intp)
-    return label_map[..., ys[:, None], xs[None, :]]
 
 
 class OnnxSegmenter:
@@ -197,7 +179,6 @@ def load_segmenter(spec: str = "ade20k+voc", *, label_set: str | None = None, th
     to that input size; ``fast``: the bundled models' int8 graphs at ``seg_size`` (default
     FAST_SEG_SIZE) with the argmax taken before the upsampling (a graph given as a file is
     used as it is, re-shaped only to an explicit ``seg_size``)."""
-    from segsynth.core.grammar import FAST_SEG_SIZE
 
     bundled = spec in BUNDLED or spec == "ade20k+voc"
     lowres = fast and bundled

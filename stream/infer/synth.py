@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from segsynth.core import labels
-
 from segsynth.stream.infer import stabilize as stabilizers
-from segsynth.stream.infer.segmenter import resize_labels
+from segsynth.stream.pictures import resize_labels
 
 
 @dataclass

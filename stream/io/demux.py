@@ -4,15 +4,20 @@ InputError for anything that is not readable media."""
 
 from __future__ import annotations
 
+import glob as globbing
+import hashlib
 import logging
 import os
 import re
 from pathlib import Path
 
+import av
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from segsynth.core.errors import InputError
 from segsynth.core.formats import ffmpeg_message
+from segsynth.core.grammar import IMAGE_EXTS
 from segsynth.stream.io.gate import FileGate, Refused
 
 log = logging.getLogger("segsynth")
@@ -34,7 +39,6 @@ def check_input(path: str | Path) -> Path:
 
 def sha256_of(path: Path) -> str:
     """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    import hashlib
 
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -45,7 +49,6 @@ def sha256_of(path: Path) -> str:
 
 def read_image(path: str | Path) -> np.ndarray:
     """RGB uint8 H x W x 3, with EXIF orientation applied."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
 
     path = check_input(path)
     try:
@@ -86,7 +89,6 @@ def open_media(path: str | Path, root: str | Path | None = None) -> "GatedInput"
     """Open a media file for reading; InputError for what FFmpeg cannot read. Every file FFmpeg
     opens for it (a playlist's segments, a concat list's files) passes a FileGate: under
     ``root``, by default the file's own folder."""
-    import av
 
     path = check_input(path)
     gate = FileGate(path, root)
@@ -153,11 +155,8 @@ class BestEffortTimestamps:
 def open_image_sequence(spec: str | Path, fps: float | None = None, root: str | Path | None = None):
     """A folder of images, a glob (``shots/*.png``) or an image2 pattern (``img_%04d.jpg``)
     opened as a video at ``fps`` (25 by default, as ffmpeg), in name order."""
-    import glob as globbing
 
-    import av
 
-    from segsynth.core.grammar import IMAGE_EXTS
 
     spec = Path(spec)
     options = {"framerate": str(fps or 25), "pattern_type": "glob"}
@@ -208,7 +207,6 @@ def demux_decode(container, video, audio: list, problems: list[str]):
     reads but does not decode is skipped, as ffmpeg does. Each problem is appended to
     ``problems`` as one line for the caller to report.
     """
-    import av
 
     packets = container.demux(video, *audio)
     while True:
@@ -232,7 +230,6 @@ def decode_audio(packet, problems: list[str]) -> list:
 
 
 def _decode(decode, problems: list[str]) -> list:
-    import av
 
     try:
         return decode()

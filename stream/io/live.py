@@ -19,14 +19,16 @@ import time
 from fractions import Fraction
 from typing import Callable, Iterator
 
+import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from segsynth.core import formats
 from segsynth.core.errors import InputError, SourceError
 from segsynth.core.grammar import LiveOptions, target
 from segsynth.stream.io import demux
 from segsynth.stream.io.gate import HttpGate, Refused
-from segsynth.stream.io.sources import AudioItem, AudioTrack, SourceInfo
+from segsynth.stream.io.tracks import AudioItem, AudioTrack, SourceInfo, model_input
 
 log = logging.getLogger("segsynth")
 TIME_BASE = Fraction(1, 90000)  # of live output timestamps (RTP's video clock)
@@ -113,7 +115,6 @@ class LiveSource:
 
     # ---- connections ------------------------------------------------------------------------------
     def _connect(self):
-        import av
 
         t = self.target
         gate = None
@@ -227,8 +228,6 @@ class LiveSource:
 
     def _connection(self, stop, audio: Callable, index: int) -> Iterator[tuple[np.ndarray, dict]]:
         """The frames of one connection, timestamps rebased onto the output timeline."""
-        import av
-        from av.video.reformatter import VideoReformatter
 
         scaler = VideoReformatter()
         w, h = self.model_size
@@ -294,11 +293,10 @@ class LiveSource:
                     if self._last_pts is not None and pts <= self._last_pts:
                         pts = self._last_pts + 1
                     self._last_pts = pts
-                    model_rgb = scaler.reformat(frame, w, h, "rgb24", interpolation="BILINEAR").to_ndarray()
-                    display = frame.to_ndarray(format="rgb24") if self.need_display else None
+                    model_rgb, display, shown = model_input(frame, self.model_size, scaler, self.need_display)
                     got_frame, self._failed_in_a_row = True, 0
                     yield model_rgb, {"index": index, "pts": pts, "time_base": TIME_BASE,
-                                      "size": (frame.width, frame.height), "display": display, "arrival": arrival}
+                                      "size": shown, "display": display, "arrival": arrival}
                     last_frame_wall = time.monotonic()  # after the yield: a busy consumer is no stall
                     index += 1
         finally:

@@ -11,14 +11,15 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
+import av
 import numpy as np
+from PIL import Image
 
 from segsynth.core.errors import OutputError
 from segsynth.core.formats import ffmpeg_message, output_format
 
 
 def write_image(path: Path, pixels: np.ndarray) -> None:
-    from PIL import Image
 
     mode = "L" if pixels.ndim == 2 else "RGB"
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower())
@@ -40,7 +41,6 @@ class MediaWriter:
     crashes libavformat - and ``close()`` closes it without writing more."""
 
     def __init__(self, path: Path, fragmented: bool = False) -> None:
-        import av
 
         ext = path.suffix.lower()
         options = {"avoid_negative_ts": "disabled"} if ext in (".mkv", ".webm", ".mp4", ".m4v", ".mov") else {}
@@ -88,7 +88,6 @@ class URLWriter:
     and every write are bounded by ``timeout`` seconds (a server that stops reading)."""
 
     def __init__(self, url: str, fmt: str, options: dict, timeout: float = 5.0) -> None:
-        import av
 
         try:
             self.container = av.open(url, "w", format=fmt, options=options, timeout=timeout)
@@ -119,7 +118,6 @@ def check_output(path: Path, *inputs: Path) -> None:
 
 def copy_packet(packet):
     """An independent copy of a demuxed packet (muxing consumes the packet it is given)."""
-    import av
 
     copy = av.Packet(bytes(packet))
     copy.pts, copy.dts, copy.time_base, copy.duration = packet.pts, packet.dts, packet.time_base, packet.duration

@@ -18,6 +18,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
+from PIL import Image
 
 from segsynth.core.errors import OutputError
 from segsynth.core.grammar import parse_address
@@ -55,7 +56,6 @@ class PreviewSink:
         now = time.monotonic()
         if not self.clients or now - self._last < 1 / self.max_fps:
             return
-        from PIL import Image
 
         buf = io.BytesIO()
         Image.fromarray(picture, "L" if picture.ndim == 2 else "RGB").save(buf, "JPEG", quality=self.quality)

@@ -19,15 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import av
 import numpy as np
-
-from segsynth.core.errors import OutputError
+from av.video.frame import PictureType
 
 from segsynth.core import formats
-
+from segsynth.core.errors import OutputError
 from segsynth.stream.io import mux, streams
+from segsynth.stream.io.live import Backoff
+from segsynth.stream.io.tracks import AudioItem, SourceInfo
 from segsynth.stream.render import fit_picture
-from segsynth.stream.io.sources import AudioItem, SourceInfo
 
 log = logging.getLogger("segsynth")
 
@@ -121,7 +122,6 @@ class FileSink:
             self.writer.mux(packets)
 
     def write(self, picture: np.ndarray, meta: dict) -> None:
-        import av
 
         if self.container is None:
             self._open(picture.shape[1::-1])
@@ -140,7 +140,6 @@ class FileSink:
         if self.keyframe_every:  # dropped frames must not stretch the keyframe interval
             seconds = float(pts * tb)
             if self._next_key is None or seconds >= self._next_key:
-                from av.video.frame import PictureType
 
                 frame.pict_type = PictureType.I
                 self._next_key = seconds + self.keyframe_every
@@ -210,7 +209,6 @@ class StreamingSink(FileSink):
         self.failures = self.reconnects = self.skipped = 0
         self.keyframe_every = 2.0
         self.retry_at: float | None = None
-        from segsynth.stream.io.live import Backoff
 
         self.backoff = Backoff()
 
@@ -221,7 +219,6 @@ class StreamingSink(FileSink):
         pass  # kept for a reopen; closed with the sink
 
     def _guard(self, call) -> None:
-        import av
 
         if self.retry_at is not None and time.monotonic() < self.retry_at:
             self.skipped += 1
@@ -267,7 +264,6 @@ class StreamingSink(FileSink):
             self._guard(lambda: FileSink.write_audio(self, item))
 
     def close(self) -> None:
-        import av
 
         try:
             super().close()
@@ -333,7 +329,6 @@ class MemorySink:
         return len(data)
 
     def write(self, picture: np.ndarray, meta: dict) -> None:
-        import av
 
         if self.stream is None:
             self.container = av.open(_Tail(self._append), "w", format="mpegts")

@@ -13,75 +13,19 @@ need to know.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from fractions import Fraction
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
+import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from segsynth.core.errors import InputError
-
+from segsynth.core.grammar import LiveOptions, is_image_sequence, is_live
 from segsynth.stream.io import demux
-
-
-@dataclass
-class AudioItem:
-    """One demuxed audio packet: ``packet`` to copy; ``frames``, decoded by the source where a
-    sink re-encodes the track."""
-
-    track: int  # the input stream index
-    packet: object = None
-    frames: list | None = None
-
-
-@dataclass(frozen=True)
-class AudioTrack:
-    """What sinks know of an input audio stream, read when the source is opened."""
-
-    index: int
-    codec: str
-    sample_rate: int
-    channels: int
-    layout: str  # FFmpeg's name: "stereo", "5.1", or "2 channels" when the file gives no channel order
-    has_config: bool  # the codec's configuration is in the stream header (not for ADTS AAC)
-    template: object  # the input stream: its codec parameters are copied for stream copies, nothing else
-
-    @classmethod
-    def of(cls, stream) -> "AudioTrack":
-        ctx = stream.codec_context
-        layout = ctx.layout
-        return cls(stream.index, ctx.name, ctx.sample_rate or 0, layout.nb_channels if layout else 0,
-                   layout.name if layout else "", bool(ctx.extradata), stream)
-
-
-@dataclass(frozen=True)
-class SourceInfo:
-    name: str  # for messages: a path or URL
-    rate: Fraction  # the video's average frame rate
-    time_base: Fraction  # of the ``pts`` in each frame's meta
-    audio: tuple[AudioTrack, ...] = ()
-    declared_frames: int | None = None
-
-    def released(self) -> "SourceInfo":
-        """The same, holding no input stream any more (once the source is closed)."""
-        import dataclasses
-
-        return dataclasses.replace(self, audio=tuple(dataclasses.replace(t, template=None) for t in self.audio))
-
-
-class Source(Protocol):
-    live: bool
-    info: SourceInfo
-    model_size: tuple[int, int]
-    need_display: bool
-    decode_audio: set[int]
-    problems: list[str]
-
-    def open(self) -> "Source": ...
-
-    def frames(self, stop, audio: Callable) -> Iterator[tuple[np.ndarray, dict]]: ...
-
-    def close(self) -> None: ...
+from segsynth.stream.io.live import LiveSource
+from segsynth.stream.io.tracks import AudioItem, AudioTrack, Source, SourceInfo, model_input
+from segsynth.stream.pictures import resize_rgb
 
 
 class FileSource:
@@ -102,7 +46,6 @@ class FileSource:
         self.last_time = 0.0
 
     def open(self) -> "FileSource":
-        from segsynth.core.grammar import is_image_sequence
 
         sequence = is_image_sequence(str(self.path))
         self.container = (demux.open_image_sequence(self.path, self.fps, self.root) if sequence
@@ -124,11 +67,8 @@ class FileSource:
         return self
 
     def frames(self, stop, audio: Callable) -> Iterator[tuple[np.ndarray, dict]]:
-        import av
-        from av.video.reformatter import VideoReformatter
 
         scaler = VideoReformatter()  # this thread's own swscale context
-        w, h = self.model_size
         index, best_effort, last = 0, demux.BestEffortTimestamps(), None
         audio_streams = [track.template for track in self.info.audio]
         for item in demux.demux_decode(self.container, self.video, audio_streams, self.problems):
@@ -139,22 +79,12 @@ class FileSource:
                 audio(AudioItem(track, item, demux.decode_audio(item, self.problems) if track in self.decode_audio
                                 else None))
                 continue
-            display = self.need_display
-            rotation = (item.rotation // 90) % 4 if item.rotation else 0
-            if rotation:  # turn the picture upright, as players (and ffmpeg's autorotate) do
-                upright = np.ascontiguousarray(np.rot90(item.to_ndarray(format="rgb24"), rotation))
-                model_rgb = scaler.reformat(av.VideoFrame.from_ndarray(upright, format="rgb24"), w, h, "rgb24",
-                                            interpolation="BILINEAR").to_ndarray()
-            else:
-                upright = item.to_ndarray(format="rgb24") if display else None
-                model_rgb = scaler.reformat(item, w, h, "rgb24", interpolation="BILINEAR").to_ndarray()
-            dh, dw = (item.height, item.width) if rotation % 2 == 0 else (item.width, item.height)
+            model_rgb, display, shown = model_input(item, self.model_size, scaler, self.need_display)
             tb = item.time_base or self.info.time_base
             pts = best_effort(item.pts, item.dts)
             if pts is None:  # no timestamps at all: one frame on from the last, at the stream's rate
                 pts = 0 if last is None else last + max(1, round(1 / (self.info.rate * tb)))
-            yield model_rgb, {"index": index, "pts": pts, "time_base": tb, "size": (dw, dh),
-                              "display": upright if display else None}
+            yield model_rgb, {"index": index, "pts": pts, "time_base": tb, "size": shown, "display": display}
             index, last = index + 1, pts
             self.last_time = float(pts * tb)
         self._check_complete(index)
@@ -200,7 +130,6 @@ class SyntheticSource:
         return self
 
     def frames(self, stop, audio: Callable) -> Iterator[tuple[np.ndarray, dict]]:
-        from segsynth.stream.infer.segmenter import resize_rgb
 
         start = time.perf_counter()
         for i in range(self.count):
@@ -228,8 +157,6 @@ class SyntheticSource:
 def open_source(cfg) -> Source:
     """The source a StreamConfig names, opened: a live stream (network, camera, lavfi graph),
     or a media file or image sequence."""
-    from segsynth.stream.io.live import LiveSource
-    from segsynth.core.grammar import LiveOptions, is_live
 
     if is_live(cfg.source):
         options = LiveOptions(cfg.rtsp_transport, cfg.stall_timeout, reconnect_max=cfg.reconnect_max,

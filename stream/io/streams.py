@@ -8,8 +8,19 @@ import logging
 from fractions import Fraction
 from pathlib import Path
 
+import av
+from av.bitstream import BitStreamFilterContext
+
 from segsynth.core.errors import InputError
-from segsynth.core.formats import AUDIO_ENCODERS, X264_PRESETS, ffmpeg_message, holds, output_format, parse_bitrate, pick_encoder
+from segsynth.core.formats import (
+    AUDIO_ENCODERS,
+    X264_PRESETS,
+    ffmpeg_message,
+    holds,
+    output_format,
+    parse_bitrate,
+    pick_encoder,
+)
 from segsynth.stream.io.mux import rescale
 
 log = logging.getLogger("segsynth")
@@ -24,7 +35,6 @@ class AudioTemplates:
     stream, which the decode thread is reading. ``close()`` frees the scratch container."""
 
     def __init__(self, path: Path, tracks, fmt: str | None = None) -> None:
-        import av
 
         self.copy: dict[int, bool] = {}
         self.streams: dict[int, object] = {}
@@ -56,8 +66,6 @@ class AudioOutput:
 
     def __init__(self, container, track, template=None) -> None:
         """``template``: the track's copy in an ``AudioTemplates`` (copied), or None (re-encoded)."""
-        import av
-        from av.bitstream import BitStreamFilterContext
 
         self.copy, self.bsf, self.resampler, self.next_pts, self.skipped = template is not None, None, None, None, 0
         if self.copy:
@@ -80,7 +88,6 @@ class AudioOutput:
     def packets(self, item) -> list:
         if not self.copy:
             return [p for frame in item.frames or () for p in self._encode(frame)]
-        import av
 
         try:
             out = self.bsf.filter(item.packet) if self.bsf is not None else [item.packet]
@@ -98,7 +105,6 @@ class AudioOutput:
         return out
 
     def _encode(self, frame) -> list:
-        import av
 
         ctx = self.stream.codec_context
         if self.resampler is None:
@@ -136,7 +142,6 @@ def add_video_stream(container, codec: str, info, size: tuple[int, int], *, crf:
     B-frame reordering needs, and the muxer would shift every timestamp to make room.
     Encoders use frame threads like the ffmpeg CLI (PyAV's default, slice threads, encodes 720p
     ~20 % slower with x264) unless ``low_latency``: frame threads hold back a few frames each."""
-    import av
 
     rate = info.rate  # a SourceInfo: the input's frame rate and timestamp base
     codec = pick_encoder(codec)

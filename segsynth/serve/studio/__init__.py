@@ -23,9 +23,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from segsynth.core import labels
-from segsynth.serve.service import ServiceError, error_responses
+from segsynth.core.errors import ServiceError
+from segsynth.serve.responses import error_responses
+from segsynth.stream.pictures import resize_labels, resize_rgb
+from segsynth.stream.render import compose
 
 STATIC = Path(__file__).with_name("static")
 MAX_UPLOAD = 8 << 20  # bytes a request to UPLOAD_PATHS may send
@@ -39,7 +43,6 @@ MAX_Z_TEXT = 64 << 10  # characters of the z form field (a few hundred numbers n
 
 def open_image(data: bytes, field: str):
     """An uploaded image, its size checked before its pixels are decoded (PIL reads headers lazily)."""
-    from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise ServiceError(f"{field}: the file is empty", field)
@@ -57,7 +60,6 @@ def open_image(data: bytes, field: str):
 
 def read_rgb(data: bytes, field: str) -> np.ndarray:
     """An uploaded photo as H x W x 3 uint8 RGB (EXIF rotation applied)."""
-    from PIL import ImageOps
 
     image = open_image(data, field)
     try:
@@ -86,7 +88,6 @@ def read_label_map(data: bytes, label_set: labels.LabelSet, field: str = "labels
 
 
 def png(array: np.ndarray) -> bytes:
-    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(array, "L" if array.ndim == 2 else "RGB").save(buf, "PNG")
@@ -95,7 +96,6 @@ def png(array: np.ndarray) -> bytes:
 
 def cover(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The middle of ``rgb`` with the aspect ratio of (W, H) ``size``, scaled to it."""
-    from segsynth.stream.infer.segmenter import resize_rgb
 
     h, w = rgb.shape[:2]
     tw, th = size
@@ -143,7 +143,6 @@ class Studio:
     def segment(self, rgb: np.ndarray) -> np.ndarray:
         """A photo -> ids of the generator's label set at the canvas size (the photo's middle,
         cropped to the canvas' aspect ratio)."""
-        from segsynth.stream.infer.segmenter import resize_labels
 
         seg = self.models.segmenter
         ids = seg(cover(rgb, seg.size)[None])[0]
@@ -190,7 +189,6 @@ class Studio:
 
     def synthesize(self, ids: np.ndarray, z: np.ndarray | None) -> np.ndarray:
         """Ids of the label set (any size; scaled to the generator's, nearest) -> RGB at its size."""
-        from segsynth.stream.infer.segmenter import resize_labels
 
         gen = self._need_generator()
         return gen(resize_labels(ids, *gen.size)[None], z)[0]
@@ -198,8 +196,6 @@ class Studio:
 
 def triptych(display: np.ndarray, result, label_set: labels.LabelSet, height: int = LIVE_HEIGHT) -> np.ndarray:
     """Input | labels (with legend) | synthesis, each ``height`` pixels high (the input's aspect)."""
-    from segsynth.stream.render import compose
-    from segsynth.stream.infer.segmenter import resize_rgb
 
     h, w = display.shape[:2]
     size = (max(2, round(w * height / h)), height)
@@ -229,7 +225,6 @@ class LiveView:
     def next_jpeg(self, after: int, timeout: float) -> tuple[int, bytes | None]:
         """(seq, JPEG) of the newest frame once one newer than ``after`` is there; (after, None)
         after ``timeout`` seconds without one."""
-        from PIL import Image
 
         with self._cond:
             if not self._cond.wait_for(lambda: self.seq != after, timeout):
