@@ -11,6 +11,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from segsynth.core import onnxmeta
+
 
 def segmenter(path: Path, size: tuple[int, int] = (64, 64), batch: int | None = None) -> Path:
     """Write the tiny segmenter to ``path`` (if not there yet) and return the path; ``batch``
@@ -27,7 +29,7 @@ def segmenter(path: Path, size: tuple[int, int] = (64, 64), batch: int | None = 
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [n, 21, h, w])],
         [numpy_helper.from_array(weights, "weight")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.helper.set_model_props(model, {"segsynth.role": "segmenter", "segsynth.label_set": "voc"})
+    onnx.helper.set_model_props(model, {onnxmeta.ROLE: "segmenter", onnxmeta.LABEL_SET: "voc"})
     onnx.checker.check_model(model)
     tmp = path.with_name(f".{path.name}.partial")
     onnx.save(model, str(tmp))

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from segsynth.core import onnxmeta
 from segsynth.core.errors import InputError
 from segsynth.engine.onnxruntime import describe_onnx
 from segsynth.engine.select import make_runner, resolve_backend
@@ -71,7 +72,7 @@ def _inputs(runner, batch: int, inputs_file: Path | None) -> dict[str, np.ndarra
         with np.load(inputs_file) as data:
             return {name: data[name] for name in runner.inputs}
     rng = np.random.default_rng(0)
-    label_nc = int(runner.metadata.get("segsynth.label_nc", 2))
+    label_nc = int(runner.metadata.get(onnxmeta.LABEL_NC, 2))
     feed = {}
     for name, meta in runner.inputs.items():
         shape = tuple(batch if not isinstance(d, int) or d <= 0 else d for d in meta.shape)

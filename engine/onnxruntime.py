@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from segsynth.core import onnxmeta
 from segsynth.core.errors import BackendError, ModelError
 from segsynth.engine.runner import Runner, TensorMeta
 
@@ -38,7 +39,7 @@ def describe_onnx(proto) -> tuple[dict[str, TensorMeta], dict[str, TensorMeta], 
 
     inputs = {v.name: meta(v) for v in proto.graph.input if v.name not in init}
     outputs = {v.name: meta(v) for v in proto.graph.output}
-    return inputs, outputs, {p.key: p.value for p in proto.metadata_props}
+    return inputs, outputs, onnxmeta.read(proto)
 
 
 class OnnxRuntimeRunner(Runner):

@@ -18,6 +18,7 @@ from pathlib import Path
 import onnxruntime
 
 from segsynth.core.errors import BackendError, ModelError
+from segsynth.core.grammar import BACKENDS
 from segsynth.engine import cuda
 from segsynth.engine.fp16 import cached_float16
 from segsynth.engine.onnxruntime import (
@@ -28,8 +29,6 @@ from segsynth.engine.tensorrt import TensorRTRunner, import_tensorrt
 from segsynth.engine.torch_runner import TorchCudaRunner
 
 log = logging.getLogger("segsynth")
-BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime")
-GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
 Batch = int | tuple[int, int, int] | None
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from segsynth.core import labels, onnxmeta
 from segsynth.core.errors import ModelError
 
 if TYPE_CHECKING:  # imported lazily at run time
@@ -307,12 +308,12 @@ def convert(path: str | Path, *, class_lut: np.ndarray | None = None,
     model.ir_version = 8
     mean, std = -input_offset / input_scale, 1 / input_scale  # x * scale + offset == (x - mean) / std
     props = {
-        "segsynth.role": "segmenter",
-        "segsynth.input_order": "rgb",
-        "segsynth.input_mean": ",".join([repr(float(mean))] * 3),
-        "segsynth.input_std": ",".join([repr(float(std))] * 3),
-        "segsynth.source": path.name,
-        "segsynth.source_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        onnxmeta.ROLE: "segmenter",
+        onnxmeta.INPUT_ORDER: "rgb",
+        onnxmeta.INPUT_MEAN: ",".join([repr(float(mean))] * 3),
+        onnxmeta.INPUT_STD: ",".join([repr(float(std))] * 3),
+        onnxmeta.SOURCE: path.name,
+        onnxmeta.SOURCE_SHA256: hashlib.sha256(path.read_bytes()).hexdigest(),
         **(metadata or {}),
     }
     helper.set_model_props(model, props)
@@ -384,7 +385,7 @@ def segmenter_from_tflite(path: str | Path, label_set: str | None = None) -> "on
     if not path.is_file():
         raise ModelError(f"{path}: no such TFLite file")
     n = _class_count(path)
-    guessed = {151: "ade20k", 21: "voc", 19: "cityscapes"}.get(n)
+    guessed = labels.by_class_count(n)
     label_set = label_set or guessed
     if label_set is None:
         raise ModelError(f"{path}: {n} classes match no known label set; pass --label-set")
@@ -394,4 +395,4 @@ def segmenter_from_tflite(path: str | Path, label_set: str | None = None) -> "on
     else:
         lut[:n] = np.arange(n)
     return convert(path, class_lut=lut, input_scale=1 / 127.5, input_offset=-1.0,
-                   metadata={"segsynth.label_set": label_set, "segsynth.classes": str(n)})
+                   metadata={onnxmeta.LABEL_SET: label_set, onnxmeta.CLASSES: str(n)})

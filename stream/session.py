@@ -17,9 +17,11 @@ installs signal handlers
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
@@ -296,26 +298,63 @@ class StreamSession:
                        legend=self.config.legend)
 
     # ---- reporting ------------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """frames_in, frames_inferred, frames_out, dropped, reconnects, fps, seconds, latency_ms
-        {p50, p95, p99}, stages {decode, infer, encode: mean_ms, p95_ms}, queues, problems,
-        state and error. Percentiles cover the most recent frames (bounded memory)."""
+    def stats(self) -> StreamStats:
+        """What the session did so far: frames, drops, rates, latency and stage times (percentiles
+        over the most recent frames: bounded memory), each output's state, problems, the error."""
         p = self.pipeline
-        out = {"id": self.id, "state": self.state, "source": self.config.source, "sinks": list(self.config.sinks),
-               "view": self.view, "frames_in": 0, "frames_inferred": 0, "frames_out": 0, "dropped": 0,
-               "reconnects": 0, "fps": 0.0, "seconds": 0.0, "latency_ms": {}, "stages": {}, "queues": {},
-               "problems": list(self.source.problems) if self.source is not None else [],
-               "error": str(self.error) if self.error is not None else None}
+        stats = StreamStats(self.id, self.state, self.config.source, list(self.config.sinks), self.view,
+                            problems=list(self.source.problems) if self.source is not None else [],
+                            error=str(self.error) if self.error is not None else None)
         if p is not None:
             s = p.stats()
             failed = {id(sink): exc for sink, exc in getattr(self.sink, "failed", [])}
-            out["outputs"] = [{"name": getattr(k, "name", str(k)), "ok": id(k) not in failed,
-                               "error": str(failed[id(k)]).splitlines()[0] if id(k) in failed else None,
-                               "reconnects": getattr(k, "reconnects", 0), "skipped": getattr(k, "skipped", 0)}
-                              for k in self.sinks]
-            out["reconnects"] = getattr(self.source, "reconnects", 0)
-            out.update(frames_in=s.frames_in, frames_inferred=p.frames_inferred, frames_out=s.frames_out,
-                       dropped=s.dropped, fps=s.fps, seconds=s.seconds, stages=s.stages,
-                       latency_ms={k.removesuffix("_ms"): v for k, v in s.latency.items()},
-                       queues={"ring": p.ring.depth, "results": p.results.qsize()})
-        return out
+            stats.outputs = [OutputStats(getattr(k, "name", str(k)), id(k) not in failed,
+                                         str(failed[id(k)]).splitlines()[0] if id(k) in failed else None,
+                                         getattr(k, "reconnects", 0), getattr(k, "skipped", 0)) for k in self.sinks]
+            stats.reconnects = getattr(self.source, "reconnects", 0)
+            stats.frames_in, stats.frames_inferred, stats.frames_out = s.frames_in, p.frames_inferred, s.frames_out
+            stats.dropped, stats.fps, stats.seconds, stats.stages = s.dropped, s.fps, s.seconds, s.stages
+            stats.latency_ms = {k.removesuffix("_ms"): v for k, v in s.latency.items()}
+            stats.queues = {"ring": p.ring.depth, "results": p.results.qsize()}
+        return stats
+
+
+@dataclass
+class OutputStats:
+    """One output of a stream: whether it is still written (a failed one was dropped, the
+    others went on), why not, and a push's reconnects and skipped frames."""
+
+    name: str
+    ok: bool = True
+    error: str | None = None
+    reconnects: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class StreamStats:
+    """A StreamSession's figures: what the CLI's summary, the service's JSON (``to_json``) and
+    its metrics read. ``latency_ms``: p50/p95/p99 from a frame's arrival to its mux; ``stages``:
+    per stage (decode, infer, encode) mean_ms and p95_ms."""
+
+    id: str
+    state: str
+    source: str
+    sinks: list[str]
+    view: str
+    frames_in: int = 0
+    frames_inferred: int = 0
+    frames_out: int = 0
+    dropped: int = 0
+    reconnects: int = 0
+    fps: float = 0.0
+    seconds: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, dict[str, float]] = field(default_factory=dict)
+    queues: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
+    outputs: list[OutputStats] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)

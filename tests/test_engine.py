@@ -149,7 +149,7 @@ def test_engine_keys_and_stale_entries(tmp_path, caplog):
 
 
 def test_backend_selection_here_and_clear_errors(exported):
-    from segsynth.engine.select import GPU_BACKENDS
+    from segsynth.core.grammar import GPU_BACKENDS
 
     with pytest.raises(BackendError, match="unknown backend"):
         resolve_backend("warp")

@@ -18,8 +18,8 @@ from onnx import TensorProto, helper, shape_inference
 from segsynth.benchmarks.scenarios.common import Job, median_rate, percentile, timed
 from segsynth.benchmarks.scenarios.media import decode_all, job_sink, job_source, shows_input
 from segsynth.core.config import ExportConfig
-from segsynth.core.grammar import FAST_SEG_SIZE, SEG_SIZES
-from segsynth.engine.select import GPU_BACKENDS, make_runner, open_runner
+from segsynth.core.grammar import FAST_SEG_SIZE, GPU_BACKENDS, SEG_SIZES
+from segsynth.engine.select import make_runner, open_runner
 from segsynth.stream.infer import chain as chains
 from segsynth.stream.infer.generator import bundled_generator
 from segsynth.stream.infer.models import ModelSet

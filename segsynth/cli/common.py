@@ -1,62 +1,77 @@
+"""What the commands share: the options every command has, the options of a stream (made from
+StreamConfig's one description of its fields), of the models and backends, and the one helper
+through which every command owns SIGINT and SIGTERM."""
+
 from __future__ import annotations
 
 import argparse
 import logging
 import signal
 import threading
-from pathlib import Path
+import typing
 
-from segsynth.core.grammar import (
-    FAST_SEG_SIZE,
-    FITS,
-    FUSED,
-    SESSION_VIEWS,
-    STABILIZE_CHOICES,
-    STABILIZE_DEFAULT,
-    TIERS,
-    parse_size,
-)
+from segsynth.core.config import ModelConfig, stream_field_types, stream_fields
+from segsynth.core.grammar import BACKENDS, FAST_SEG_SIZE, FUSED, TIERS, parse_size
 
 log = logging.getLogger("segsynth")
+PICTURE = ("view", "remap", "style", "seed", "stabilize", "smooth", "fit", "batch", "codec", "crf", "preset", "bitrate",
+           "stream", "legend")  # how frames are made and encoded: run's and transcode's stream fields
 
 
+class Signals:
+    """SIGINT/SIGTERM while a command runs: the first calls ``first`` (finish what was read) and
+    logs ``what``, a second calls ``again`` (abandon it). The CLI owns the process's signals;
+    sessions and jobs never touch them. ``signum``: the first signal received, if any."""
 
-class StopOnSignals:
-    """SIGINT/SIGTERM while a session runs: the first drains it (finish what was read, flush,
-    close), a second aborts it. The CLI owns the process's signals; sessions never touch them."""
+    def __init__(self, first, again, what: str) -> None:
+        self.first, self.again, self.what = first, again, what
+        self.signum: int | None = None
+        self._saved: dict = {}
 
-    def __init__(self, session) -> None:
-        self.session, self.signum, self._saved = session, None, {}
-
-    def __enter__(self) -> "StopOnSignals":
-
+    def __enter__(self) -> "Signals":
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._saved[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, _frame) -> None:
-
         if self.signum is None:
             self.signum = signum
-            log.warning("%s: stopping - finishing the frames already read (signal again to abort)",
-                        signal.Signals(signum).name)
-            self.session.stop(drain=True)
+            log.warning("%s: %s (signal again to abandon it)", signal.Signals(signum).name, self.what)
+            self.first()
         else:
-            self.session.stop(drain=False)
+            self.again()
 
     def __exit__(self, *exc) -> None:
-
         for signum, handler in self._saved.items():
             signal.signal(signum, handler)
 
 
-def picture_fields(args: argparse.Namespace) -> dict:
-    """StreamConfig's fields of how frames are made and encoded (run and transcode share them)."""
+def add_stream_options(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
+    """The options of StreamConfig's fields ``names``, as core.config describes them once (the
+    HTTP API's request model and docs/stream-fields.md come from the same description)."""
+    fields, types = {f.name: f for f in stream_fields()}, stream_field_types()
+    for name in names:
+        f, meta = fields[name], fields[name].metadata
+        flag = meta["flag"] or "--" + name.replace("_", "-")
+        default = f.default
+        kind = next(t for t in typing.get_args(types[name]) or (types[name],) if t is not type(None))
+        shown = f" (default {default})" if default not in (None, True, False) and "default" not in meta["help"] else ""
+        if kind is bool:
+            p.add_argument(flag, dest=name, action="store_false" if default else "store_true", help=meta["help"])
+        else:
+            p.add_argument(flag, dest=name, default=default, metavar=meta["metavar"], choices=meta["choices"],
+                           type=kind if kind in (int, float) else str, help=meta["help"] + shown)
 
-    return dict(view=args.view, remap=args.remap, style=Path(args.style) if args.style else None, seed=args.seed,
-                smooth=args.smooth, stabilize=args.stabilize, fit=args.fit, batch=args.batch, codec=args.codec,
-                crf=args.crf, preset=args.preset, bitrate=args.bitrate, stream=args.stream, legend=not args.no_legend)
+
+def stream_options(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    """StreamConfig's keyword arguments of fields ``names`` from ``args`` (see add_stream_options)."""
+    types = stream_field_types()
+    out = {name: getattr(args, name) for name in names}
+    for name, value in out.items():
+        if value is not None and typing.get_origin(typing.get_args(types[name])[0]) is tuple:  # sizes: WxH
+            out[name] = parse_size(value, "--" + name.replace("_", "-"), "WxH")
+    return out
 
 
 def tier(args: argparse.Namespace, live: bool) -> str:
@@ -65,6 +80,7 @@ def tier(args: argparse.Namespace, live: bool) -> str:
     if args.models:
         return args.models
     if live and args.backend in ("auto", "onnxruntime"):
+        # imported here: asking which backends work loads onnxruntime, and --help should not wait for it
         from segsynth.engine.select import backend_candidates
 
         if args.backend == "onnxruntime" or backend_candidates()[0][0] == "onnxruntime":
@@ -73,13 +89,12 @@ def tier(args: argparse.Namespace, live: bool) -> str:
     return "quality"
 
 
-def model_fields(args: argparse.Namespace, live: bool = False) -> dict:
-    """ModelConfig's fields (run and transcode share them)."""
-
-    return dict(segmenter=args.segmenter, generator=args.generator,
-                size=parse_size(args.size, "--size", "WxH") if args.size else None, threads=args.threads,
-                cache_dir=args.cache_dir, backend=args.backend, fp16=not args.fp32, batch=args.batch,
-                fused=args.fused, models=tier(args, live), seg_size=args.seg_size)
+def model_config(args: argparse.Namespace, live: bool = False) -> ModelConfig:
+    """The models run and transcode load, checked now (before any file is read)."""
+    return ModelConfig(segmenter=args.segmenter, generator=args.generator,
+                       size=parse_size(args.size, "--size", "WxH") if args.size else None, threads=args.threads,
+                       cache_dir=args.cache_dir, backend=args.backend, fp16=not args.fp32, batch=args.batch,
+                       fused=args.fused, models=tier(args, live), seg_size=args.seg_size)
 
 
 def shared_options() -> argparse.ArgumentParser:
@@ -94,50 +109,24 @@ def shared_options() -> argparse.ArgumentParser:
 
 
 def add_picture_options(p: argparse.ArgumentParser, threads: str) -> None:
-    """How frames are made and encoded: run's and transcode's options."""
-
-    p.add_argument("--view", choices=SESSION_VIEWS, help="synth (default with a generator), labels (default "
-                                                         "without), overlay, side-by-side (input | synthesis), grid "
-                                                         "(2x2), ids (class ids, lossless grayscale .mkv)")
-    p.add_argument("--remap", metavar="RULES", help="rewrite classes before synthesis, e.g. 'person=animal'")
+    """How frames are made and encoded, and by which models: run's and transcode's options."""
+    add_stream_options(p, PICTURE)
     p.add_argument("--generator", default="default", metavar="default|none|DIR|FILE.onnx",
                    help="SPADE generator: the bundled default, none (labels only), an official checkpoint directory, "
                         "or an exported ONNX")
     p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="as for segment")
-    p.add_argument("--style", metavar="IMAGE", help="style image for VAE generators (encoder -> z)")
-    p.add_argument("--seed", type=int, help="fixed z for VAE generators (one z for the whole video)")
-    add_stabilize(p)
-    p.add_argument("--smooth", type=int, default=1, metavar="K", help="the old name of --stabilize majority:K")
     p.add_argument("--size", metavar="WxH", help="synthesis resolution (default: the generator's own)")
-    p.add_argument("--fit", choices=FITS, help="how frames meet the synthesis size (default: as the generator "
-                                               "was trained; letterbox keeps the aspect ratio)")
-    p.add_argument("--batch", type=int, default=1, help="frames per inference batch (default 1)")
-    p.add_argument("--codec",
-                   help="video encoder: libx264, libx265, libvpx-vp9, h264_nvenc, ..., or auto (a hardware H.264 "
-                        "encoder when one works here, else libx264); default: libx264, or the first encoder the "
-                        "output's container holds (VP9 for .webm)")
-    p.add_argument("--crf", type=int, default=20, help="x264/x265 quality (0-51, default 20)")
-    p.add_argument("--preset", default="veryfast", help="x264/x265 preset (default veryfast)")
-    p.add_argument("--bitrate", help="target bitrate instead of --crf, e.g. 4M")
-    p.add_argument("--stream", type=int, metavar="INDEX", help="which video stream (default: the first)")
     p.add_argument("--threads", type=int, help=threads)
-    p.add_argument("--no-legend", action="store_true", help="omit the legend box")
-    p.add_argument("--cache-dir", help="where exported generators are cached (default ~/.cache/segsynth)")
+    p.add_argument("--cache-dir", help="where exported generators, fused and re-shaped graphs and engines are cached "
+                                       "(default $SEGSYNTH_HOME, else $XDG_CACHE_HOME/segsynth or ~/.cache/segsynth)")
     add_backend(p)
 
 
 def add_stabilize(p: argparse.ArgumentParser) -> None:
-
-    p.add_argument("--stabilize", metavar=STABILIZE_CHOICES,
-                   help=f"videos: keep labels (and the picture) still where the input did not change (default "
-                        f"{STABILIZE_DEFAULT}: a label changes where its pixels changed or a clearly more confident class "
-                        "appears; flow: the same along optical flow; majority:K: the most frequent label of K "
-                        "frames; off: every frame on its own)")
+    add_stream_options(p, ("stabilize",))
 
 
 def add_backend(p: argparse.ArgumentParser) -> None:
-    from segsynth.engine.select import BACKENDS
-
     p.add_argument("--models", choices=TIERS,
                    help=f"quality: the float graphs, segmenters at 513 x 513; fast: the bundled int8 graphs "
                         f"(segmenters and default generator), segmenters at {FAST_SEG_SIZE} x {FAST_SEG_SIZE}, labels "

@@ -7,27 +7,31 @@ import threading
 from pathlib import Path
 
 from segsynth.cli.common import (
-    StopOnSignals,
+    PICTURE,
+    Signals,
     add_backend,
     add_picture_options,
     add_stabilize,
-    model_fields,
-    picture_fields,
+    add_stream_options,
+    model_config,
+    stream_options,
     tier,
 )
-from segsynth.core.config import ModelConfig, SegmentConfig, StreamConfig
+from segsynth.core.config import SegmentConfig, StreamConfig, StreamTemplate, TranscodeConfig
 from segsynth.core.errors import InputError, Interrupted, OutputError
-from segsynth.core.grammar import SEGMENT_VIEWS, describe_cameras, is_live, parse_size
+from segsynth.core.grammar import SEGMENT_VIEWS, describe_cameras, is_live
 
 log = logging.getLogger("segsynth")
+LIVE = ("max_frames", "duration", "segment_time", "rtsp_transport", "stall_timeout", "reconnect_max", "camera_size",
+        "camera_fps", "policy", "fps")  # run's stream fields beyond the picture's: inputs, limits, live sources
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from segsynth.jobs.segment import run_segment
+    from segsynth.jobs.segment import run_segment  # imported here: jobs load av and onnxruntime (--help stays fast)
 
     cfg = SegmentConfig(input=args.input, output=args.output, view=args.view, remap=args.remap,
                         segmenter=args.segmenter, label_set=args.label_set, threads=args.threads,
-                        legend=not args.no_legend, crf=args.crf, preset=args.preset, backend=args.backend,
+                        legend=args.legend, crf=args.crf, preset=args.preset, backend=args.backend,
                         fp16=not args.fp32, fused=args.fused, stabilize=args.stabilize, models=tier(args, False),
                         seg_size=args.seg_size)
     summary = run_segment(cfg, quiet=args.quiet)
@@ -36,94 +40,73 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-
-    from segsynth.jobs.run import run
+    from segsynth.jobs.run import run  # imported here: jobs load av and onnxruntime (--help stays fast)
 
     outputs = [*args.outputs, *(args.out or []), *([f"mjpeg://{args.preview}"] if args.preview else [])]
     if not outputs:
         raise InputError("run needs an output: run IN OUT [OUT ...], --out OUT or --preview HOST:PORT")
-    cfg = StreamConfig(source=args.input, sinks=tuple(outputs), **picture_fields(args), policy=args.policy,
-                       fps=args.fps, max_frames=args.frames, duration=args.duration,
-                       segment_time=args.segment_time, rtsp_transport=args.rtsp_transport,
-                       stall_timeout=args.stall_timeout, reconnect_max=args.reconnect_max,
-                       camera_size=parse_size(args.camera_size, "--camera-size", "WxH") if args.camera_size else None,
-                       camera_fps=args.camera_fps)
-
-    models = ModelConfig(**model_fields(args, live=is_live(args.input)))
-    controls = []
+    cfg = StreamConfig(source=args.input, sinks=tuple(outputs), **stream_options(args, PICTURE + LIVE))
+    models = model_config(args, live=is_live(args.input))
+    signals = []
 
     def control(session):
-        controls.append(StopOnSignals(session))
-        return controls[0]
+        signals.append(Signals(lambda: session.stop(drain=True), lambda: session.stop(drain=False),
+                               "stopping - finishing the frames already read"))
+        return signals[0]
 
     stats, session = run(cfg, models, quiet=args.quiet, control=control, stats_json=args.stats_json)
-    declared = session.source.info.declared_frames
-    signum = controls[0].signum if controls else None
-    if stats["problems"] and session.source.live:
-        log.warning("warning: %s: %d problems, e.g. %s", cfg.source, len(stats["problems"]), stats["problems"][0])
-    elif stats["problems"]:  # damage, or a video that ends before the time it declares
-        of = f" of the {declared} it declares" if declared else ""
-        first = f": {stats['problems'][0]}" if stats["problems"] else ""
-        log.warning("warning: %s looks truncated or damaged: decoded %d frames%s and wrote them%s",
-                    cfg.source, stats["frames_in"], of, first)
-    failed = [out for out in stats.get("outputs", []) if not out["ok"]]
-    written = [out["name"] for out in stats.get("outputs", []) if out["ok"]]
-    log.info("wrote %s (%s): %d frames in, %d out, %d dropped, reconnects %d, %.1f s, %.2f fps",
-             ", ".join(written) or "nothing", stats["view"], stats["frames_in"], stats["frames_out"], stats["dropped"],
-             stats["reconnects"], stats["seconds"], stats["fps"])
-    for out in stats.get("outputs", []):
-        if not out["ok"] or out["reconnects"] or out["skipped"]:
-            log.info("  output %s: %s, reconnects %d, %d frames skipped", out["name"],
-                     "ok" if out["ok"] else f"FAILED ({out['error']}); what it recorded is kept", out["reconnects"],
-                     out["skipped"])
-    for name, t in stats["stages"].items():
-        log.info("  %-7s mean %7.1f ms   p95 %7.1f ms", name, t["mean_ms"], t["p95_ms"])
-    if stats["latency_ms"]:
-        lat = stats["latency_ms"]
-        log.info("  latency p50 %.0f ms, p95 %.0f ms, p99 %.0f ms (arrival to mux)", lat["p50"], lat["p95"],
-                 lat["p99"])
+    _summary(cfg, stats, session.source)
+    signum = signals[0].signum if signals else None
     if signum is not None:
-        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after {stats['frames_out']} frames; "
+        raise Interrupted(signum, f"stopped by {signal.Signals(signum).name} after {stats.frames_out} frames; "
                                   "the output holds them and is closed")
+    failed = [out for out in stats.outputs if not out.ok]
     if failed:  # the others went on to the end; the run still failed
-        raise OutputError(f"output {failed[0]['name']} failed: {failed[0]['error']}"
+        written = [out.name for out in stats.outputs if out.ok]
+        raise OutputError(f"output {failed[0].name} failed: {failed[0].error}"
                           + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else "")
                           + (f"; {', '.join(written)} complete" if written else ""))
     return 0
 
 
+def _summary(cfg: StreamConfig, stats, source) -> None:
+    """What a run did, on stderr: problems, outputs, frames and rates, stage times, latency."""
+    if stats.problems and source.live:
+        log.warning("warning: %s: %d problems, e.g. %s", cfg.source, len(stats.problems), stats.problems[0])
+    elif stats.problems:  # damage, or a video that ends before the time it declares
+        declared = source.info.declared_frames
+        of = f" of the {declared} it declares" if declared else ""
+        log.warning("warning: %s looks truncated or damaged: decoded %d frames%s and wrote them: %s",
+                    cfg.source, stats.frames_in, of, stats.problems[0])
+    written = [out.name for out in stats.outputs if out.ok]
+    log.info("wrote %s (%s): %d frames in, %d out, %d dropped, reconnects %d, %.1f s, %.2f fps",
+             ", ".join(written) or "nothing", stats.view, stats.frames_in, stats.frames_out, stats.dropped,
+             stats.reconnects, stats.seconds, stats.fps)
+    for out in stats.outputs:
+        if not out.ok or out.reconnects or out.skipped:
+            log.info("  output %s: %s, reconnects %d, %d frames skipped", out.name,
+                     "ok" if out.ok else f"FAILED ({out.error}); what it recorded is kept", out.reconnects,
+                     out.skipped)
+    for name, t in stats.stages.items():
+        log.info("  %-7s mean %7.1f ms   p95 %7.1f ms", name, t["mean_ms"], t["p95_ms"])
+    if stats.latency_ms:
+        lat = stats.latency_ms
+        log.info("  latency p50 %.0f ms, p95 %.0f ms, p99 %.0f ms (arrival to mux)", lat["p50"], lat["p95"],
+                 lat["p99"])
+
+
 def _transcode(args: argparse.Namespace) -> int:
+    from segsynth.jobs.transcode import transcode  # imported here: jobs load av and onnxruntime
 
-    from segsynth.jobs.transcode import transcode
-
-    if args.jobs < 1 or (args.retry is not None and args.retry < 0):
-        raise InputError("--jobs must be at least 1 and --retry at least 0")
-    picture = picture_fields(args)
-    model = model_fields(args)
-    ModelConfig(**model)  # checked before any file is read
-    stop, abort, received = threading.Event(), threading.Event(), []
-
-    def handle(signum, _frame):
-        received.append(signum)
-        if not stop.is_set():
-            log.warning("%s: no new files start; running ones finish (signal again to abandon them)",
-                        signal.Signals(signum).name)
-            stop.set()
-        else:
-            abort.set()
-
-    saved = {signum: signal.signal(signum, handle) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        summary = transcode(args.inputs, Path(args.out), stream_options=picture, model_options=model,
-                            jobs=args.jobs, pattern=args.pattern, recursive=args.recursive, ext=args.ext,
-                            resume=args.resume, retry=args.retry, ray=args.ray, stop=stop, abort=abort,
-                            quiet=args.quiet, probe=args.probe)
-    finally:
-        for signum, handler in saved.items():
-            signal.signal(signum, handler)
+    job = TranscodeConfig(inputs=tuple(args.inputs), out=Path(args.out), stream=StreamTemplate.of(
+        **stream_options(args, PICTURE)), models=model_config(args), jobs=args.jobs, pattern=args.pattern,
+        recursive=args.recursive, ext=args.ext, probe=args.probe, resume=args.resume, retry=args.retry, ray=args.ray)
+    stop, abort = threading.Event(), threading.Event()
+    with Signals(stop.set, abort.set, "no new file starts; the running ones finish") as signals:
+        summary = transcode(job, stop=stop, abort=abort, quiet=args.quiet)
     print(summary["table"])
-    if received:
-        raise Interrupted(received[0], f"stopped by {signal.Signals(received[0]).name}: {summary['line']}")
+    if signals.signum is not None:
+        raise Interrupted(signals.signum, f"stopped by {signal.Signals(signals.signum).name}: {summary['line']}")
     return 0 if not summary["failed"] else 1
 
 
@@ -150,7 +133,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help="ade20k+voc (default: scene + people/animals/vehicles), ade20k, voc, or a segmenter ONNX")
     p.add_argument("--label-set", help="label set of a custom segmenter ONNX without segsynth metadata")
     p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
-    p.add_argument("--no-legend", action="store_true", help="omit the legend box")
+    add_stream_options(p, ("legend",))
     p.add_argument("--crf", type=int, default=18, help="x264 quality for video output (0-51, default 18)")
     p.add_argument("--preset", default="veryfast", help="x264 preset for video output (default veryfast)")
     add_stabilize(p)
@@ -166,22 +149,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    "rtmp:// or srt:// (pushed to a server), DIR/NAME.m3u8 (HLS)")
     p.add_argument("--out", action="append", metavar="OUTPUT", help="another output (may be repeated)")
     p.add_argument("--preview", metavar="HOST:PORT", help="serve an MJPEG preview, e.g. 127.0.0.1:8090")
-    p.add_argument("--frames", type=int, metavar="N", help="stop after N frames (like ffmpeg -frames:v)")
-    p.add_argument("--duration", type=float, metavar="SECONDS", help="stop after this much input (like ffmpeg -t)")
     p.add_argument("--stats-json", metavar="FILE", help="write the final statistics as JSON")
-    p.add_argument("--segment-time", type=float, metavar="SECONDS",
-                   help="file outputs: start a new file (NAME-00000.mp4, ...) every SECONDS")
-    p.add_argument("--rtsp-transport", choices=["tcp", "udp"], default="tcp", help="RTSP input transport (tcp)")
-    p.add_argument("--stall-timeout", type=float, default=5.0, metavar="SECONDS",
-                   help="live: a source that sends no frame this long is lost and reconnected (default 5)")
-    p.add_argument("--reconnect-max", type=int, metavar="N",
-                   help="live: give up after N reconnect attempts in a row (default: never)")
-    p.add_argument("--camera-size", metavar="WxH", help="camera capture size, e.g. 1280x720")
-    p.add_argument("--camera-fps", type=float, metavar="N", help="camera capture rate")
-    p.add_argument("--policy", choices=["lossless", "latest"], default=None,
-                   help="lossless: every frame in order (default for files); latest: drop the oldest queued frame "
-                   "under load (default for live sources)")
-    p.add_argument("--fps", type=float, help="frame rate of an image sequence input (default 25)")
+    add_stream_options(p, LIVE)
     add_picture_options(p, threads="inference threads per model (default: all cores)")
     p.set_defaults(func=_run)
     p = sub.add_parser("transcode", parents=[common], help="run every video of files and folders, in parallel or "

@@ -347,6 +347,55 @@ class StreamConfig:
 
 
 @dataclass(frozen=True)
+class StreamTemplate:
+    """What the streams of a batch share - every StreamConfig field but ``source`` and
+    ``sinks`` - checked once, when it is made; ``config(source, sinks)`` is one file's."""
+
+    fields: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def of(cls, **fields) -> "StreamTemplate":
+        if {"source", "sinks"} & set(fields):
+            raise ValueError("a stream template leaves source and sinks to each stream")
+        StreamConfig(source="checked.mp4", sinks=("checked.mkv",), **fields)  # the fields' own checks, now
+        return cls(tuple(sorted(fields.items())))
+
+    def config(self, source: str, sinks: tuple[str, ...]) -> StreamConfig:
+        return StreamConfig(source=source, sinks=sinks, **dict(self.fields))
+
+    def get(self, name: str, default=None):
+        return dict(self.fields).get(name, default)
+
+
+@dataclass(frozen=True)
+class TranscodeConfig:
+    """``segsynth transcode``: which files (``inputs``: files, folders, globs; ``pattern``,
+    ``recursive``, ``probe``: see segsynth.jobs.batch.expand), into which folder (``out``; ``ext``:
+    another extension), made how (``stream``, ``models``), by how many workers (``jobs`` local
+    processes, or ``ray``: "auto" or HOST:PORT of a Ray cluster), ``resume``-able, each file
+    retried ``retry`` times when its worker dies (None: 0 locally, 3 on Ray)."""
+
+    inputs: tuple[str, ...]
+    out: Path
+    stream: StreamTemplate = StreamTemplate()
+    models: ModelConfig = field(default_factory=ModelConfig)
+    jobs: int = 1
+    pattern: str | None = None
+    recursive: bool = False
+    ext: str | None = None
+    probe: bool = False
+    resume: bool = False
+    retry: int | None = None
+    ray: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(map(str, self.inputs)))
+        object.__setattr__(self, "out", Path(self.out))
+        if self.jobs < 1 or (self.retry is not None and self.retry < 0):
+            raise InputError("--jobs must be at least 1 and --retry at least 0", field="jobs")
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
     """``segsynth serve``: where it listens, what it may touch and how much a request may start."""
 

@@ -322,3 +322,9 @@ def describe_cameras() -> list[tuple[str, str]]:
             name = "?"
         out.append((device, name))
     return out
+
+
+BACKENDS = ("auto", "tensorrt", "onnxruntime-cuda", "torch-cuda", "onnxruntime")
+
+
+GPU_BACKENDS = ("tensorrt", "onnxruntime-cuda", "torch-cuda")

@@ -278,6 +278,15 @@ def get(name: str) -> LabelSet:
 LABEL_SETS = ("ade20k", "voc", "coco-stuff", "cityscapes")
 
 
+def by_class_count(n: int) -> str | None:
+    """The label set a model with ``n`` classes predicts (ADE20K also as 151: TensorFlow's DeepLab
+    puts an 'other' class 0 before its 150), or None when no set has that many."""
+    for name in LABEL_SETS:
+        if len(get(name)) == n or (name == "ade20k" and n == len(get(name)) + 1):
+            return name
+    return None
+
+
 def mapping(src: LabelSet, dst: LabelSet) -> np.ndarray:
     """A 256-entry uint8 lookup table taking src ids to dst ids by class name.
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import onnx
 
+from segsynth.core import labels, onnxmeta
 from segsynth.core.config import ExportConfig
 from segsynth.core.errors import InputError
 from segsynth.export.checkpoint import read_state_dict
@@ -26,7 +27,6 @@ from segsynth.stream.io.mux import atomic_output
 
 log = logging.getLogger("segsynth")
 
-_SETS_BY_CLASSES = {182: "coco-stuff", 150: "ade20k", 21: "voc", 19: "cityscapes"}
 
 
 def run_export(cfg: ExportConfig) -> str:
@@ -51,7 +51,7 @@ def _from_tflite(cfg: ExportConfig) -> str:
     model = segmenter_from_tflite(cfg.from_tflite, label_set=cfg.label_set)
     with atomic_output(cfg.out, cfg.from_tflite) as tmp:
         onnx.save(model, str(tmp))
-    props = {p.key: p.value for p in model.metadata_props}
+    props = onnxmeta.read(model)
     size = "x".join(str(d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim[2:])
     return f"wrote {cfg.out} ({props['segsynth.label_set']} segmenter, {props['segsynth.classes']} classes, input {size})"
 
@@ -73,10 +73,10 @@ def _spade_options(cfg: ExportConfig, size: tuple[int, int] | None):
 
 def _generator_metadata(opt, label_set: str | None) -> dict[str, str]:
     h, w = opt.output_size
-    return {"segsynth.role": "generator", "segsynth.label_set": label_set or _SETS_BY_CLASSES.get(opt.label_nc, ""),
-            "segsynth.label_nc": str(opt.label_nc), "segsynth.contain_dontcare_label": str(opt.contain_dontcare_label),
-            "segsynth.no_instance": str(opt.no_instance), "segsynth.use_vae": str(opt.use_vae),
-            "segsynth.z_dim": str(opt.z_dim), "segsynth.size": f"{h}x{w}"}
+    return {onnxmeta.ROLE: "generator", onnxmeta.LABEL_SET: label_set or (labels.by_class_count(opt.label_nc) or ""),
+            onnxmeta.LABEL_NC: str(opt.label_nc), onnxmeta.CONTAIN_DONTCARE_LABEL: str(opt.contain_dontcare_label),
+            onnxmeta.NO_INSTANCE: str(opt.no_instance), onnxmeta.USE_VAE: str(opt.use_vae),
+            onnxmeta.Z_DIM: str(opt.z_dim), onnxmeta.SIZE: f"{h}x{w}"}
 
 
 def _generator_inputs(opt, batch: int):
@@ -113,7 +113,7 @@ def _encoder(cfg: ExportConfig) -> str:
     # high: the generator's output size) and resizes them to 256x256 inside its forward, as ours does.
     h, w = cfg.size or opt.output_size
     export(graph, {"style": torch.rand(cfg.batch or 2, 3, h, w) * 2 - 1}, ["mu", "logvar"], cfg.out,
-           dynamic_batch=cfg.batch is None, metadata={"segsynth.role": "encoder", "segsynth.size": f"{h}x{w}"})
+           dynamic_batch=cfg.batch is None, metadata={onnxmeta.ROLE: "encoder", onnxmeta.SIZE: f"{h}x{w}"})
     return f"wrote {cfg.out} (SPADE style encoder, style {h}x{w} -> mu, logvar)"
 
 
@@ -135,11 +135,11 @@ def _deeplab(cfg: ExportConfig) -> str:
     _check_seg_size(size, "--size")
     deeplab = _load_deeplab(cfg.checkpoint)
     pre = deeplab.preprocess
-    label_set = cfg.label_set or _SETS_BY_CLASSES.get(deeplab.n_classes, "")
-    metadata = {"segsynth.role": "segmenter", "segsynth.label_set": label_set,
-                "segsynth.classes": str(deeplab.n_classes), "segsynth.family": deeplab.family,
-                "segsynth.input_order": pre.order, "segsynth.input_mean": ",".join(map(repr, pre.mean)),
-                "segsynth.input_std": ",".join(map(repr, pre.std))}
+    label_set = cfg.label_set or (labels.by_class_count(deeplab.n_classes) or "")
+    metadata = {onnxmeta.ROLE: "segmenter", onnxmeta.LABEL_SET: label_set,
+                onnxmeta.CLASSES: str(deeplab.n_classes), onnxmeta.FAMILY: deeplab.family,
+                onnxmeta.INPUT_ORDER: pre.order, onnxmeta.INPUT_MEAN: ",".join(map(repr, pre.mean)),
+                onnxmeta.INPUT_STD: ",".join(map(repr, pre.std))}
     image = torch.randn(cfg.batch or 2, 3, *size) * 50
     export(SegmenterGraph(deeplab, cfg.argmax), {"image": image}, ["labels" if cfg.argmax else "logits"],
            cfg.out, dynamic_batch=cfg.batch is None, metadata=metadata)
@@ -155,17 +155,17 @@ def _chain(cfg: ExportConfig) -> str:
     deeplab = _load_deeplab(cfg.deeplab)
     opt = _spade_options(cfg, None)  # --size is the frame size here; the generator keeps its own
     spade = load_spade(cfg.checkpoint, opt, cfg.epoch)
-    seg_set = cfg.label_set or _SETS_BY_CLASSES.get(deeplab.n_classes, "")
-    gen_set = _SETS_BY_CLASSES.get(opt.label_nc, "")
+    seg_set = cfg.label_set or (labels.by_class_count(deeplab.n_classes) or "")
+    gen_set = (labels.by_class_count(opt.label_nc) or "")
     graph = ChainGraph(deeplab, spade, cfg.size, cfg.seg_size)
     batch = cfg.batch or 2
     inputs = {"frames": torch.randint(0, 256, (batch, *cfg.size, 3), dtype=torch.uint8),
               "remap": torch.arange(256, dtype=torch.uint8)}
     if opt.use_vae:
         inputs["z"] = torch.randn(batch, opt.z_dim)
-    metadata = {**_generator_metadata(opt, None), "segsynth.role": "chain", "segsynth.segmenter_label_set": seg_set,
-                "segsynth.generator_label_set": gen_set, "segsynth.frame_size": "x".join(map(str, cfg.size)),
-                "segsynth.seg_size": "x".join(map(str, cfg.seg_size))}
+    metadata = {**_generator_metadata(opt, None), onnxmeta.ROLE: "chain", onnxmeta.SEGMENTER_LABEL_SET: seg_set,
+                onnxmeta.GENERATOR_LABEL_SET: gen_set, onnxmeta.FRAME_SIZE: "x".join(map(str, cfg.size)),
+                onnxmeta.SEG_SIZE: "x".join(map(str, cfg.seg_size))}
     export(graph, inputs, ["image", "labels"], cfg.out, dynamic_batch=cfg.batch is None, metadata=metadata,
            unbatched=("remap",))
     return (f"wrote {cfg.out} (chain: {deeplab.family} [{seg_set or '?'}] -> SPADE [{gen_set or '?'}], "

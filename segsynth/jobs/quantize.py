@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from segsynth.core import onnxmeta
 from segsynth.core.errors import InputError
 from segsynth.engine.select import open_runner
 from segsynth.stream.infer.generator import Generator
@@ -100,7 +101,7 @@ def _calibration_inputs(path: Path, frames: list[np.ndarray]) -> list[dict[str, 
     """One feed per frame, as the runtime would build it for this graph."""
 
     runner = open_runner(path, "onnxruntime")
-    role = runner.metadata.get("segsynth.role")
+    role = runner.metadata.get(onnxmeta.ROLE)
     if role == "segmenter":
         seg = OnnxSegmenter(runner, path=path)
         w, h = seg.size
@@ -188,15 +189,15 @@ def quantize(model_path: Path, out: Path, videos: list[Path], *, frames: int = 4
         raise InputError(f"{model_path} is quantised already")
     feeds = _calibration_inputs(model_path, sample_frames(videos, frames))
     _float_weights(model)
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = onnxmeta.read(model)
     digest = hashlib.sha256()
     for spec in videos:
         digest.update(_span(spec)[0].read_bytes())
-    method = "99.99th percentile" if meta.get("segsynth.role") == "generator" else "min/max"
-    meta.update({"segsynth.quantized": f"int8 QDQ (weights int8 per channel, activations uint8, {method} ranges)",
-                 "segsynth.calibration": f"{frames} frames of {', '.join(Path(str(v)).name for v in videos)} "
+    method = "99.99th percentile" if meta.get(onnxmeta.ROLE) == "generator" else "min/max"
+    meta.update({onnxmeta.QUANTIZED: f"int8 QDQ (weights int8 per channel, activations uint8, {method} ranges)",
+                 onnxmeta.CALIBRATION: f"{frames} frames of {', '.join(Path(str(v)).name for v in videos)} "
                                          f"(sha256 {digest.hexdigest()[:16]})",
-                 "segsynth.float_source": Path(model_path).name})
+                 onnxmeta.FLOAT_SOURCE: Path(model_path).name})
     with tempfile.TemporaryDirectory() as tmp:
         floated = Path(tmp) / "float.onnx"
         onnx.save(model, str(floated))
@@ -205,16 +206,14 @@ def quantize(model_path: Path, out: Path, videos: list[Path], *, frames: int = 4
         # the float picture against 30.0 with min/max); segmenters: min/max. Percentile keeps every
         # activation of every frame: 48 frames at 513 x 513, or of a 256 x 256 generator, need over
         # 24 GB (scripts/quantize-bundled calibrates the generator on 12)
-        generator = meta.get("segsynth.role") == "generator"
+        generator = meta.get(onnxmeta.ROLE) == "generator"
         quantize_static(str(floated), str(quantized), _Feeds(feeds), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=_last_convs(model),
                         calibrate_method=CalibrationMethod.Percentile if generator else CalibrationMethod.MinMax,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True, "CalibPercentile": 99.99})
         result = onnx.load(str(quantized))
-    del result.metadata_props[:]
-    for key, value in meta.items():
-        result.metadata_props.add(key=key, value=value)
+    onnxmeta.write(result, meta)
     with atomic_output(out, model_path) as tmp:
         onnx.save(result, str(tmp))
     convs = sum(n.op_type in ("Conv", "MatMul", "Gemm") for n in result.graph.node)

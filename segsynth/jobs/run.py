@@ -18,11 +18,11 @@ from segsynth.jobs.progress import Progress
 from segsynth.stream.infer.models import ModelSet
 from segsynth.stream.io import mux
 from segsynth.stream.io.sources import open_source
-from segsynth.stream.session import StreamSession
+from segsynth.stream.session import StreamSession, StreamStats
 
 
 def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, control=None,
-        atomic: bool = False, label: str = "run", stats_json: str | None = None) -> tuple[dict, StreamSession]:
+        atomic: bool = False, label: str = "run", stats_json: str | None = None) -> tuple[StreamStats, StreamSession]:
     """Run the session to its end; returns its final ``stats()`` and the session. Raises the
     session's error (InputError, OutputError, ...) if it failed. ``stats_json``: where the
     final stats are written (also when the session failed)."""
@@ -56,13 +56,13 @@ def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, contr
         raise
     finally:
         if stats_json and session is not None and session.pipeline is not None:
-            _write_json(Path(stats_json), session.stats())
+            _write_json(Path(stats_json), session.stats().to_json())
     if session.error is not None:  # a source given up: the outputs are complete and kept; the run still failed
         raise session.error
     stats = session.stats()
-    if stats["frames_out"] == 0:
+    if stats.frames_out == 0:
         raise InputError(f"{cfg.source}: no decodable video frames" +
-                         (f"; {stats['problems'][0]}" if stats["problems"] else ""))
+                         (f"; {stats.problems[0]}" if stats.problems else ""))
     return stats, session
 
 

@@ -17,7 +17,9 @@ import contextlib
 import hmac
 import logging
 import signal
+import typing
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -25,48 +27,41 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from segsynth import __version__
 from segsynth.core import metrics
-from segsynth.core.config import ServiceConfig
+from segsynth.core.config import ServiceConfig, stream_field_types, stream_fields
 from segsynth.core.errors import InputError, SegsynthError
 from segsynth.serve import studio
 from segsynth.serve.responses import error_responses
-from segsynth.serve.service import Service, load_config
+from segsynth.serve.service import MODEL_FIELDS, Service, load_config
 
 log = logging.getLogger("segsynth")
 MAX_BODY = 64 << 10  # bytes of JSON a request may send
 MAX_DRAIN = 64 << 20  # bytes of a refused body read (and dropped) so that the client sees the 413
 
 
+def stream_spec() -> type[BaseModel]:
+    """The POST body of a stream: StreamConfig's fields the API takes (core.config describes them
+    once, for the command line too), each optional but ``source``, plus the models it may name."""
+    types = stream_field_types()
+    fields = {}
+    for f in stream_fields(api=True):
+        kind = types[f.name]
+        base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+        base = list[str] if typing.get_origin(base) is tuple else str if base is Path else base
+        fields[f.name] = (base, ...) if f.name == "source" else (base | None, None)
+    fields.update({name: (str | None, None) for name in MODEL_FIELDS})
+    return create_model("StreamSpec", __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
+                        __doc__="A stream to start: what ``segsynth run`` takes, as JSON (docs/stream-fields.md).",
+                        **fields)
+
+
 def create_app(service: Service, *, token: str | None = None, protect_metrics: bool = False,
                grace: float = 10.0) -> FastAPI:
-    class StreamSpec(BaseModel):
-        """A stream to start: what ``segsynth run`` takes, as JSON."""
-
-        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-        source: str
-        sinks: list[str] = []
-        id: str | None = None
-        view: str | None = None
-        remap: str | None = None
-        seed: int | None = None
-        style: str | None = None
-        policy: str | None = None
-        smooth: int | None = None
-        stabilize: str | None = None
-        fit: str | None = None
-        batch: int | None = None
-        segmenter: str | None = None
-        generator: str | None = None
-        max_frames: int | None = None
-        duration: float | None = None
-        segment_time: float | None = None
-        rtsp_transport: str | None = None
-        stall_timeout: float | None = None
-        reconnect_max: int | None = None
+    StreamSpec = stream_spec()
 
     class StreamPatch(BaseModel):
         """What a running stream can change."""

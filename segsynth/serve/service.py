@@ -3,7 +3,7 @@ HTTP API (FastAPI + uvicorn) with Prometheus metrics.
 
     GET    /v1/streams          the streams and their state
     POST   /v1/streams          start one (the body: ``StreamSpec``) -> 201
-    GET    /v1/streams/{id}     its config, state and stats()
+    GET    /v1/streams/{id}     its config, state and stats
     PATCH  /v1/streams/{id}     change remap, view or seed while it runs
     DELETE /v1/streams/{id}     drain and close it
     GET    /healthz, /readyz, /metrics
@@ -24,15 +24,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
-from segsynth.core.config import ServiceConfig, StreamConfig
+from segsynth.core.config import ServiceConfig, StreamConfig, stream_fields
 from segsynth.core.errors import InputError, SegsynthError, ServiceError
 from segsynth.core.grammar import LOOPBACK, check_seed, parse_address, sink_kind
 from segsynth.stream.session import StreamSession
 
 log = logging.getLogger("segsynth")
-SPEC_FIELDS = ("id", "source", "sinks", "view", "remap", "seed", "style", "policy", "smooth", "stabilize", "fit",
-               "batch", "segmenter", "generator", "max_frames", "duration", "segment_time", "rtsp_transport",
-               "stall_timeout", "reconnect_max")
+MODEL_FIELDS = ("segmenter", "generator")  # the service's models: a stream may name them, not change them
+SPEC_FIELDS = (*(f.name for f in stream_fields(api=True)), *MODEL_FIELDS)  # the POST body: core.config's description
 PATCH_FIELDS = ("remap", "view", "seed")
 
 
@@ -183,7 +182,7 @@ class Service:
 
     def describe(self, session) -> dict:
         state = "removing" if session.id in self.removing and session.state != "closed" else session.state
-        return {"id": session.id, "state": state, "config": self.specs.get(session.id, {}), "stats": session.stats()}
+        return {"id": session.id, "state": state, "config": self.specs.get(session.id, {}), "stats": session.stats().to_json()}
 
     def update(self, stream_id: str, patch: dict) -> None:
 
@@ -217,7 +216,7 @@ class Service:
         session = self._started(stream_id)
         with self._lock:
             if stream_id in self.removing:  # a DELETE ran out of time already: the stream is on its way
-                return False, session.stats()
+                return False, session.stats().to_json()
             self.removing.add(stream_id)
         session.stop(drain=True)
         if not session.join(timeout):
@@ -226,10 +225,10 @@ class Service:
             if not session.join(abort_timeout):
                 threading.Thread(target=self._reap, args=(session,), name=f"segsynth-reap-{stream_id}",
                                  daemon=True).start()
-                return False, session.stats()
+                return False, session.stats().to_json()
         self._forget(stream_id, session)
         log.info("stream %s: removed", stream_id)
-        return True, session.stats()
+        return True, session.stats().to_json()
 
     def _reap(self, session) -> None:
         """Forget an aborted stream once its threads have ended (they stop at their next check)."""

@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from segsynth.core import labels
+from segsynth.core import labels, onnxmeta
 from segsynth.core.errors import ModelError
 from segsynth.engine.cache import CachedFile, content_key
 from segsynth.engine.select import open_runner
@@ -214,8 +214,8 @@ def compose(segmenter, generator=None, part: str = "all"):
     ir = max([7, *(m.ir_version for m in (*models, *([gen_model] if gen_model else ())))])
     chain = helper.make_model(graph, opset_imports=[helper.make_opsetid("", g.opset)], ir_version=ir,
                               producer_name="segsynth")
-    helper.set_model_props(chain, {"segsynth.role": "chain", "segsynth.chain_part": part,
-                                   "segsynth.label_set": segmenter.label_set.name})
+    helper.set_model_props(chain, {onnxmeta.ROLE: "chain", onnxmeta.CHAIN_PART: part,
+                                   onnxmeta.LABEL_SET: segmenter.label_set.name})
     return chain
 
 
@@ -244,7 +244,7 @@ class Chain:
 
     def __init__(self, runner, segmenter, generator=None) -> None:
         self.runner = runner
-        self.part = runner.metadata.get("segsynth.chain_part", "all")
+        self.part = runner.metadata.get(onnxmeta.CHAIN_PART, "all")
         self.size, self.label_set = segmenter.size, segmenter.label_set
         self.gen_size = generator.size if generator is not None and self.part != "segment" else None
         self.uses_z = self.gen_size is not None and generator.uses_z

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from segsynth.core import labels, paths
+from segsynth.core import labels, onnxmeta, paths
 from segsynth.core.errors import InputError, ModelError
 from segsynth.engine.runner import Runner
 from segsynth.engine.select import open_runner
@@ -39,7 +39,7 @@ class Generator:
         self.source = getattr(runner, "label", runner.name)
         names = set(runner.inputs)
         meta = runner.metadata
-        if "label" not in names or "image" not in runner.outputs or meta.get("segsynth.role", "generator") != "generator":
+        if "label" not in names or "image" not in runner.outputs or meta.get(onnxmeta.ROLE, "generator") != "generator":
             raise ModelError(f"{self.source} is not a SPADE generator (expected input label[N,1,H,W] and output "
                              f"image[N,3,H,W]; got inputs {sorted(names)} and outputs {sorted(runner.outputs)})")
         h, w = runner.inputs["label"].shape[2:]
@@ -48,8 +48,8 @@ class Generator:
         self.size = (w, h)  # (W, H)
         self.uses_instance, self.uses_z = "instance" in names, "z" in names
         self.z_dim = int(runner.inputs["z"].shape[1]) if self.uses_z else 0
-        self.label_set = labels.get(meta["segsynth.label_set"]) if meta.get("segsynth.label_set") else None
-        self.fit = meta.get("segsynth.fit", "letterbox")  # how the training frames met the model's size
+        self.label_set = labels.get(meta[onnxmeta.LABEL_SET]) if meta.get(onnxmeta.LABEL_SET) else None
+        self.fit = meta.get(onnxmeta.FIT, "letterbox")  # how the training frames met the model's size
         self.encoder = encoder.activate() if encoder is not None else None
         batch = runner.inputs["label"].shape[0]
         self.batch = batch if isinstance(batch, int) else runner.max_batch  # frames per call; None: any

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from segsynth.core import onnxmeta
 from segsynth.core.errors import InputError
 from segsynth.core.grammar import check_size
 
@@ -55,7 +56,7 @@ def resize_segmenter(model, size: int):
                 d.dim_value = size
     del model.graph.value_info[:]  # intermediate shapes of the 513 graph
     for prop in model.metadata_props:
-        if prop.key == "segsynth.input_size":
+        if prop.key == onnxmeta.INPUT_SIZE:
             prop.value = f"{size}x{size}"
     onnx.checker.check_model(model)
     return model

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from segsynth.core import labels, paths
+from segsynth.core import labels, onnxmeta, paths
 from segsynth.core.errors import InputError, ModelError
 from segsynth.core.grammar import FAST_SEG_SIZE
 from segsynth.engine.cache import CachedFile, content_key
@@ -64,7 +64,7 @@ class OnnxSegmenter:
         image = [m for m in runner.inputs.values() if len(m.shape) == 4 and m.shape[1] == 3]
         outs = [m for m in runner.outputs.values() if m.name in ("labels", "logits")]
         meta = runner.metadata
-        if len(runner.inputs) != 1 or not image or not outs or meta.get("segsynth.role", "segmenter") != "segmenter":
+        if len(runner.inputs) != 1 or not image or not outs or meta.get(onnxmeta.ROLE, "segmenter") != "segmenter":
             ins = ", ".join(f"{m.name}{list(m.shape)}" for m in runner.inputs.values())
             got = ", ".join(f"{m.name}{list(m.shape)}" for m in runner.outputs.values())
             raise ModelError(f"{self.source} is not a segmenter: expected input image[N,3,H,W] and output "
@@ -79,14 +79,14 @@ class OnnxSegmenter:
             raise ModelError(f"{self.source}: segmenters need a fixed input size, got {h} x {w}")
         self.size = (w, h)
         try:
-            mean = [float(v) for v in meta.get("segsynth.input_mean", "127.5,127.5,127.5").split(",")]
-            std = [float(v) for v in meta.get("segsynth.input_std", "127.5,127.5,127.5").split(",")]
+            mean = [float(v) for v in meta.get(onnxmeta.INPUT_MEAN, "127.5,127.5,127.5").split(",")]
+            std = [float(v) for v in meta.get(onnxmeta.INPUT_STD, "127.5,127.5,127.5").split(",")]
         except ValueError:
             raise ModelError(f"{self.source}: malformed segsynth.input_mean/std metadata") from None
-        self.bgr = meta.get("segsynth.input_order", "rgb") == "bgr"
+        self.bgr = meta.get(onnxmeta.INPUT_ORDER, "rgb") == "bgr"
         scale = 1 / np.asarray(std, np.float32)
         self.scale, self.offset = scale.reshape(1, 3, 1, 1), (-np.asarray(mean, np.float32) * scale).reshape(1, 3, 1, 1)
-        name = label_set or meta.get("segsynth.label_set")
+        name = label_set or meta.get(onnxmeta.LABEL_SET)
         if name is None:
             raise ModelError(f"{self.source} does not say which label set it predicts; pass --label-set")
         self.label_set = labels.get(name)
