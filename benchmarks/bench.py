@@ -17,17 +17,17 @@ from pathlib import Path
 
 from segsynth.benchmarks import inputs, machine, scenarios, tiny
 from segsynth.benchmarks.scenarios import BenchConfig, Job
+from segsynth.core.config import ModelConfig
 from segsynth.core.errors import InputError
-from segsynth.stream.infer.models import ModelSet
+from segsynth.jobs.models import load_models
 
 log = logging.getLogger("segsynth")
 
 
 def _make_job(cfg: BenchConfig, source: Path) -> Job:
-
     segmenter = str(tiny.segmenter(cfg.workdir / "tiny-segmenter.onnx")) if cfg.segmenter == "tiny" else cfg.segmenter
-    models = ModelSet.load(segmenter, cfg.generator, threads=cfg.threads, backend=cfg.backend, fp16=cfg.fp16,
-                           batch=max(cfg.batch), fused=cfg.fused, models=cfg.models, seg_size=cfg.seg_size)
+    models = load_models(ModelConfig(segmenter, cfg.generator, threads=cfg.threads, backend=cfg.backend, fp16=cfg.fp16,
+                                     batch=max(cfg.batch), fused=cfg.fused, models=cfg.models, seg_size=cfg.seg_size))
     job = Job(cfg, source, models, None, "synth" if models.generator is not None else "labels")
     job.infer = job.make_infer()
     return job

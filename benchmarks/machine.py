@@ -54,7 +54,6 @@ def _gpus() -> list[dict]:
 
 
 def describe() -> dict:
-
     ffmpeg = None
     if shutil.which("ffmpeg"):
         try:

@@ -50,7 +50,6 @@ class _Slots:
     """What onnx's schema of one node says about each float32 input and output."""
 
     def __init__(self, node, opset: int, types: dict[str, int]) -> None:
-
         try:
             schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
         except onnx.defs.SchemaError:
@@ -193,7 +192,6 @@ def to_float16(model):
 
 
 def _copy(node):
-
     new = onnx.NodeProto()
     new.CopyFrom(node)
     return new

@@ -29,7 +29,6 @@ _ONNX_TO_TORCH_DTYPE = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int
 
 
 def _attrs(node) -> dict:
-
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -253,7 +252,6 @@ def _unsqueezed(shape, axes):
 
 
 def _const_value(attrs):
-
     value = attrs.get("value")
     return numpy_helper.to_array(value) if value is not None else np.zeros(1, np.float32)
 

@@ -80,7 +80,6 @@ class OnnxRuntimeRunner(Runner):
         return "<in-memory model>" if isinstance(self.model, bytes) else Path(self.model).name
 
     def _activate_impl(self) -> None:
-
         available = set(ort.get_available_providers())
         missing = [p for p in self.providers if p not in available]
         if missing:

@@ -37,7 +37,6 @@ def _has(module: str) -> bool:
 
 
 def _ort_cuda() -> bool:
-
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
@@ -161,6 +160,5 @@ class Float16OnnxRuntimeRunner(OnnxRuntimeRunner):
         return self.source.name
 
     def _activate_impl(self) -> None:
-
         self.model = cached_float16(self.source, self.cache_dir)
         super()._activate_impl()

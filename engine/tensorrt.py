@@ -88,7 +88,6 @@ def batch_range(batch: int | tuple[int, int, int] | None) -> tuple[int, int, int
 def batch_profile(onnx_bytes: bytes, batch: tuple[int, int, int]) -> dict:
     """min/opt/max shapes for every input: the batch axis varies, every other axis is fixed."""
 
-
     inputs, _, _ = describe_onnx(onnx.load_from_string(onnx_bytes))
     shapes = {}
     for name, meta in inputs.items():
@@ -218,8 +217,6 @@ class TensorRTRunner(Runner):
         self._pools: list[cuda.PinnedPool] = []  # pinned_allocator()'s, until closed
 
     def _activate_impl(self) -> None:
-
-
         trt = import_tensorrt()
         dev = cuda.device(self.device_index)
         check = cuda.check

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segsynth.core.errors import ModelError
+from segsynth.export.checkpoint import load_strict
 
 
 @dataclass(frozen=True)
@@ -309,7 +310,6 @@ class LoadedDeepLab:
 
 def build_deeplab(state: dict, source: str = "checkpoint") -> LoadedDeepLab:
     """Recognise the checkpoint format from its keys, build the matching network, load strictly."""
-    from segsynth.export.checkpoint import load_strict
 
     keys = set(state)
     if "base.layer1.conv1.conv.weight" in keys or "layer1.conv1.conv.weight" in keys:

@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn.utils import spectral_norm
 
 from segsynth.core.errors import ModelError
+from segsynth.export.checkpoint import load_strict, read_state_dict
 
 NUM_UP_LAYERS = {"normal": 5, "more": 6, "most": 7}
 
@@ -364,7 +365,6 @@ def read_options(directory: str | Path, overrides: dict | None = None) -> SpadeO
 def load_spade(directory: str | Path, opt: SpadeOptions | None = None, epoch: str = "latest") -> LoadedSpade:
     """Load an official-layout checkpoint directory: ``opt.txt``, ``{epoch}_net_G.pth`` and,
     for VAE models, ``{epoch}_net_E.pth`` (optional: without it styles cannot be encoded)."""
-    from segsynth.export.checkpoint import load_strict, read_state_dict
 
     directory = Path(directory)
     opt = opt or read_options(directory)

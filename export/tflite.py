@@ -124,7 +124,6 @@ class _Builder:
     """Accumulates ONNX nodes and initialisers with deterministic names."""
 
     def __init__(self, tensors: list[_Tensor]) -> None:
-
         self.helper, self.numpy_helper = helper, numpy_helper
         self.tensors = tensors
         self.nodes, self.inits = [], []

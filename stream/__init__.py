@@ -1,30 +1,23 @@
-"""segsynth.stream: sources, the threaded pipeline, sinks and the stream sessions built on them.
+"""segsynth.stream, the streaming library: sources, sinks and media I/O (``stream.io``), the
+models (``stream.infer``) and the runtime that joins them - the threaded pipeline, the frame
+ring, stream sessions, rendering.
 
     from segsynth.stream import ModelSet, StreamConfig, StreamSession
 
-Names are imported on first use, so ``import segsynth.stream`` stays light (and never
-imports torch, TensorRT or CUDA).
+Importing it never imports torch, TensorRT or CUDA (tests/test_cli.py checks).
 """
 
 from __future__ import annotations
 
-import importlib
+from segsynth.core.config import ModelConfig, StreamConfig
+from segsynth.stream.infer.models import ModelSet
+from segsynth.stream.infer.synth import FrameResult, Synthesize
+from segsynth.stream.io.sinks import Encoding, FileSink, MemorySink, Sink, TeeSink
+from segsynth.stream.io.sources import FileSource, SyntheticSource
+from segsynth.stream.io.tracks import Source, SourceInfo
+from segsynth.stream.pipeline import Pipeline
+from segsynth.stream.session import StreamSession, StreamStats
 
-from segsynth.core import config
-
-_EXPORTS = {
-    "ModelSet": "models", "StreamSession": "session", "Pipeline": "pipeline",
-    "FileSource": "sources", "SyntheticSource": "sources", "Source": "sources", "SourceInfo": "sources",
-    "FileSink": "sinks", "MemorySink": "sinks", "TeeSink": "sinks", "Sink": "sinks", "Encoding": "sinks",
-    "Synthesize": "synth", "FrameResult": "synth",
-}
-__all__ = ["ModelConfig", "StreamConfig", *_EXPORTS]
-
-
-def __getattr__(name: str):
-    if name in ("StreamConfig", "ModelConfig"):
-
-        return getattr(config, name)
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__all__ = ["Encoding", "FileSink", "FileSource", "FrameResult", "MemorySink", "ModelConfig", "ModelSet", "Pipeline",
+           "Sink", "Source", "SourceInfo", "StreamConfig", "StreamSession", "StreamStats", "Synthesize",
+           "SyntheticSource", "TeeSink"]

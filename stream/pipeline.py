@@ -1,8 +1,10 @@
 """The threaded decode -> infer -> encode pipeline.
 
-    Source ─▶ DecodeStage ─▶ FrameRing (preallocated, bounded) ─▶ InferStage (batches, staged
-          in two alternating upload buffers) ─▶ result queue (bounded) ─▶ EncodeStage (render,
+    Source ─▶ decode thread ─▶ FrameRing (preallocated, bounded) ─▶ infer thread (batches, staged
+          in two alternating upload buffers) ─▶ result queue (bounded) ─▶ encode thread (render,
           encode) ─▶ Sink      audio: Source -> Sink
+
+(``Pipeline._decode``, ``_infer`` and ``_encode``, one thread each.)
 
 Each stage runs on its own thread and owns its codec/scaler contexts; PyAV releases the GIL
 while decoding, scaling and encoding, and onnxruntime while inferring, so the stages overlap.

@@ -15,7 +15,6 @@ from segsynth.stream.pictures import resize_labels
 
 @lru_cache(maxsize=8)
 def _font(size: int):
-
     return ImageFont.load_default(size=size)
 
 
@@ -67,7 +66,6 @@ def render(view: str, frame: np.ndarray, label_map: np.ndarray, label_set: Label
 
 
 def _resize_rgb(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-
     if image.shape[1::-1] == tuple(size):
         return image
     return np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))

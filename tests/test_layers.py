@@ -71,3 +71,11 @@ def test_no_module_passes_500_lines(folder):
     long = {str(p.relative_to(REPO)): n for p in (REPO / folder).rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 500}
     assert not long, long
+
+
+def test_the_stream_fields_doc_is_made_from_the_schema():
+    from segsynth.core.config import stream_fields, stream_fields_table
+
+    text = (REPO / "docs" / "stream-fields.md").read_text()
+    assert stream_fields_table() in text, "docs/stream-fields.md is stale: regenerate its table (see its header)"
+    assert len([f for f in stream_fields(api=True)]) >= 15  # what the API took before the schema, at least

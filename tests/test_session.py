@@ -75,7 +75,7 @@ def test_eight_sessions_over_one_modelset_match_lone_runs(tmp_path, astronaut, m
 
 def _wait_for_frames(session, frames: int, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while session.stats()["frames_out"] < frames:
+    while session.stats().frames_out < frames:
         assert session.state not in ("failed", "closed"), session.stats()
         assert time.monotonic() < deadline, f"fewer than {frames} frames after {timeout} s"
         time.sleep(0.01)
@@ -105,7 +105,7 @@ def test_fifty_start_stop_cycles_leave_threads_and_files_as_they_were(tmp_path, 
             s.stop(drain=rng.random() < 0.5)
             assert s.join(60), f"cycle {cycle} did not stop"
             assert s.state == "closed" and s.error is None, (s.stats(), repr(s.error))
-            written = s.stats()["frames_out"]
+            written = s.stats().frames_out
             outcomes["before any frame" if not written else "after the end" if written == 60 else "mid-stream"] += 1
             if written:
                 times, frames = decode_video(out)  # playable, with every frame the session wrote
@@ -133,7 +133,7 @@ def test_remap_update_changes_the_output_two_batches_later_only_where_the_class_
         assert (models.fused("all") is not None) == (fused == "on")
         s.start()
         _wait_for_frames(s, 12)
-        inferred = s.stats()["frames_inferred"]
+        inferred = s.stats().frames_inferred
         s.update(remap="person=dog")
         with pytest.raises(LabelError, match="did you mean"):
             s.update(remap="persn=dog")  # a bad rule changes nothing
@@ -224,7 +224,7 @@ def test_metrics_follow_a_session_and_vanish_with_it(tmp_path, astronaut, tiny_s
         s.stop()
         assert s.join(30)
     assert series("cam-1") == {}  # a closed session's series are removed
-    assert sink.frames == s.stats()["frames_out"] and len(sink.tail) <= 4096 < sink.bytes_out
+    assert sink.frames == s.stats().frames_out and len(sink.tail) <= 4096 < sink.bytes_out
 
 
 def test_stage_timers_keep_constant_memory_and_exact_means():

@@ -70,7 +70,6 @@ class Job:
                           gen.size if gen is not None else None, chains={"all": m.fused("all")})
 
     def render(self, result, meta):
-
         return compose(self.view, meta.get("display"), result.labels, result.synth, self.models.label_set,
                        meta["size"])
 

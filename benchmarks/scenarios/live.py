@@ -29,7 +29,6 @@ def transcode(job: Job) -> dict:
     overhead (the models loading in its worker, the time to its first frame)."""
 
 
-
     w, h = job.cfg.size
     folder = job.cfg.workdir / "transcode-in"
     folder.mkdir(exist_ok=True)
@@ -64,7 +63,6 @@ def _pictures(job: Job, count: int = 250) -> list[np.ndarray]:
 
 
 def _session(job: Job, source, sink, policy: str, ring_slots: int = 8, progress=None):
-
     cfg = StreamConfig(source="synthetic", sinks=("memory.mkv",), view=job.view, policy=policy,
                        ring_slots=ring_slots, legend=False)
     return StreamSession(cfg, job.models, source=source, sinks=[sink], progress=progress)

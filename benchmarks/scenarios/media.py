@@ -23,14 +23,12 @@ log = logging.getLogger("segsynth")
 
 
 def job_source(job: Job, need_display: bool):
-
     source = FileSource(job.input).open()
     source.model_size, source.need_display = job.models.size, need_display
     return source
 
 
 def job_sink(source, out: Path):
-
     return FileSink(out, source.info)
 
 
@@ -113,15 +111,12 @@ class _PassSource:
     """Decoded frames straight to the encoder (the identity model): no colour conversion."""
 
     def __init__(self, path: Path) -> None:
-
         self.container = demux.open_video(path)
         self.video, self.audio = self.container.streams.video[0], list(self.container.streams.audio)
         self.video.thread_type = "AUTO"
         self.problems: list[str] = []
 
     def frames(self, stop, audio):
-
-
         dummy = np.zeros((1, 1, 3), np.uint8)
         for item in demux.demux_decode(self.container, self.video, self.audio, self.problems):
             if isinstance(item, av.Packet):
@@ -135,7 +130,6 @@ class _PassSource:
 
 class _PassSink:
     def __init__(self, source: _PassSource, out: Path) -> None:
-
         self.writer = mux.MediaWriter(out, fragmented=True)
         c = self.writer.container
         v = source.video
@@ -159,7 +153,6 @@ class _PassSink:
 def passthrough(job: Job) -> dict:
     """decode -> encode with the identity model through segsynth's pipeline, vs the ffmpeg CLI
     doing the same transcode with the same codec settings."""
-
 
     src = job.input
     n = job.results.get("frames") or _count_frames(src)
@@ -194,6 +187,5 @@ def passthrough(job: Job) -> dict:
 
 
 def _count_frames(path: Path) -> int:
-
     with av.open(str(path)) as c:
         return sum(1 for p in c.demux(c.streams.video[0]) if p.size)

@@ -20,9 +20,9 @@ from segsynth.benchmarks.scenarios.media import decode_all, job_sink, job_source
 from segsynth.core.config import ExportConfig
 from segsynth.core.grammar import FAST_SEG_SIZE, GPU_BACKENDS, SEG_SIZES
 from segsynth.engine.select import make_runner, open_runner
+from segsynth.jobs.models import load_models
 from segsynth.stream.infer import chain as chains
 from segsynth.stream.infer.generator import bundled_generator
-from segsynth.stream.infer.models import ModelSet
 from segsynth.stream.infer.segmenter import OnnxSegmenter, bundled_model, reshaped
 from segsynth.stream.infer.synth import Synthesize
 from segsynth.stream.pictures import resize_labels, resize_rgb
@@ -99,10 +99,9 @@ def tiers(job: Job) -> dict:
     encode; the bench's view) over the same input, alternating; and how far fast's results are
     from quality's on every frame: label agreement (on the frame's grid) and the picture's PSNR."""
 
-
     first = job.models.config
     other = replace(first, models="fast" if first.models == "quality" else "quality", seg_size=None)
-    with ModelSet.load(**vars(other)) as loaded:
+    with load_models(other) as loaded:
         jobs = {}
         for models in (job.models, loaded):
             tier = Job(job.cfg, job.input, models, None, job.view)
@@ -194,7 +193,6 @@ def cpu_efficiency(job: Job) -> dict:
     """For each bundled model, float and int8: Conv/MatMul FLOPs per frame (from the graph), the
     time per frame alone (batch 1), the GFLOP/s that makes, and the share of this machine's
     peak measured in the same run (fp32 matmul for float graphs, int8 matmul for int8 ones)."""
-
 
     threads = job.cfg.threads or os.cpu_count() or 1
     peak = _peak(threads)
@@ -314,6 +312,7 @@ def chain(job: Job) -> dict:
     a warm-up of each of the runner's two streams."""
     import torch
 
+    # imported here: the export stage needs torch
     from segsynth.export.deeplab import TVDeepLabV3
     from segsynth.export.spade import SPADEGenerator, SpadeOptions, write_opt_txt
     from segsynth.jobs.export import run_export

@@ -27,7 +27,8 @@ LIVE = ("max_frames", "duration", "segment_time", "rtsp_transport", "stall_timeo
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from segsynth.jobs.segment import run_segment  # imported here: jobs load av and onnxruntime (--help stays fast)
+    # imported here: jobs load av and onnxruntime (1 s): --help stays fast
+    from segsynth.jobs.segment import run_segment
 
     cfg = SegmentConfig(input=args.input, output=args.output, view=args.view, remap=args.remap,
                         segmenter=args.segmenter, label_set=args.label_set, threads=args.threads,
@@ -40,7 +41,8 @@ def _segment(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from segsynth.jobs.run import run  # imported here: jobs load av and onnxruntime (--help stays fast)
+    # imported here: jobs load av and onnxruntime (1 s): --help stays fast
+    from segsynth.jobs.run import run
 
     outputs = [*args.outputs, *(args.out or []), *([f"mjpeg://{args.preview}"] if args.preview else [])]
     if not outputs:
@@ -96,7 +98,8 @@ def _summary(cfg: StreamConfig, stats, source) -> None:
 
 
 def _transcode(args: argparse.Namespace) -> int:
-    from segsynth.jobs.transcode import transcode  # imported here: jobs load av and onnxruntime
+    # imported here: jobs load av and onnxruntime (1 s): --help stays fast
+    from segsynth.jobs.transcode import transcode
 
     job = TranscodeConfig(inputs=tuple(args.inputs), out=Path(args.out), stream=StreamTemplate.of(
         **stream_options(args, PICTURE)), models=model_config(args), jobs=args.jobs, pattern=args.pattern,
@@ -111,7 +114,6 @@ def _transcode(args: argparse.Namespace) -> int:
 
 
 def _devices(args: argparse.Namespace) -> int:
-
     cameras = describe_cameras()
     if not cameras:
         print("no cameras found (no /dev/video* devices)")

@@ -17,13 +17,12 @@ from segsynth.core.grammar import (
     parse_size,
     parse_stabilize,
 )
+from segsynth.jobs.models import load_models
 
 log = logging.getLogger("segsynth")
 
 
 def _export(args: argparse.Namespace) -> int:
-
-
     def path(value):
         return Path(value) if value else None
 
@@ -33,6 +32,7 @@ def _export(args: argparse.Namespace) -> int:
         seg_size=parse_size(args.seg_size, "--seg-size"), batch=parse_batch(args.batch), argmax=args.argmax,
         label_set=args.label_set, epoch=args.epoch, overrides=parse_overrides(args.opt), model=path(args.model),
         calibrate=tuple(map(Path, args.calibrate or ())), frames=args.frames)
+    # imported here: the export stage needs torch
     from segsynth.jobs.export import run_export
 
     log.info("%s", run_export(cfg))
@@ -40,7 +40,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _dataset(args: argparse.Namespace) -> int:
-
+    # imported here: jobs load av and onnxruntime (1 s): --help stays fast
     from segsynth.jobs.dataset import DatasetConfig, make_dataset
 
     cfg = DatasetConfig(inputs=tuple(Path(v) for v in args.inputs), out=Path(args.out), every=args.every,
@@ -53,7 +53,7 @@ def _dataset(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-
+    # imported here: training needs torch
     from segsynth.jobs.train import TrainConfig, train
 
     cfg = TrainConfig(data=Path(args.data), out=Path(args.out), config=args.config, steps=args.steps,
@@ -70,7 +70,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval_generator(args: argparse.Namespace) -> int:
-
+    # imported here: jobs load av and onnxruntime (1 s): --help stays fast
     from segsynth.jobs.eval_generator import evaluate, print_table, write_json
 
     result = evaluate(args.checkpoint, Path(args.data), segmenter=args.segmenter, limit=args.limit,
@@ -86,10 +86,9 @@ def _eval_generator(args: argparse.Namespace) -> int:
 
 
 def _eval_temporal(args: argparse.Namespace) -> int:
-
+    # imported here: jobs load av and onnxruntime (1 s): --help stays fast
     from segsynth.jobs.eval_temporal import evaluate
     from segsynth.jobs.progress import Progress
-    from segsynth.stream.infer.models import ModelSet
     from segsynth.stream.io import demux
 
     clip = Path(args.video)
@@ -101,7 +100,7 @@ def _eval_temporal(args: argparse.Namespace) -> int:
     cfg = ModelConfig(segmenter=args.segmenter, generator=args.generator, threads=args.threads,
                       cache_dir=args.cache_dir, backend=args.backend, fp16=not args.fp32, fused=args.fused,
                       models=tier(args, False), seg_size=args.seg_size)
-    with ModelSet.load(**vars(cfg)) as models, Progress("eval-temporal", args.frames,
+    with load_models(cfg) as models, Progress("eval-temporal", args.frames,
                                                         enabled=not args.quiet) as progress:
         report = evaluate(clip, models, stabilize=stabilize, remap=args.remap, fit=args.fit, seed=args.seed,
                           max_frames=args.frames, grid=Path(args.grid) if args.grid else None, progress=progress)

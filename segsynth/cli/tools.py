@@ -13,7 +13,7 @@ log = logging.getLogger("segsynth")
 
 
 def _bench(args: argparse.Namespace) -> int:
-
+    # imported here: the benchmarks load every stage
     from segsynth.benchmarks.bench import plot, run_bench, write_json
     from segsynth.benchmarks.scenarios import DEFAULT_SCENARIOS, BenchConfig
 
@@ -40,7 +40,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _engine(args: argparse.Namespace) -> int:
-
+    # imported here: jobs load av and onnxruntime (1 s): --help stays fast
     from segsynth.engine import commands
 
     root = paths.cache_dir(args.cache_dir)  # engines live in ROOT/engines, as for run and bench
@@ -56,6 +56,7 @@ def _engine(args: argparse.Namespace) -> int:
     elif args.action == "check":
         if not args.files:
             raise SegsynthError("engine check needs one or more FILE.onnx")
+        # imported here: jobs load av and onnxruntime (1 s): --help stays fast
         from segsynth.engine.graphcheck import tensorrt_problems
 
         missing = [name for name in args.files if not Path(name).is_file()]
@@ -88,7 +89,6 @@ def _engine(args: argparse.Namespace) -> int:
 
 
 def _labels(args: argparse.Namespace) -> int:
-
     if args.action == "list":
         for name in labels.LABEL_SETS:
             print(f"{name}\t{len(labels.get(name))} classes")

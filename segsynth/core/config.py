@@ -88,7 +88,6 @@ class SegmentConfig:
         return _kind(self.output) == "image"
 
 
-
 @dataclass(frozen=True)
 class ExportConfig:
     """``segsynth export WHAT``: write an ONNX graph following the I/O contracts."""
@@ -122,7 +121,6 @@ class ExportConfig:
             raise InputError(f"export {self.what} needs {' and '.join(missing)}")
         if self.batch is not None and not 1 <= self.batch <= 64:
             raise InputError("--batch must be 'dynamic' or between 1 and 64")
-
 
 
 @dataclass(frozen=True)

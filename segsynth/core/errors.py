@@ -88,7 +88,6 @@ class Interrupted(SegsynthError):
     """The run was stopped by SIGINT (exit 130) or SIGTERM (exit 143) after a clean drain."""
 
     def __init__(self, signum: int, message: str = "") -> None:
-
         name = signal.Signals(signum).name
         super().__init__(message or f"stopped by {name}; output flushed and closed")
         self.signum = signum

@@ -121,7 +121,6 @@ def has_protocol(name: str) -> bool:
 
 
 def ffmpeg_version() -> str:
-
     return f"FFmpeg {av.ffmpeg_version_info}"
 
 

@@ -30,7 +30,6 @@ VIDEO_OUTPUTS = ".mp4, .mkv, .webm, .mov, .avi, .ts, ..."  # for messages: what 
 
 
 def _kind(path: Path) -> str | None:
-
     ext = path.suffix.lower()
     return "image" if ext in IMAGE_EXTS else "video" if output_format(path) else None
 

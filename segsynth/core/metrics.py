@@ -143,7 +143,6 @@ def os_threads() -> int:
 
 class _ThreadsCollector:
     def collect(self):
-
         yield GaugeMetricFamily("segsynth_process_threads", "Threads of the process (the kernel's count: native "
                                 "threads included)", value=os_threads())
 
@@ -167,7 +166,6 @@ class _GpuCollector:
         return cls(pynvml, handles)
 
     def collect(self):
-
         used = GaugeMetricFamily("segsynth_gpu_memory_used_bytes", "GPU memory in use", labels=["gpu"])
         total = GaugeMetricFamily("segsynth_gpu_memory_total_bytes", "GPU memory", labels=["gpu"])
         util = GaugeMetricFamily("segsynth_gpu_utilization_ratio", "GPU busy fraction", labels=["gpu"])

@@ -95,7 +95,6 @@ def image_views(rgb: np.ndarray, size: tuple[int, int], crops: int, seed: bytes)
 
 
 def make_dataset(cfg: DatasetConfig, *, quiet: bool = False) -> dict:
-
     inputs = expand_inputs(cfg.inputs)
     out = Path(cfg.out)
     if out.exists():
@@ -178,7 +177,6 @@ def load_manifest(directory: str | Path) -> dict:
 
 
 def read_pair(directory: Path, item: dict) -> tuple[np.ndarray, np.ndarray]:
-
     image = np.asarray(Image.open(directory / item["image"]).convert("RGB"))
     label = np.asarray(Image.open(directory / item["label"]))
     return image, label

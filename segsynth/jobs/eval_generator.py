@@ -30,9 +30,10 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image, ImageFilter
 
-from segsynth.core import labels
+from segsynth.core import labels, paths
 from segsynth.core.errors import InputError
 from segsynth.jobs.dataset import load_manifest, read_pair
+from segsynth.jobs.models import exported_generator
 from segsynth.jobs.progress import Progress
 from segsynth.stream.infer.generator import load_generator
 from segsynth.stream.infer.segmenter import load_segmenter
@@ -143,6 +144,8 @@ def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", 
     items = manifest["items"][:limit] if limit else manifest["items"]
     seg = load_segmenter(segmenter, threads=threads, backend=backend, cache_dir=cache_dir)
     try:
+        if Path(generator_spec).is_dir():  # an official checkpoint: exported once, into the cache
+            generator_spec = str(exported_generator(Path(generator_spec), None, paths.cache_dir(cache_dir)))
         gen = load_generator(generator_spec, cache_dir=cache_dir, threads=threads, backend=backend)
     except BaseException:
         seg.close()

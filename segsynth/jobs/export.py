@@ -28,7 +28,6 @@ from segsynth.stream.io.mux import atomic_output
 log = logging.getLogger("segsynth")
 
 
-
 def run_export(cfg: ExportConfig) -> str:
     """Do the export; returns a one-line summary."""
     if cfg.what == "deeplab" and cfg.from_tflite:
@@ -45,9 +44,6 @@ def run_export(cfg: ExportConfig) -> str:
 
 
 def _from_tflite(cfg: ExportConfig) -> str:
-
-
-
     model = segmenter_from_tflite(cfg.from_tflite, label_set=cfg.label_set)
     with atomic_output(cfg.out, cfg.from_tflite) as tmp:
         onnx.save(model, str(tmp))
@@ -93,7 +89,6 @@ def _generator_inputs(opt, batch: int):
 
 
 def _spade(cfg: ExportConfig) -> str:
-
     opt = _spade_options(cfg, cfg.size)
     graph = GeneratorGraph(load_spade(cfg.checkpoint, opt, cfg.epoch))
     inputs = _generator_inputs(opt, cfg.batch or 2)
@@ -118,7 +113,6 @@ def _encoder(cfg: ExportConfig) -> str:
 
 
 def _load_deeplab(path: Path):
-
     return build_deeplab(read_state_dict(path), str(path))
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from segsynth.core.config import ModelConfig, StreamConfig
 from segsynth.core.errors import InputError
 from segsynth.core.grammar import sink_kind
+from segsynth.jobs.models import load_models
 from segsynth.jobs.progress import Progress
-from segsynth.stream.infer.models import ModelSet
 from segsynth.stream.io import mux
 from segsynth.stream.io.sources import open_source
 from segsynth.stream.session import StreamSession, StreamStats
@@ -35,7 +35,7 @@ def run(cfg: StreamConfig, model_cfg: ModelConfig, *, quiet: bool = False, contr
                 mux.check_output(Path(sink), *([] if source.live else [Path(cfg.source)]))
         if stats_json:
             mux.check_output(Path(stats_json), *([] if source.live else [Path(cfg.source)]))
-        with ModelSet.load(**vars(model_cfg)) as models:
+        with load_models(model_cfg) as models:
             total = cfg.max_frames if source.live else min(filter(None, (source.info.declared_frames, cfg.max_frames)),
                                                            default=None)
             with Progress(f"{label} {cfg.source if source.live else Path(cfg.source).name}", total,
@@ -76,6 +76,5 @@ def _join_through_interrupts(session: StreamSession) -> None:
 
 
 def _write_json(path: Path, stats: dict) -> None:
-
     with mux.atomic_output(path) as tmp:
         tmp.write_text(json.dumps(stats, indent=2) + "\n")

@@ -142,7 +142,6 @@ class PairData:
     """The whole dataset in memory as uint8 arrays (it is small), sampled with random flips."""
 
     def __init__(self, directory: Path, label_nc: int, seed: int) -> None:
-
         manifest = load_manifest(directory)
         pairs = [read_pair(directory, item) for item in manifest["items"]]
         self.images = np.stack([p[0] for p in pairs])
@@ -195,7 +194,6 @@ def _save(obj, path: Path) -> None:
 
 
 def _sample_grid(g, semantic, data: PairData, path: Path, palette: np.ndarray) -> None:
-
     n = min(4, len(data))
     real, label = data.batch(n, indices=np.linspace(0, len(data) - 1, n).astype(int))
     device, was_training = next(g.parameters()).device, g.training
@@ -213,7 +211,6 @@ class MovingAverage:
     """An exponential moving average of a module's parameters (buffers copied as they are)."""
 
     def __init__(self, module: nn.Module, decay: float) -> None:
-
         self.module, self.decay = copy.deepcopy(module).eval(), decay
         for p in self.module.parameters():
             p.requires_grad_(False)
@@ -227,8 +224,6 @@ class MovingAverage:
 
 
 def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
-
-
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ModelError("--device cuda: no CUDA GPU is visible to torch here")
     if cfg.threads:

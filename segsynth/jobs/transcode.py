@@ -62,7 +62,6 @@ class _BatchProgress:
     (one per file, and the totals every few seconds) otherwise."""
 
     def __init__(self, total: int, enabled: bool, interval: float = 5.0) -> None:
-
         self.total, self.enabled, self.interval = total, enabled, interval
         self.files = self.frames = 0
         self.start = self._last = time.monotonic()

@@ -58,7 +58,6 @@ def transcode_file(task: Task, stream: StreamTemplate, models: ModelConfig, repo
     """One file as one stream session (atomic output); never raises for a bad file: the
     record says why it failed."""
 
-
     record = Record.of(task, "failed", worker=worker)
     start = time.perf_counter()
     try:

@@ -35,7 +35,6 @@ SPEC_FIELDS = (*(f.name for f in stream_fields(api=True)), *MODEL_FIELDS)  # the
 PATCH_FIELDS = ("remap", "view", "seed")
 
 
-
 def _check_text(value, field: str) -> None:
     """Strings from a request: no control characters (a NUL cuts a path short in C), valid Unicode."""
     if value is None:
@@ -50,7 +49,6 @@ def _check_text(value, field: str) -> None:
         raise ServiceError(f"{field}: control characters are not allowed", field)
 
 
-
 class _StreamsCollector:
     """Per stream a service holds: its state (a failed stream stays, at 0 fps, until it is
     deleted: what the stream-down alert sees) and, for live sources, the frame rate the source
@@ -60,7 +58,6 @@ class _StreamsCollector:
         self.service = service
 
     def collect(self):
-
         state = GaugeMetricFamily("segsynth_stream_state", "1 for the state a stream of the service is in",
                                   labels=["stream", "state"])
         target = GaugeMetricFamily("segsynth_stream_target_fps", "Frame rate a running live stream's source delivers",
@@ -95,7 +92,6 @@ class Service:
 
     # ---- requests --------------------------------------------------------------------------
     def add(self, spec: dict):
-
         unknown = sorted(set(spec) - set(SPEC_FIELDS))
         if unknown:
             raise ServiceError(f"unknown field {unknown[0]!r}", unknown[0])
@@ -185,7 +181,6 @@ class Service:
         return {"id": session.id, "state": state, "config": self.specs.get(session.id, {}), "stats": session.stats().to_json()}
 
     def update(self, stream_id: str, patch: dict) -> None:
-
         session = self._started(stream_id)
         unknown = sorted(set(patch) - set(PATCH_FIELDS))
         if unknown:
@@ -270,7 +265,5 @@ def load_config(path: Path) -> list[dict]:
     if not isinstance(streams, list) or not all(isinstance(s, dict) for s in streams):
         raise InputError(f"--config {path}: expected 'streams:' with a list of streams (source, sinks, ...)")
     return streams
-
-
 
 

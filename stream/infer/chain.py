@@ -69,13 +69,11 @@ class _Graph:
         self.nodes, self.constants, self.opset = [], [], opset
 
     def const(self, array) -> str:
-
         name = f"chain/const_{len(self.constants)}"
         self.constants.append(numpy_helper.from_array(np.asarray(array), name))
         return name
 
     def op(self, op_type: str, inputs: list[str], out: str | None = None, **attrs) -> str:
-
         n = len(self.nodes)
         out = out or f"chain/{op_type.lower()}_{n}"
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=f"chain/{op_type}_{n}", **attrs))

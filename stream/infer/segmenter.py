@@ -50,7 +50,6 @@ def reshaped(path: Path, size: int | None, lowres: bool, cache_dir: Path) -> Pat
     return CachedFile(cache_dir / "segmenters" / name)(make)
 
 
-
 class OnnxSegmenter:
     """One ONNX segmenter that follows the DeepLab contract: input ``image`` N x 3 x H x W
     float32 (channels in ``segsynth.input_order``, normalised as ``(x - mean) / std`` from the

@@ -157,7 +157,6 @@ def open_image_sequence(spec: str | Path, fps: float | None = None, root: str | 
     opened as a video at ``fps`` (25 by default, as ffmpeg), in name order."""
 
 
-
     spec = Path(spec)
     options = {"framerate": str(fps or 25), "pattern_type": "glob"}
     if spec.is_dir():
@@ -230,7 +229,6 @@ def decode_audio(packet, problems: list[str]) -> list:
 
 
 def _decode(decode, problems: list[str]) -> list:
-
     try:
         return decode()
     except av.FFmpegError as exc:

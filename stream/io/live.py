@@ -35,7 +35,6 @@ TIME_BASE = Fraction(1, 90000)  # of live output timestamps (RTP's video clock)
 JUMP = 1.0  # seconds a real-time stream's timestamps may run off the wall clock before they are re-anchored
 
 
-
 class Lost(Exception):
     """The live stream dropped or stalled: reconnect."""
 
@@ -115,7 +114,6 @@ class LiveSource:
 
     # ---- connections ------------------------------------------------------------------------------
     def _connect(self):
-
         t = self.target
         gate = None
         if t.vod_possible:  # http(s): FFmpeg reads only what the gate fetched; the gate bounds each read

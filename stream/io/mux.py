@@ -20,7 +20,6 @@ from segsynth.core.formats import ffmpeg_message, output_format
 
 
 def write_image(path: Path, pixels: np.ndarray) -> None:
-
     mode = "L" if pixels.ndim == 2 else "RGB"
     fmt = {".jpg": "JPEG", ".jpeg": "JPEG"}.get(path.suffix.lower())
     Image.fromarray(pixels, mode).save(path, format=fmt or Image.registered_extensions().get(path.suffix.lower()))
@@ -41,7 +40,6 @@ class MediaWriter:
     crashes libavformat - and ``close()`` closes it without writing more."""
 
     def __init__(self, path: Path, fragmented: bool = False) -> None:
-
         ext = path.suffix.lower()
         options = {"avoid_negative_ts": "disabled"} if ext in (".mkv", ".webm", ".mp4", ".m4v", ".mov") else {}
         if fragmented and ext in (".mp4", ".m4v", ".mov"):
@@ -88,7 +86,6 @@ class URLWriter:
     and every write are bounded by ``timeout`` seconds (a server that stops reading)."""
 
     def __init__(self, url: str, fmt: str, options: dict, timeout: float = 5.0) -> None:
-
         try:
             self.container = av.open(url, "w", format=fmt, options=options, timeout=timeout)
         except (av.FFmpegError, OSError, ValueError) as exc:

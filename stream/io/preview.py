@@ -27,7 +27,6 @@ log = logging.getLogger("segsynth")
 BOUNDARY = "segsynthframe"
 
 
-
 class PreviewSink:
     decoded_audio: set[int] = set()
 

@@ -122,7 +122,6 @@ class FileSink:
             self.writer.mux(packets)
 
     def write(self, picture: np.ndarray, meta: dict) -> None:
-
         if self.container is None:
             self._open(picture.shape[1::-1])
         picture = fit_picture(picture, self.out_size)
@@ -219,7 +218,6 @@ class StreamingSink(FileSink):
         pass  # kept for a reopen; closed with the sink
 
     def _guard(self, call) -> None:
-
         if self.retry_at is not None and time.monotonic() < self.retry_at:
             self.skipped += 1
             return
@@ -264,7 +262,6 @@ class StreamingSink(FileSink):
             self._guard(lambda: FileSink.write_audio(self, item))
 
     def close(self) -> None:
-
         try:
             super().close()
         except (av.FFmpegError, OSError) as exc:
@@ -329,7 +326,6 @@ class MemorySink:
         return len(data)
 
     def write(self, picture: np.ndarray, meta: dict) -> None:
-
         if self.stream is None:
             self.container = av.open(_Tail(self._append), "w", format="mpegts")
             h, w = picture.shape[:2]

@@ -46,7 +46,6 @@ class FileSource:
         self.last_time = 0.0
 
     def open(self) -> "FileSource":
-
         sequence = is_image_sequence(str(self.path))
         self.container = (demux.open_image_sequence(self.path, self.fps, self.root) if sequence
                           else demux.open_video(self.path, self.root))
@@ -67,7 +66,6 @@ class FileSource:
         return self
 
     def frames(self, stop, audio: Callable) -> Iterator[tuple[np.ndarray, dict]]:
-
         scaler = VideoReformatter()  # this thread's own swscale context
         index, best_effort, last = 0, demux.BestEffortTimestamps(), None
         audio_streams = [track.template for track in self.info.audio]
@@ -130,7 +128,6 @@ class SyntheticSource:
         return self
 
     def frames(self, stop, audio: Callable) -> Iterator[tuple[np.ndarray, dict]]:
-
         start = time.perf_counter()
         for i in range(self.count):
             if stop.is_set():

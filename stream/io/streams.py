@@ -35,7 +35,6 @@ class AudioTemplates:
     stream, which the decode thread is reading. ``close()`` frees the scratch container."""
 
     def __init__(self, path: Path, tracks, fmt: str | None = None) -> None:
-
         self.copy: dict[int, bool] = {}
         self.streams: dict[int, object] = {}
         fmt = fmt or output_format(path) or "matroska"
@@ -105,7 +104,6 @@ class AudioOutput:
         return out
 
     def _encode(self, frame) -> list:
-
         ctx = self.stream.codec_context
         if self.resampler is None:
             self.resampler = av.AudioResampler(format=ctx.format.name, layout=ctx.layout.name, rate=ctx.sample_rate,

@@ -88,7 +88,6 @@ def read_label_map(data: bytes, label_set: labels.LabelSet, field: str = "labels
 
 
 def png(array: np.ndarray) -> bytes:
-
     buf = io.BytesIO()
     Image.fromarray(array, "L" if array.ndim == 2 else "RGB").save(buf, "PNG")
     return buf.getvalue()
