@@ -85,8 +85,8 @@ def streams(job: Job) -> dict:
             s.join()
         stats = [s.stats() for s in sessions]
         latencies = [lat * 1000 for s in sessions for lat in s.pipeline.latency.recent]
-        row = {"streams": n, "fps_per_stream": statistics.mean(s["fps"] for s in stats),
-               "dropped_per_stream": statistics.mean(s["dropped"] for s in stats),
+        row = {"streams": n, "fps_per_stream": statistics.mean(s.fps for s in stats),
+               "dropped_per_stream": statistics.mean(s.dropped for s in stats),
                "p50_ms": percentile(latencies, 50), "p95_ms": percentile(latencies, 95), "p99_ms": percentile(latencies, 99)}
         row["real_time"] = row["fps_per_stream"] >= 0.95 * job.cfg.rate and row["p99_ms"] < 100
         table.append(row)
@@ -137,9 +137,9 @@ def _live_drift(job: Job, pictures: list, policy: str) -> dict:
     if not first or not last:
         raise RuntimeError(f"live {policy}: no frame was written in the first or the last {third:.0f} s")
     p99_first, p99_last = percentile(first, 99), percentile(last, 99)
-    return {"seconds": seconds, "window_s": third, "frames_out": stats["frames_out"], "dropped": stats["dropped"],
-            "fps": stats["frames_out"] / seconds, "model_slower": stats["frames_in"] > stats["frames_out"] * 1.05
-            or stats["frames_out"] / seconds < 0.95 * job.cfg.rate,
+    return {"seconds": seconds, "window_s": third, "frames_out": stats.frames_out, "dropped": stats.dropped,
+            "fps": stats.frames_out / seconds, "model_slower": stats.frames_in > stats.frames_out * 1.05
+            or stats.frames_out / seconds < 0.95 * job.cfg.rate,
             "p99_first_ms": p99_first, "p99_last_ms": p99_last, "p99_last_over_first": p99_last / p99_first}
 
 
@@ -157,7 +157,7 @@ def soak(job: Job) -> dict:
     stats = session.stats()
     early = next((rss for done, rss in probe.samples if done >= n // 10), None)
     late = probe.samples[-1][1] if probe.samples else None
-    out = {"frames": stats["frames_out"], "fps": stats["fps"], "rss_mib": probe.samples, "rss_at_10pct_mib": early,
+    out = {"frames": stats.frames_out, "fps": stats.fps, "rss_mib": probe.samples, "rss_at_10pct_mib": early,
            "rss_at_end_mib": late}
     if early and late:
         out["ratios"] = {"soak_rss_end_over_10pct": late / early}
@@ -206,7 +206,7 @@ def service(job: Job) -> dict:
                  "sinks": [str(job.cfg.workdir / f"svc{i}.mkv")]})
     time.sleep(3)
     busy, rss_with = _cpu_cores(10), _rss_mib()
-    frames = sum(s.stats()["frames_out"] for s in svc.sessions.values())
+    frames = sum(s.stats().frames_out for s in svc.sessions.values())
     threads = threading.active_count()
     svc.shutdown(10)
     rss_after = _rss_mib()

@@ -8,6 +8,7 @@ import argparse
 import logging
 import signal
 import threading
+import types
 import typing
 
 from segsynth.core.config import ModelConfig, stream_field_types, stream_fields
@@ -50,12 +51,12 @@ class Signals:
 def add_stream_options(p: argparse.ArgumentParser, names: tuple[str, ...]) -> None:
     """The options of StreamConfig's fields ``names``, as core.config describes them once (the
     HTTP API's request model and docs/stream-fields.md come from the same description)."""
-    fields, types = {f.name: f for f in stream_fields()}, stream_field_types()
+    fields = {f.name: f for f in stream_fields()}
     for name in names:
         f, meta = fields[name], fields[name].metadata
         flag = meta["flag"] or "--" + name.replace("_", "-")
         default = f.default
-        kind = next(t for t in typing.get_args(types[name]) or (types[name],) if t is not type(None))
+        kind = _base_type(name)
         shown = f" (default {default})" if default not in (None, True, False) and "default" not in meta["help"] else ""
         if kind is bool:
             p.add_argument(flag, dest=name, action="store_false" if default else "store_true", help=meta["help"])
@@ -66,12 +67,18 @@ def add_stream_options(p: argparse.ArgumentParser, names: tuple[str, ...]) -> No
 
 def stream_options(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
     """StreamConfig's keyword arguments of fields ``names`` from ``args`` (see add_stream_options)."""
-    types = stream_field_types()
     out = {name: getattr(args, name) for name in names}
     for name, value in out.items():
-        if value is not None and typing.get_origin(typing.get_args(types[name])[0]) is tuple:  # sizes: WxH
+        if value is not None and typing.get_origin(_base_type(name)) is tuple:  # sizes: WxH
             out[name] = parse_size(value, "--" + name.replace("_", "-"), "WxH")
     return out
+
+
+def _base_type(name: str):
+    """A StreamConfig field's type without its None: ``int | None`` -> int."""
+    kind = stream_field_types()[name]
+    return next(t for t in typing.get_args(kind) or (kind,) if t is not type(None)) if typing.get_origin(
+        kind) in (typing.Union, types.UnionType) else kind
 
 
 def tier(args: argparse.Namespace, live: bool) -> str:

@@ -153,25 +153,31 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 
 
 def check_encoder_settings(codec: str, *, crf: int, preset: str, bitrate: str | None) -> None:
-    """Codec, preset, CRF and bitrate, checked before any model is loaded: the codec (``auto``
-    resolved to what it picks here) must be a video encoder of this FFmpeg, and an x264/x265
-    preset (the encoders segsynth hands one) one of theirs."""
-
+    """Codec, preset, CRF and bitrate, checked before any model is loaded: the codec (see
+    check_encoder) and an x264/x265 preset (the encoders segsynth hands one) one of theirs."""
     if not 0 <= crf <= 51:
-        raise InputError(f"crf: {crf} is out of range (0-51)")
+        raise InputError(f"crf: {crf} is out of range (0-51)", field="crf")
     if bitrate:
         parse_bitrate(bitrate)
+    name = check_encoder(codec)
+    if name.startswith("libx26") and preset not in X264_PRESETS:  # (opening one to ask prints x264's own error)
+        raise InputError(f"preset: {preset!r} is not a {name} preset; choose one of: {', '.join(X264_PRESETS)}",
+                         field="preset")
+
+
+def check_encoder(codec: str) -> str:
+    """The encoder ``codec`` names (``auto`` resolved to what it picks here), which must be a
+    video encoder of this FFmpeg; InputError otherwise."""
     name = pick_encoder(codec)
     if name not in av.codecs_available:
-        raise InputError(f"codec: {name} is not available here (this FFmpeg has no such encoder)")
+        raise InputError(f"codec: {name} is not available here (this FFmpeg has no such encoder)", field="codec")
     try:
         ctx = av.CodecContext.create(name, "w")
     except (av.FFmpegError, ValueError) as exc:
-        raise InputError(f"codec: {name} is not an encoder here ({ffmpeg_message(exc)})") from exc
+        raise InputError(f"codec: {name} is not an encoder here ({ffmpeg_message(exc)})", field="codec") from exc
     if ctx.type != "video":
-        raise InputError(f"codec: {name} is not a video encoder")
-    if name.startswith("libx26") and preset not in X264_PRESETS:  # (opening one to ask prints x264's own error)
-        raise InputError(f"preset: {preset!r} is not a {name} preset; choose one of: {', '.join(X264_PRESETS)}")
+        raise InputError(f"codec: {name} is not a video encoder", field="codec")
+    return name
 
 
 def parse_bitrate(text: str) -> int:
@@ -181,5 +187,5 @@ def parse_bitrate(text: str) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise InputError(f"bitrate: {text!r} is not a bitrate; expected e.g. 4M or 800k")
+        raise InputError(f"bitrate: {text!r} is not a bitrate; expected e.g. 4M or 800k", field="bitrate")
     return value

@@ -47,7 +47,7 @@ def check_video_output(path: str | Path, codec: str | None, *, gray: bool = Fals
         if video_codec(fmt, "ffv1") is None:
             raise InputError(f"view: ids writes lossless FFV1 grayscale video, which {Path(path).suffix} cannot "
                              "hold; use .mkv", field="view")
-    elif codec is not None and video_codec(fmt, codec) is None:
+    elif codec is not None and video_codec(fmt, formats.check_encoder(codec)) is None:
         other = video_codec(fmt)
         raise InputError(f"codec: {path} ({fmt}) cannot hold {codec}; write .mkv or .mp4 instead"
                          + (f", or leave --codec out ({Path(path).suffix} gets {other})" if other else ""),

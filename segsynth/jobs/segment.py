@@ -81,11 +81,11 @@ def _segment_video(cfg: SegmentConfig, quiet: bool) -> SegmentSummary:
                          backend=cfg.backend, fp16=cfg.fp16, fused=cfg.fused, models=cfg.models, seg_size=cfg.seg_size)
     stats, session = run(stream, models, quiet=quiet, atomic=True, label="segment")
     declared = session.source.info.declared_frames
-    problems = stats["problems"]
+    problems = stats.problems
     if problems:  # damage, or a video that ends before the time it declares
         of = f" of the {declared} frames it declares" if declared else ""
         log.warning("warning: %s looks truncated or damaged: decoded %d%s and wrote them%s", cfg.input,
-                    stats["frames_in"], of, f"; {problems[0]}" + (f" (+{len(problems) - 1} more)"
+                    stats.frames_in, of, f"; {problems[0]}" + (f" (+{len(problems) - 1} more)"
                                                                    if len(problems) > 1 else "") if problems else "")
-    return SegmentSummary(frames=stats["frames_out"], seconds=stats["seconds"],
+    return SegmentSummary(frames=stats.frames_out, seconds=stats.seconds,
                           fractions=session.infer.class_fractions())

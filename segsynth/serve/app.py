@@ -20,6 +20,7 @@ import signal
 import typing
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import UnionType
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -50,7 +51,8 @@ def stream_spec() -> type[BaseModel]:
     fields = {}
     for f in stream_fields(api=True):
         kind = types[f.name]
-        base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None))
+        base = next(t for t in typing.get_args(kind) or (kind,) if t is not type(None)) if typing.get_origin(
+            kind) in (typing.Union, UnionType) else kind
         base = list[str] if typing.get_origin(base) is tuple else str if base is Path else base
         fields[f.name] = (base, ...) if f.name == "source" else (base | None, None)
     fields.update({name: (str | None, None) for name in MODEL_FIELDS})
