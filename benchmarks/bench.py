@@ -138,9 +138,11 @@ def write_json(report: dict, path: Path) -> None:
 def plot(report: dict, path: Path) -> None:
     """fps per stream vs stream count, and the end-to-end latency histograms."""
     try:
+        # imported here: matplotlib is a dev dependency (plots only)
         import matplotlib
 
         matplotlib.use("Agg")
+        # imported here: matplotlib is a dev dependency (plots only)
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise InputError("--plot needs matplotlib (pip install matplotlib)") from exc

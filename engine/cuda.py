@@ -27,6 +27,7 @@ _HINTS = {
 
 def runtime():
     try:
+        # imported here: cuda-python is optional (GPU machines)
         from cuda.bindings import runtime as cudart
     except ImportError as exc:
         raise BackendError("CUDA backends need cuda-python: pip install 'segsynth[gpu]'") from exc
@@ -85,6 +86,7 @@ def gpu_problem() -> str | None:
         _, driver = cudart.cudaDriverGetVersion()
         if not driver:
             return "no NVIDIA driver is installed here"
+        # imported here: cuda-python is optional (GPU machines)
         from cuda import bindings
 
         _, name = cudart.cudaGetErrorName(err)

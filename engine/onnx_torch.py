@@ -58,6 +58,7 @@ class OnnxTorchModule:
     Not thread-safe while ``to()`` runs; calls share only the read-only constants."""
 
     def __init__(self, model: str | Path | bytes) -> None:
+        # imported here: torch is optional: importing segsynth.engine must not import it
         import torch
 
         proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
@@ -82,6 +83,7 @@ class OnnxTorchModule:
         ``half``: compute in float16 throughout (every float32 data tensor, from the constants,
         the feed or any node such as a Cast to float, is float16), so no op meets float32 and
         float16 at once."""
+        # imported here: torch is optional: importing segsynth.engine must not import it
         import torch
 
         self.device, self.half = torch.device(device), half
@@ -91,6 +93,7 @@ class OnnxTorchModule:
     def _data(self, t):
         """``t`` as data: on the device (a host value used as data is copied there, without
         waiting for the device), and float16 where ``half``."""
+        # imported here: torch is optional: importing segsynth.engine must not import it
         import torch
 
         if not isinstance(t, torch.Tensor):
@@ -117,6 +120,7 @@ class OnnxTorchModule:
 
 
 def _conv(x, attrs):
+    # imported here: torch is optional: importing segsynth.engine must not import it
     import torch.nn.functional as F
 
     inp, w = x[0], x[1]
@@ -132,6 +136,7 @@ def _conv(x, attrs):
 
 
 def _resize(x, attrs):
+    # imported here: torch is optional: importing segsynth.engine must not import it
     import torch.nn.functional as F
 
     data, sizes = x[0], x[3] if len(x) > 3 else None
@@ -163,6 +168,7 @@ def _slice(x, attrs):
 
 
 def _cast(x, attrs):
+    # imported here: torch is optional: importing segsynth.engine must not import it
     import torch
 
     return x[0].to(getattr(torch, _ONNX_TO_TORCH_DTYPE[attrs["to"]]))
@@ -186,6 +192,7 @@ def _axes(x, attrs) -> tuple:
 
 
 def _pad(x, attrs):
+    # imported here: torch is optional: importing segsynth.engine must not import it
     import torch.nn.functional as F
 
     pads = x[1].tolist()
@@ -198,6 +205,7 @@ def _pad(x, attrs):
 
 
 def _build_ops():
+    # imported here: torch is optional: importing segsynth.engine must not import it
     import torch
     import torch.nn.functional as F
 
@@ -265,6 +273,7 @@ def _constant(attrs) -> np.ndarray:
 
 
 def _gather(x, attrs):
+    # imported here: torch is optional: importing segsynth.engine must not import it
     import torch
 
     data, index = x
@@ -276,6 +285,7 @@ def _gather(x, attrs):
 
 def _div(x, attrs):
     """ONNX Div: integer division truncates (shape arithmetic), where torch's ``/`` gives floats."""
+    # imported here: torch is optional: importing segsynth.engine must not import it
     import torch
 
     a, b = x

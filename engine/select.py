@@ -43,6 +43,7 @@ def _ort_cuda() -> bool:
 def _torch_cuda() -> bool:
     if not _has("torch"):
         return False
+    # imported here: torch is optional: importing segsynth.engine must not import it
     import torch
 
     return torch.cuda.is_available()

@@ -51,6 +51,7 @@ def import_tensorrt():
     """The ``tensorrt`` module, or BackendError when it is missing or of a major version
     this backend was not written for."""
     try:
+        # imported here: TensorRT is optional (GPU machines)
         import tensorrt as trt
     except ImportError as exc:
         raise BackendError("TensorRT is not installed here (pip install 'segsynth[tensorrt]' on a machine with an "

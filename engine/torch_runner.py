@@ -33,6 +33,7 @@ class TorchCudaRunner(Runner):
 
     def _activate_impl(self) -> None:
         try:
+            # imported here: torch is optional: importing segsynth.engine must not import it
             import torch
         except ImportError as exc:
             raise BackendError("the torch-cuda backend needs torch (pip install 'segsynth[export]')") from exc

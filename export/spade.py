@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import spectral_norm
+from torch.nn.utils import remove_spectral_norm, spectral_norm
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 from segsynth.core.errors import ModelError
 from segsynth.export.checkpoint import load_strict, read_state_dict
@@ -386,8 +387,6 @@ def frozen(module: nn.Module) -> nn.Module:
     """An inference copy: eval mode, spectral norm folded into plain weights using the stored
     u/v without a power-iteration step (exactly what the eval-mode hook computes)."""
 
-    from torch.nn.utils import remove_spectral_norm
-    from torch.nn.utils.spectral_norm import SpectralNorm
 
     module = copy.deepcopy(module).eval()
     for sub in module.modules():

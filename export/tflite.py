@@ -68,6 +68,7 @@ class _Op:
 
 def _read(path: Path) -> tuple[list[_Tensor], list[_Op], list[int], list[int]]:
     try:
+        # imported here: the TFLite reader is the export extra
         import tflite
         from tflite.BuiltinOperator import BuiltinOperator
     except ImportError as exc:  # pragma: no cover - part of the export extra

@@ -63,6 +63,7 @@ from segsynth.stream.render import compose
 
 log = logging.getLogger("segsynth")
 DISPLAY_VIEWS = ("overlay", "side-by-side", "grid")  # views that show the input frame itself
+PICTURE_VIEWS = ("synth", "side-by-side", "grid")  # views that show the synthesis: the others do not pay for one
 _ids = itertools.count(1)
 
 
@@ -83,7 +84,7 @@ class StreamSession:
         parts = ("all",) if stabilize == "off" else ("segment", "synth")
         self.infer = Synthesize(models.segmenter, gen, table, z, stabilize, models.fit(config.fit),
                                 gen.size if gen is not None else None,
-                                chains={part: models.fused(part) for part in parts})
+                                chains={part: models.fused(part) for part in parts}, paint=self.view in PICTURE_VIEWS)
         self._source, self._sinks, self.progress, self.atomic = source, sinks, progress, atomic
         self.source = self.sink = self.pipeline = self.metrics = None
         self.error: BaseException | None = None
@@ -264,7 +265,7 @@ class StreamSession:
             if (view == "ids") != (self.view == "ids"):
                 raise InputError("view: ids writes grayscale video; it cannot be switched to or from while running")
             self.models.view(view)
-        self.infer.update(table=table, z=z)
+        self.infer.update(table=table, z=z, paint=None if view is None else self._needs_picture(view))
         if view is not None:
             self.view = view
             if self.source is not None:
@@ -273,18 +274,24 @@ class StreamSession:
     def watch(self, watcher) -> None:
         """Call ``watcher(display, result)`` for every frame from now on (in the encode thread:
         keep it short): ``display`` the input frame (RGB, upright), ``result`` its FrameResult.
-        While any watcher is attached the source decodes the input frames for display too."""
+        While any watcher is attached the source decodes the input frames for display too, and
+        the picture is painted whatever the view."""
         self._watchers.add(watcher)
+        self.infer.update(paint=True)
         if self.source is not None:
             self.source.need_display = True
 
     def unwatch(self, watcher) -> None:
         self._watchers.discard(watcher)
+        self.infer.update(paint=self._needs_picture(self.view))
         if self.source is not None:
             self.source.need_display = self._needs_display(self.view)
 
     def _needs_display(self, view: str) -> bool:
         return view in DISPLAY_VIEWS or bool(self._watchers)
+
+    def _needs_picture(self, view: str) -> bool:
+        return view in PICTURE_VIEWS or bool(self._watchers)  # a watcher (the studio's live view) shows it
 
     def _render(self, result, meta):
         """The picture for the current view (encode thread). Frames read before a switch to a
@@ -294,6 +301,8 @@ class StreamSession:
         view = self.view
         if view in DISPLAY_VIEWS and meta.get("display") is None:
             view = "synth" if result.synth is not None else "labels"
+        if view in PICTURE_VIEWS and result.synth is None:  # inferred before a switch to a view with the picture
+            view = "labels"
         return compose(view, meta.get("display"), result.labels, result.synth, self.models.label_set, meta["size"],
                        legend=self.config.legend)
 

@@ -334,7 +334,9 @@ def test_a_delete_that_times_out_aborts_and_the_stream_stays_listed_until_gone()
             return self.ended.wait(timeout)
 
         def stats(self):
-            return {"state": self.state}
+            from segsynth.stream import StreamStats
+
+            return StreamStats(self.id, self.state, "lavfi:testsrc2", [], "labels")
 
         def release(self):
             self.released = True

@@ -322,10 +322,36 @@ def test_without_a_generator_and_behind_a_token(tmp_path, tiny_segmenter, browse
 
 
 # ---- the page ------------------------------------------------------------------------------------------
+def test_the_studio_opens_on_a_landscape_doodle_painted_in_colours_of_its_classes(studio, page):
+    from segsynth.core import labels
+
+    base, _ = studio
+    picture = open_studio(page, base)
+    with page.expect_download() as download:
+        page.click("#download-labels")
+    ids = decode(Path(download.value.path()).read_bytes())
+    shares = {name: float((ids == class_id(name)).mean()) for name in ("sky", "mountain", "grass", "tree", "water")}
+    assert all(share > 0.02 for share in shares.values()) and sum(shares.values()) > 0.99, shares
+    assert (ids[:5] == class_id("sky")).all() and (ids[-3:] != class_id("sky")).all()  # sky above, land below
+    assert np.array_equal(picture, synthesize(base, ids, seed=0))  # its picture is shown at once
+    shown = page.evaluate("""() => { const c = document.querySelector('#canvas');
+        return Array.from(c.getContext('2d').getImageData(0, 0, c.width, c.height).data); }""")
+    shown = np.array(shown, np.uint8).reshape(64, 64, 4)[..., :3]
+    ade = labels.get("ade20k")
+    for name in ("sky", "grass", "water"):  # painted in the colours people give them, not the label palette's
+        where = ids == class_id(name)
+        assert (shown[where] == labels.DOODLE_COLOURS[name]).all(), name
+        assert labels.DOODLE_COLOURS[name] != tuple(ade.palette[class_id(name)])
+    screenshot(page, "first-view.png")
+
+
 def test_doodle_paints_two_classes_and_the_picture_changes_where_painted(studio, page):
     base, _ = studio
-    start = open_studio(page, base)
+    open_studio(page, base)
     assert page.text_content("#current-class") == "sky"
+    before = seq(page)
+    page.click("#clear")  # all sky: the strokes below are what changes
+    start = settled(page, before)
     pick(page, "grass")
     stroke(page, [(0.05, 0.2), (0.95, 0.2)])  # a band across the top
     grass = settled(page, seq(page))

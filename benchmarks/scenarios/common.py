@@ -40,6 +40,7 @@ class BenchConfig:
     generator: str = "default"
     threads: int | None = None
     input: Path | None = None
+    real_input: Path | None = None  # tiers: a clip of real footage, measured beside the main input
     workdir: Path = Path(".")
     backend: str = "auto"
     fp16: bool = True

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import statistics
 import threading
 import time
-from dataclasses import asdict
 
 import av
 import numpy as np
 
 from segsynth.benchmarks import inputs
 from segsynth.benchmarks.scenarios.common import Job, percentile
-from segsynth.core.config import StreamConfig
+from segsynth.core.config import StreamConfig, TranscodeConfig
 from segsynth.jobs.transcode import transcode as run_batch
 from segsynth.serve.service import Service
 from segsynth.stream.io.sinks import MemorySink
@@ -35,11 +35,11 @@ def transcode(job: Job) -> dict:
     per_file = max(10, job.cfg.frames // 6)
     for i in range(6):
         inputs.generate(folder / f"clip{i}.mp4", size=(w, h), rate=job.cfg.rate, frames=per_file)
-    model_options = {k: v for k, v in asdict(job.models.config).items() if k != "threads"}
+    models = dataclasses.replace(job.models.config, threads=None)  # each worker: the cores / --jobs
     rows = []
     for jobs in (1, 2):
-        summary = run_batch([str(folder)], job.cfg.workdir / f"transcode-out-{jobs}", stream_options={},
-                            model_options=model_options, jobs=jobs, quiet=True)
+        summary = run_batch(TranscodeConfig(inputs=(str(folder),), out=job.cfg.workdir / f"transcode-out-{jobs}",
+                                            models=models, jobs=jobs), quiet=True)
         if summary["failed"] or summary["done"] != 6:
             raise RuntimeError(f"transcode --jobs {jobs}: {summary['line']}")
         rows.append({"jobs": jobs, "files": 6, "frames": summary["frames"], "seconds": summary["seconds"],

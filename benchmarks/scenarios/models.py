@@ -95,42 +95,75 @@ def fused(job: Job) -> dict:
 
 
 def tiers(job: Job) -> dict:
-    """``--models quality`` vs ``--models fast`` in one run: the whole pipeline (decode, infer,
-    encode; the bench's view) over the same input, alternating; and how far fast's results are
-    from quality's on every frame: label agreement (on the frame's grid) and the picture's PSNR."""
-
+    """``--models quality`` vs ``--models fast`` in one run, on the bench's input and (with
+    ``real_input``) on a clip of real footage too: each tier's whole pipeline (decode, infer,
+    encode; the bench's view) over the same input, alternating; how far fast's results are from
+    quality's on every frame (label agreement on the frame's grid, the picture's PSNR); per tier,
+    ``synth_over_labels`` (the synth view's fps over the labels view's with no generator loaded,
+    same input) and the generator's GFLOP and ms per frame alone."""
     first = job.models.config
     other = replace(first, models="fast" if first.models == "quality" else "quality", seg_size=None)
     with load_models(other) as loaded:
-        jobs = {}
-        for models in (job.models, loaded):
-            tier = Job(job.cfg, job.input, models, None, job.view)
-            tier.infer = tier.make_infer()
-            jobs[models.config.models] = tier
-        times, results = {name: [] for name in jobs}, {}
-        for _ in range(job.cfg.repeats):
-            for name, tier in jobs.items():
-                source = job_source(tier, shows_input(tier))
-                w, h = tier.models.size
-                start = time.perf_counter()
-                Pipeline(source, tier.infer, job_sink(source, job.cfg.workdir / f"tiers-{name}.mp4"),
-                         model_shape=(h, w, 3), batch=job.cfg.batch[0], render=tier.render).run()
-                times[name].append(time.perf_counter() - start)
+        by_tier = {m.config.models: m for m in (job.models, loaded)}
+        with load_models(replace(first, generator="none")) as plain, load_models(
+                replace(other, generator="none")) as plain_other:
+            labels_only = {m.config.models: m for m in (plain, plain_other)}
+            out = _tiers_on(job, job.input, by_tier, labels_only)
+            if job.cfg.real_input is not None:
+                out["real"] = _tiers_on(job, job.cfg.real_input, by_tier, labels_only)
+                out["ratios"]["fast_over_quality_real"] = out["real"]["ratios"]["fast_over_quality"]
+        out["generator"] = {name: _generator_cost(m) for name, m in by_tier.items() if m.generator is not None}
+    return out
+
+
+def _tiers_on(job: Job, clip: Path, by_tier: dict, labels_only: dict) -> dict:
+    jobs = {}
+    for name, models in by_tier.items():
+        jobs[name] = tier = Job(job.cfg, clip, models, None, job.view)
+        tier.infer = tier.make_infer()
+        if models.generator is not None:  # the labels view of the same tier, no generator loaded
+            jobs[f"{name}-labels"] = plain = Job(job.cfg, clip, labels_only[name], None, "labels")
+            plain.infer = plain.make_infer()
+    times = {name: [] for name in jobs}
+    for _ in range(job.cfg.repeats):
         for name, tier in jobs.items():
-            frames, metas = decode_all(tier)
-            results[name] = [tier.infer(f[None], [m])[0] for f, m in zip(frames, metas)]
-            n, size = len(frames), metas[0]["size"]
+            source = job_source(tier, shows_input(tier))
+            w, h = tier.models.size
+            start = time.perf_counter()
+            Pipeline(source, tier.infer, job_sink(source, job.cfg.workdir / f"tiers-{name}.mp4"),
+                     model_shape=(h, w, 3), batch=job.cfg.batch[0], render=tier.render).run()
+            times[name].append(time.perf_counter() - start)
+    results = {}
+    for name in by_tier:
+        frames, metas = decode_all(jobs[name])
+        results[name] = [jobs[name].infer(f[None], [m])[0] for f, m in zip(frames, metas)]
+        n, size = len(frames), metas[0]["size"]
     fps = {name: median_rate(t, n) for name, t in times.items()}
     q, f = results["quality"], results["fast"]
     agreement = float(np.mean([(resize_labels(a.labels, *size) == resize_labels(b.labels, *size)).mean()
                                for a, b in zip(q, f)]))
-    out = {"frames": n, "quality_fps": fps["quality"], "fast_fps": fps["fast"], "label_agreement": agreement,
-           "fast_seg_size": jobs["fast"].models.size[0],
+    out = {"input": clip.name, "frames": n, "quality_fps": fps["quality"], "fast_fps": fps["fast"],
+           "label_agreement": agreement, "fast_seg_size": jobs["fast"].models.size[0],
            "ratios": {"fast_over_quality": fps["fast"] / fps["quality"]}}
+    if "quality-labels" in fps:
+        out["labels_fps"] = {name: fps[f"{name}-labels"] for name in by_tier}
+        out["synth_over_labels"] = {name: fps[name] / fps[f"{name}-labels"] for name in by_tier}
     if q[0].synth is not None:
         mse = float(np.mean([np.mean((a.synth.astype(np.float64) - b.synth) ** 2) for a, b in zip(q, f)]))
         out["synth_psnr_db"] = 10 * np.log10(255 ** 2 / max(mse, 1e-12))
     return out
+
+
+def _generator_cost(models) -> dict:
+    """A generator's GFLOP (its graph's convolutions and matrix products) and ms per frame alone."""
+    gen = models.generator
+    w, h = gen.size
+    ids = np.random.default_rng(0).integers(0, 150, (1, h, w)).astype(np.uint8)
+    z = models.z(seed=0, quiet=True)
+    gen(ids, z)  # warm
+    times = timed(gen, ids, z, calls=5, seconds=1.0)
+    return {"gflop": graph_flops(gen.path) / 1e9, "ms_per_frame": 1000 * statistics.median(times),
+            "graph": Path(gen.path).name}
 
 
 def graph_flops(path: Path) -> float:
@@ -296,6 +329,7 @@ def _fp32_name(runner) -> str:
     if runner.name not in GPU_BACKENDS:  # CPU, or onnxruntime-cuda fallen back to the CPU
         return "fp32"
     if runner.name == "torch-cuda":
+        # imported here: torch is the export extra (the chain scenario only)
         import torch
 
         return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
@@ -310,6 +344,7 @@ def chain(job: Job) -> dict:
     time. Timed by CUDA events where the runner has a device clock ("clock": "cuda-events"),
     else by wall clock ("wall"); at least max(20, 2 x repeats) batches and 1 s per row, after
     a warm-up of each of the runner's two streams."""
+    # imported here: torch is the export extra (the chain scenario only)
     import torch
 
     # imported here: the export stage needs torch

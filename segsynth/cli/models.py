@@ -53,6 +53,8 @@ def _dataset(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if args.student:
+        return _distill(args)
     # imported here: training needs torch
     from segsynth.jobs.train import TrainConfig, train
 
@@ -66,6 +68,20 @@ def _train(args: argparse.Namespace) -> int:
     last = result["history"][-1] if result["history"] else {}
     log.info("trained %d steps; checkpoint in %s (official layout: latest_net_G.pth, latest_net_D.pth, opt.txt)%s",
              result["steps"], cfg.out, f"; last L1 {last.get('G_L1', 0):.3f}" if last else "")
+    return 0
+
+
+def _distill(args: argparse.Namespace) -> int:
+    # imported here: training needs torch
+    from segsynth.jobs.distill import DistillConfig, distill
+
+    cfg = DistillConfig(data=Path(args.data), out=Path(args.out), teacher=Path(args.student), steps=args.steps,
+                        batch=args.batch or 8, threads=args.threads, seed=args.seed, lambda_l1=args.lambda_l1,
+                        lambda_perceptual=args.lambda_perceptual, save_every=args.save_every)
+    result = distill(cfg, quiet=args.quiet)
+    last = result["history"][-1] if result["history"] else {}
+    log.info("distilled %d steps; checkpoint in %s (student.json, student_G.pth)%s", result["steps"], cfg.out,
+             f"; last L1 {last.get('l1', 0):.3f}" if last else "")
     return 0
 
 
@@ -167,6 +183,11 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                                    "checkpoints in the official NVlabs layout.")
     p.add_argument("--data", required=True, help="a directory made by segsynth dataset make")
     p.add_argument("--out", required=True, help="checkpoint directory (latest_net_G.pth, latest_net_D.pth, opt.txt)")
+    p.add_argument("--student", metavar="TEACHER.onnx",
+                   help="distill the CPU-first student generator (segsynth.export.student) from TEACHER, a VAE "
+                        "generator graph with its style encoder beside it, instead of training SPADE; resumable "
+                        "(student.json, student_G.pth, train_state.pth in --out); uses --steps, --batch (8), "
+                        "--threads, --seed, --save-every, --lambda-l1, --lambda-perceptual")
     p.add_argument("--config", default="small", choices=["tiny", "small", "base"], help="model size (default small)")
     p.add_argument("--steps", type=int, default=1000, help="total training steps (default 1000)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

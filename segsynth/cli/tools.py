@@ -25,6 +25,7 @@ def _bench(args: argparse.Namespace) -> int:
                       frames=args.frames, batch=batches, streams=args.streams, repeats=args.repeats, rate=args.rate,
                       segmenter=args.segmenter, generator=args.generator, threads=args.threads,
                       input=Path(args.input) if args.input else None, backend=args.backend, fp16=not args.fp32,
+                      real_input=Path(args.real_input) if args.real_input else None,
                       fused=args.fused, live_seconds=args.live_seconds, models=tier(args, False),
                       seg_size=args.seg_size)
     if cfg.frames < 10 or cfg.repeats < 1 or cfg.streams < 1 or min(batches) < 1:
@@ -126,6 +127,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--streams", type=int, default=2, help="most concurrent live streams (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per measurement; medians are reported")
     p.add_argument("--input", help="a video to use instead of the generated one")
+    p.add_argument("--real-input", metavar="VIDEO", help="tiers: a clip of real footage (people), measured beside "
+                                                         "--input (a cartoon, say) in the same run")
     p.add_argument("--live-seconds", type=float, default=180, metavar="S",
                    help="streams: run one live stream S seconds per policy and compare the latency p99 of the first "
                    "and last third (default 180; 0 skips)")

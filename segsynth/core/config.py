@@ -113,7 +113,8 @@ class ExportConfig:
             raise InputError(f"unknown export target {self.what!r}; choose one of: {', '.join(EXPORT_TARGETS)}")
         if Path(self.out).suffix.lower() != ".onnx":
             raise InputError(f"{self.out}: the output of export must be an .onnx file")
-        needs = {"spade": ["checkpoint"], "encoder": ["checkpoint"], "chain": ["checkpoint", "deeplab", "size"],
+        needs = {"spade": ["checkpoint"], "encoder": ["checkpoint"], "student": ["checkpoint"],
+                 "chain": ["checkpoint", "deeplab", "size"],
                  "deeplab": [] if self.from_tflite else ["checkpoint"], "quantize": ["model", "calibrate"]}[self.what]
         missing = [("MODEL.onnx" if n == "model" else f"--{n.replace('_', '-')}") for n in needs
                    if getattr(self, n) in (None, ())]

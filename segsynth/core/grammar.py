@@ -64,7 +64,7 @@ def parse_size(text: str, flag: str = "--size", order: str = "HxW") -> tuple[int
     return int(parts[0]), int(parts[1])
 
 
-EXPORT_TARGETS = ("spade", "encoder", "deeplab", "chain", "quantize")
+EXPORT_TARGETS = ("spade", "encoder", "deeplab", "chain", "quantize", "student")
 
 
 def parse_batch(text: str) -> int | None:

@@ -278,6 +278,25 @@ def get(name: str) -> LabelSet:
 LABEL_SETS = ("ade20k", "voc", "coco-stuff", "cityscapes")
 
 
+# Colours a person associates with the classes they doodle (the studio paints with them; label
+# maps and label files keep their ids, and the label views the label set's own palette).
+DOODLE_COLOURS = {
+    "sky": (135, 206, 235), "cloud": (236, 240, 245), "tree": (34, 120, 50), "grass": (110, 190, 70),
+    "plant": (70, 160, 60), "flower": (235, 95, 170), "field": (200, 190, 110), "mountain": (120, 100, 85),
+    "hill": (105, 140, 70), "rock": (130, 130, 130), "earth": (150, 110, 70), "sand": (235, 205, 160),
+    "water": (60, 140, 220), "sea": (20, 90, 170), "river": (80, 160, 210), "lake": (50, 125, 200),
+    "snow": (250, 250, 252), "road": (85, 85, 90), "sidewalk": (175, 170, 165), "building": (180, 165, 150),
+    "house": (200, 140, 110), "wall": (215, 205, 185), "floor": (175, 135, 95), "ceiling": (235, 235, 230),
+    "person": (240, 190, 160), "car": (200, 40, 40), "animal": (160, 110, 60), "fence": (140, 100, 70),
+    "bridge": (150, 140, 130), "boat": (230, 230, 240),
+}
+
+
+def doodle_colour(label_set: LabelSet, class_id: int) -> tuple[int, int, int]:
+    """The colour the studio paints ``class_id`` with: DOODLE_COLOURS by name, else the palette's."""
+    return DOODLE_COLOURS.get(label_set.name_of(class_id), tuple(int(v) for v in label_set.palette[class_id]))
+
+
 def by_class_count(n: int) -> str | None:
     """The label set a model with ``n`` classes predicts (ADE20K also as 151: TensorFlow's DeepLab
     puts an 'other' class 0 before its 150), or None when no set has that many."""

@@ -157,6 +157,7 @@ class _GpuCollector:
     @classmethod
     def create(cls):
         try:
+            # imported here: nvidia-ml-py is optional (GPU machines)
             import pynvml
 
             pynvml.nvmlInit()

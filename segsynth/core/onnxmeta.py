@@ -29,6 +29,8 @@ SOURCE = "segsynth.source"
 SOURCE_SHA256 = "segsynth.source_sha256"
 USE_VAE = "segsynth.use_vae"
 Z_DIM = "segsynth.z_dim"
+Z_MEAN = "segsynth.z_mean"  # seeds are drawn from N(z_mean, z_std²), where a generator gives them
+Z_STD = "segsynth.z_std"
 
 
 def read(model) -> dict[str, str]:

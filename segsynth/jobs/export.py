@@ -6,7 +6,9 @@ import logging
 import warnings
 from pathlib import Path
 
+import numpy as np
 import onnx
+import torch
 
 from segsynth.core import labels, onnxmeta
 from segsynth.core.config import ExportConfig
@@ -21,6 +23,7 @@ from segsynth.export.onnx_export import (
     export,
 )
 from segsynth.export.spade import NUM_UP_LAYERS, load_spade, read_options
+from segsynth.export.student import load_student
 from segsynth.export.tflite import segmenter_from_tflite
 from segsynth.jobs.quantize import quantize
 from segsynth.stream.io.mux import atomic_output
@@ -35,12 +38,12 @@ def run_export(cfg: ExportConfig) -> str:
     if cfg.what == "quantize":
 
         return quantize(cfg.model, cfg.out, list(cfg.calibrate), frames=cfg.frames)
-    import torch
 
     logging.getLogger("torch").setLevel(logging.ERROR)  # the exporter's notes about torchvision ops
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation chatter from inside the exporter, not actionable here
-        return {"spade": _spade, "encoder": _encoder, "deeplab": _deeplab, "chain": _chain}[cfg.what](cfg)
+        return {"spade": _spade, "encoder": _encoder, "deeplab": _deeplab, "chain": _chain,
+                "student": _student}[cfg.what](cfg)
 
 
 def _from_tflite(cfg: ExportConfig) -> str:
@@ -49,7 +52,7 @@ def _from_tflite(cfg: ExportConfig) -> str:
         onnx.save(model, str(tmp))
     props = onnxmeta.read(model)
     size = "x".join(str(d.dim_value) for d in model.graph.input[0].type.tensor_type.shape.dim[2:])
-    return f"wrote {cfg.out} ({props['segsynth.label_set']} segmenter, {props['segsynth.classes']} classes, input {size})"
+    return f"wrote {cfg.out} ({props[onnxmeta.LABEL_SET]} segmenter, {props[onnxmeta.CLASSES]} classes, input {size})"
 
 
 def _spade_options(cfg: ExportConfig, size: tuple[int, int] | None):
@@ -76,7 +79,6 @@ def _generator_metadata(opt, label_set: str | None) -> dict[str, str]:
 
 
 def _generator_inputs(opt, batch: int):
-    import torch
 
     h, w = opt.output_size
     label = torch.randint(0, opt.label_nc, (batch, 1, h, w))
@@ -98,8 +100,26 @@ def _spade(cfg: ExportConfig) -> str:
     return f"wrote {cfg.out} (SPADE generator, {opt.label_nc} labels, {h}x{w}, inputs {', '.join(inputs)})"
 
 
+def _student(cfg: ExportConfig) -> str:
+    """A student checkpoint (segsynth.export.student) under the generator contract: label, z -> image."""
+    net = load_student(cfg.checkpoint)
+    opt = net.opt
+    inputs = {"label": torch.randint(0, opt.label_nc, (cfg.batch or 2, 1, opt.size, opt.size)),
+              "z": torch.randn(cfg.batch or 2, opt.z_dim)}
+    metadata = {onnxmeta.ROLE: "generator", onnxmeta.LABEL_SET: cfg.label_set or labels.by_class_count(opt.label_nc) or "",
+                onnxmeta.LABEL_NC: str(opt.label_nc), onnxmeta.CONTAIN_DONTCARE_LABEL: "True",
+                onnxmeta.NO_INSTANCE: "True", onnxmeta.USE_VAE: "True", onnxmeta.Z_DIM: str(opt.z_dim),
+                onnxmeta.SIZE: f"{opt.size}x{opt.size}", onnxmeta.FIT: "stretch", onnxmeta.FAMILY: "student"}
+    stats = Path(cfg.checkpoint) / "z_stats.npz"
+    if stats.is_file():  # the style vectors' spread in training: what seeds are drawn from
+        with np.load(stats) as z:
+            metadata.update({onnxmeta.Z_MEAN: ",".join(f"{v:.6g}" for v in z["mean"]),
+                             onnxmeta.Z_STD: ",".join(f"{v:.6g}" for v in z["std"])})
+    export(net, inputs, ["image"], cfg.out, dynamic_batch=cfg.batch is None, metadata=metadata)
+    return f"wrote {cfg.out} (student generator, {opt.label_nc} labels, {opt.size}x{opt.size}, z {opt.z_dim})"
+
+
 def _encoder(cfg: ExportConfig) -> str:
-    import torch
 
 
     opt = _spade_options(cfg, None)  # --size is the style image size here
@@ -122,7 +142,6 @@ def _check_seg_size(size: tuple[int, int], flag: str) -> None:
 
 
 def _deeplab(cfg: ExportConfig) -> str:
-    import torch
 
 
     size = cfg.size or (513, 513)
@@ -142,7 +161,6 @@ def _deeplab(cfg: ExportConfig) -> str:
 
 
 def _chain(cfg: ExportConfig) -> str:
-    import torch
 
 
     _check_seg_size(cfg.seg_size, "--seg-size")

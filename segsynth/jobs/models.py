@@ -27,7 +27,7 @@ def load_models(cfg: ModelConfig) -> ModelSet:
 
 
 def exported_generator(directory: Path, size: tuple[int, int] | None, cache_dir: Path) -> Path:
-    """``directory`` (an official SPADE checkpoint) as ONNX in ``cache_dir/generators``: the
+    """``directory`` (an official SPADE checkpoint) as ONNX in ``cache_dir``: the
     generator, and its style encoder beside it (``NAME-encoder.onnx``) where it has one."""
     try:  # imported here: the export stage needs torch, an optional extra
         from segsynth.jobs.export import run_export
@@ -37,7 +37,7 @@ def exported_generator(directory: Path, size: tuple[int, int] | None, cache_dir:
     files = [directory / n for n in ("opt.txt", "latest_net_G.pth", "latest_net_E.pth") if (directory / n).is_file()]
     key = content_key(f"{size} {EXPORT_VERSION}", *files)
     hw = (size[1], size[0]) if size else None
-    out = cache_dir / "generators" / f"spade-{key}.onnx"
+    out = cache_dir / f"spade-{key}.onnx"
     if not out.is_file():
         log.info("exporting %s to ONNX (once; cached in %s)", directory, cache_dir)
     if (directory / "latest_net_E.pth").is_file():  # first: a generator is loaded with what is beside it

@@ -24,6 +24,12 @@ import av
 import numpy as np
 import onnx
 from onnx import numpy_helper
+from onnxruntime.quantization import (
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 
 from segsynth.core import onnxmeta
 from segsynth.core.errors import InputError
@@ -169,12 +175,6 @@ def _last_convs(model) -> list[str]:
 
 def quantize(model_path: Path, out: Path, videos: list[Path], *, frames: int = 48) -> str:
     """Write ``out``: the int8 QDQ version of ``model_path`` calibrated on ``frames`` frames of ``videos``."""
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
 
 
     if not videos:

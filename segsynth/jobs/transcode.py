@@ -34,7 +34,7 @@ from rich.progress import (
 )
 
 from segsynth.core.errors import OutputError
-from segsynth.engine.select import GPU_BACKENDS
+from segsynth.core.grammar import GPU_BACKENDS
 from segsynth.stream.io import demux
 
 log = logging.getLogger("segsynth")

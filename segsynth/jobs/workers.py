@@ -202,6 +202,7 @@ def run_local(tasks: list[Task], stream: StreamTemplate, models: ModelConfig, *,
 # ---- Ray -------------------------------------------------------------------------------------
 def ray_task(task: Task, stream: StreamTemplate, models: ModelConfig) -> Record:
     """One file on a Ray worker (models cached per worker process, as locally)."""
+    # imported here: Ray is the ray extra
     import ray
 
     return transcode_file(task, stream, models, worker=ray.get_runtime_context().get_node_id()[:8])
@@ -214,6 +215,7 @@ def run_ray(tasks: list[Task], stream: StreamTemplate, models: ModelConfig, *, a
     worker or node dies; as many in flight as the cluster has room for, so a stop starts
     nothing new."""
     try:
+        # imported here: Ray is the ray extra
         import ray
     except ImportError:
         raise InputError("--ray needs Ray: pip install 'segsynth[ray]'") from None

@@ -11,7 +11,6 @@ OpenAPI - and ``serve``, which runs it until SIGTERM/SIGINT drain every stream.
     GET    /                    the web studio (segsynth.serve.studio)
 """
 
-from __future__ import annotations
 
 import contextlib
 import hmac
@@ -30,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import generate_latest
 from pydantic import BaseModel, ConfigDict, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from segsynth import __version__
 from segsynth.core import metrics
@@ -128,7 +128,6 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
     async def too_large(request: Request, cap: int, length: int | None) -> JSONResponse:
         """413. What the client still sends (up to MAX_DRAIN bytes) is read and dropped first, as
         nginx's lingering close does: a client still sending would see a reset, not this answer."""
-        from starlette.requests import ClientDisconnect
 
         if length is None or length <= MAX_DRAIN:
             drained = 0

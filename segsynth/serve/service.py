@@ -253,7 +253,7 @@ class Service:
 
 def load_config(path: Path) -> list[dict]:
     """streams.yaml: ``streams:`` a list of POST bodies, started at boot."""
-    import yaml
+    import yaml  # imported here: PyYAML is the serve extra, and the benchmarks use Service without it
 
     try:
         data = yaml.safe_load(path.read_text())

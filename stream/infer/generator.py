@@ -48,11 +48,19 @@ class Generator:
         self.size = (w, h)  # (W, H)
         self.uses_instance, self.uses_z = "instance" in names, "z" in names
         self.z_dim = int(runner.inputs["z"].shape[1]) if self.uses_z else 0
+        # where seeds are drawn from: the style vectors' spread in training, where the graph says (else N(0, 1))
+        self.z_mean = _floats(meta.get(onnxmeta.Z_MEAN), self.z_dim, 0.0)
+        self.z_std = _floats(meta.get(onnxmeta.Z_STD), self.z_dim, 1.0)
         self.label_set = labels.get(meta[onnxmeta.LABEL_SET]) if meta.get(onnxmeta.LABEL_SET) else None
         self.fit = meta.get(onnxmeta.FIT, "letterbox")  # how the training frames met the model's size
         self.encoder = encoder.activate() if encoder is not None else None
         batch = runner.inputs["label"].shape[0]
         self.batch = batch if isinstance(batch, int) else runner.max_batch  # frames per call; None: any
+
+    def seeded_z(self, seed: int) -> np.ndarray:
+        """The style vector of ``seed`` (1 x z_dim): the same seed, the same style."""
+        rng = np.random.default_rng(seed)
+        return (rng.standard_normal((1, self.z_dim)) * self.z_std + self.z_mean).astype(np.float32)
 
     def encode_style(self, rgb: np.ndarray) -> np.ndarray:
         """A style image (H x W x 3 uint8) -> z (1 x z_dim): the encoder's mean."""
@@ -92,6 +100,13 @@ class Generator:
         self.runner.deactivate()
         if self.encoder is not None:
             self.encoder.deactivate()
+
+
+def _floats(text: str | None, n: int, default: float) -> np.ndarray:
+    values = np.array([float(v) for v in text.split(",")], np.float32) if text else np.full(n, default, np.float32)
+    if values.shape != (n,):
+        raise ModelError(f"the graph's z statistics have {values.size} values for z_dim {n}")
+    return values
 
 
 def _encoder_beside(path: Path) -> Path | None:

@@ -132,8 +132,7 @@ class ModelSet:
             return None
         if style is not None:
             return gen.encode_style(style if isinstance(style, np.ndarray) else demux.read_image(style))
-        rng = np.random.default_rng(seed or 0)
-        return rng.standard_normal((1, gen.z_dim)).astype(np.float32)
+        return gen.seeded_z(seed or 0)
 
     def fit(self, requested: str | None) -> str:
         return requested or (self.generator.fit if self.generator is not None else "stretch")

@@ -142,6 +142,7 @@ class Flow(Hysteresis):
     def __init__(self, scale: int = 4, snap: float = 0.5, **options) -> None:
         super().__init__(**options)
         try:
+            # imported here: OpenCV is the flow extra
             import cv2
         except ImportError:
             raise InputError("--stabilize flow needs OpenCV: pip install opencv-python-headless "

@@ -16,7 +16,7 @@ import numpy as np
 
 from segsynth.core import labels
 from segsynth.stream.infer import stabilize as stabilizers
-from segsynth.stream.pictures import resize_labels
+from segsynth.stream.pictures import black_bars, paint_bars, resize_labels
 
 
 @dataclass
@@ -42,11 +42,14 @@ class Synthesize:
     models composed into graphs (stream.chain parts by name): ``all`` runs a batch in one
     call when nothing happens between the models; ``segment`` and ``synth`` run either side
     of the stabiliser; missing parts run model by model. ``class_counts`` adds up the pixels
-    of every class seen (256 counters)."""
+    of every class seen (256 counters). ``paint``: whether the view shows the picture; a view
+    that does not (labels, overlay, ids) runs the segmenter only. Letterbox and pillarbox bars of
+    the input (stream.pictures.black_bars) stay black in the picture."""
 
     def __init__(self, segmenter, generator, table: labels.RemapTable, z, stabilize: str, fit: str,
-                 gen_size: tuple[int, int] | None, chains: dict | None = None) -> None:
+                 gen_size: tuple[int, int] | None, chains: dict | None = None, paint: bool = True) -> None:
         self.segmenter, self.generator, self.table, self.z, self.fit = segmenter, generator, table, z, fit
+        self.paint = paint and generator is not None
         self.stabilizer = stabilizers.make(stabilize)
         self.hold = stabilizers.PictureHold() if self.stabilizer is not None and generator is not None else None
         self.gen_size = gen_size
@@ -58,13 +61,16 @@ class Synthesize:
         self._updates: dict = {}
         self._lock = threading.Lock()
 
-    def update(self, *, table: labels.RemapTable | None = None, z: np.ndarray | None = None) -> None:
-        """Use a new remap table and/or style vector from the next batch on (any thread)."""
+    def update(self, *, table: labels.RemapTable | None = None, z: np.ndarray | None = None,
+               paint: bool | None = None) -> None:
+        """Use a new remap table, style vector or need for the picture from the next batch on (any thread)."""
         with self._lock:
             if table is not None:
                 self._updates["table"] = table
             if z is not None:
                 self._updates["z"] = z
+            if paint is not None:
+                self._updates["paint"] = paint and self.generator is not None
 
     def submit(self, frames: np.ndarray, metas: list[dict]):
         """Start a batch (on GPU backends the device works while the caller goes on); changes
@@ -72,32 +78,32 @@ class Synthesize:
         with self._lock:
             updates, self._updates = self._updates, {}
         self.table = updates.get("table", self.table)
-        if "z" in updates:
-            self.z = updates["z"]
-            if self.hold is not None:
-                self.hold.reset()  # a new style repaints everything
+        if ("z" in updates or updates.get("paint") and not self.paint) and self.hold is not None:
+            self.hold.reset()  # a new style, or painting again after a pause, repaints everything
+        self.z, self.paint = updates.get("z", self.z), updates.get("paint", self.paint)
         boxes = [self._box(meta) for meta in metas] if self.gen_size else None
-        if self.whole is not None:
-            return self.whole.submit(frames, self.table.lut, boxes, self.z), metas, boxes, None
+        bars = [black_bars(frame) for frame in frames] if self.paint else None  # read now: the buffer is reused
+        if self.whole is not None and self.paint:
+            return self.whole.submit(frames, self.table.lut, boxes, self.z), metas, boxes, None, bars
         # what the stabiliser reads of the frames is taken now: the batch's buffer is reused
         frames_kept = frames.copy() if getattr(self.stabilizer, "needs_frames", False) else None
         part = self.chains.get("segment")
-        return (part.submit(frames) if part else self.segmenter.submit(frames)), metas, boxes, frames_kept
+        return (part.submit(frames) if part else self.segmenter.submit(frames)), metas, boxes, frames_kept, bars
 
     def finish(self, handle) -> list[FrameResult]:
-        pending, metas, boxes, frames = handle
+        pending, metas, boxes, frames, bars = handle
         moved = [None] * len(metas)  # per frame: where its input moved (True: all, a scene cut), from the stabiliser
-        if self.whole is not None:
+        if self.whole is not None and bars is not None:
             out = self.whole.finish(pending)
             ids, synth = out["labels"], out.get("pixels")
         else:
-            ids, synth = self._stabilised_synthesis(pending, boxes, frames, moved)
+            ids, synth = self._stabilised_synthesis(pending, boxes, frames, moved, paint=bars is not None)
         self.class_counts += np.bincount(ids.ravel(), minlength=256)
         if synth is None:
             return [FrameResult(m, None) for m in ids]
         results = []
-        for m, s, (x, y, cw, ch), where in zip(ids, synth, boxes, moved):
-            picture = s[y:y + ch, x:x + cw]
+        for m, s, (x, y, cw, ch), where, edges in zip(ids, synth, boxes, moved, bars):
+            picture = paint_bars(np.array(s[y:y + ch, x:x + cw]), edges)
             if self.hold is not None:
                 if isinstance(where, np.ndarray):  # at the picture's size
                     where = resize_labels(where.view(np.uint8), cw, ch).view(bool)
@@ -112,9 +118,10 @@ class Synthesize:
         """Host buffers the first model uploads from fast (see Runner.pinned_allocator)."""
         return (self.whole or self.chains.get("segment") or self.segmenter).pinned_allocator()
 
-    def _stabilised_synthesis(self, pending, boxes, frames, moved: list) -> tuple[np.ndarray, np.ndarray | None]:
+    def _stabilised_synthesis(self, pending, boxes, frames, moved: list, paint: bool) -> tuple[np.ndarray,
+                                                                                              np.ndarray | None]:
         """Segment (chain part or models), stabilise on the host (``moved[i]``: where frame i's
-        input moved, as the stabiliser saw it), then remap and synthesize."""
+        input moved, as the stabiliser saw it), then remap and, when ``paint``, synthesize."""
         part = self.chains.get("segment")
         if part is not None:
             out = part.finish(pending)
@@ -132,11 +139,11 @@ class Synthesize:
                 moved[i] = True if started else getattr(self.stabilizer, "moved", None)
             seg = np.stack(stable)
         synth_part = self.chains.get("synth")
-        if self.generator is not None and synth_part is not None:
+        if paint and synth_part is not None:
             out = synth_part.finish(synth_part.submit(seg, self.table.lut, boxes, self.z))
             return out["labels"], out["pixels"]
         ids = self.table(seg)
-        if self.generator is None:
+        if not paint:
             return ids, None
         gw, gh = self.gen_size
         canvases = np.full((len(ids), gh, gw), labels.UNKNOWN, np.uint8)

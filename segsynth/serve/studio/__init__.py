@@ -23,7 +23,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from fastapi import File, Form, Request, UploadFile
+from fastapi.responses import FileResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
 
 from segsynth.core import labels
 from segsynth.core.errors import ServiceError
@@ -135,8 +139,8 @@ class Studio:
                 "z_dim": gen.z_dim if gen is not None else 0,
                 "style": gen is not None and gen.uses_z and gen.encoder is not None,
                 "segmenter_label_set": self.models.segmenter.label_set.name,
-                "classes": [{"id": i, "name": name, "color": hex_color(ls.palette[i])}
-                            for i, name in enumerate(ls.classes)],
+                "classes": [{"id": i, "name": name, "color": hex_color(ls.palette[i]),
+                             "doodle": hex_color(labels.doodle_colour(ls, i))} for i, name in enumerate(ls.classes)],
                 "unknown": {"id": labels.UNKNOWN, "name": "unknown", "color": hex_color(ls.palette[labels.UNKNOWN])}}
 
     def segment(self, rgb: np.ndarray) -> np.ndarray:
@@ -236,10 +240,6 @@ class LiveView:
 
 def add_routes(app, service) -> None:
     """The studio's page and endpoints on ``app`` (create_app's), over ``service``'s models."""
-    from fastapi import File, Form, Request, UploadFile
-    from fastapi.responses import FileResponse, Response, StreamingResponse
-    from fastapi.staticfiles import StaticFiles
-    from starlette.concurrency import run_in_threadpool
 
     studio = Studio(service.models)
     png_reply = {200: {"content": {"image/png": {}}, "description": "a PNG"}, **error_responses(401, 409, 413, 422)}

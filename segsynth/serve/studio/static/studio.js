@@ -92,7 +92,9 @@ async function idsFromImage(blob) {
   const ids = new Uint8Array(state.W * state.H);
   let gray = true;
   for (let i = 0; i < px.length && gray; i += 4) gray = px[i] === px[i + 1] && px[i] === px[i + 2];
-  const byColour = new Map(state.info.classes.map((c) => [c.color, c.id]));
+  // the palette's colours (label maps as datasets ship them), and the studio's doodle colours
+  const byColour = new Map([...state.info.classes.map((c) => [c.doodle, c.id]),
+    ...state.info.classes.map((c) => [c.color, c.id])]);
   const n = state.info.classes.length;
   for (let i = 0; i < ids.length; i++) {
     const [r, g, b] = [px[4 * i], px[4 * i + 1], px[4 * i + 2]];
@@ -188,21 +190,43 @@ function pointAt(event) {
   return { x: (event.clientX - rect.left) * state.W / rect.width, y: (event.clientY - rect.top) * state.H / rect.height };
 }
 
+// The canvas the studio opens on: a landscape - sky, a mountain ridge, grass, a row of trees and a
+// lake - where the label set has those classes; else all ``fallback``.
+function starter(fallback) {
+  const ids = new Uint8Array(state.W * state.H).fill(fallback);
+  const id = (name) => (state.info.classes.find((c) => c.name === name) || {}).id;
+  const [sky, mountain, grass, tree, water] = ["sky", "mountain", "grass", "tree", "water"].map(id);
+  if ([sky, mountain, grass, tree, water].includes(undefined)) return ids;
+  const { W, H } = state;
+  for (let y = 0; y < H; y++) {
+    for (let x = 0; x < W; x++) {
+      const u = x / W, v = y / H;
+      const ridge = 0.33 + 0.12 * Math.abs(((u * 2.2) % 1) - 0.5) * 2 - 0.05 * Math.sin(u * 9);
+      let c = v < ridge ? sky : v < 0.55 ? mountain : grass;
+      const crown = Math.hypot((((u * 7) % 1) - 0.5) * 1.6, (v - 0.55) * 9);  // a row of tree crowns
+      if (v > 0.46 && v < 0.62 && crown < 0.55 && (u < 0.45 || u > 0.7)) c = tree;
+      if (Math.hypot((u - 0.6) / 0.28, (v - 0.8) / 0.1) < 1) c = water;  // a lake in the grass
+      ids[y * W + x] = c;
+    }
+  }
+  return ids;
+}
+
 function selectClass(id) {
   state.cls = id;
   const c = state.info.classes[id];
-  $("#current-class").innerHTML = `<span class="swatch" style="background:${c.color}"></span>`;
+  $("#current-class").innerHTML = `<span class="swatch" style="background:${c.doodle || c.color}"></span>`;
   $("#current-class").append(c.name);
   for (const item of $("#palette").children) item.classList.toggle("selected", Number(item.dataset.id) === id);
 }
 
 function buildPalette() {
-  const items = state.info.classes.map(({ id, name, color }) => {
+  const items = state.info.classes.map(({ id, name, color, doodle }) => {
     const item = document.createElement("li");
     item.dataset.id = id;
     item.dataset.key = name.toLowerCase().replace(/[^0-9a-z]+/g, "");
     item.title = `${name} (id ${id})`;
-    item.innerHTML = `<span class="swatch" style="background:${color}"></span>`;
+    item.innerHTML = `<span class="swatch" style="background:${doodle || color}"></span>`;
     item.append(name);
     item.addEventListener("click", () => selectClass(id));
     return item;
@@ -515,13 +539,15 @@ async function start() {
   const info = state.info;
   [state.W, state.H] = info.size;
   state.rgb = new Uint8Array(256 * 3);
-  for (const c of [...info.classes, info.unknown]) state.rgb.set(c.color.match(/\w\w/g).map((h) => parseInt(h, 16)), 3 * c.id);
+  for (const c of [...info.classes, info.unknown]) {  // the canvas shows the doodle colours
+    state.rgb.set((c.doodle || c.color).match(/\w\w/g).map((h) => parseInt(h, 16)), 3 * c.id);
+  }
   const canvas = $("#canvas");
   canvas.width = state.W;
   canvas.height = state.H;
   buildPalette();
   const first = info.classes.find((c) => c.name === "sky") || info.classes[0];
-  state.ids = new Uint8Array(state.W * state.H).fill(first.id);
+  state.ids = starter(first.id);
   selectClass(first.id);
   if (!info.generator) setStatus("no generator is loaded: the studio can paint and segment, not synthesize", true);
   if (!info.style) {
