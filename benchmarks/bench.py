@@ -118,11 +118,24 @@ def _print(name: str, result: dict) -> None:
                      r["seconds"], r["files_per_minute"], r["fps"], r["model_load_s"], r["workers_loading"],
                      r["first_frame_s"])
     elif name == "service":
-        log.info("  %d streams (%s, 1 fps): RSS %.1f -> %.1f MiB (%.2f MiB per stream; %.1f after removal), CPU idle "
-                 "%.3f cores, %.3f cores per stream", result["streams"], result["size"], result["rss_before_mib"],
+        log.info("  %d streams (%s, 1 fps): RSS %.1f -> %.1f MiB (%.2f MiB per stream; %.1f after removal, %.1f after "
+                 "a second round), CPU idle %.3f cores, %.3f cores per stream", result["streams"], result["size"], result["rss_before_mib"],
                  result["rss_with_streams_mib"], result["rss_per_stream_mib"], result["rss_after_removal_mib"],
                  result["rss_after_second_round_mib"],
                  result["cpu_cores_idle_service"], result["cpu_cores_per_stream"])
+    elif name == "tiers":
+        for clip in (result, result.get("real")):
+            if clip is None:
+                continue
+            log.info("  %s (%d frames): quality %.2f fps, fast %.2f fps (seg size %d): %.2fx; labels agree %.3f; "
+                     "picture %.1f dB", clip["input"], clip["frames"], clip["quality_fps"], clip["fast_fps"],
+                     clip["fast_seg_size"], clip["ratios"]["fast_over_quality"], clip["label_agreement"],
+                     clip.get("synth_psnr_db", float("nan")))
+            for tier, ratio in clip.get("synth_over_labels", {}).items():
+                log.info("    %-7s synth view %.2f fps / labels view %.2f fps (no generator): synth_over_labels %.2f",
+                         tier, clip[f"{tier}_fps"], clip["labels_fps"][tier], ratio)
+        for tier, g in result.get("generator", {}).items():
+            log.info("  generator %-7s %s: %.2f GFLOP, %.1f ms a frame", tier, g["graph"], g["gflop"], g["ms_per_frame"])
     elif name == "soak":
         log.info("  %d frames at %.0f fps: RSS %.0f MiB at 10%%, %.0f MiB at the end", result["frames"], result["fps"],
                  result["rss_at_10pct_mib"] or 0, result["rss_at_end_mib"] or 0)

@@ -35,8 +35,6 @@ def info(path: Path) -> list[str]:
         raise InputError(f"{path}: no such file")
     lines = []
     if path.suffix == ".onnx":
-
-
         inputs, outputs, meta = describe_onnx(onnx.load(str(path), load_external_data=False))
         for kind, tensors in (("input", inputs), ("output", outputs)):
             for t in tensors.values():
@@ -50,7 +48,6 @@ def info(path: Path) -> list[str]:
     lines += [f"built for {key['gpu']} (sm {key['compute_capability']}), TensorRT {key['tensorrt']}, "
               f"{key['precision']}", f"profile {key['profile']}", f"graph sha256 {key['graph_sha256']}"]
     try:
-
         trt = import_tensorrt()
         engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine(path.read_bytes())
         if engine is None:

@@ -35,7 +35,7 @@ def _attrs(node) -> dict:
 # The inputs each op reads as Python numbers (shapes, axes, sizes, pads), by position.
 _HOST_ARGS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Resize": (1, 2, 3), "Pad": (1, 2), "Unsqueeze": (1,),
               "Squeeze": (1,), "Expand": (1,), "ConstantOfShape": (0,), "ReduceMean": (1,), "ReduceMax": (1,),
-              "ReduceSum": (1,)}
+              "ReduceSum": (1,), "Split": (1,)}
 
 
 def _host_values(nodes, constants) -> set[str]:
@@ -223,7 +223,8 @@ def _build_ops():
         "HardSwish": lambda x, a: F.hardswish(x[0]),
         "Add": lambda x, a: x[0] + x[1], "Sub": lambda x, a: x[0] - x[1], "Mul": lambda x, a: x[0] * x[1],
         "Div": _div, "Max": lambda x, a: torch.stack(torch.broadcast_tensors(*x)).amax(0),
-        "Equal": lambda x, a: x[0] == x[1], "Not": lambda x, a: ~x[0], "Or": lambda x, a: x[0] | x[1],
+        "Equal": lambda x, a: x[0] == x[1], "Greater": lambda x, a: x[0] > x[1], "Less": lambda x, a: x[0] < x[1],
+        "Split": _split, "Not": lambda x, a: ~x[0], "Or": lambda x, a: x[0] | x[1],
         "Where": lambda x, a: torch.where(x[0], x[1], x[2]),
         "GlobalAveragePool": lambda x, a: x[0].mean(dim=(2, 3), keepdim=True),
         "AveragePool": lambda x, a: F.avg_pool2d(x[0], a["kernel_shape"], a.get("strides", a["kernel_shape"]),
@@ -250,6 +251,20 @@ def _build_ops():
         "Expand": lambda x, a: x[0] * torch.ones(x[1].tolist(), dtype=x[0].dtype, device=x[0].device),
         "ConstantOfShape": lambda x, a: torch.from_numpy(np.full(x[0].tolist(), _const_value(a).reshape(-1)[0])),
     }
+
+
+def _split(x, attrs):
+    """Sizes from the second input, else ``num_outputs`` (opset 18) or the ``split`` attribute."""
+    axis, n = attrs.get("axis", 0), x[0].shape[attrs.get("axis", 0)]
+    if len(x) > 1 and x[1] is not None:
+        sizes = [int(v) for v in x[1].tolist()]
+    elif "split" in attrs:
+        sizes = list(attrs["split"])
+    else:
+        parts = attrs["num_outputs"]
+        sizes = [-(-n // parts)] * (parts - 1)
+        sizes.append(n - sum(sizes))
+    return tuple(x[0].split(sizes, dim=axis))
 
 
 def _unsqueezed(shape, axes):

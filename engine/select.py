@@ -117,10 +117,8 @@ def make_runner(model: str | Path, backend: str, *, fp16: bool = True, threads: 
                                              io_binding=True)
         return OnnxRuntimeRunner(model, threads=threads, providers=cuda_providers, io_binding=True)
     if backend == "torch-cuda":
-
         return TorchCudaRunner(model, fp16=fp16)
     if backend == "tensorrt":
-
         return TensorRTRunner(model, fp16=fp16, batch=batch, cache_dir=cache_dir / "engines" if cache_dir else None)
     raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
 

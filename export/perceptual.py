@@ -37,7 +37,6 @@ class PerceptualLoss(nn.Module):
     def __init__(self, model: str | Path | None = None, taps: tuple[str, ...] = TAPS) -> None:
         super().__init__()
 
-
         path = Path(model) if model else paths.bundled(VOC_MODEL)
         proto = onnx.load(str(path))
         produced = {o for n in proto.graph.node for o in n.output}

@@ -325,7 +325,6 @@ class SemanticInput(nn.Module):
             semantics = torch.cat([semantics, edges(label if instance is None else instance)], 1)
         return semantics
 
-
     def label_map(self, label: torch.Tensor, instance: torch.Tensor | None = None) -> LabelMap:
         """The same semantics as ``forward``, as a LabelMap (ids instead of one-hot channels)."""
         label = label.long()
@@ -386,7 +385,6 @@ def load_spade(directory: str | Path, opt: SpadeOptions | None = None, epoch: st
 def frozen(module: nn.Module) -> nn.Module:
     """An inference copy: eval mode, spectral norm folded into plain weights using the stored
     u/v without a power-iteration step (exactly what the eval-mode hook computes)."""
-
 
     module = copy.deepcopy(module).eval()
     for sub in module.modules():

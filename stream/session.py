@@ -151,7 +151,6 @@ class StreamSession:
         """The files this session will write and read, claimed before anything is opened: one
         writer per path in this process, and never a path another stream reads (Conflict)."""
 
-
         cfg = self.config
         writes = [] if self._sinks else [s for s in cfg.sinks if sink_kind(s) in ("file", "hls")]
         reads = [] if self._source or is_live(cfg.source) or is_image_sequence(cfg.source) else [cfg.source]
@@ -163,7 +162,6 @@ class StreamSession:
 
         cfg, kind = self.config, sink_kind(spec)
         if kind == "preview":
-
             return PreviewSink(spec)
         live = kind in ("push", "hls") or self.policy == "latest"
         # no --codec: libx264 for streams, the first encoder a file's container holds (VP9 for WebM)
@@ -259,7 +257,6 @@ class StreamSession:
         table = self.models.remap(remap) if remap is not None else None
         z = self.models.z(style=style, seed=seed) if seed is not None or style is not None else None
         if view is not None:
-
             if view not in SESSION_VIEWS:
                 raise InputError(f"view: unknown view {view!r}; choose one of: {', '.join(SESSION_VIEWS)}")
             if (view == "ids") != (self.view == "ids"):

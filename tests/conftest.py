@@ -3,8 +3,11 @@ and a helper that runs the installed ``segsynth`` command like a user would."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import subprocess
 import sys
+import threading
 from fractions import Fraction
 from pathlib import Path
 
@@ -160,7 +163,7 @@ def people_clip(tmp_path_factory, astronaut) -> Path:
 @pytest.fixture(scope="session")
 def real_photos() -> dict[str, np.ndarray]:
     """Real photographs shipped with scikit-image (BSD-3 / public domain)."""
-    import skimage.data as data
+    from skimage import data
 
     gray = data.camera()
     return {"astronaut": data.astronaut(), "coffee": data.coffee(), "rocket": data.rocket(),
@@ -235,3 +238,16 @@ def pytest_collection_modifyitems(config, items):
             reason = reason or _cuda_reason() or ""
             if reason:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@contextlib.contextmanager
+def http_server(handler):
+    """An HTTP server on a free loopback port, serving in a thread: yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -6,6 +6,8 @@ import types
 
 import pytest
 
+from segsynth.core.grammar import FAST_SEG_SIZE
+
 from conftest import REPO, run_cli
 
 
@@ -76,9 +78,15 @@ def test_bench_tiers_compares_quality_and_fast_on_the_same_input(tmp_path):
                    "--json", out, timeout=600)
     assert proc.returncode == 0, proc.stderr
     tiers = json.loads(out.read_text())["scenarios"]["tiers"]
-    assert tiers["fast_seg_size"] == 321 and tiers["frames"] >= 12
+    assert tiers["fast_seg_size"] == FAST_SEG_SIZE and tiers["frames"] >= 12
     assert tiers["quality_fps"] > 0 and tiers["fast_fps"] > 0 and tiers["ratios"]["fast_over_quality"] > 0
     assert 0.8 < tiers["label_agreement"] < 1.0 and 15 < tiers["synth_psnr_db"] < 60  # close, not the same models
+    # each tier's synth view against its labels view with no generator loaded (same input), and the
+    # generators' cost: the bundled student, 2.7 GFLOP a frame in both graphs (quantising keeps them)
+    assert set(tiers["synth_over_labels"]) == {"quality", "fast"} and all(
+        0 < r < 1.5 for r in tiers["synth_over_labels"].values())
+    assert {g["graph"] for g in tiers["generator"].values()} == {"student_ade20k.onnx", "student_ade20k.int8.onnx"}
+    assert all(2 < g["gflop"] < 3.5 and g["ms_per_frame"] > 0 for g in tiers["generator"].values())
 
 
 def test_bench_cpu_efficiency_and_seg_sizes(tmp_path):
@@ -91,9 +99,11 @@ def test_bench_cpu_efficiency_and_seg_sizes(tmp_path):
     assert eff["peak"]["fp32_gflops"] > 1 and eff["peak"]["int8_gops"] > 1
     rows = {r["model"]: r for r in eff["rows"]}
     assert {"ade20k fp32", "ade20k int8", "ade20k fast int8", "voc fp32", "generator int8"} <= set(rows)
-    # the FLOPs come from the graph: quantising keeps them, a 321 input scales them by about (321/513)^2
+    # the FLOPs come from the graph: quantising keeps them, the fast tier's input scales them by about
+    # (FAST_SEG_SIZE / 513)^2
     assert rows["ade20k int8"]["gflops_per_frame"] == rows["ade20k fp32"]["gflops_per_frame"] > 5
-    assert 0.3 < rows["ade20k fast int8"]["gflops_per_frame"] / rows["ade20k fp32"]["gflops_per_frame"] < 0.45
+    scaled = rows["ade20k fast int8"]["gflops_per_frame"] / rows["ade20k fp32"]["gflops_per_frame"]
+    assert abs(scaled - (FAST_SEG_SIZE / 513) ** 2) < 0.08, scaled
     assert all(0 < r["percent_of_peak"] for r in eff["rows"])
     sizes = report["seg-sizes"]["rows"]
     assert len(sizes) == 2 * 2 * 2 * 4

@@ -1,4 +1,5 @@
-"""The bundled default generator: a 256 x 256 VAE model whose style image changes the picture."""
+"""The bundled default generator (the student): a 256 x 256 VAE-style model whose style image changes
+the picture; the SPADE default before it stays loadable as spade2."""
 
 from __future__ import annotations
 
@@ -21,14 +22,24 @@ def default():
     gen.close()
 
 
-def test_bundled_default_is_a_256_vae_generator_within_40_mb(default):
-    from segsynth.stream.infer.generator import bundled_generator
+def test_bundled_default_is_the_student_and_spade2_stays_loadable_by_name(default):
+    from segsynth.core import onnxmeta
+    from segsynth.stream.infer.generator import bundled_generator, load_generator
 
     assert default.size == (256, 256) and default.uses_z and default.encoder is not None
+    assert default.runner.metadata[onnxmeta.FAMILY] == "student" and default.receptive_radius <= 64
     models = bundled_generator().parent
-    graph = sum((models / n).stat().st_size for n in ("spade_ade20k.onnx", "spade_ade20k-encoder.onnx"))
-    checkpoint = sum((models / "spade_ade20k" / n).stat().st_size for n in ("latest_net_G.pth", "latest_net_E.pth"))
-    assert graph <= 40e6 and checkpoint <= 40e6, (graph, checkpoint)
+    checkpoint = models / "student_ade20k"
+    assert {"student.json", "student_G.pth", "z_stats.npz"} <= {p.name for p in checkpoint.iterdir()}
+    size = sum(p.stat().st_size for p in (models / "student_ade20k.onnx", models / "student_ade20k.int8.onnx",
+                                          *checkpoint.iterdir()))
+    assert size <= 12e6, size
+    old = load_generator("spade2", threads=2)
+    try:  # the SPADE default before the student: same contract, same style encoder
+        assert old.size == default.size and old.z_dim == default.z_dim and old.encoder is not None
+        assert onnxmeta.FAMILY not in old.runner.metadata or old.runner.metadata[onnxmeta.FAMILY] != "student"
+    finally:
+        old.close()
 
 
 def test_different_style_images_give_different_pictures_beyond_noise(default, real_photos):

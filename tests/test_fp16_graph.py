@@ -78,7 +78,7 @@ def test_io_types_kept_and_float32_left_only_where_onnx_requires_it(name, conver
     assert len(float32) == {"voc": 0, "ade20k": 0, "generator": 1}[name], float32
     weights = [t for t in inferred.initializer if any(t.name == n.input[1] for n in inferred.node if n.op_type == "Conv")]
     assert weights and all(t.data_type == TensorProto.FLOAT16 for t in weights)
-    assert inside[TensorProto.FLOAT16] > 200, inside  # the compute really is float16
+    assert inside[TensorProto.FLOAT16] > 0.8 * sum(inside.values()), inside  # the compute really is float16
 
 
 def _fp16_runner(path, executor):

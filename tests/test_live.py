@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import REPO, run_cli
+from conftest import REPO, http_server, run_cli
 
 pytestmark = pytest.mark.network
 SERVER = REPO / "tests" / "helpers" / "rtsp_server.py"
@@ -132,8 +131,8 @@ def test_rtsp_run_reconnects_across_a_server_restart(tmp_path, tiny_segmenter):
 
 @needs_rtsp_server
 def test_a_stalled_camera_counts_as_lost_within_the_stall_timeout():
-    from segsynth.stream.io.live import LiveSource
     from segsynth.core.grammar import LiveOptions
+    from segsynth.stream.io.live import LiveSource
 
     port = free_port()
     with rtsp_camera(port) as server:
@@ -245,7 +244,7 @@ def test_push_hls_preview_and_file_series_outputs_at_once(tmp_path, tiny_segment
         assert (np.diff(times) >= 0).all()  # (a receiver may stamp its first two RTP packets alike)
     # HLS: a playlist ffprobe plays, of at most 6 segments, the oldest deleted
     text = hls.read_text()
-    listed = re.findall(r"^index_\d+\.ts$", text, re.M)
+    listed = re.findall(r"^index_\d+\.ts$", text, re.MULTILINE)
     assert 1 <= len(listed) <= 6 and "#EXT-X-ENDLIST" in text
     on_disk = sorted(p.name for p in hls.parent.glob("index_*.ts"))
     assert "index_00000.ts" not in on_disk and set(listed) <= set(on_disk)
@@ -288,14 +287,8 @@ def http_dir(directory: Path):
             pass
 
     handler = functools.partial(Quiet, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(handler) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -72,13 +72,17 @@ def test_int8_graphs_against_the_float_ones(capsys):
     from segsynth.stream.pictures import resize_labels, resize_rgb
 
     seg = load_segmenter("ade20k+voc")
-    size = {i.name: i.shape for i in session(MODELS / "spade_ade20k.onnx").get_inputs()}["label"][-1]
+    size = {i.name: i.shape for i in session(MODELS / "student_ade20k.onnx").get_inputs()}["label"][-1]
     label_maps = [resize_labels(seg(resize_rgb(f, 513, 513)[None]), size, size) for f in frames]
     seg.close()
-    z = np.random.default_rng(0).standard_normal((1, 256)).astype(np.float32)
+    from segsynth.stream.infer.generator import load_generator
+
+    default = load_generator("default")
+    z = default.seeded_z(0)
+    default.close()
     pictures = {}
     for kind in ("", ".int8"):
-        sess = session(MODELS / f"spade_ade20k{kind}.onnx")
+        sess = session(MODELS / f"student_ade20k{kind}.onnx")
         feeds = [{"label": m.astype(np.int64)[:, None], "z": z} for m in label_maps]
         pictures[kind] = np.array([((sess.run(["image"], f)[0] + 1) * 127.5).round().clip(0, 255) for f in feeds])
     psnr = 10 * np.log10(255 ** 2 / np.mean((pictures[""] - pictures[".int8"]) ** 2))
@@ -92,15 +96,15 @@ def test_int8_graphs_against_the_float_ones(capsys):
     assert fwiou["ade20k"] >= 0.8 and fwiou["voc"] >= 0.95
 
 
-@pytest.mark.slow  # three calibrations: about a minute on two cores
+@pytest.mark.slow  # four calibrations: about two minutes on two cores
 def test_the_shipped_int8_graphs_are_what_the_recipe_makes(tmp_path):
     script = REPO / "scripts" / "quantize-bundled"
-    env = {**os.environ, "SEGSYNTH": str(Path(os.sys.executable).with_name("segsynth"))}
+    env = {**os.environ, "SEGSYNTH": str(Path(os.sys.executable).with_name("segsynth")), "PYTHON": os.sys.executable}
     r = subprocess.run([str(script), str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stderr
     from onnx import numpy_helper
 
-    for stem in ("deeplabv3_mnv2_ade20k", "deeplabv3_mnv2_voc", "spade_ade20k"):
+    for stem in ("deeplabv3_mnv2_ade20k", "deeplabv3_mnv2_voc", "spade_ade20k", "student_ade20k"):
         made, shipped = onnx.load(str(tmp_path / f"{stem}.int8.onnx")), onnx.load(str(MODELS / f"{stem}.int8.onnx"))
         assert [n.op_type for n in made.graph.node] == [n.op_type for n in shipped.graph.node]
         ours = {i.name: numpy_helper.to_array(i) for i in made.graph.initializer}

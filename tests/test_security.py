@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import decode_video, run_cli, write_clip
+from conftest import decode_video, http_server, run_cli, write_clip
 from test_live import needs_rtsp_server, rtsp_camera
 from test_serve import RED, api, free_port, series, service
 
@@ -93,7 +92,7 @@ def hostile_server(directory: Path, trap: Trap):
             self.end_headers()
             self.wfile.write(body)
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             ffmpeg = "Lavf" in self.headers.get("User-Agent", "")
             path = urllib.parse.urlsplit(self.path).path
             if path == "/ua.m3u8":  # FFmpeg sees another host; others the good playlist
@@ -120,20 +119,14 @@ def hostile_server(directory: Path, trap: Trap):
                 return self._send(body.encode())
             return super().do_GET()
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(Handler) as url:
+        yield url
 
 
 def _read(url: str, frames: int = 5) -> int:
     """Open ``url`` as segsynth does and read up to ``frames`` frames; how many came."""
-    from segsynth.stream.io.live import LiveSource
     from segsynth.core.grammar import LiveOptions
+    from segsynth.stream.io.live import LiveSource
 
     source = LiveSource(url, LiveOptions(open_timeout=10, reconnect_max=0)).open()
     got = 0
@@ -169,9 +162,8 @@ def test_a_playlist_that_shows_another_host_is_refused_before_a_byte_is_read_the
 
     trap = Trap()
     try:
-        with hostile_server(segments, trap) as base:
-            with pytest.raises(InputError, match="refused") as caught:
-                _read(f"{base}/{name}")
+        with hostile_server(segments, trap) as base, pytest.raises(InputError, match="refused") as caught:
+            _read(f"{base}/{name}")
     finally:
         trap.close()
     assert why in str(caught.value) and f":{trap.port}" in str(caught.value)
@@ -274,9 +266,10 @@ def test_the_token_comes_before_the_body_and_deep_form_fields_are_422(tmp_path, 
         for raw in (b'{"source": ', b'{"source": "x", "duration": Infinity}', b"[" * 100000):
             assert api(base, "POST", "/v1/streams", raw=raw)[0] == 401  # not 400/413/422: nothing was read
         assert api(base, "POST", "/v1/streams", raw=b'{"source": ', headers=auth)[0] == 400
-        from PIL import Image
         import io
         import urllib.request
+
+        from PIL import Image
 
         png = io.BytesIO()
         Image.fromarray(np.zeros((64, 64), np.uint8), "L").save(png, "PNG")
@@ -384,7 +377,7 @@ def test_add_and_delete_free_encoders_and_their_threads_without_the_collector(tm
             gc.enable()
     assert after == before, (before, after)
     text = metrics.process_exposition().decode()
-    value = float(re.search(r"^segsynth_process_threads (\S+)$", text, re.M)[1])
+    value = float(re.search(r"^segsynth_process_threads (\S+)$", text, re.MULTILINE)[1])
     assert value == metrics.os_threads() > threading.active_count()  # the kernel's count: native threads too
 
 

@@ -28,7 +28,6 @@ def transcode(job: Job) -> dict:
     frames) with --jobs 1 and --jobs 2 in one run: files/minute, frames/s, and each file's
     overhead (the models loading in its worker, the time to its first frame)."""
 
-
     w, h = job.cfg.size
     folder = job.cfg.workdir / "transcode-in"
     folder.mkdir(exist_ok=True)

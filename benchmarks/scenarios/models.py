@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import TensorProto, helper, shape_inference
+from onnx import TensorProto, helper
+from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
 from segsynth.benchmarks.scenarios.common import Job, median_rate, percentile, timed
 from segsynth.benchmarks.scenarios.media import decode_all, job_sink, job_source, shows_input
@@ -150,7 +151,7 @@ def _tiers_on(job: Job, clip: Path, by_tier: dict, labels_only: dict) -> dict:
         out["synth_over_labels"] = {name: fps[name] / fps[f"{name}-labels"] for name in by_tier}
     if q[0].synth is not None:
         mse = float(np.mean([np.mean((a.synth.astype(np.float64) - b.synth) ** 2) for a, b in zip(q, f)]))
-        out["synth_psnr_db"] = 10 * np.log10(255 ** 2 / max(mse, 1e-12))
+        out["synth_psnr_db"] = float(10 * np.log10(255 ** 2 / max(mse, 1e-12)))
     return out
 
 
@@ -168,16 +169,19 @@ def _generator_cost(models) -> dict:
 
 def graph_flops(path: Path) -> float:
     """Multiply-adds x 2 of one frame through a graph's Conv, MatMul and Gemm nodes (batch 1,
-    shapes inferred by onnx); what the rest does (activations, resizes, argmax) is not counted."""
+    shapes inferred); what the rest does (activations, resizes, argmax) is not counted."""
 
     model = onnx.load(str(path))
+    del model.graph.value_info[:]  # shapes an exporter stored with a symbolic batch: inferred again at batch 1
     for value in model.graph.input:
         dim = value.type.tensor_type.shape.dim
         if dim and not dim[0].dim_value:
             dim[0].dim_value = 1
-    model = shape_inference.infer_shapes(model)
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}
+    # onnxruntime's symbolic inference follows sizes computed in the graph (SPADE's Resize of the
+    # label map to each block), which onnx's own leaves unknown
+    model = SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    shapes = {v.name: [d.dim_value or (1 if i == 0 else 0) for i, d in enumerate(v.type.tensor_type.shape.dim)]
+              for v in (*model.graph.value_info, *model.graph.input, *model.graph.output)}  # an unknown batch: 1
     shapes.update({i.name: list(i.dims) for i in model.graph.initializer})
     producers = {o: n for n in model.graph.node for o in n.output}
 

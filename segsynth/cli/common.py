@@ -13,6 +13,7 @@ import typing
 
 from segsynth.core.config import ModelConfig, stream_field_types, stream_fields
 from segsynth.core.grammar import BACKENDS, FAST_SEG_SIZE, FUSED, TIERS, parse_size
+from segsynth.core.paths import BUNDLED_GENERATORS
 
 log = logging.getLogger("segsynth")
 PICTURE = ("view", "remap", "style", "seed", "stabilize", "smooth", "fit", "batch", "codec", "crf", "preset", "bitrate",
@@ -115,12 +116,18 @@ def shared_options() -> argparse.ArgumentParser:
     return common
 
 
+def add_generator(p: argparse.ArgumentParser) -> None:
+    names = "|".join(BUNDLED_GENERATORS)
+    p.add_argument("--generator", default="default", metavar=f"{names}|none|DIR|FILE.onnx",
+                   help="the generator: bundled by name (default: the CPU-first student; spade2: the SPADE it was "
+                        "distilled from), none (labels only), a checkpoint directory (official SPADE, or a student's) "
+                        "or an exported ONNX")
+
+
 def add_picture_options(p: argparse.ArgumentParser, threads: str) -> None:
     """How frames are made and encoded, and by which models: run's and transcode's options."""
     add_stream_options(p, PICTURE)
-    p.add_argument("--generator", default="default", metavar="default|none|DIR|FILE.onnx",
-                   help="SPADE generator: the bundled default, none (labels only), an official checkpoint directory, "
-                        "or an exported ONNX")
+    add_generator(p)
     p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="as for segment")
     p.add_argument("--size", metavar="WxH", help="synthesis resolution (default: the generator's own)")
     p.add_argument("--threads", type=int, help=threads)

@@ -5,7 +5,7 @@ import json
 import logging
 from pathlib import Path
 
-from segsynth.cli.common import add_backend, add_stabilize, tier
+from segsynth.cli.common import add_backend, add_generator, add_stabilize, tier
 from segsynth.core.config import ExportConfig, ModelConfig
 from segsynth.core.errors import InputError
 from segsynth.core.grammar import (
@@ -77,7 +77,8 @@ def _distill(args: argparse.Namespace) -> int:
 
     cfg = DistillConfig(data=Path(args.data), out=Path(args.out), teacher=Path(args.student), steps=args.steps,
                         batch=args.batch or 8, threads=args.threads, seed=args.seed, lambda_l1=args.lambda_l1,
-                        lambda_perceptual=args.lambda_perceptual, save_every=args.save_every)
+                        lambda_perceptual=args.lambda_perceptual, save_every=args.save_every,
+                        crop=args.crop or None)
     result = distill(cfg, quiet=args.quiet)
     last = result["history"][-1] if result["history"] else {}
     log.info("distilled %d steps; checkpoint in %s (student.json, student_G.pth)%s", result["steps"], cfg.out,
@@ -187,7 +188,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help="distill the CPU-first student generator (segsynth.export.student) from TEACHER, a VAE "
                         "generator graph with its style encoder beside it, instead of training SPADE; resumable "
                         "(student.json, student_G.pth, train_state.pth in --out); uses --steps, --batch (8), "
-                        "--threads, --seed, --save-every, --lambda-l1, --lambda-perceptual")
+                        "--threads, --seed, --save-every, --lambda-l1, --lambda-perceptual, --crop")
+    p.add_argument("--crop", type=int, default=128, metavar="N",
+                   help="--student: train on N x N random crops, a multiple of 8 (default 128; 0: whole pictures)")
     p.add_argument("--config", default="small", choices=["tiny", "small", "base"], help="model size (default small)")
     p.add_argument("--steps", type=int, default=1000, help="total training steps (default 1000)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -240,7 +243,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     add_stabilize(p)
     p.add_argument("--remap", metavar="RULES", help="remap rules, as for run")
     p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx")
-    p.add_argument("--generator", default="default", metavar="default|none|DIR|FILE.onnx")
+    add_generator(p)
     p.add_argument("--fit", choices=FITS, help="how frames meet the synthesis size (as for run)")
     p.add_argument("--seed", type=int, help="fixed z for VAE generators")
     p.add_argument("--frames", type=int, metavar="N", help="the first N frames only")

@@ -5,7 +5,7 @@ import logging
 import os
 from pathlib import Path
 
-from segsynth.cli.common import add_backend, tier
+from segsynth.cli.common import add_backend, add_generator, tier
 from segsynth.core.config import ModelConfig, ServiceConfig
 from segsynth.core.errors import InputError
 
@@ -60,7 +60,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT: drain streams this long, then abort them (default 10)")
     p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx")
-    p.add_argument("--generator", default="default", metavar="default|none|DIR|FILE.onnx")
+    add_generator(p)
     p.add_argument("--threads", type=int, help="inference threads per model")
     p.add_argument("--cache-dir", help="where exported generators are cached")
     add_backend(p)

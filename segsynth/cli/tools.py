@@ -4,7 +4,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from segsynth.cli.common import add_backend, tier
+from segsynth.cli.common import add_backend, add_generator, tier
 from segsynth.core import labels, paths
 from segsynth.core.errors import InputError, ModelError, SegsynthError
 from segsynth.core.grammar import parse_size
@@ -133,7 +133,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help="streams: run one live stream S seconds per policy and compare the latency p99 of the first "
                    "and last third (default 180; 0 skips)")
     p.add_argument("--segmenter", default="ade20k+voc")
-    p.add_argument("--generator", default="default")
+    add_generator(p)
     p.add_argument("--threads", type=int, help="inference threads")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="plot fps vs streams and latency histograms")

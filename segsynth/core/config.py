@@ -62,7 +62,6 @@ class SegmentConfig:
 
     def __post_init__(self) -> None:
         if self.stabilize is not None:
-
             parse_stabilize(self.stabilize)
         object.__setattr__(self, "input", Path(self.input))
         object.__setattr__(self, "output", Path(self.output))
@@ -149,7 +148,6 @@ class ModelConfig:
         if self.models not in TIERS:
             raise InputError(f"--models {self.models!r}: choose one of {', '.join(TIERS)}")
         if self.seg_size is not None:
-
             check_size(self.seg_size)
         object.__setattr__(self, "cache_dir", paths.cache_dir(self.cache_dir))  # the environment is read here
         if self.fused not in FUSED:
@@ -275,7 +273,6 @@ class StreamConfig:
         if not 1 <= self.smooth <= 15:
             raise InputError("smooth: must be between 1 (off) and 15 frames", field="smooth")
         if self.stabilize is not None:
-
             with at_field("stabilize"):
                 parse_stabilize(self.stabilize)
             if self.smooth > 1:
@@ -306,7 +303,6 @@ class StreamConfig:
             raise InputError("camera_fps: must be between 0 and 240", field="camera_fps")
         if self.id is not None and not _STREAM_ID.fullmatch(self.id):
             raise InputError(f"id: {self.id!r} must be 1-64 letters, digits, '.', '_' or '-'", field="id")
-
 
         try:
             labels.check_rules(self.remap)

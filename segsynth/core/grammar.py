@@ -124,10 +124,8 @@ def check_sink(sink: str, kind: str, codec: str | None = None, gray: bool = Fals
     if kind == "file":
         check_video_output(sink, codec, gray=gray)
     if kind == "preview":
-
         parse_address(sink)
     if kind == "push" and sink.lower().startswith("srt://"):
-
         if not has_protocol("srt"):
             raise InputError(f"{sink}: this FFmpeg ({ffmpeg_version()}, PyAV's) has no SRT support; push "
                              "with rtsp:// or rtmp://")
@@ -138,7 +136,6 @@ def check_source(source: str) -> None:
 
     scheme = source.split("://", 1)[0].lower() if "://" in source else ""
     if is_live(source):
-
         target(source, LiveOptions())  # the URL, camera or lavfi graph, and what this FFmpeg can read
         return
     if scheme and scheme != "file":
@@ -168,7 +165,10 @@ FUSED = ("auto", "on", "off")
 TIERS = ("quality", "fast")  # --models: the float graphs at 513 / the int8 graphs at FAST_SEG_SIZE
 
 
-FAST_SEG_SIZE = 321  # bench tiers on examples/demo.mp4: 4.2x quality's fps, labels 0.92, picture 25.5 dB
+# the largest size that keeps fast at 4x quality's fps on real footage of people (bench tiers on
+# third_party/media/vtest_people_640x360_6s.mp4; 321 was chosen on the cartoon demo and agreed on
+# 75 % of the labels there): benchmarks/RESULTS.md
+FAST_SEG_SIZE = 385
 
 
 STABILIZE_METHODS = ("off", "majority", "hysteresis", "flow")

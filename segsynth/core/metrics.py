@@ -119,7 +119,6 @@ def process_exposition() -> bytes:
     global _PROCESS
     with _lock:
         if _PROCESS is None:
-
             _PROCESS = CollectorRegistry(auto_describe=True)
             ProcessCollector(registry=_PROCESS)
             PlatformCollector(registry=_PROCESS)

@@ -21,6 +21,7 @@ LABEL_NC = "segsynth.label_nc"
 LABEL_SET = "segsynth.label_set"
 NO_INSTANCE = "segsynth.no_instance"
 QUANTIZED = "segsynth.quantized"
+RECEPTIVE_RADIUS = "segsynth.receptive_radius"  # pixels: how far a label change reaches (students)
 ROLE = "segsynth.role"
 SEG_SIZE = "segsynth.seg_size"
 SEGMENTER_LABEL_SET = "segsynth.segmenter_label_set"

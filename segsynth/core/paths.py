@@ -21,3 +21,11 @@ def cache_dir(given: str | Path | None = None) -> Path:
 def bundled(name: str) -> Path:
     """A file shipped in the package's models folder (it may be absent in a slimmed install)."""
     return Path(str(resources.files("segsynth.models").joinpath(name)))
+
+
+# The bundled generators by name: graph, and the style encoder that makes its z. "default": the
+# CPU-first student (segsynth.export.student), distilled from "spade2", the SPADE VAE generator
+# that was the default before it; both take the same encoder's z. A graph's int8 twin is
+# NAME.int8.onnx beside it (--models fast).
+BUNDLED_GENERATORS = {"default": ("student_ade20k.onnx", "spade_ade20k-encoder.onnx"),
+                      "spade2": ("spade_ade20k.onnx", "spade_ade20k-encoder.onnx")}

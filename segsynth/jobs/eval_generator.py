@@ -125,7 +125,6 @@ class ColourDistance:
 def degraded(image: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
     """The real frame slightly spoilt, for the protocol's ceiling (see the module docstring)."""
     if kind == "real_blur_1px":
-
         return np.asarray(Image.fromarray(image).filter(ImageFilter.GaussianBlur(1)))
     if kind == "real_noise_10":
         return np.clip(image + rng.normal(0, 10, image.shape), 0, 255).astype(np.uint8)
@@ -138,7 +137,6 @@ BASELINES = ("real_blur_1px", "real_noise_10")
 def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", limit: int | None = None,
              cache_dir: Path | None = None, threads: int | None = None, quiet: bool = False,
              backend: str = "auto", grid: Path | None = None, grid_rows: int = 4, baselines: bool = False) -> dict:
-
 
     manifest = load_manifest(data)
     items = manifest["items"][:limit] if limit else manifest["items"]
@@ -157,7 +155,7 @@ def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", 
         label_set = labels.get(manifest["label_set"])
         if gen.label_set is not None and gen.label_set.name != label_set.name:
             raise InputError(f"{data} is labelled in {label_set.name} but the generator paints {gen.label_set.name}")
-        z = np.random.default_rng(0).standard_normal((1, gen.z_dim)).astype(np.float32) if gen.uses_z else None
+        z = gen.seeded_z(0) if gen.uses_z else None  # as run paints without --style or --seed
         fake_conf, real_conf = Confusion(len(label_set)), Confusion(len(label_set))
         base_conf = {kind: Confusion(len(label_set)) for kind in (BASELINES if baselines else ())}
         rng = np.random.default_rng(0)
@@ -181,7 +179,6 @@ def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", 
                     rows.append(np.concatenate([labels.colorize(label, label_set), real, fake], 1))
                 progress.update()
         if grid is not None:
-
             Image.fromarray(np.concatenate(rows, 0)).save(grid)
         per_class = fake_conf.scores()[2]
         return {"generator": str(generator_spec), "data": str(data), "frames": len(items), **fake_conf.summary(),

@@ -23,7 +23,7 @@ from segsynth.export.onnx_export import (
     export,
 )
 from segsynth.export.spade import NUM_UP_LAYERS, load_spade, read_options
-from segsynth.export.student import load_student
+from segsynth.export.student import load_student, receptive_radius
 from segsynth.export.tflite import segmenter_from_tflite
 from segsynth.jobs.quantize import quantize
 from segsynth.stream.io.mux import atomic_output
@@ -36,7 +36,6 @@ def run_export(cfg: ExportConfig) -> str:
     if cfg.what == "deeplab" and cfg.from_tflite:
         return _from_tflite(cfg)
     if cfg.what == "quantize":
-
         return quantize(cfg.model, cfg.out, list(cfg.calibrate), frames=cfg.frames)
 
     logging.getLogger("torch").setLevel(logging.ERROR)  # the exporter's notes about torchvision ops
@@ -79,7 +78,6 @@ def _generator_metadata(opt, label_set: str | None) -> dict[str, str]:
 
 
 def _generator_inputs(opt, batch: int):
-
     h, w = opt.output_size
     label = torch.randint(0, opt.label_nc, (batch, 1, h, w))
     inputs = {"label": label}
@@ -109,19 +107,19 @@ def _student(cfg: ExportConfig) -> str:
     metadata = {onnxmeta.ROLE: "generator", onnxmeta.LABEL_SET: cfg.label_set or labels.by_class_count(opt.label_nc) or "",
                 onnxmeta.LABEL_NC: str(opt.label_nc), onnxmeta.CONTAIN_DONTCARE_LABEL: "True",
                 onnxmeta.NO_INSTANCE: "True", onnxmeta.USE_VAE: "True", onnxmeta.Z_DIM: str(opt.z_dim),
-                onnxmeta.SIZE: f"{opt.size}x{opt.size}", onnxmeta.FIT: "stretch", onnxmeta.FAMILY: "student"}
+                onnxmeta.SIZE: f"{opt.size}x{opt.size}", onnxmeta.FIT: "stretch", onnxmeta.FAMILY: "student",
+                onnxmeta.RECEPTIVE_RADIUS: str(receptive_radius(net))}
     stats = Path(cfg.checkpoint) / "z_stats.npz"
     if stats.is_file():  # the style vectors' spread in training: what seeds are drawn from
         with np.load(stats) as z:
             metadata.update({onnxmeta.Z_MEAN: ",".join(f"{v:.6g}" for v in z["mean"]),
                              onnxmeta.Z_STD: ",".join(f"{v:.6g}" for v in z["std"])})
     export(net, inputs, ["image"], cfg.out, dynamic_batch=cfg.batch is None, metadata=metadata)
-    return f"wrote {cfg.out} (student generator, {opt.label_nc} labels, {opt.size}x{opt.size}, z {opt.z_dim})"
+    return (f"wrote {cfg.out} (student generator, {opt.label_nc} labels, {opt.size}x{opt.size}, z {opt.z_dim}, "
+            f"receptive radius {metadata[onnxmeta.RECEPTIVE_RADIUS]} px)")
 
 
 def _encoder(cfg: ExportConfig) -> str:
-
-
     opt = _spade_options(cfg, None)  # --size is the style image size here
     graph = EncoderGraph(load_spade(cfg.checkpoint, opt, cfg.epoch))
     # The official ConvEncoder is fed the dataset's images (crop_size wide, crop_size/aspect_ratio
@@ -142,8 +140,6 @@ def _check_seg_size(size: tuple[int, int], flag: str) -> None:
 
 
 def _deeplab(cfg: ExportConfig) -> str:
-
-
     size = cfg.size or (513, 513)
     _check_seg_size(size, "--size")
     deeplab = _load_deeplab(cfg.checkpoint)
@@ -161,8 +157,6 @@ def _deeplab(cfg: ExportConfig) -> str:
 
 
 def _chain(cfg: ExportConfig) -> str:
-
-
     _check_seg_size(cfg.seg_size, "--seg-size")
     deeplab = _load_deeplab(cfg.deeplab)
     opt = _spade_options(cfg, None)  # --size is the frame size here; the generator keeps its own

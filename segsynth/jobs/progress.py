@@ -25,7 +25,6 @@ class Progress:
         self.enabled, self.interval, self._last = enabled, interval, self.start
         self._bar = self._task = None
         if enabled and sys.stderr.isatty():
-
             self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
                                      console=Console(stderr=True), transient=False)

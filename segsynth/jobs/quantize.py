@@ -59,7 +59,7 @@ def _span(spec: str) -> tuple[Path, float, float]:
 
 def sample_frames(videos: list, count: int) -> list[np.ndarray]:
     """``count`` RGB frames (H x W x 3 uint8) spread evenly over the videos (as many from each);
-    ``VIDEO#START-END`` takes them from those seconds only."""
+    ``VIDEO#START-END`` takes them from those seconds only; a picture (PNG, JPEG) is one frame."""
 
     per_video = [count // len(videos) + (i < count % len(videos)) for i in range(len(videos))]
     frames = []
@@ -120,7 +120,6 @@ def _calibration_inputs(path: Path, frames: list[np.ndarray]) -> list[dict[str, 
         seg.close()
         return feeds
     if role == "generator":
-
         gen = Generator(runner, path=path)
         w, h = gen.size
         labeller = load_segmenter("ade20k+voc")
@@ -132,7 +131,7 @@ def _calibration_inputs(path: Path, frames: list[np.ndarray]) -> list[dict[str, 
             if gen.uses_instance:
                 feed["instance"] = ids
             if gen.uses_z:
-                feed["z"] = np.random.default_rng(len(feeds)).standard_normal((1, gen.z_dim)).astype(np.float32)
+                feed["z"] = gen.seeded_z(len(feeds))  # styles as seeds draw them at run time
             feeds.append(feed)
         labeller.close()
         gen.close()
@@ -176,7 +175,6 @@ def _last_convs(model) -> list[str]:
 def quantize(model_path: Path, out: Path, videos: list[Path], *, frames: int = 48) -> str:
     """Write ``out``: the int8 QDQ version of ``model_path`` calibrated on ``frames`` frames of ``videos``."""
 
-
     if not videos:
         raise InputError("export quantize needs --calibrate VIDEO [VIDEO ...]")
     if frames < 1:
@@ -188,6 +186,7 @@ def quantize(model_path: Path, out: Path, videos: list[Path], *, frames: int = 4
     if any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node):
         raise InputError(f"{model_path} is quantised already")
     feeds = _calibration_inputs(model_path, sample_frames(videos, frames))
+    frames = len(feeds)  # a picture gives one frame however many were asked of it
     _float_weights(model)
     meta = onnxmeta.read(model)
     digest = hashlib.sha256()

@@ -277,7 +277,6 @@ def train(cfg: TrainConfig, *, quiet: bool = False) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _NoAutocast()
     perceptual = None
     if cfg.lambda_perceptual:
-
         perceptual = PerceptualLoss().to(device)
 
     def save() -> None:

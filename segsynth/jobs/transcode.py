@@ -68,7 +68,6 @@ class _BatchProgress:
         self.running: dict[str, int] = {}  # worker -> frames of its current file
         self.bar = None
         if enabled and sys.stderr.isatty():
-
             self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
                                 console=Console(stderr=True))

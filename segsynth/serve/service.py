@@ -124,7 +124,6 @@ class Service:
                                    "without --media-root DIR, the folder they may be in)", field, 403)
         for sink in config.sinks:
             if sink_kind(sink) == "preview":
-
                 if parse_address(sink)[0] not in LOOPBACK:  # a listener the token does not guard
                     raise ServiceError(f"sinks: {sink}: previews listen on loopback only", "sinks", 403)
         try:

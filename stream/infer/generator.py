@@ -25,11 +25,14 @@ from segsynth.engine.select import open_runner
 from segsynth.stream.pictures import resize_rgb
 
 log = logging.getLogger("segsynth")
-DEFAULT_GENERATOR = "spade_ade20k.onnx"
+CHOICES = "'" + "', '".join([*paths.BUNDLED_GENERATORS, "none"]) + "'"
 
 
-def bundled_generator() -> Path | None:
-    path = paths.bundled(DEFAULT_GENERATOR)
+def bundled_generator(name: str = "default", int8: bool = False) -> Path | None:
+    """A bundled generator's graph (None where the package lacks it)."""
+    path = paths.bundled(paths.BUNDLED_GENERATORS[name][0])
+    if int8:
+        path = path.with_suffix(".int8.onnx")
     return path if path.is_file() else None
 
 
@@ -53,6 +56,9 @@ class Generator:
         self.z_std = _floats(meta.get(onnxmeta.Z_STD), self.z_dim, 1.0)
         self.label_set = labels.get(meta[onnxmeta.LABEL_SET]) if meta.get(onnxmeta.LABEL_SET) else None
         self.fit = meta.get(onnxmeta.FIT, "letterbox")  # how the training frames met the model's size
+        # how far (pixels at self.size) a label change reaches in the picture, where the graph says
+        radius = meta.get(onnxmeta.RECEPTIVE_RADIUS)
+        self.receptive_radius = int(radius) if radius else None
         self.encoder = encoder.activate() if encoder is not None else None
         batch = runner.inputs["label"].shape[0]
         self.batch = batch if isinstance(batch, int) else runner.max_batch  # frames per call; None: any
@@ -118,25 +124,25 @@ def _encoder_beside(path: Path) -> Path | None:
 def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir: Path | None = None,
                    threads: int | None = None, backend: str = "onnxruntime", fp16: bool = True,
                    batch: int | None = None, int8: bool = False) -> Generator | None:
-    """``default`` (None when no bundled generator exists), ``none`` (segmentation only), an .onnx
-    file, or a checkpoint directory; run on ``backend`` ("auto": the best that can serve it);
-    ``int8``: the bundled default's quantised graph."""
+    """A bundled generator by name (``default``, ``spade2``: None when the package lacks it),
+    ``none`` (segmentation only) or an .onnx file; run on ``backend`` ("auto": the best that can
+    serve it); ``int8``: a bundled generator's quantised graph."""
     if spec == "none":
         return None
-    if spec == "default":
-        path = bundled_generator()
+    if spec in paths.BUNDLED_GENERATORS:
+        path = bundled_generator(spec)
         if path is None:
             return None
-        encoder = _encoder_beside(path)  # the float graph's style encoder serves its int8 graph too
-        if int8 and path.with_suffix(".int8.onnx").is_file():
-            path = path.with_suffix(".int8.onnx")
+        encoder = paths.bundled(paths.BUNDLED_GENERATORS[spec][1])
+        encoder = encoder if encoder.is_file() else None
+        path = (int8 and bundled_generator(spec, int8=True)) or path  # the int8 twin, where there is one
     else:
         path = Path(spec)
         if path.is_dir():  # exporting it needs torch: segsynth.export, which the stream library does not import
             raise ModelError(f"--generator {spec}: a checkpoint directory is exported to ONNX first: load it with "
                              "segsynth.jobs.models.load_models (the commands do), or segsynth export spade")
         if path.suffix.lower() != ".onnx" or not path.is_file():
-            raise InputError(f"--generator {spec}: expected 'default', 'none', an .onnx file or a SPADE checkpoint directory")
+            raise InputError(f"--generator {spec}: expected {CHOICES}, an .onnx file or a checkpoint directory")
         encoder = _encoder_beside(path)
     opened: list[Runner] = []
     try:

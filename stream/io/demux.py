@@ -116,6 +116,16 @@ def open_video(path: str | Path, root: str | Path | None = None) -> "GatedInput"
     return container
 
 
+def release(source) -> None:
+    """Close a source's container now: its decoders (and their threads) go at once, not at
+    garbage collection; its ``info`` keeps what it said, without the PyAV objects."""
+    if source.container is not None:
+        source.container.close()
+    source.container = source.video = None
+    if hasattr(source, "info"):
+        source.info = source.info.released()
+
+
 def probe(path: str | Path, root: str | Path | None = None) -> str | None:
     """What ``path`` holds, by its content: None for a video, else why it is not one ("a
     picture", "text", "no video stream"). InputError when FFmpeg cannot read it at all."""
@@ -155,7 +165,6 @@ class BestEffortTimestamps:
 def open_image_sequence(spec: str | Path, fps: float | None = None, root: str | Path | None = None):
     """A folder of images, a glob (``shots/*.png``) or an image2 pattern (``img_%04d.jpg``)
     opened as a video at ``fps`` (25 by default, as ffmpeg), in name order."""
-
 
     spec = Path(spec)
     options = {"framerate": str(fps or 25), "pattern_type": "glob"}

@@ -307,8 +307,4 @@ class LiveSource:
                 self._last_frame_wall = last_frame_wall
 
     def close(self) -> None:
-        if self.container is not None:
-            self.container.close()
-        self.container = self.video = None  # the decoders (and their threads) go now, not at garbage collection
-        if hasattr(self, "info"):
-            self.info = self.info.released()
+        demux.release(self)

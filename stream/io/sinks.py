@@ -139,7 +139,6 @@ class FileSink:
         if self.keyframe_every:  # dropped frames must not stretch the keyframe interval
             seconds = float(pts * tb)
             if self._next_key is None or seconds >= self._next_key:
-
                 frame.pict_type = PictureType.I
                 self._next_key = seconds + self.keyframe_every
         self._mux(self.vstream.encode(frame))

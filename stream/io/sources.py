@@ -98,11 +98,7 @@ class FileSource:
             self.problems.append(f"the video stopped at {self.last_time:.2f} s of the {duration:.2f} s it declares")
 
     def close(self) -> None:
-        if self.container is not None:
-            self.container.close()
-        self.container = self.video = None  # the decoders (and their threads) go now, not at garbage collection
-        if hasattr(self, "info"):
-            self.info = self.info.released()
+        demux.release(self)
 
 
 class SyntheticSource:
