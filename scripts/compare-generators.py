@@ -71,8 +71,8 @@ def main() -> int:
         from PIL import Image
 
         old, new = (load_generator(s, threads=args.threads) for s in (args.old, args.new))
-        z0 = np.random.default_rng(0).standard_normal((1, new.z_dim)).astype(np.float32) if new.uses_z else None
-        z_old = np.random.default_rng(0).standard_normal((1, old.z_dim)).astype(np.float32) if old.uses_z else None
+        z0 = new.seeded_z(0) if new.uses_z else None  # seed 0, as run and eval-generator draw it
+        z_old = old.seeded_z(0) if old.uses_z else None
         zs = new.encode_style(read_image(args.style)) if args.style else z0
         rows = []
         for data in args.data:

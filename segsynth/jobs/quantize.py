@@ -58,26 +58,34 @@ def _span(spec: str) -> tuple[Path, float, float]:
 
 
 def sample_frames(videos: list, count: int) -> list[np.ndarray]:
-    """``count`` RGB frames (H x W x 3 uint8) spread evenly over the videos (as many from each);
-    ``VIDEO#START-END`` takes them from those seconds only; a picture (PNG, JPEG) is one frame."""
+    """``count`` RGB frames (H x W x 3 uint8) spread evenly over the videos; a picture (PNG, JPEG)
+    is one frame, the videos share the rest equally; ``VIDEO#START-END`` takes frames from those
+    seconds only."""
 
-    per_video = [count // len(videos) + (i < count % len(videos)) for i in range(len(videos))]
-    frames = []
-    for spec, want in zip(videos, per_video):
-        path, start, end = _span(spec)
+    spans = [_span(spec) for spec in videos]
+
+    def part(container, start, end):
+        return (f for f in container.decode(video=0) if f.time is not None and start <= f.time < end)
+
+    totals = []
+    for spec, (path, start, end) in zip(videos, spans):
         try:
-            def part(container):
-                return (f for f in container.decode(video=0) if f.time is not None and start <= f.time < end)
-
             with av.open(str(path)) as container:  # counted first: only the picked frames are kept
-                total = sum(1 for _ in part(container))
-            picks = set(np.linspace(0, max(total - 1, 0), num=want).round().astype(int).tolist())
-            with av.open(str(path)) as container:
-                frames += [f.to_ndarray(format="rgb24") for i, f in enumerate(part(container)) if i in picks]
+                totals.append(sum(1 for _ in part(container, start, end)))
         except (OSError, av.FFmpegError) as exc:
             raise InputError(f"--calibrate {path}: cannot read it as a video ({exc})") from None
-        if not total:
+        if not totals[-1]:
             raise InputError(f"--calibrate {spec}: no video frames there")
+    stills = sum(t == 1 for t in totals)
+    moving = len(totals) - stills
+    left = max(count - stills, moving)
+    shares = iter([left // moving + (i < left % moving) for i in range(moving)]) if moving else iter(())
+    frames = []
+    for (path, start, end), total in zip(spans, totals):
+        want = 1 if total == 1 else next(shares)
+        picks = set(np.linspace(0, total - 1, num=want).round().astype(int).tolist())
+        with av.open(str(path)) as container:
+            frames += [f.to_ndarray(format="rgb24") for i, f in enumerate(part(container, start, end)) if i in picks]
     return frames
 
 
