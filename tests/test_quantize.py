@@ -90,9 +90,9 @@ def test_int8_graphs_against_the_float_ones(capsys):
         print(f"\nint8 vs float on {len(frames)} held-out frames: ADE20K labels {agreement['ade20k']:.4f} "
               f"(fwIoU {fwiou['ade20k']:.4f}), VOC labels {agreement['voc']:.4f} (fwIoU {fwiou['voc']:.4f}), "
               f"default generator picture {psnr:.2f} dB PSNR")
-    # the generator measured 29.4 dB (second edition, stage 3 weights; 31.9 with the first edition's);
-    # issue 21 asks 25 dB end to end, fast tier against quality
-    assert agreement["ade20k"] >= 0.88 and agreement["voc"] >= 0.97 and psnr >= 28
+    # measured: ADE20K 0.907, VOC 0.978, the generator (the student) 37.6 dB (SPADE's int8 graph:
+    # 29.4 dB); the floors 1.5 dB and about 0.01 under them
+    assert agreement["ade20k"] >= 0.89 and agreement["voc"] >= 0.97 and psnr >= 36
     assert fwiou["ade20k"] >= 0.8 and fwiou["voc"] >= 0.95
 
 

@@ -132,7 +132,7 @@ function canvasLegend() {
   const names = new Map(state.info.classes.map((c) => [c.id, c]));
   names.set(UNKNOWN, state.info.unknown);
   return [...counts.keys()].filter((id) => counts[id]).sort((a, b) => counts[b] - counts[a])
-    .map((id) => ({ ...names.get(id), fraction: counts[id] / state.ids.length }));
+    .map((id) => { const c = names.get(id); return { ...c, color: c.doodle || c.color, fraction: counts[id] / state.ids.length }; });  // the canvas's colours
 }
 
 function remember() {
