@@ -99,6 +99,11 @@ def _print(name: str, result: dict) -> None:
         for r in result["rows"]:
             log.info("  %s batch %-2d %-16s %7.2f fps", r["precision"], r["batch"],
                      "double-buffered" if r["double_buffered"] else "one at a time", r["fps"])
+    elif name == "incremental" and "clips" in result:
+        for clip, r in result["clips"].items():
+            log.info("  %-11s incremental %.2f fps, full %.2f fps: %.2fx; PSNR %.1f dB; segmented %.0f %%, "
+                     "painted %.0f %%", clip, r["fps_on"], r["fps_off"], r["on_over_off"], r["psnr_db"], 100 * r["segmented"],
+                     100 * r["painted"])
     elif name == "seg-sizes":
         for r in result["rows"]:
             log.info("  %-6s %-4s %-13s %d: %6.1f ms, labels %.4f of float 513's", r["model"],

@@ -31,12 +31,12 @@ from typing import Callable, Iterable
 
 import numpy as np
 
+from segsynth.core.metrics import STAGES
 from segsynth.stream.ring import FrameRing
 
 log = logging.getLogger("segsynth")
 _EOS = object()
 AUDIO_EOS = object()
-STAGES = ("decode", "infer", "encode")
 
 
 class StageTimer:

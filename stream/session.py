@@ -84,7 +84,8 @@ class StreamSession:
         parts = ("all",) if stabilize == "off" else ("segment", "synth")
         self.infer = Synthesize(models.segmenter, gen, table, z, stabilize, models.fit(config.fit),
                                 gen.size if gen is not None else None,
-                                chains={part: models.fused(part) for part in parts}, paint=self.view in PICTURE_VIEWS)
+                                chains={part: models.fused(part) for part in parts}, paint=self.view in PICTURE_VIEWS,
+                                incremental=config.incremental == "on")
         self._source, self._sinks, self.progress, self.atomic = source, sinks, progress, atomic
         self.source = self.sink = self.pipeline = self.metrics = None
         self.error: BaseException | None = None
@@ -121,6 +122,8 @@ class StreamSession:
                 self.sink = sinks[0] if len(sinks) == 1 else TeeSink(sinks)
                 try:
                     self.metrics = StreamMetrics(self.id)
+                    if self.infer.reuse is not None:
+                        self.metrics.computed(self.infer.reuse.shares)
                 except ValueError as exc:
                     raise InputError(f"id: {exc}") from None
                 if hasattr(source, "on_reconnect"):
@@ -298,8 +301,9 @@ class StreamSession:
         view = self.view
         if view in DISPLAY_VIEWS and meta.get("display") is None:
             view = "synth" if result.synth is not None else "labels"
-        if view in PICTURE_VIEWS and result.synth is None:  # inferred before a switch to a view with the picture
-            view = "labels"
+        if view in PICTURE_VIEWS and result.synth is None and self.models.generator is not None:
+            view = "labels"  # inferred before a switch to a view with the picture (without a generator:
+            # side-by-side and grid show the input and the labels)
         return compose(view, meta.get("display"), result.labels, result.synth, self.models.label_set, meta["size"],
                        legend=self.config.legend)
 
@@ -322,6 +326,7 @@ class StreamSession:
             stats.dropped, stats.fps, stats.seconds, stats.stages = s.dropped, s.fps, s.seconds, s.stages
             stats.latency_ms = {k.removesuffix("_ms"): v for k, v in s.latency.items()}
             stats.queues = {"ring": p.ring.depth, "results": p.results.qsize()}
+            stats.computed = self.infer.reuse.shares() if self.infer.reuse is not None else {}
         return stats
 
 
@@ -341,7 +346,8 @@ class OutputStats:
 class StreamStats:
     """A StreamSession's figures: what the CLI's summary, the service's JSON (``to_json``) and
     its metrics read. ``latency_ms``: p50/p95/p99 from a frame's arrival to its mux; ``stages``:
-    per stage (decode, infer, encode) mean_ms and p95_ms."""
+    per stage (decode, infer, encode) mean_ms and p95_ms; ``computed``: with --incremental on, the
+    share of the frames segmented and of the pictures painted (the rest reused, exactly)."""
 
     id: str
     state: str
@@ -358,6 +364,7 @@ class StreamStats:
     latency_ms: dict[str, float] = field(default_factory=dict)
     stages: dict[str, dict[str, float]] = field(default_factory=dict)
     queues: dict[str, int] = field(default_factory=dict)
+    computed: dict[str, float] = field(default_factory=dict)  # --incremental: share segmented, share painted
     problems: list[str] = field(default_factory=list)
     error: str | None = None
     outputs: list[OutputStats] = field(default_factory=list)

@@ -98,7 +98,7 @@ def test_truncated_video_keeps_the_readable_part_and_says_so(tmp_path, astronaut
 def test_refuses_to_overwrite_the_input(tmp_path):
     src = tmp_path / "a.png"
     src.write_bytes(PHOTO.read_bytes())
-    proc = run_cli("segment", src, tmp_path / "." / "a.png")
+    proc = run_cli("segment", src, tmp_path / "." / "a.png", "-y")  # not even with -y
     assert proc.returncode != 0 and "would overwrite the input" in proc.stderr
     assert src.read_bytes() == PHOTO.read_bytes()
 
@@ -118,6 +118,81 @@ def test_version_and_help_on_every_subcommand():
         assert cmd in top.stdout
         sub = run_cli(cmd, "--help")
         assert sub.returncode == 0 and "usage: segsynth " + cmd in sub.stdout, sub.stdout
+
+
+def test_an_existing_output_is_refused_unless_y(tmp_path):
+    out, clip = tmp_path / "o.png", tmp_path / "o.mp4"
+    assert run_cli("segment", PHOTO, out, "--segmenter", "voc").returncode == 0
+    first = out.read_bytes()
+    for extra in ((), ("-n",)):  # ffmpeg's habit; -n says it explicitly
+        proc = run_cli("segment", PHOTO, out, "--segmenter", "voc", "--view", "overlay", *extra)
+        said = f"segsynth: error: {out} exists; pass -y (--overwrite) to replace it"
+        assert proc.returncode == 3 and proc.stderr.strip() == said, proc.stderr
+        assert out.read_bytes() == first
+    assert run_cli("segment", PHOTO, out, "--segmenter", "voc", "--view", "overlay", "-y").returncode == 0
+    assert out.read_bytes() != first
+    # run: -t is --duration, as in ffmpeg; a second run into the same file needs -y
+    args = ("run", REPO / "examples" / "demo.mp4", clip, "-t", "0.3", "--segmenter", "voc", "--generator", "none")
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "frames_out 8," in proc.stderr, proc.stderr  # 0.3 s of a 25 fps clip; the stats' own words
+    size = clip.stat().st_size
+    proc = run_cli(*args)
+    assert proc.returncode == 3 and f"{clip} exists" in proc.stderr and clip.stat().st_size == size
+    assert run_cli(*args, "-y").returncode == 0
+    assert run_cli("export", "spade", "--checkpoint", tmp_path, "--out", out).returncode == 3  # before any work
+
+
+ONE_LINE_ERRORS = {  # arguments -> what the one line says
+    "mistyped choice": (["run", "in.mp4", "o.mp4", "--view", "side-by-sid"], "did you mean 'side-by-side'?"),
+    "mistyped option": (["run", "in.mp4", "o.mp4", "--viwe", "synth"], "did you mean '--view'?"),
+    "mistyped command": (["segmnet", "in.png", "o.png"], "did you mean 'segment'?"),
+    "size with *": (["run", "in.mp4", "o.mp4", "--size", "640*360"], "expected WxH, two positive integers joined by x"),
+    "export's old HxW": (["export", "spade", "--checkpoint", "ckpt", "--out", "g.onnx", "--size", "256x512"],
+                         "did you mean 512x256?"),
+    "unknown class": (["segment", str(PHOTO), "o.png", "--remap", "person=unicorn", "--segmenter", "voc"],
+                      "its 21 classes: segsynth labels show voc"),
+}
+
+
+@pytest.mark.parametrize("case", list(ONE_LINE_ERRORS))
+def test_mistakes_are_one_line_with_the_nearest_word(case, tmp_path):
+    args, says = ONE_LINE_ERRORS[case]
+    proc = run_cli(*args, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    if "error: argument" in proc.stderr or "unrecognized" in proc.stderr:  # argparse's own: where the usage is
+        assert "--help'" in proc.stderr
+
+
+def test_every_subcommand_help_has_a_description_an_example_and_its_defaults():
+    import argparse
+    import re
+
+    from segsynth.cli import build_parser
+
+    problems = []
+    for name, parser in build_parser().get_default("commands").items():
+        text = parser.format_help()
+        if not parser.description:
+            problems.append(f"{name}: no description")
+        if "example" not in (parser.epilog or ""):
+            problems.append(f"{name}: no example line")
+        known = {o for a in parser._actions for o in a.option_strings}
+        for action in parser._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            flag = action.option_strings[-1]
+            helped = parser._get_formatter()._expand_help(action) if action.help else ""
+            if not helped:
+                problems.append(f"{name} {flag}: no help")
+            if action.default not in (None, False, True, argparse.SUPPRESS) and "default" not in helped:
+                problems.append(f"{name} {flag}: default {action.default!r} not said")
+            for other in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]+", helped):
+                if other not in known:
+                    problems.append(f"{name} {flag}: mentions {other}, which {name} does not have")
+        assert f"usage: segsynth {name}" in text
+    assert not problems, "\n".join(problems)
 
 
 def test_labels_command_lists_and_maps():

@@ -306,7 +306,7 @@ def test_dashboard_and_alert_queries_run_on_a_live_service_scraped_by_prometheus
             deadline = time.monotonic() + 60
             while True:  # frames scraped twice: rates exist
                 try:
-                    if query('rate(segsynth_frames_total{stage="encoded", stream="demo"}[10s]) > 0'):
+                    if query('rate(segsynth_frames_total{stage="encode", stream="demo"}[10s]) > 0'):
                         break
                 except OSError:
                     pass

@@ -21,7 +21,7 @@ def chain(tmp_path_factory):
     make_spade_checkpoint(d / "spade", label_nc=182, contain_dontcare_label=True, no_instance=False, ngf=8,
                           crop_size=64)
     outs = {"chain": d / "chain.onnx", "deeplab": d / "deeplab.onnx", "spade": d / "spade.onnx"}
-    for args in (["chain", "--deeplab", seg_ckpt, "--checkpoint", d / "spade", "--size", "64x96",
+    for args in (["chain", "--deeplab", seg_ckpt, "--checkpoint", d / "spade", "--size", "96x64",
                   "--seg-size", "65x65", "--batch", "dynamic", "--out", outs["chain"]],
                  ["deeplab", "--checkpoint", seg_ckpt, "--size", "65x65", "--argmax", "--batch", "dynamic",
                   "--out", outs["deeplab"]],

@@ -48,7 +48,7 @@ def test_deeplab_onnx_matches_the_reference(family, tmp_path):
     sd = torch.load(path, weights_only=True)
     for h, w in ((65, 65), (97, 129)):
         out = tmp_path / f"d{h}x{w}.onnx"
-        proc = run_cli("export", "deeplab", "--checkpoint", path, "--out", out, "--size", f"{h}x{w}",
+        proc = run_cli("export", "deeplab", "--checkpoint", path, "--out", out, "--size", f"{w}x{h}",
                        "--batch", "dynamic")
         assert proc.returncode == 0, proc.stderr
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])

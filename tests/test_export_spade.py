@@ -58,7 +58,7 @@ def test_generator_onnx_matches_the_reference(name, tmp_path):
     sizes = [(h0, base)] + ([(h0, base * 2)] if not opt["use_vae"] else [])
     for h, w in sizes:
         out = tmp_path / f"g_{h}x{w}.onnx"
-        proc = run_cli("export", "spade", "--checkpoint", tmp_path / "ckpt", "--out", out, "--size", f"{h}x{w}",
+        proc = run_cli("export", "spade", "--checkpoint", tmp_path / "ckpt", "--out", out, "--size", f"{w}x{h}",
                        "--batch", "dynamic")
         assert proc.returncode == 0, proc.stderr
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -110,7 +110,7 @@ def test_encoder_onnx_matches_the_reference(tmp_path):
     sd = torch.load(tmp_path / "ckpt" / "latest_net_E.pth", weights_only=True)
     for h, w in ((256, 256), (128, 192)):  # the encoder resizes other sizes to 256x256 (bilinear)
         out = tmp_path / f"e_{h}x{w}.onnx"
-        proc = run_cli("export", "encoder", "--checkpoint", tmp_path / "ckpt", "--out", out, "--size", f"{h}x{w}",
+        proc = run_cli("export", "encoder", "--checkpoint", tmp_path / "ckpt", "--out", out, "--size", f"{w}x{h}",
                        "--batch", "dynamic")
         assert proc.returncode == 0, proc.stderr
         session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -271,7 +271,7 @@ def test_encoder_exports_at_the_checkpoint_size_with_a_dynamic_batch_by_default(
 
 def test_encoder_size_and_batch_flags_override_the_defaults(tiny_vae, tmp_path):
     out = tmp_path / "e.onnx"
-    proc = run_cli("export", "encoder", "--checkpoint", tiny_vae / "ckpt", "--out", out, "--size", "96x160",
+    proc = run_cli("export", "encoder", "--checkpoint", tiny_vae / "ckpt", "--out", out, "--size", "160x96",
                    "--batch", "2")
     assert proc.returncode == 0, proc.stderr
     assert _graph_inputs(out) == {"style": [2, 3, 96, 160]}

@@ -194,7 +194,7 @@ def test_float16_chain_keeps_its_uint8_edges_and_its_pixels(tmp_path):
     seg = make_deeplab_checkpoint(tmp_path / "deeplab.pth", "kazuto", 21, n_blocks=(3, 4, 6, 3))
     make_spade_checkpoint(tmp_path / "spade", label_nc=182, contain_dontcare_label=True, no_instance=False, ngf=8,
                           crop_size=64)
-    proc = run_cli("export", "chain", "--deeplab", seg, "--checkpoint", tmp_path / "spade", "--size", "64x96",
+    proc = run_cli("export", "chain", "--deeplab", seg, "--checkpoint", tmp_path / "spade", "--size", "96x64",
                    "--seg-size", "65x65", "--batch", "dynamic", "--out", tmp_path / "chain.onnx")
     assert proc.returncode == 0, proc.stderr
     model = onnx.load(str(tmp_path / "chain.onnx"))

@@ -126,9 +126,9 @@ def test_streams_metrics_live_patch_and_delete_on_a_real_server(tmp_path, tiny_s
         assert status == 201, clip
         assert clip["config"]["stabilize"] == "flow"
         # frames flow: the counter grows between two scrapes
-        first = series(base, "segsynth_frames_total", stream="cam", stage="encoded") or 0
+        first = series(base, "segsynth_frames_total", stream="cam", stage="encode") or 0
         time.sleep(1.5)
-        assert series(base, "segsynth_frames_total", stream="cam", stage="encoded") > first
+        assert series(base, "segsynth_frames_total", stream="cam", stage="encode") > first
         # the file stream ends by itself, with every frame
         deadline = time.monotonic() + 30
         while api(base, "GET", f"/v1/streams/{clip['id']}")[1]["state"] != "closed":
@@ -151,7 +151,7 @@ def test_streams_metrics_live_patch_and_delete_on_a_real_server(tmp_path, tiny_s
         # DELETE drains the stream and removes its series
         status, gone = api(base, "DELETE", "/v1/streams/cam")
         assert status == 200 and gone["stats"]["state"] == "closed"
-        assert series(base, "segsynth_frames_total", stream="cam", stage="encoded") is None
+        assert series(base, "segsynth_frames_total", stream="cam", stage="encode") is None
         assert series(base, "segsynth_stream_up", stream="cam") is None
         assert api(base, "GET", "/v1/streams/cam")[0] == 404
         assert api(base, "DELETE", f"/v1/streams/{clip['id']}")[0] == 200
@@ -256,11 +256,17 @@ def test_prometheus_scrapes_the_service(tmp_path, tiny_segmenter):
     if not (prometheus and promtool) and os.environ.get("CI") != "true":
         pytest.skip("prometheus not installed (apt-get install prometheus; .ci/run does)")
     with service(tmp_path, tiny_segmenter) as (base, root, _):
-        assert api(base, "POST", "/v1/streams", {"id": "scraped", "source": RED,
-                                                 "sinks": [str(root / "s.mkv")]})[0] == 201
+        for name in ("scraped", "second"):
+            assert api(base, "POST", "/v1/streams", {"id": name, "source": RED,
+                                                     "sinks": [str(root / f"{name}.mkv")]})[0] == 201
+        time.sleep(2)
         status, text = api(base, "GET", "/metrics")
         lint = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60)
-        assert lint.returncode == 0, lint.stdout + lint.stderr
+        assert lint.returncode == 0 and not (lint.stdout + lint.stderr).strip(), lint.stdout + lint.stderr
+        assert "_created" not in text  # prometheus-client's timestamps per series: left out
+        assert 'segsynth_stream_fps{stream="scraped"}' in text and 'segsynth_stream_fps{stream="second"}' in text
+        stages = {m for m in re.findall(r'segsynth_frames_total\{[^}]*stage="(\w+)"', text)}
+        assert stages == {"decode", "infer", "encode"}, stages  # the stats' words (GET /v1/streams' "stages")
         port = free_port()
         (tmp_path / "prom.yml").write_text(
             "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
@@ -269,7 +275,7 @@ def test_prometheus_scrapes_the_service(tmp_path, tiny_segmenter):
                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
-            query = urllib.parse.quote('rate(segsynth_frames_total{stage="encoded"}[30s]) > 0')
+            query = urllib.parse.quote('rate(segsynth_frames_total{stage="encode"}[30s]) > 0')
             deadline, result = time.monotonic() + 60, []
             while not result and time.monotonic() < deadline:
                 time.sleep(1)

@@ -212,7 +212,12 @@ def test_metrics_follow_a_session_and_vanish_with_it(tmp_path, astronaut, tiny_s
         _wait_for_frames(s, 50)
         live = series("cam-1")
         assert live[("segsynth_stream_up", None)] == 1
-        assert live[("segsynth_frames_total", "decoded")] >= 50 and ("segsynth_frames_total", "encoded") in live
+        assert live[("segsynth_frames_total", "decode")] >= 50 and ("segsynth_frames_total", "encode") in live
+        # the stage label speaks the stats' words; no *_created series; a rate per stream (100 fps source)
+        assert {stage for name, stage in live if name == "segsynth_frames_total"} == set(s.stats().stages) == {
+            "decode", "infer", "encode"}
+        assert not [name for name, _ in live if name.endswith("_created")]
+        assert live[("segsynth_stream_fps", None)] > 5
         assert live[("segsynth_stage_seconds_count", "infer")] >= 50 and ("segsynth_latency_seconds_bucket", None) in live
         with pytest.raises(ValueError, match="already running"):  # one set of series per stream id
             metrics.StreamMetrics("cam-1")

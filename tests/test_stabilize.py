@@ -11,6 +11,7 @@ import pytest
 
 from conftest import MEDIA, decode_video, run_cli, write_clip
 from segsynth.core.errors import InputError
+from segsynth.core.grammar import parse_stabilize
 from segsynth.stream.infer import stabilize
 from segsynth.stream.infer.synth import FrameResult
 from segsynth.jobs.eval_temporal import Stability, static_pixels
@@ -133,13 +134,13 @@ def test_the_picture_is_damped_where_labels_and_input_hold_and_new_where_they_ch
 @pytest.mark.parametrize("spec, parsed", [("off", ("off", 1)), ("majority", ("majority", 5)),
                                           ("majority:3", ("majority", 3)), ("HYSTERESIS", ("hysteresis", 1))])
 def test_stabilize_specs(spec, parsed):
-    assert stabilize.parse(spec) == parsed
+    assert parse_stabilize(spec) == parsed
 
 
 @pytest.mark.parametrize("spec", ["", "median", "majority:1", "majority:x", "flow:3", "majority:99"])
 def test_bad_stabilize_specs_are_refused(spec):
     with pytest.raises(InputError, match="stabilize"):
-        stabilize.parse(spec)
+        parse_stabilize(spec)
 
 
 def test_smooth_is_majority_and_the_default_is_hysteresis(tmp_path):

@@ -18,7 +18,7 @@ log = logging.getLogger("segsynth")
 
 # run only when named: chain needs the export extra (torch), service the serve extra, and the
 # rest are long or load other models
-NAMED_ONLY = ("service", "chain", "transcode", "tiers", "cpu-efficiency", "seg-sizes")
+NAMED_ONLY = ("service", "chain", "transcode", "tiers", "cpu-efficiency", "seg-sizes", "incremental")
 
 
 SCENARIOS = ("engine", "stages", "pipeline", "fused", "passthrough", "streams", "soak", *NAMED_ONLY)

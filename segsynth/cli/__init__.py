@@ -21,13 +21,16 @@ log = logging.getLogger("segsynth")
 
 def build_parser() -> argparse.ArgumentParser:
     shared = common.shared_options()
-    parser = argparse.ArgumentParser(
+    parser = common.Parser(
         prog="segsynth", parents=[shared],
-        description="Segment video with DeepLab, rewrite the labels, repaint it with SPADE.")
+        description="Segment video with DeepLab, rewrite the labels, repaint it with a SPADE-style generator.",
+        epilog="example: segsynth run examples/demo.mp4 out.mp4 --remap person=bear; "
+               "'segsynth COMMAND --help' for each command")
     parser.add_argument("--version", action="version", version=f"segsynth {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for group in (media, serve, models, tools):
         group.add_parsers(sub, shared)
+    parser.set_defaults(commands=sub.choices)
     return parser
 
 
@@ -41,7 +44,9 @@ def _setup_logging(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, extra = build_parser().parse_known_args(argv)
+    if extra:  # told by the command's own parser, which knows its options
+        args.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
     for flag in ("verbose", "quiet", "debug"):
         setattr(args, flag, getattr(args, flag, False))
     _setup_logging(args)

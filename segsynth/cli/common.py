@@ -5,19 +5,79 @@ through which every command owns SIGINT and SIGTERM."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
+import re
 import signal
 import threading
 import types
 import typing
 
 from segsynth.core.config import ModelConfig, stream_field_types, stream_fields
+from segsynth.core.errors import OutputError
 from segsynth.core.grammar import BACKENDS, FAST_SEG_SIZE, FUSED, TIERS, parse_size
 from segsynth.core.paths import BUNDLED_GENERATORS
 
 log = logging.getLogger("segsynth")
-PICTURE = ("view", "remap", "style", "seed", "stabilize", "smooth", "fit", "batch", "codec", "crf", "preset", "bitrate",
-           "stream", "legend")  # how frames are made and encoded: run's and transcode's stream fields
+PICTURE = ("view", "remap", "style", "seed", "stabilize", "smooth", "incremental", "fit", "batch", "codec", "crf",
+           "preset", "bitrate", "stream", "legend")  # how frames are made and encoded: run's and transcode's stream fields
+SHORT = {"duration": "-t"}  # ffmpeg's short options, where its users reach for them
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with errors as one line: what is wrong, the nearest valid word ("did you mean"),
+    and where the usage is (``--help``), instead of the usage block first; and defaults shown in
+    every option's help (see HelpFormatter). Subcommands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        hint = self._nearest(message)
+        self.exit(2, f"{self.prog}: error: {message}{hint}; see '{self.prog} --help'\n")
+
+    def _nearest(self, message: str) -> str:
+        """' (did you mean X?)' for a mistyped choice or option, else ''."""
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            word, options = choice[1], re.findall(r"'([^']*)'", choice[2])
+        else:
+            unknown = re.search(r"unrecognized arguments: (\S+)", message)
+            if not unknown or not unknown[1].startswith("-"):
+                return ""
+            word, options = unknown[1].split("=")[0], [o for a in self._actions for o in a.option_strings]
+        near = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+        return f" (did you mean {near[0]!r}?)" if near else ""
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help, unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (default not in (None, False, True, argparse.SUPPRESS) and "default" not in text
+                and not isinstance(action, (argparse._HelpAction, argparse._VersionAction))
+                and action.option_strings):
+            text += f" (default {' '.join(map(str, default)) if isinstance(default, list) else default})"
+        return text
+
+
+def check_new_outputs(paths, overwrite: bool | None, flag: str = "OUTPUT") -> None:
+    """ffmpeg's habit: an output file that exists is refused (OutputError, exit 3) unless
+    ``overwrite`` (-y); ``overwrite`` None or False both refuse (-n says so explicitly)."""
+    for path in paths:
+        if not overwrite and path.exists() and path.is_file():
+            raise OutputError(f"{path} exists; pass -y (--overwrite) to replace it", field=flag)
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-y", "--overwrite", action="store_true", default=None,
+                       help="replace output files that exist (without it they are refused, as ffmpeg does)")
+    group.add_argument("-n", "--no-overwrite", dest="overwrite", action="store_false",
+                       help="refuse output files that exist (what happens without -y; for scripts to say so)")
 
 
 class Signals:
@@ -55,15 +115,14 @@ def add_stream_options(p: argparse.ArgumentParser, names: tuple[str, ...]) -> No
     fields = {f.name: f for f in stream_fields()}
     for name in names:
         f, meta = fields[name], fields[name].metadata
-        flag = meta["flag"] or "--" + name.replace("_", "-")
+        flags = [flag for flag in (SHORT.get(name), meta["flag"] or "--" + name.replace("_", "-")) if flag]
         default = f.default
         kind = _base_type(name)
-        shown = f" (default {default})" if default not in (None, True, False) and "default" not in meta["help"] else ""
         if kind is bool:
-            p.add_argument(flag, dest=name, action="store_false" if default else "store_true", help=meta["help"])
+            p.add_argument(*flags, dest=name, action="store_false" if default else "store_true", help=meta["help"])
         else:
-            p.add_argument(flag, dest=name, default=default, metavar=meta["metavar"], choices=meta["choices"],
-                           type=kind if kind in (int, float) else str, help=meta["help"] + shown)
+            p.add_argument(*flags, dest=name, default=default, metavar=meta["metavar"], choices=meta["choices"],
+                           type=kind if kind in (int, float) else str, help=meta["help"])
 
 
 def stream_options(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
@@ -71,7 +130,7 @@ def stream_options(args: argparse.Namespace, names: tuple[str, ...]) -> dict:
     out = {name: getattr(args, name) for name in names}
     for name, value in out.items():
         if value is not None and typing.get_origin(_base_type(name)) is tuple:  # sizes: WxH
-            out[name] = parse_size(value, "--" + name.replace("_", "-"), "WxH")
+            out[name] = parse_size(value, "--" + name.replace("_", "-"))
     return out
 
 
@@ -100,7 +159,7 @@ def tier(args: argparse.Namespace, live: bool) -> str:
 def model_config(args: argparse.Namespace, live: bool = False) -> ModelConfig:
     """The models run and transcode load, checked now (before any file is read)."""
     return ModelConfig(segmenter=args.segmenter, generator=args.generator,
-                       size=parse_size(args.size, "--size", "WxH") if args.size else None, threads=args.threads,
+                       size=parse_size(args.size) if args.size else None, threads=args.threads,
                        cache_dir=args.cache_dir, backend=args.backend, fp16=not args.fp32, batch=args.batch,
                        fused=args.fused, models=tier(args, live), seg_size=args.seg_size)
 
@@ -119,16 +178,17 @@ def shared_options() -> argparse.ArgumentParser:
 def add_generator(p: argparse.ArgumentParser) -> None:
     names = "|".join(BUNDLED_GENERATORS)
     p.add_argument("--generator", default="default", metavar=f"{names}|none|DIR|FILE.onnx",
-                   help="the generator: bundled by name (default: the CPU-first student; spade2: the SPADE it was "
-                        "distilled from), none (labels only), a checkpoint directory (official SPADE, or a student's) "
-                        "or an exported ONNX")
+                   help="the generator: a bundled one by name (default: the CPU-first student; spade2: the SPADE "
+                        "it was distilled from), none (labels only), a checkpoint directory (official SPADE, or a "
+                        "student's) or an exported ONNX")
 
 
 def add_picture_options(p: argparse.ArgumentParser, threads: str) -> None:
     """How frames are made and encoded, and by which models: run's and transcode's options."""
     add_stream_options(p, PICTURE)
     add_generator(p)
-    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="as for segment")
+    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx",
+                   help="ade20k+voc (scene + people/animals/vehicles), ade20k, voc, or a segmenter ONNX")
     p.add_argument("--size", metavar="WxH", help="synthesis resolution (default: the generator's own)")
     p.add_argument("--threads", type=int, help=threads)
     p.add_argument("--cache-dir", help="where exported generators, fused and re-shaped graphs and engines are cached "
@@ -153,5 +213,4 @@ def add_backend(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp32", action="store_true", help="GPU backends: compute in FP32 instead of FP16")
     p.add_argument("--fused", choices=FUSED, default="auto",
                    help="run the models as one graph: uint8 frames in, labels and picture out, one upload per "
-                        "batch (auto: fused, or one by one with a warning where it cannot be; --smooth runs them "
-                        "one by one)")
+                        "batch (auto: fused, or one by one with a warning where it cannot be)")

@@ -42,9 +42,12 @@ def _serve(args: argparse.Namespace) -> int:
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", parents=[common], help="many live streams in one service: HTTP API and /metrics",
                        description="Run stream sessions over one set of models behind an HTTP API "
-                       "(/v1/streams, /healthz, /readyz, /metrics; OpenAPI at /openapi.json).")
+                       "(/v1/streams, /healthz, /readyz, /metrics; OpenAPI at /openapi.json) and the studio, a web "
+                       "page for doodles, styles and live views, at /.",
+                       epilog="example: segsynth serve --port 8080 --media-root /srv/media, then open "
+                              "http://127.0.0.1:8080/")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback; others need a token)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port to listen on")
     p.add_argument("--config", metavar="streams.yaml", help="streams to start at boot ('streams:' list of POST bodies)")
     p.add_argument("--token-file", metavar="FILE", help="every /v1 call needs 'Authorization: Bearer TOKEN', the "
                                                          "token read from FILE (or from $SEGSYNTH_TOKEN)")
@@ -59,9 +62,10 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help=f"outputs a stream may have (default {ServiceConfig.max_outputs})")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT: drain streams this long, then abort them (default 10)")
-    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx")
+    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="the segmenter of every stream")
     add_generator(p)
-    p.add_argument("--threads", type=int, help="inference threads per model")
-    p.add_argument("--cache-dir", help="where exported generators are cached")
+    p.add_argument("--threads", type=int, help="inference threads per model (default: all cores)")
+    p.add_argument("--cache-dir", help="where exported generators are cached (default $SEGSYNTH_HOME, else "
+                                       "$XDG_CACHE_HOME/segsynth or ~/.cache/segsynth)")
     add_backend(p)
     p.set_defaults(func=_serve)

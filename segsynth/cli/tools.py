@@ -21,7 +21,7 @@ def _bench(args: argparse.Namespace) -> int:
         batches = tuple(int(b) for b in args.batch.split(","))
     except ValueError:
         raise SegsynthError(f"--batch {args.batch!r}: expected a comma-separated list, e.g. 1,4,8") from None
-    cfg = BenchConfig(scenarios=tuple(args.scenarios) or DEFAULT_SCENARIOS, size=parse_size(args.size, "--size", "WxH"),
+    cfg = BenchConfig(scenarios=tuple(args.scenarios) or DEFAULT_SCENARIOS, size=parse_size(args.size),
                       frames=args.frames, batch=batches, streams=args.streams, repeats=args.repeats, rate=args.rate,
                       segmenter=args.segmenter, generator=args.generator, threads=args.threads,
                       input=Path(args.input) if args.input else None, backend=args.backend, fp16=not args.fp32,
@@ -116,15 +116,18 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                                    "(N live streams), soak (memory over time); chain (the fused graph, FP16 vs TF32 on "
                                    "GPUs, CUDA-event timed, double-buffered; needs torch), service, transcode (a folder "
                                    "of clips, --jobs 1 vs 2), tiers (--models quality vs fast), cpu-efficiency (FLOPs "
-                                   "and share of the CPU's peak) and seg-sizes (each --seg-size) only when named. "
-                                   "Ratios come from one run.")
+                                   "and share of the CPU's peak), seg-sizes (each --seg-size) and incremental "
+                                   "(--incremental on vs off on still, partly moving and panning clips) only when "
+                                   "named. "
+                                   "Ratios come from one run.",
+                       epilog="example: segsynth bench tiers --input examples/demo.mp4 --size 640x360 --json tiers.json")
     p.add_argument("scenarios", nargs="*", metavar="SCENARIO",
-                   help="default: all but chain, service, transcode, tiers, cpu-efficiency, seg-sizes")
-    p.add_argument("--size", default="1280x720", metavar="WxH", help="generated input size (default 1280x720)")
-    p.add_argument("--rate", type=int, default=30, help="generated input / live source fps (default 30)")
-    p.add_argument("--frames", type=int, default=300, help="frames per measurement (soak: total; default 300)")
+                   help="default: all but chain, service, transcode, tiers, cpu-efficiency, seg-sizes, incremental")
+    p.add_argument("--size", default="1280x720", metavar="WxH", help="generated input size")
+    p.add_argument("--rate", type=int, default=30, help="generated input / live source fps")
+    p.add_argument("--frames", type=int, default=300, help="frames per measurement (soak: in all)")
     p.add_argument("--batch", default="1", metavar="1,4,8", help="batch sizes (engine); the first is used elsewhere")
-    p.add_argument("--streams", type=int, default=2, help="most concurrent live streams (default 2)")
+    p.add_argument("--streams", type=int, default=2, help="most concurrent live streams")
     p.add_argument("--repeats", type=int, default=3, help="repeats per measurement; medians are reported")
     p.add_argument("--input", help="a video to use instead of the generated one")
     p.add_argument("--real-input", metavar="VIDEO", help="tiers: a clip of real footage (people), measured beside "
@@ -132,9 +135,9 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--live-seconds", type=float, default=180, metavar="S",
                    help="streams: run one live stream S seconds per policy and compare the latency p99 of the first "
                    "and last third (default 180; 0 skips)")
-    p.add_argument("--segmenter", default="ade20k+voc")
+    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="the segmenter")
     add_generator(p)
-    p.add_argument("--threads", type=int, help="inference threads")
+    p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--plot", metavar="OUT.png", help="plot fps vs streams and latency histograms")
     add_backend(p)
@@ -143,21 +146,24 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                        description="build --onnx X.onnx: a TensorRT engine in the cache; info FILE: bindings, shapes, "
                                    "precision, GPU; compare A B: outputs side by side (e.g. FP16 vs FP32); check "
                                    "FILE...: whether TensorRT's ONNX parser takes each graph (on the CPU, no TensorRT "
-                                   "needed; exit 1 when one does not).")
-    p.add_argument("action", choices=["build", "info", "compare", "check"])
+                                   "needed; exit 1 when one does not).",
+                       epilog="example: segsynth engine check segsynth/models/student_ade20k.onnx")
+    p.add_argument("action", choices=["build", "info", "compare", "check"], help="what to do")
     p.add_argument("files", nargs="*", help="info: FILE; compare: A B; check: FILE... (ONNX files)")
     p.add_argument("--onnx", help="build: the ONNX graph")
     p.add_argument("--fp32", action="store_true", help="build: FP32 instead of FP16")
-    p.add_argument("--batch", default="1..8", help="build: batch range MIN..MAX (default 1..8); compare: batch")
-    p.add_argument("--backend-a", default="onnxruntime")
-    p.add_argument("--backend-b", default="auto")
+    p.add_argument("--batch", default="1..8", help="build: batch range MIN..MAX; compare: batch")
+    p.add_argument("--backend-a", default="onnxruntime", help="compare: the backend that runs A")
+    p.add_argument("--backend-b", default="auto", help="compare: the backend that runs B")
     p.add_argument("--fp16-a", action="store_true", help="compare: run A in FP16 (GPU backends)")
     p.add_argument("--fp16-b", action="store_true", help="compare: run B in FP16 (GPU backends)")
     p.add_argument("--inputs", metavar="FILE.npz", help="compare: inputs by name (default: random ones)")
-    p.add_argument("--cache-dir", help="segsynth cache; engines go in its engines/ (default ~/.cache/segsynth)")
+    p.add_argument("--cache-dir", help="segsynth cache; engines go in its engines/ (default $SEGSYNTH_HOME, else "
+                                       "$XDG_CACHE_HOME/segsynth or ~/.cache/segsynth)")
     p.set_defaults(func=_engine)
     p = sub.add_parser("labels", parents=[common], help="list label sets, their classes and mappings",
-                       description="Inspect label sets: list, show SET, map SRC DST.")
-    p.add_argument("action", choices=["list", "show", "map"])
+                       description="Inspect label sets: list (the default), show SET, map SRC DST.",
+                       epilog="example: segsynth labels show ade20k")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "show", "map"], help="what to show")
     p.add_argument("sets", nargs="*", help="label set names (ade20k, voc, coco-stuff, cityscapes)")
     p.set_defaults(func=_labels)

@@ -38,6 +38,8 @@ from segsynth.core.grammar import (
     sink_kind,
 )
 
+CRF = 20  # the one default quality of every command that encodes (x264's scale)
+
 
 @dataclass(frozen=True)
 class SegmentConfig:
@@ -51,7 +53,7 @@ class SegmentConfig:
     label_set: str | None = None
     threads: int | None = None
     legend: bool = True
-    crf: int = 18
+    crf: int = CRF
     preset: str = "veryfast"
     backend: str = "auto"
     fp16: bool = True
@@ -197,6 +199,10 @@ class StreamConfig:
         "a label changes where its pixels changed or a clearly more confident class appears; flow: the same along "
         "optical flow; majority:K: the most frequent label of K frames; off: every frame on its own)", api=True,
         metavar=STABILIZE_CHOICES))
+    incremental: str = field(default="on", metadata=opt(
+        "on: a frame identical to the one before is not segmented again, and a picture whose labels and style did "
+        "not change is not painted again (exact: the same result, bit for bit); off: every frame computed",
+        api=True, choices=("on", "off")))
     fit: str | None = field(default=None, metadata=opt(
         "how frames meet the synthesis size (default: as the generator was trained; letterbox keeps the aspect "
         "ratio)", api=True, choices=FITS))
@@ -208,7 +214,7 @@ class StreamConfig:
         "the video encoder: libx264, libx265, libvpx-vp9, h264_nvenc, ..., or auto (a hardware H.264 encoder where "
         "one works here, else libx264); default: libx264, or the first encoder the output's container holds (VP9 for "
         ".webm)"))
-    crf: int = field(default=20, metadata=opt("quality, 0-51 as x264/x265 count it (VP8/VP9: their scale follows)"))
+    crf: int = field(default=CRF, metadata=opt("quality, 0-51 as x264/x265 count it (VP8/VP9: their scale follows)"))
     preset: str = field(default="veryfast", metadata=opt("the x264/x265 preset (VP8/VP9: veryfast and faster run "
                                                           "in real time)"))
     bitrate: str | None = field(default=None, metadata=opt("a target bitrate instead of crf, e.g. 4M"))
@@ -268,6 +274,8 @@ class StreamConfig:
                              field="view")
         if self.policy is not None and self.policy not in POLICIES:
             raise InputError(f"policy: must be one of: {', '.join(POLICIES)}", field="policy")
+        if self.incremental not in ("on", "off"):
+            raise InputError("incremental: must be on or off", field="incremental")
         if self.fit is not None and self.fit not in FITS:
             raise InputError(f"fit: must be one of: {', '.join(FITS)}", field="fit")
         if not 1 <= self.smooth <= 15:

@@ -56,11 +56,12 @@ def check_video_output(path: str | Path, codec: str | None, *, gray: bool = Fals
         raise InputError(f"{path}: FFmpeg's {fmt} holds none of the video encoders here; write .mp4 or .mkv")
 
 
-def parse_size(text: str, flag: str = "--size", order: str = "HxW") -> tuple[int, int]:
-    """'512x256' -> (512, 256) in the order the flag documents (HxW or WxH)."""
-    parts = text.lower().replace("*", "x").split("x")
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """'640x360' -> (640, 360): a size is WxH on every command, two positive integers joined by x."""
+    parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise InputError(f"{flag} {text!r}: expected {order} with two positive integers, e.g. 256x512")
+        raise InputError(f"{flag} {text!r}: expected WxH, two positive integers joined by x, e.g. 640x360",
+                         field=flag.lstrip("-").replace("-", "_"))
     return int(parts[0]), int(parts[1])
 
 

@@ -89,7 +89,9 @@ class LabelSet:
                 names.append(cls)
         if not names:  # fall back to a substring match, useful for short typos like "prson"
             names = [c for c in self.classes if key and (key in name_key(c) or name_key(c) in key)][:5]
-        return f"; did you mean: {', '.join(names[:5])}?" if names else ""
+        if names:
+            return f"; did you mean: {', '.join(names[:5])}?"
+        return f"; its {len(self.classes)} classes: segsynth labels show {self.name}"
 
 
 def _build(name: str, classes: list[str], extra_aliases: dict[int, list[str]], palette: np.ndarray) -> LabelSet:

@@ -3,13 +3,16 @@ embedding segsynth adds nothing to a host application's /metrics).
 
 Series carry a ``stream`` label (the session id: at most 64 characters from a fixed
 alphabet, checked by StreamConfig) and, where it applies, a ``stage`` (decode, infer,
-encode). A session's series exist while it runs and are removed when it closes, so the
-label values in the registry stay bounded by the streams alive at once.
+encode: the names the stats and the run summary use too). A session's series exist while it
+runs and are removed when it closes, so the label values in the registry stay bounded by the
+streams alive at once. ``*_created`` series are left out (WithoutCreated).
 """
 
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,6 +26,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 
 REGISTRY = CollectorRegistry(auto_describe=True)
+FPS_WINDOW = 5.0
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 FRAMES = Counter("segsynth_frames", "Frames through a stage of a stream", ["stream", "stage"], registry=REGISTRY)
@@ -35,8 +39,13 @@ QUEUE_DEPTH = Gauge("segsynth_queue_depth", "Frames waiting between stages", ["s
 STREAM_UP = Gauge("segsynth_stream_up", "1 while the stream runs and its source delivers, 0 while a live source "
                   "is lost (reconnecting)", ["stream"], registry=REGISTRY)
 RECONNECTS = Counter("segsynth_reconnects", "Reconnections of a live source", ["stream"], registry=REGISTRY)
+COMPUTED = Gauge("segsynth_stream_computed_ratio", "Share of a stream's frames its model computed rather than reused "
+                 "from the frame before (--incremental), since the stream started", ["stream", "model"],
+                 registry=REGISTRY)
+FPS = Gauge("segsynth_stream_fps", f"Frames a stream wrote per second over the last {FPS_WINDOW:g} seconds", ["stream"],
+            registry=REGISTRY)
 
-_STAGE_FRAMES = {"decode": "decoded", "infer": "inferred", "encode": "encoded"}
+STAGES = ("decode", "infer", "encode")  # the one vocabulary of the stage label, the stats and the summary
 _live: set[str] = set()
 _lock = threading.Lock()
 
@@ -50,8 +59,12 @@ class StreamMetrics:
                 raise ValueError(f"a stream called {stream!r} is already running")
             _live.add(stream)
         self.stream = stream
-        self._frames = {stage: FRAMES.labels(stream, name) for stage, name in _STAGE_FRAMES.items()}
-        self._seconds = {stage: STAGE_SECONDS.labels(stream, stage) for stage in _STAGE_FRAMES}
+        self._frames = {stage: FRAMES.labels(stream, stage) for stage in STAGES}
+        self._seconds = {stage: STAGE_SECONDS.labels(stream, stage) for stage in STAGES}
+        self._written: deque[tuple[float, int]] = deque()  # (time, frames) of the last FPS_WINDOW seconds
+        self._first: float | None = None
+        self._fps_lock = threading.Lock()
+        FPS.labels(stream).set_function(self._rate)
         self._latency = LATENCY.labels(stream)
         self._depth = {q: QUEUE_DEPTH.labels(stream, q) for q in ("ring", "results")}
         self._dropped, self._reconnects = DROPPED.labels(stream), RECONNECTS.labels(stream)
@@ -61,9 +74,34 @@ class StreamMetrics:
 
     def stage(self, stage: str, seconds: float, frames: int) -> None:
         self._frames[stage].inc(frames)
+        if stage == "encode":
+            self._count_written(frames)
         per_frame = seconds / max(1, frames)
         for _ in range(frames):
             self._seconds[stage].observe(per_frame)
+
+    def _count_written(self, frames: int) -> None:
+        now = time.monotonic()
+        with self._fps_lock:
+            self._first = self._first or now
+            self._written.append((now, frames))
+            while self._written[0][0] < now - FPS_WINDOW:
+                self._written.popleft()
+
+    def _rate(self) -> float:
+        """Frames written per second over the last FPS_WINDOW seconds, at scrape time (a stalled
+        stream reads 0, not its last rate); the first second is counted as a whole one."""
+        now = time.monotonic()
+        with self._fps_lock:
+            if self._first is None:
+                return 0.0
+            frames = sum(n for t, n in self._written if t > now - FPS_WINDOW)
+            return frames / max(min(FPS_WINDOW, now - self._first), 1.0)
+
+    def computed(self, shares) -> None:
+        """``shares()``: {"segmented": share, "painted": share} (stream.infer.reuse), read at scrape time."""
+        for model, key in (("segmenter", "segmented"), ("generator", "painted")):
+            COMPUTED.labels(self.stream, model).set_function(lambda key=key: shares()[key])
 
     def latency(self, seconds: float) -> None:
         self._latency.observe(seconds)
@@ -90,8 +128,9 @@ class StreamMetrics:
         left at 0 (and the stream's name taken) until a later ``close()``, so the stream-down
         alert sees the failure for as long as the stream is kept."""
         self._up.set(0)
-        for metric, labelsets in ((FRAMES, [(self.stream, n) for n in _STAGE_FRAMES.values()]),
-                                  (STAGE_SECONDS, [(self.stream, s) for s in _STAGE_FRAMES]),
+        for metric, labelsets in ((FRAMES, [(self.stream, s) for s in STAGES]),
+                                  (STAGE_SECONDS, [(self.stream, s) for s in STAGES]), (FPS, [(self.stream,)]),
+                                  (COMPUTED, [(self.stream, m) for m in ("segmenter", "generator")]),
                                   (QUEUE_DEPTH, [(self.stream, q) for q in ("ring", "results")]),
                                   (LATENCY, [(self.stream,)]), (DROPPED, [(self.stream,)]),
                                   (RECONNECTS, [(self.stream,)]), *(() if down else ((STREAM_UP, [(self.stream,)]),))):
@@ -107,7 +146,21 @@ class StreamMetrics:
 
 def exposition() -> bytes:
     """The registry in Prometheus' text format (what /metrics serves)."""
-    return generate_latest(REGISTRY)
+    return generate_latest(WithoutCreated(REGISTRY))
+
+
+class WithoutCreated:
+    """A registry's series without the ``*_created`` ones prometheus-client adds to counters and
+    histograms (a timestamp per series, noise for most users). Not prometheus-client's global
+    switch: that would change a host application's own /metrics too."""
+
+    def __init__(self, registry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        for family in self.registry.collect():
+            family.samples = [sample for sample in family.samples if not sample.name.endswith("_created")]
+            yield family
 
 
 _PROCESS: CollectorRegistry | None = None

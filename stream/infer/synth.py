@@ -16,6 +16,7 @@ import numpy as np
 
 from segsynth.core import labels
 from segsynth.stream.infer import stabilize as stabilizers
+from segsynth.stream.infer.reuse import Reuse
 from segsynth.stream.pictures import black_bars, paint_bars, resize_labels
 
 
@@ -44,17 +45,23 @@ class Synthesize:
     of the stabiliser; missing parts run model by model. ``class_counts`` adds up the pixels
     of every class seen (256 counters). ``paint``: whether the view shows the picture; a view
     that does not (labels, overlay, ids) runs the segmenter only. Letterbox and pillarbox bars of
-    the input (stream.pictures.black_bars) stay black in the picture."""
+    the input (stream.pictures.black_bars) stay black in the picture. ``incremental``: a frame
+    identical to the one before is not segmented again, a picture whose labels and style are the
+    one before is not painted again (stream.infer.reuse; exact); the models then run one by one
+    rather than as the ``all`` graph."""
 
     def __init__(self, segmenter, generator, table: labels.RemapTable, z, stabilize: str, fit: str,
-                 gen_size: tuple[int, int] | None, chains: dict | None = None, paint: bool = True) -> None:
+                 gen_size: tuple[int, int] | None, chains: dict | None = None, paint: bool = True,
+                 incremental: bool = False) -> None:
         self.segmenter, self.generator, self.table, self.z, self.fit = segmenter, generator, table, z, fit
         self.paint = paint and generator is not None
         self.stabilizer = stabilizers.make(stabilize)
         self.hold = stabilizers.PictureHold() if self.stabilizer is not None and generator is not None else None
         self.gen_size = gen_size
         self.chains = {k: v for k, v in (chains or {}).items() if v is not None}
-        self.whole = self.chains.get("all") if self.stabilizer is None else None
+        self.reuse = Reuse() if incremental else None
+        self._last_seg = self._last_picture = None  # the last results, for frames that repeat them
+        self.whole = self.chains.get("all") if self.stabilizer is None and self.reuse is None else None
         first = self.whole or self.chains.get("segment") or segmenter
         self.asynchronous = getattr(first, "asynchronous", False)  # GPU runners overlap batches
         self.class_counts = np.zeros(256, np.int64)
@@ -87,17 +94,21 @@ class Synthesize:
             return self.whole.submit(frames, self.table.lut, boxes, self.z), metas, boxes, None, bars
         # what the stabiliser reads of the frames is taken now: the batch's buffer is reused
         frames_kept = frames.copy() if getattr(self.stabilizer, "needs_frames", False) else None
+        todo = self.reuse.to_segment(frames) if self.reuse is not None else None
+        run = frames if todo is None or todo.all() else frames[todo]
         part = self.chains.get("segment")
-        return (part.submit(frames) if part else self.segmenter.submit(frames)), metas, boxes, frames_kept, bars
+        pending = (part.submit(run) if part else self.segmenter.submit(run)) if len(run) else None
+        return pending, metas, boxes, frames_kept, bars, todo
 
     def finish(self, handle) -> list[FrameResult]:
-        pending, metas, boxes, frames, bars = handle
+        pending, metas, boxes, frames, bars, *todo = handle
         moved = [None] * len(metas)  # per frame: where its input moved (True: all, a scene cut), from the stabiliser
         if self.whole is not None and bars is not None:
             out = self.whole.finish(pending)
             ids, synth = out["labels"], out.get("pixels")
         else:
-            ids, synth = self._stabilised_synthesis(pending, boxes, frames, moved, paint=bars is not None)
+            ids, synth = self._stabilised_synthesis(pending, boxes, frames, moved, paint=bars is not None,
+                                                    todo=todo[0] if todo else None)
         self.class_counts += np.bincount(ids.ravel(), minlength=256)
         if synth is None:
             return [FrameResult(m, None) for m in ids]
@@ -118,18 +129,26 @@ class Synthesize:
         """Host buffers the first model uploads from fast (see Runner.pinned_allocator)."""
         return (self.whole or self.chains.get("segment") or self.segmenter).pinned_allocator()
 
-    def _stabilised_synthesis(self, pending, boxes, frames, moved: list, paint: bool) -> tuple[np.ndarray,
-                                                                                              np.ndarray | None]:
-        """Segment (chain part or models), stabilise on the host (``moved[i]``: where frame i's
-        input moved, as the stabiliser saw it), then remap and, when ``paint``, synthesize."""
+    def _stabilised_synthesis(self, pending, boxes, frames, moved: list, paint: bool,
+                              todo: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Segment (chain part or models; ``todo``: the frames that were, the others repeat the
+        frame before), stabilise on the host (``moved[i]``: where frame i's input moved, as the
+        stabiliser saw it), then remap and, when ``paint``, synthesize."""
         part = self.chains.get("segment")
-        if part is not None:
+        if pending is None:
+            seg = confidence = None
+        elif part is not None:
             out = part.finish(pending)
             seg, confidence = out["ids"], out.get("confidence")
         elif self.stabilizer is None:
             seg, confidence = self.segmenter.finish(pending), None
         else:
             seg, confidence = self.segmenter.finish(pending, confidence=True)
+        if todo is not None:
+            pairs = None if seg is None else list(zip(seg, [None] * len(seg) if confidence is None else confidence))
+            pairs, self._last_seg = Reuse.fill(pairs, todo, self._last_seg)
+            seg = np.stack([m for m, _ in pairs])
+            confidence = None if pairs[0][1] is None else np.stack([c for _, c in pairs])
         if self.stabilizer is not None:
             none, stable = [None] * len(seg), []
             for i, (m, c, f) in enumerate(zip(seg, none if confidence is None else confidence,
@@ -139,7 +158,7 @@ class Synthesize:
                 moved[i] = True if started else getattr(self.stabilizer, "moved", None)
             seg = np.stack(stable)
         synth_part = self.chains.get("synth")
-        if paint and synth_part is not None:
+        if paint and synth_part is not None and self.reuse is None:
             out = synth_part.finish(synth_part.submit(seg, self.table.lut, boxes, self.z))
             return out["labels"], out["pixels"]
         ids = self.table(seg)
@@ -149,7 +168,12 @@ class Synthesize:
         canvases = np.full((len(ids), gh, gw), labels.UNKNOWN, np.uint8)
         for canvas, m, (x, y, cw, ch) in zip(canvases, ids, boxes):
             canvas[y:y + ch, x:x + cw] = resize_labels(m, cw, ch)
-        return ids, self.generator(canvases, self.z)
+        if self.reuse is None:
+            return ids, self.generator(canvases, self.z)
+        todo = self.reuse.to_paint(canvases, self.z)
+        painted = self.generator(canvases[todo], self.z) if todo.any() else None
+        pictures, self._last_picture = Reuse.fill(painted, todo, self._last_picture)
+        return ids, np.stack(pictures)
 
     def _box(self, meta: dict) -> tuple[int, int, int, int]:
         """Where a frame's picture lies on the generator's canvas."""

@@ -1,0 +1,81 @@
+"""Incremental inference for one stream session (``--incremental on``, the default): what the
+models would compute again for a frame is taken from the frame before it.
+
+- A frame whose segmenter input is identical to the previous frame's (a still scene, a paused
+  or frozen source, a static test pattern) is not segmented again: it gets that frame's labels.
+- A picture whose generator input - the label canvas and the style vector - is the previous
+  picture's (the labels held by the stabiliser while the input barely moved, a label view
+  switched back to the picture) is not painted again.
+
+Both are exact: the models are deterministic, so what is reused is bit-identical to what would
+be recomputed (tests/test_incremental.py). Every ``repaint_every`` frames both run regardless,
+so nothing can go stale for longer than that. Memory: one frame, one canvas and one picture.
+Counters (``frames``, ``segmented``, ``painted``) say how much was computed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+REPAINT_EVERY = 250  # frames: 10 s at 25 fps
+
+
+class Reuse:
+    def __init__(self, repaint_every: int = REPAINT_EVERY) -> None:
+        self.repaint_every = repaint_every
+        self._input = self._canvas = self._z = None
+        self._input_age = self._canvas_age = 0  # frames the kept input / canvas has been reused for
+        self.frames = self.segmented = self.pictures = self.painted = 0
+
+    def to_segment(self, frames: np.ndarray) -> np.ndarray:
+        """Per frame of a batch (N x H x W x 3): True where it must be segmented, False where it
+        repeats the frame before it (in this batch or the last one)."""
+        todo = np.ones(len(frames), bool)
+        for i, frame in enumerate(frames):
+            kept = self._input if i == 0 else frames[i - 1]
+            if kept is not None and kept.shape == frame.shape and self._input_age < self.repaint_every \
+                    and np.array_equal(kept, frame):
+                todo[i] = False
+                self._input_age += 1
+            else:
+                self._input_age = 0
+        if len(frames):
+            self._input = frames[-1].copy()  # the batch's buffer is reused for the next one
+        self.frames += len(frames)
+        self.segmented += int(todo.sum())
+        return todo
+
+    def to_paint(self, canvases: np.ndarray, z: np.ndarray | None) -> np.ndarray:
+        """Per label canvas of a batch: True where it must be painted, False where it (and z) is
+        the one painted before it."""
+        todo = np.ones(len(canvases), bool)
+        same_z = (z is None and self._z is None) or (z is not None and self._z is not None and np.array_equal(z, self._z))
+        for i, canvas in enumerate(canvases):
+            kept = self._canvas if i == 0 else canvases[i - 1]
+            if (i > 0 or same_z) and kept is not None and kept.shape == canvas.shape \
+                    and self._canvas_age < self.repaint_every and np.array_equal(kept, canvas):
+                todo[i] = False
+                self._canvas_age += 1
+            else:
+                self._canvas_age = 0
+        if len(canvases):
+            self._canvas, self._z = canvases[-1].copy(), None if z is None else z.copy()
+        self.pictures += len(canvases)
+        self.painted += int(todo.sum())
+        return todo
+
+    @staticmethod
+    def fill(computed, todo: np.ndarray, last):
+        """Results for every frame of a batch from those ``computed`` (one per True in ``todo``,
+        in order; an array or None): a frame not computed takes the result of the frame before
+        it, ``last`` for the batch's first. Returns (a list, the batch's last result)."""
+        out, it = [], iter(computed if computed is not None else ())
+        for need in todo:
+            last = next(it) if need else last
+            out.append(last)
+        return out, last
+
+    def shares(self) -> dict[str, float]:
+        """Share of the frames segmented and of the pictures painted since the start (1: all)."""
+        return {"segmented": self.segmented / self.frames if self.frames else 1.0,
+                "painted": self.painted / self.pictures if self.pictures else 1.0}
