@@ -31,7 +31,7 @@ def exported(tmp_path_factory):
     for args in (["spade", "--checkpoint", d / "spade", "--out", d / "g.onnx", "--batch", "dynamic"],
                  ["encoder", "--checkpoint", d / "vae", "--out", d / "e.onnx", "--batch", "dynamic"],
                  ["spade", "--checkpoint", d / "vae", "--out", d / "v.onnx"],
-                 ["deeplab", "--checkpoint", d / "tv.pth", "--out", d / "d.onnx", "--size", "97x129"]):
+                 ["deeplab", "--checkpoint", d / "tv.pth", "--out", d / "d.onnx", "--size", "129x97"]):
         proc = run_cli("export", *args)
         assert proc.returncode == 0, proc.stderr
     return d

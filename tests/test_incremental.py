@@ -71,6 +71,35 @@ def test_reused_labels_and_pictures_are_bit_identical_to_computed_ones(models):
     assert not np.array_equal(reused[7].synth, reused[8].synth)
 
 
+@pytest.mark.parametrize("stabilize", ["off", "hysteresis"])
+def test_through_the_fused_graphs_too(tmp_path, people_clip, stabilize):
+    """Unstabilised, one graph segments and paints (a repeated frame skips it whole); stabilised,
+    the segment and synth parts run either side of the stabiliser, on the frames that need them."""
+    import av
+
+    from segsynth.stream import ModelSet
+    from segsynth.stream.infer.synth import Synthesize
+    from segsynth.stream.pictures import resize_rgb
+
+    with ModelSet.load("voc", "default", fused="on", cache_dir=tmp_path, backend="onnxruntime") as m:
+        with av.open(str(people_clip)) as clip:
+            f = [resize_rgb(x.to_ndarray(format="rgb24"), *m.size) for x in clip.decode(video=0)][:3]
+        parts = ("all",) if stabilize == "off" else ("segment", "synth")
+        outs = {}
+        for incremental in (False, True):
+            step = Synthesize(m.segmenter, m.generator, m.remap("person=animal"), m.generator.seeded_z(0), stabilize,
+                              "letterbox", m.generator.size, chains={p: m.fused(p) for p in parts},
+                              incremental=incremental)
+            outs[incremental] = []
+            for i, batch in enumerate([[f[0], f[0]], [f[0], f[1]], [f[1]], [f[1], f[2]]]):
+                if i == 2:  # a new style: through the one graph, the repeated frame is painted again
+                    step.update(z=m.generator.seeded_z(3))
+                outs[incremental] += step(np.stack(batch), [{"size": (480, 512)}] * len(batch))
+        for a, b in zip(*outs.values()):
+            assert np.array_equal(a.labels, b.labels) and np.array_equal(a.synth, b.synth)
+        assert step.reuse.segmented == (4 if stabilize == "off" else 3) and step.reuse.frames == 7
+
+
 def test_a_full_repaint_every_n_frames():
     from segsynth.stream.infer.reuse import Reuse
 

@@ -97,6 +97,9 @@ def _summary(cfg: StreamConfig, stats, source) -> None:
                      out.skipped)
     for name, t in stats.stages.items():
         log.info("  stage %-6s mean_ms %7.1f   p95_ms %7.1f", name, t["mean_ms"], t["p95_ms"])
+    if stats.computed:
+        log.info("  computed: segmented %.0f %% of the frames, painted %.0f %% (the rest repeated the frame before; "
+                 "--incremental)", 100 * stats.computed["segmented"], 100 * stats.computed["painted"])
     if stats.latency_ms:
         lat = stats.latency_ms
         log.info("  latency_ms p50 %.0f, p95 %.0f, p99 %.0f (arrival to mux)", lat["p50"], lat["p95"], lat["p99"])

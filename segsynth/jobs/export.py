@@ -63,7 +63,7 @@ def _spade_options(cfg: ExportConfig, size: tuple[int, int] | None):
         opt = read_options(cfg.checkpoint, overrides)
         step = 2 ** NUM_UP_LAYERS[opt.num_upsampling_layers]
         if h % step or w % step:
-            raise InputError(f"--size {h}x{w}: SPADE with num_upsampling_layers={opt.num_upsampling_layers} "
+            raise InputError(f"--size {w}x{h}: SPADE with num_upsampling_layers={opt.num_upsampling_layers} "
                              f"needs both sides to be multiples of {step}")
         overrides.update(crop_size=w, aspect_ratio=w / h)
     return read_options(cfg.checkpoint, overrides)
@@ -95,7 +95,7 @@ def _spade(cfg: ExportConfig) -> str:
     export(graph, inputs, ["image"], cfg.out, dynamic_batch=cfg.batch is None,
            metadata=_generator_metadata(opt, cfg.label_set))
     h, w = opt.output_size
-    return f"wrote {cfg.out} (SPADE generator, {opt.label_nc} labels, {h}x{w}, inputs {', '.join(inputs)})"
+    return f"wrote {cfg.out} (SPADE generator, {opt.label_nc} labels, {w}x{h}, inputs {', '.join(inputs)})"
 
 
 def _student(cfg: ExportConfig) -> str:
@@ -127,7 +127,7 @@ def _encoder(cfg: ExportConfig) -> str:
     h, w = cfg.size or opt.output_size
     export(graph, {"style": torch.rand(cfg.batch or 2, 3, h, w) * 2 - 1}, ["mu", "logvar"], cfg.out,
            dynamic_batch=cfg.batch is None, metadata={onnxmeta.ROLE: "encoder", onnxmeta.SIZE: f"{h}x{w}"})
-    return f"wrote {cfg.out} (SPADE style encoder, style {h}x{w} -> mu, logvar)"
+    return f"wrote {cfg.out} (SPADE style encoder, style {w}x{h} -> mu, logvar)"
 
 
 def _load_deeplab(path: Path):
@@ -136,7 +136,7 @@ def _load_deeplab(path: Path):
 
 def _check_seg_size(size: tuple[int, int], flag: str) -> None:
     if min(size) < 32:
-        raise InputError(f"{flag} {size[0]}x{size[1]}: DeepLab needs at least 32 pixels on each side")
+        raise InputError(f"{flag} {size[1]}x{size[0]}: DeepLab needs at least 32 pixels on each side")
 
 
 def _deeplab(cfg: ExportConfig) -> str:
@@ -152,7 +152,7 @@ def _deeplab(cfg: ExportConfig) -> str:
     image = torch.randn(cfg.batch or 2, 3, *size) * 50
     export(SegmenterGraph(deeplab, cfg.argmax), {"image": image}, ["labels" if cfg.argmax else "logits"],
            cfg.out, dynamic_batch=cfg.batch is None, metadata=metadata)
-    return (f"wrote {cfg.out} ({deeplab.family}, {deeplab.n_classes} classes, input {size[0]}x{size[1]}, "
+    return (f"wrote {cfg.out} ({deeplab.family}, {deeplab.n_classes} classes, input {size[1]}x{size[0]}, "
             f"output {'labels' if cfg.argmax else 'logits'})")
 
 
@@ -175,4 +175,4 @@ def _chain(cfg: ExportConfig) -> str:
     export(graph, inputs, ["image", "labels"], cfg.out, dynamic_batch=cfg.batch is None, metadata=metadata,
            unbatched=("remap",))
     return (f"wrote {cfg.out} (chain: {deeplab.family} [{seg_set or '?'}] -> SPADE [{gen_set or '?'}], "
-            f"frames {cfg.size[0]}x{cfg.size[1]})")
+            f"frames {cfg.size[1]}x{cfg.size[0]})")

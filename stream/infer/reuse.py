@@ -27,14 +27,15 @@ class Reuse:
         self._input_age = self._canvas_age = 0  # frames the kept input / canvas has been reused for
         self.frames = self.segmented = self.pictures = self.painted = 0
 
-    def to_segment(self, frames: np.ndarray) -> np.ndarray:
+    def to_segment(self, frames: np.ndarray, again: bool = False) -> np.ndarray:
         """Per frame of a batch (N x H x W x 3): True where it must be segmented, False where it
-        repeats the frame before it (in this batch or the last one)."""
+        repeats the frame before it (in this batch or the last one); ``again``: the batch's first
+        frame is segmented whatever it repeats."""
         todo = np.ones(len(frames), bool)
         for i, frame in enumerate(frames):
             kept = self._input if i == 0 else frames[i - 1]
-            if kept is not None and kept.shape == frame.shape and self._input_age < self.repaint_every \
-                    and np.array_equal(kept, frame):
+            if not (again and i == 0) and kept is not None and kept.shape == frame.shape \
+                    and self._input_age < self.repaint_every and np.array_equal(kept, frame):
                 todo[i] = False
                 self._input_age += 1
             else:
@@ -49,7 +50,8 @@ class Reuse:
         """Per label canvas of a batch: True where it must be painted, False where it (and z) is
         the one painted before it."""
         todo = np.ones(len(canvases), bool)
-        same_z = (z is None and self._z is None) or (z is not None and self._z is not None and np.array_equal(z, self._z))
+        same_z = (z is None and self._z is None) or (
+            z is not None and self._z is not None and np.array_equal(z, self._z))
         for i, canvas in enumerate(canvases):
             kept = self._canvas if i == 0 else canvases[i - 1]
             if (i > 0 or same_z) and kept is not None and kept.shape == canvas.shape \

@@ -47,8 +47,7 @@ class Synthesize:
     that does not (labels, overlay, ids) runs the segmenter only. Letterbox and pillarbox bars of
     the input (stream.pictures.black_bars) stay black in the picture. ``incremental``: a frame
     identical to the one before is not segmented again, a picture whose labels and style are the
-    one before is not painted again (stream.infer.reuse; exact); the models then run one by one
-    rather than as the ``all`` graph."""
+    one before is not painted again (stream.infer.reuse; exact), through the fused graphs too."""
 
     def __init__(self, segmenter, generator, table: labels.RemapTable, z, stabilize: str, fit: str,
                  gen_size: tuple[int, int] | None, chains: dict | None = None, paint: bool = True,
@@ -60,8 +59,8 @@ class Synthesize:
         self.gen_size = gen_size
         self.chains = {k: v for k, v in (chains or {}).items() if v is not None}
         self.reuse = Reuse() if incremental else None
-        self._last_seg = self._last_picture = None  # the last results, for frames that repeat them
-        self.whole = self.chains.get("all") if self.stabilizer is None and self.reuse is None else None
+        self._last_seg = self._last_picture = self._last_whole = None  # the last results, for frames that repeat them
+        self.whole = self.chains.get("all") if self.stabilizer is None else None
         first = self.whole or self.chains.get("segment") or segmenter
         self.asynchronous = getattr(first, "asynchronous", False)  # GPU runners overlap batches
         self.class_counts = np.zeros(256, np.int64)
@@ -90,25 +89,33 @@ class Synthesize:
         self.z, self.paint = updates.get("z", self.z), updates.get("paint", self.paint)
         boxes = [self._box(meta) for meta in metas] if self.gen_size else None
         bars = [black_bars(frame) for frame in frames] if self.paint else None  # read now: the buffer is reused
-        if self.whole is not None and self.paint:
-            return self.whole.submit(frames, self.table.lut, boxes, self.z), metas, boxes, None, bars
+        whole = self.whole is not None and self.paint
+        # a frame that repeats the one before is not segmented; through the one graph that also
+        # paints, not after a change of remap, style or view either (its results hold the old ones)
+        todo = self.reuse.to_segment(frames, again=whole and bool(updates)) if self.reuse is not None else None
+        run = frames if todo is None or todo.all() else frames[todo]
+        if whole:
+            run_boxes = boxes if todo is None else [b for b, t in zip(boxes, todo) if t]
+            pending = self.whole.submit(run, self.table.lut, run_boxes, self.z) if len(run) else None
+            return pending, metas, boxes, None, bars, todo
         # what the stabiliser reads of the frames is taken now: the batch's buffer is reused
         frames_kept = frames.copy() if getattr(self.stabilizer, "needs_frames", False) else None
-        todo = self.reuse.to_segment(frames) if self.reuse is not None else None
-        run = frames if todo is None or todo.all() else frames[todo]
         part = self.chains.get("segment")
         pending = (part.submit(run) if part else self.segmenter.submit(run)) if len(run) else None
         return pending, metas, boxes, frames_kept, bars, todo
 
     def finish(self, handle) -> list[FrameResult]:
-        pending, metas, boxes, frames, bars, *todo = handle
+        pending, metas, boxes, frames, bars, todo = handle
         moved = [None] * len(metas)  # per frame: where its input moved (True: all, a scene cut), from the stabiliser
         if self.whole is not None and bars is not None:
-            out = self.whole.finish(pending)
-            ids, synth = out["labels"], out.get("pixels")
+            out = self.whole.finish(pending) if pending is not None else {}
+            ids, synth = out.get("labels"), out.get("pixels")
+            if todo is not None:
+                pairs = None if ids is None else list(zip(ids, synth))
+                pairs, self._last_whole = Reuse.fill(pairs, todo, self._last_whole)
+                ids, synth = np.stack([m for m, _ in pairs]), np.stack([p for _, p in pairs])
         else:
-            ids, synth = self._stabilised_synthesis(pending, boxes, frames, moved, paint=bars is not None,
-                                                    todo=todo[0] if todo else None)
+            ids, synth = self._stabilised_synthesis(pending, boxes, frames, moved, paint=bars is not None, todo=todo)
         self.class_counts += np.bincount(ids.ravel(), minlength=256)
         if synth is None:
             return [FrameResult(m, None) for m in ids]
@@ -133,7 +140,8 @@ class Synthesize:
                               todo: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Segment (chain part or models; ``todo``: the frames that were, the others repeat the
         frame before), stabilise on the host (``moved[i]``: where frame i's input moved, as the
-        stabiliser saw it), then remap and, when ``paint``, synthesize."""
+        stabiliser saw it), then remap and, when ``paint``, synthesize (only the pictures whose
+        labels or style changed, with ``self.reuse``)."""
         part = self.chains.get("segment")
         if pending is None:
             seg = confidence = None
@@ -157,22 +165,26 @@ class Synthesize:
                 started = getattr(self.stabilizer, "started", False)
                 moved[i] = True if started else getattr(self.stabilizer, "moved", None)
             seg = np.stack(stable)
-        synth_part = self.chains.get("synth")
-        if paint and synth_part is not None and self.reuse is None:
-            out = synth_part.finish(synth_part.submit(seg, self.table.lut, boxes, self.z))
-            return out["labels"], out["pixels"]
         ids = self.table(seg)
         if not paint:
             return ids, None
-        gw, gh = self.gen_size
-        canvases = np.full((len(ids), gh, gw), labels.UNKNOWN, np.uint8)
-        for canvas, m, (x, y, cw, ch) in zip(canvases, ids, boxes):
-            canvas[y:y + ch, x:x + cw] = resize_labels(m, cw, ch)
+        synth_part = self.chains.get("synth")
+        canvases = None
+        if synth_part is None or self.reuse is not None:  # the generator's input, on the host
+            gw, gh = self.gen_size
+            canvases = np.full((len(ids), gh, gw), labels.UNKNOWN, np.uint8)
+            for canvas, m, (x, y, cw, ch) in zip(canvases, ids, boxes):
+                canvas[y:y + ch, x:x + cw] = resize_labels(m, cw, ch)
+        todo = self.reuse.to_paint(canvases, self.z) if self.reuse is not None else np.ones(len(ids), bool)
+        pictures = None
+        if todo.any() and synth_part is not None:
+            pictures = synth_part.finish(synth_part.submit(seg[todo], self.table.lut,
+                                                           [b for b, t in zip(boxes, todo) if t], self.z))["pixels"]
+        elif todo.any():
+            pictures = self.generator(canvases[todo], self.z)
         if self.reuse is None:
-            return ids, self.generator(canvases, self.z)
-        todo = self.reuse.to_paint(canvases, self.z)
-        painted = self.generator(canvases[todo], self.z) if todo.any() else None
-        pictures, self._last_picture = Reuse.fill(painted, todo, self._last_picture)
+            return ids, pictures
+        pictures, self._last_picture = Reuse.fill(pictures, todo, self._last_picture)
         return ids, np.stack(pictures)
 
     def _box(self, meta: dict) -> tuple[int, int, int, int]:
