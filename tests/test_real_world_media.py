@@ -171,7 +171,7 @@ def test_image2_pattern_folder_and_glob(tmp_path):
     ffmpeg(*VIDEO, "-frames:v", "12", "-start_number", "100", shots / "image_%04d.jpg")  # ffmpeg's own search: 0-4
     for spec, fps in ((shots / "image_%04d.jpg", None), (shots, "12"), (shots / "*.jpg", "10")):
         out = tmp_path / "seq.mp4"
-        proc = run_cli("run", spec, out, *FAST, *(["--fps", fps] if fps else []))
+        proc = run_cli("run", spec, out, *FAST, *(["--fps", fps] if fps else []), "-y")  # one output, replaced
         assert proc.returncode == 0, proc.stderr
         times, _ = decode_video(out)
         rate = float(fps or 25)

@@ -104,7 +104,7 @@ def test_bad_input_one_line_nothing_written(case, tmp_path):
 
 
 def test_output_must_not_overwrite_the_input_and_its_dir_must_exist(long_clip, tmp_path):
-    proc = run_cli("run", long_clip, long_clip.parent / "." / long_clip.name, *FAST)
+    proc = run_cli("run", long_clip, long_clip.parent / "." / long_clip.name, *FAST, "-y")  # not even with -y
     assert proc.returncode == 3 and "would overwrite the input" in proc.stderr
     proc = run_cli("run", long_clip, tmp_path / "no" / "such" / "dir" / "o.mp4", *FAST)
     assert proc.returncode == 3 and "does not exist" in proc.stderr
@@ -141,6 +141,6 @@ def test_damaged_middle_is_skipped_and_reported(tmp_path):
 def test_latest_policy_accounts_for_every_frame(long_clip, tmp_path):
     proc = run_cli("run", long_clip, tmp_path / "o.mp4", *FAST, "--policy", "latest", "--batch", "2")
     assert proc.returncode == 0, proc.stderr
-    line = next(ln for ln in proc.stderr.splitlines() if "frames in" in ln)
-    n_in, n_out, dropped = (int(line.split(f" {w}")[0].split()[-1]) for w in ("frames in", "out,", "dropped"))
+    line = next(ln for ln in proc.stderr.splitlines() if "frames_in" in ln)
+    n_in, n_out, dropped = (int(line.split(f"{w} ")[1].split(",")[0]) for w in ("frames_in", "frames_out", "dropped"))
     assert n_in == 400 and n_out + dropped == n_in

@@ -38,7 +38,7 @@ def test_synth_is_the_default_view_and_remap_changes_the_picture(setup, tmp_path
     d, onnx_path, clip = setup
     a, b = tmp_path / "a.mp4", tmp_path / "b.mp4"
     proc = run_cli("run", clip, a, "--generator", onnx_path, "--crf", "0")
-    assert proc.returncode == 0 and "(synth)" in proc.stderr, proc.stderr
+    assert proc.returncode == 0 and "(view synth)" in proc.stderr, proc.stderr
     assert run_cli("run", clip, b, "--generator", onnx_path, "--crf", "0", "--remap", "person=animal").returncode == 0
     fa, fb = decode_video(a)[1][0].astype(int), decode_video(b)[1][0].astype(int)
     assert np.abs(fa - fb).mean() > 1  # the person region was repainted
@@ -122,9 +122,9 @@ def test_bundled_default_generator_synthesizes_out_of_the_box_and_none_opts_out(
     _, _, clip = setup
     synth, labels_only = tmp_path / "s.mp4", tmp_path / "l.mp4"
     proc = run_cli("run", clip, synth, "--segmenter", "voc")
-    assert proc.returncode == 0 and "(synth)" in proc.stderr, proc.stderr
+    assert proc.returncode == 0 and "(view synth)" in proc.stderr, proc.stderr
     proc = run_cli("run", clip, labels_only, "--segmenter", "voc", "--generator", "none")
-    assert proc.returncode == 0 and "(labels)" in proc.stderr and "notice" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0 and "(view labels)" in proc.stderr and "notice" not in proc.stderr, proc.stderr
     (ts, fs), (tl, fl) = decode_video(synth), decode_video(labels_only)
     assert ts == tl == decode_video(clip)[0] and fs[0].shape == fl[0].shape
     assert np.abs(fs[0].astype(int) - fl[0].astype(int)).mean() > 10  # painted, not the colour map

@@ -56,8 +56,9 @@ def test_a_switch_to_the_picture_paints_from_the_next_batch(models, astronaut):
     from segsynth.stream.io.sources import SyntheticSource
 
     source = SyntheticSource([astronaut[::4, ::4]], count=400, rate=25)
-    s = StreamSession(StreamConfig(source="synthetic.mp4", sinks=["o.mkv"], view="labels", stabilize="off"),
-                      models, source=source, sinks=[MemorySink()])
+    # incremental off: every frame here is the same picture, which --incremental paints once
+    s = StreamSession(StreamConfig(source="synthetic.mp4", sinks=["o.mkv"], view="labels", stabilize="off",
+                                   incremental="off"), models, source=source, sinks=[MemorySink()])
     s.start()
     try:
         deadline = time.monotonic() + 60
