@@ -172,7 +172,10 @@ def test_every_subcommand_help_has_a_description_an_example_and_its_defaults():
     from segsynth.cli import build_parser
 
     problems = []
-    for name, parser in build_parser().get_default("commands").items():
+    commands = build_parser().get_default("commands")
+    crf = {name: commands[name].get_default("crf") for name in ("segment", "run", "transcode")}
+    assert len(set(crf.values())) == 1, crf  # one default quality wherever frames are encoded
+    for name, parser in commands.items():
         text = parser.format_help()
         if not parser.description:
             problems.append(f"{name}: no description")
