@@ -31,15 +31,7 @@ class Reuse:
         """Per frame of a batch (N x H x W x 3): True where it must be segmented, False where it
         repeats the frame before it (in this batch or the last one); ``again``: the batch's first
         frame is segmented whatever it repeats."""
-        todo = np.ones(len(frames), bool)
-        for i, frame in enumerate(frames):
-            kept = self._input if i == 0 else frames[i - 1]
-            if not (again and i == 0) and kept is not None and kept.shape == frame.shape \
-                    and self._input_age < self.repaint_every and np.array_equal(kept, frame):
-                todo[i] = False
-                self._input_age += 1
-            else:
-                self._input_age = 0
+        todo, self._input_age = self._repeats(frames, self._input, not again, self._input_age)
         if len(frames):
             self._input = frames[-1].copy()  # the batch's buffer is reused for the next one
         self.frames += len(frames)
@@ -49,22 +41,29 @@ class Reuse:
     def to_paint(self, canvases: np.ndarray, z: np.ndarray | None) -> np.ndarray:
         """Per label canvas of a batch: True where it must be painted, False where it (and z) is
         the one painted before it."""
-        todo = np.ones(len(canvases), bool)
         same_z = (z is None and self._z is None) or (
             z is not None and self._z is not None and np.array_equal(z, self._z))
-        for i, canvas in enumerate(canvases):
-            kept = self._canvas if i == 0 else canvases[i - 1]
-            if (i > 0 or same_z) and kept is not None and kept.shape == canvas.shape \
-                    and self._canvas_age < self.repaint_every and np.array_equal(kept, canvas):
-                todo[i] = False
-                self._canvas_age += 1
-            else:
-                self._canvas_age = 0
+        todo, self._canvas_age = self._repeats(canvases, self._canvas, same_z, self._canvas_age)
         if len(canvases):
             self._canvas, self._z = canvases[-1].copy(), None if z is None else z.copy()
         self.pictures += len(canvases)
         self.painted += int(todo.sum())
         return todo
+
+    def _repeats(self, items: np.ndarray, kept, first_may_repeat: bool, age: int) -> tuple[np.ndarray, int]:
+        """Per item: True where it must be computed, False where it equals the item before it
+        (``kept`` before the first; the first only if ``first_may_repeat``) and that result has
+        been reused fewer than ``repaint_every`` times in a row (``age``). Returns (todo, age)."""
+        todo = np.ones(len(items), bool)
+        for i, item in enumerate(items):
+            before = kept if i == 0 else items[i - 1]
+            if (i > 0 or first_may_repeat) and before is not None and before.shape == item.shape \
+                    and age < self.repaint_every and np.array_equal(before, item):
+                todo[i] = False
+                age += 1
+            else:
+                age = 0
+        return todo, age
 
     @staticmethod
     def fill(computed, todo: np.ndarray, last):
