@@ -191,9 +191,14 @@ def add_picture_options(p: argparse.ArgumentParser, threads: str) -> None:
                    help="ade20k+voc (scene + people/animals/vehicles), ade20k, voc, or a segmenter ONNX")
     p.add_argument("--size", metavar="WxH", help="synthesis resolution (default: the generator's own)")
     p.add_argument("--threads", type=int, help=threads)
-    p.add_argument("--cache-dir", help="where exported generators, fused and re-shaped graphs and engines are cached "
-                                       "(default $SEGSYNTH_HOME, else $XDG_CACHE_HOME/segsynth or ~/.cache/segsynth)")
+    add_cache_dir(p, "where exported generators, fused and re-shaped graphs and engines are cached")
     add_backend(p)
+
+
+def add_cache_dir(p: argparse.ArgumentParser, what: str) -> None:
+    """--cache-dir, ``what`` goes there, and where it is by default (core.paths.cache_dir)."""
+    p.add_argument("--cache-dir", help=f"{what} (default $SEGSYNTH_HOME, else $XDG_CACHE_HOME/segsynth or "
+                                       "~/.cache/segsynth)")
 
 
 def add_stabilize(p: argparse.ArgumentParser) -> None:

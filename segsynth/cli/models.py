@@ -5,7 +5,15 @@ import json
 import logging
 from pathlib import Path
 
-from segsynth.cli.common import add_backend, add_generator, add_overwrite, add_stabilize, check_new_outputs, tier
+from segsynth.cli.common import (
+    add_backend,
+    add_cache_dir,
+    add_generator,
+    add_overwrite,
+    add_stabilize,
+    check_new_outputs,
+    tier,
+)
 from segsynth.core.config import ExportConfig, ModelConfig
 from segsynth.core.errors import InputError
 from segsynth.core.grammar import (
@@ -252,8 +260,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help="also score the real frames blurred by 1 pixel and with noise (sigma 10): the ceiling of "
                         "the protocol for any picture that is not the very frame the labels came from")
     p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
-    p.add_argument("--cache-dir", help="where exported generators are cached (default $SEGSYNTH_HOME, else "
-                                       "$XDG_CACHE_HOME/segsynth or ~/.cache/segsynth)")
+    add_cache_dir(p, "where exported generators are cached")
     p.add_argument("--backend", default="auto", help="inference backend (see segsynth run --help)")
     p.set_defaults(func=_eval_generator)
     p = sub.add_parser("eval-temporal", parents=[common], help="measure flicker: label flips where the input "
@@ -275,6 +282,6 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", metavar="OUT.png", help="also write a frame grid: input | labels off | labels "
                                                      "stabilised | picture off | picture stabilised, consecutive rows")
     p.add_argument("--threads", type=int, help="inference threads (default: all cores)")
-    p.add_argument("--cache-dir", help="where exported generators and fused graphs are cached")
+    add_cache_dir(p, "where exported generators and fused graphs are cached")
     add_backend(p)
     p.set_defaults(func=_eval_temporal)

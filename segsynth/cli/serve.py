@@ -5,7 +5,7 @@ import logging
 import os
 from pathlib import Path
 
-from segsynth.cli.common import add_backend, add_generator, tier
+from segsynth.cli.common import add_backend, add_cache_dir, add_generator, tier
 from segsynth.core.config import ModelConfig, ServiceConfig
 from segsynth.core.errors import InputError
 
@@ -65,7 +65,6 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="the segmenter of every stream")
     add_generator(p)
     p.add_argument("--threads", type=int, help="inference threads per model (default: all cores)")
-    p.add_argument("--cache-dir", help="where exported generators are cached (default $SEGSYNTH_HOME, else "
-                                       "$XDG_CACHE_HOME/segsynth or ~/.cache/segsynth)")
+    add_cache_dir(p, "where exported generators are cached")
     add_backend(p)
     p.set_defaults(func=_serve)

@@ -4,7 +4,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from segsynth.cli.common import add_backend, add_generator, tier
+from segsynth.cli.common import add_backend, add_cache_dir, add_generator, tier
 from segsynth.core import labels, paths
 from segsynth.core.errors import InputError, ModelError, SegsynthError
 from segsynth.core.grammar import parse_size
@@ -158,8 +158,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--fp16-a", action="store_true", help="compare: run A in FP16 (GPU backends)")
     p.add_argument("--fp16-b", action="store_true", help="compare: run B in FP16 (GPU backends)")
     p.add_argument("--inputs", metavar="FILE.npz", help="compare: inputs by name (default: random ones)")
-    p.add_argument("--cache-dir", help="segsynth cache; engines go in its engines/ (default $SEGSYNTH_HOME, else "
-                                       "$XDG_CACHE_HOME/segsynth or ~/.cache/segsynth)")
+    add_cache_dir(p, "segsynth cache; engines go in its engines/")
     p.set_defaults(func=_engine)
     p = sub.add_parser("labels", parents=[common], help="list label sets, their classes and mappings",
                        description="Inspect label sets: list (the default), show SET, map SRC DST.",
