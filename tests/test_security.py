@@ -107,7 +107,9 @@ def hostile_server(directory: Path, trap: Trap):
                 return self._send(gzip.compress(evil), {"Content-Encoding": "gzip"})
             if path == "/gzip-good.m3u8":
                 return self._send(gzip.compress((directory / "good.m3u8").read_bytes()), {"Content-Encoding": "gzip"})
-            if path == "/nested.m3u8":  # master -> variant -> variant -> another host
+            if path == "/nested.m3u8":  # master -> variant -> another host
+                return self._send(b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nlevel2.m3u8\n")
+            if path == "/deep.m3u8":  # master -> master -> variant -> another host
                 return self._send(b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nlevel1.m3u8\n")
             if path == "/level1.m3u8":
                 return self._send(b"#EXTM3U\n#EXT-X-STREAM-INF:BANDWIDTH=1\nlevel2.m3u8\n")
@@ -167,6 +169,20 @@ def test_a_playlist_that_shows_another_host_is_refused_before_a_byte_is_read_the
     finally:
         trap.close()
     assert why in str(caught.value) and f":{trap.port}" in str(caught.value)
+    assert trap.connections == 0
+
+
+def test_a_master_playlist_inside_a_master_reads_nothing_elsewhere(segments):
+    """FFmpeg before 8 follows a master inside a master, and the gate refuses the third level;
+    FFmpeg 8 refuses the nesting itself. Either way the input fails and the other port sees nothing."""
+    from segsynth.core.errors import InputError, SourceError
+
+    trap = Trap()
+    try:
+        with hostile_server(segments, trap) as base, pytest.raises((InputError, SourceError)):
+            _read(f"{base}/deep.m3u8")
+    finally:
+        trap.close()
     assert trap.connections == 0
 
 

@@ -161,6 +161,7 @@ def passthrough(job: Job) -> dict:
     for _ in range(job.cfg.repeats):
         start = time.perf_counter()  # like the ffmpeg CLI's time: opening and closing files included
         source = _PassSource(src)
+        rate = round(float(source.video.average_rate or 30))  # read while open: the pipeline closes the source
         try:
             sink = _PassSink(source, job.cfg.workdir / "pass-segsynth.mp4")
         except BaseException:
@@ -169,7 +170,6 @@ def passthrough(job: Job) -> dict:
         Pipeline(source, lambda frames, metas: [None] * len(metas), sink, model_shape=(1, 1, 3)).run()
         ours.append(time.perf_counter() - start)
         if ffmpeg:
-            rate = round(float(source.video.average_rate or 30))
             cmd = [ffmpeg, "-v", "error", "-y", "-i", str(src), "-map", "0:v:0", "-map", "0:a?", "-c:v", "libx264",
                    "-preset", "veryfast", "-crf", "20", "-bf", "0", "-g", str(2 * rate), "-pix_fmt", "yuv420p",
                    "-c:a", "copy", "-movflags", "frag_keyframe+empty_moov+default_base_moof", "-frag_duration",
