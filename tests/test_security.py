@@ -173,8 +173,8 @@ def test_a_playlist_that_shows_another_host_is_refused_before_a_byte_is_read_the
 
 
 def test_a_master_playlist_inside_a_master_reads_nothing_elsewhere(segments):
-    """FFmpeg before 8 follows a master inside a master, and the gate refuses the third level;
-    FFmpeg 8 refuses the nesting itself. Either way the input fails and the other port sees nothing."""
+    """PyAV 18.1.0's FFmpeg followed a master inside a master, and the gate refused the third level;
+    18.1.1's refuses the nesting itself. Either way the input fails and the other port sees nothing."""
     from segsynth.core.errors import InputError, SourceError
 
     trap = Trap()
