@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import os
 import subprocess
 import sys
 import threading
@@ -19,11 +20,13 @@ MEDIA = REPO / "third_party" / "media"
 MODELS = REPO / "third_party" / "models"
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the installed ``segsynth`` console script; returns the completed process (text output)."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
+            env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed ``segsynth`` console script (``env``: variables added to this process's);
+    returns the completed process (text output)."""
     script = Path(sys.executable).with_name("segsynth")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "segsynth.cli"]
-    proc = subprocess.run([*cmd, *map(str, args)], cwd=cwd, timeout=timeout,
+    proc = subprocess.run([*cmd, *map(str, args)], cwd=cwd, timeout=timeout, env={**os.environ, **(env or {})},
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if args and args[0] == "export" and proc.returncode == 0 and "--out" in args:
         assert_tensorrt_parsable(Path(cwd or ".") / str(args[list(args).index("--out") + 1]))

@@ -1,5 +1,6 @@
 """The ``segsynth`` command: one module per command group (media: segment, run, transcode,
-devices; serve; models: export, dataset, train, eval-*; tools: bench, engine, labels), each
+devices; serve; models: export, dataset, train, eval-*; registry: models list/pull/add/path/rm;
+tools: bench, engine, labels), each
 adding its subcommands. A command builds the config dataclasses of its arguments and hands them
 to the job that does the work (segsynth.jobs); modules that import torch or FastAPI are imported
 by the command that needs them, so ``segsynth --help`` never imports either."""
@@ -13,7 +14,7 @@ import sys
 import traceback
 
 from segsynth import __version__
-from segsynth.cli import common, media, models, serve, tools
+from segsynth.cli import common, media, models, registry, serve, tools
 from segsynth.core.errors import SegsynthError
 
 log = logging.getLogger("segsynth")
@@ -28,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
                "'segsynth COMMAND --help' for each command")
     parser.add_argument("--version", action="version", version=f"segsynth {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for group in (media, serve, models, tools):
+    for group in (media, serve, models, registry, tools):
         group.add_parsers(sub, shared)
     parser.set_defaults(commands=sub.choices)
     return parser

@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from segsynth.core import paths
 from segsynth.core.errors import InputError, OutputError
 from segsynth.jobs.progress import Progress
+from segsynth.jobs.registry import Registry
 from segsynth.stream.infer.segmenter import load_segmenter
 from segsynth.stream.io import demux
 from segsynth.stream.pictures import resize_labels, resize_rgb
@@ -101,7 +103,7 @@ def make_dataset(cfg: DatasetConfig, *, quiet: bool = False) -> dict:
         raise OutputError(f"{out} already exists; choose a new directory")
     if not out.parent.is_dir():
         raise OutputError(f"cannot write {out}: directory {out.parent} does not exist")
-    segmenter = load_segmenter(cfg.segmenter, threads=cfg.threads)
+    segmenter = load_segmenter(Registry(paths.cache_dir()).resolve(cfg.segmenter, "segmenter"), threads=cfg.threads)
     staging = out.parent / f".{out.name}.partial-{os.getpid()}"
     w, h = cfg.size
     items, sources = [], []

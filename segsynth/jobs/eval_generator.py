@@ -35,6 +35,7 @@ from segsynth.core.errors import InputError
 from segsynth.jobs.dataset import load_manifest, read_pair
 from segsynth.jobs.models import exported_generator
 from segsynth.jobs.progress import Progress
+from segsynth.jobs.registry import Registry
 from segsynth.stream.infer.generator import load_generator
 from segsynth.stream.infer.segmenter import load_segmenter
 from segsynth.stream.pictures import resize_labels, resize_rgb
@@ -140,8 +141,10 @@ def evaluate(generator_spec: str, data: Path, *, segmenter: str = "ade20k+voc", 
 
     manifest = load_manifest(data)
     items = manifest["items"][:limit] if limit else manifest["items"]
-    seg = load_segmenter(segmenter, threads=threads, backend=backend, cache_dir=cache_dir)
+    registry = Registry(paths.cache_dir(cache_dir))
+    seg = load_segmenter(registry.resolve(segmenter, "segmenter"), threads=threads, backend=backend, cache_dir=cache_dir)
     try:
+        generator_spec = registry.resolve(generator_spec, "generator")
         if Path(generator_spec).is_dir():  # an official checkpoint: exported once, into the cache
             generator_spec = str(exported_generator(Path(generator_spec), None, paths.cache_dir(cache_dir)))
         gen = load_generator(generator_spec, cache_dir=cache_dir, threads=threads, backend=backend)

@@ -1,4 +1,5 @@
-"""Loading the models a command names: ``load_models(ModelConfig)``. What the stream library's
+"""Loading the models a command names: ``load_models(ModelConfig)``. Names of installed models
+(``segsynth models``, segsynth.jobs.registry) become their graphs; what the stream library's
 ModelSet takes - bundled names and ONNX graphs - it loads directly; an official SPADE
 checkpoint directory (or a student's, segsynth.export.student) is exported to ONNX first, once, into the cache (keyed by its files'
 bytes and the size), which needs the export extra (torch)."""
@@ -14,14 +15,23 @@ from segsynth.core.config import ExportConfig, ModelConfig
 from segsynth.core.errors import ModelError
 from segsynth.core.paths import BUNDLED_GENERATORS
 from segsynth.engine.cache import CachedFile, content_key
+from segsynth.jobs.registry import Registry
 from segsynth.stream.infer.models import ModelSet
 
 log = logging.getLogger("segsynth")
 EXPORT_VERSION = "export-v2"  # v2: dynamic batch, encoder at the checkpoint size
 
 
+def named(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` with model names (segsynth models) replaced by what they name."""
+    registry = Registry(cfg.cache_dir)
+    return dataclasses.replace(cfg, segmenter=registry.resolve(cfg.segmenter, "segmenter"),
+                               generator=registry.resolve(cfg.generator, "generator", cfg.size))
+
+
 def load_models(cfg: ModelConfig) -> ModelSet:
-    """The ModelSet of ``cfg``, a checkpoint directory as its generator exported first."""
+    """The ModelSet of ``cfg``: names resolved, a checkpoint directory as its generator exported first."""
+    cfg = named(cfg)
     generator = Path(cfg.generator)
     if cfg.generator not in (*BUNDLED_GENERATORS, "none") and generator.is_dir():
         cfg = dataclasses.replace(cfg, generator=str(exported_generator(generator, cfg.size, cfg.cache_dir)))

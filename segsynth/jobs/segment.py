@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from segsynth.core import labels
+from segsynth.core import labels, paths
 from segsynth.core.config import ModelConfig, SegmentConfig, StreamConfig
+from segsynth.jobs.registry import Registry
 from segsynth.jobs.run import run
 from segsynth.stream.infer.segmenter import load_segmenter
 from segsynth.stream.io import demux, mux
@@ -42,7 +43,7 @@ def run_segment(cfg: SegmentConfig, *, quiet: bool = False) -> SegmentSummary:
     mux.check_output(cfg.output, cfg.input)
     if not cfg.is_image:
         return _segment_video(cfg, quiet)
-    segmenter = load_segmenter(cfg.segmenter, label_set=cfg.label_set, threads=cfg.threads, backend=cfg.backend,
+    segmenter = load_segmenter(Registry(paths.cache_dir()).resolve(cfg.segmenter, "segmenter"), label_set=cfg.label_set, threads=cfg.threads, backend=cfg.backend,
                                fp16=cfg.fp16, fast=cfg.models == "fast", seg_size=cfg.seg_size)
     try:
         remap = labels.RemapTable(cfg.remap, segmenter.label_set)
