@@ -175,7 +175,9 @@ def test_every_subcommand_help_has_a_description_an_example_and_its_defaults():
     commands = build_parser().get_default("commands")
     crf = {name: commands[name].get_default("crf") for name in ("segment", "run", "transcode")}
     assert len(set(crf.values())) == 1, crf  # one default quality wherever frames are encoded
-    for name, parser in commands.items():
+    nested = {f"{name} {action}": sub for name, parser in commands.items() for a in parser._actions
+              if isinstance(a, argparse._SubParsersAction) for action, sub in a.choices.items()}  # models list ...
+    for name, parser in {**commands, **nested}.items():
         text = parser.format_help()
         if not parser.description:
             problems.append(f"{name}: no description")

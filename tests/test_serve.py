@@ -81,7 +81,7 @@ def service(tmp_path: Path, segmenter: Path, *args, generator: str | Path = "non
             proc.wait()
 
 
-def series(base: str, name: str, **labels) -> float | None:
+def series(base: str, name: str, /, **labels) -> float | None:
     """The value of one series in /metrics, or None when it is not there."""
     status, text = api(base, "GET", "/metrics")
     assert status == 200
@@ -162,6 +162,51 @@ def test_streams_metrics_live_patch_and_delete_on_a_real_server(tmp_path, tiny_s
         assert len(decode_video(root / "cam.mkv")[0]) >= 10
 
 
+def test_streams_on_two_model_sets_share_each_and_an_unused_set_goes_after_the_keep_alive(tmp_path, tiny_segmenter):
+    """One service, streams on voc (its own set) and on ade20k+voc (loaded on first use, shared
+    by the streams that name it, unloaded a keep-alive after the last of them was deleted)."""
+    def loaded(base) -> dict:
+        status, body = api(base, "GET", "/v1/models")
+        assert status == 200, body
+        return {(s["segmenter"], s["generator"]): s for s in body["loaded"]}
+
+    with service(tmp_path, "voc", "--max-model-sets", "2", "--model-keep-alive", "1") as (base, root, proc):
+        for sid, extra in (("a", {}), ("b", {"segmenter": "ade20k+voc"}), ("c", {"segmenter": "ade20k+voc"})):
+            status, body = api(base, "POST", "/v1/streams", {"id": sid, "source": RED, "view": "labels",
+                                                              "sinks": [str(root / f"{sid}.mkv")], **extra})
+            assert status == 201, body
+        sets = loaded(base)
+        assert sets.keys() == {("voc", "none"), ("ade20k+voc", "none")}
+        assert sets["voc", "none"]["streams"] == ["a"] and sets["voc", "none"]["default"]
+        assert sets["ade20k+voc", "none"]["streams"] == ["b", "c"] and sets["ade20k+voc", "none"]["load_seconds"] > 0
+        assert series(base, "segsynth_model_loaded", name="ade20k+voc") == 1
+        assert series(base, "segsynth_model_set_streams", segmenter="ade20k+voc") == 2
+        names = {m["name"]: m for m in api(base, "GET", "/v1/models")[1]["available"]}
+        assert names["voc"]["state"] == "bundled" and names["coco"]["state"] == "not installed"
+        # a third set does not fit: refused with the reason, nothing loaded
+        third = {"source": RED, "sinks": [str(root / "d.mkv")], "segmenter": str(tiny_segmenter)}
+        status, body = api(base, "POST", "/v1/streams", third)
+        assert status == 503 and "--max-model-sets" in body["error"], body
+        status, body = api(base, "POST", "/v1/streams", {"source": RED, "sinks": [str(root / "e.mkv")],
+                                                          "segmenter": "ade20k+vocc"})
+        assert status == 422 and body["field"] == "segmenter" and "did you mean" in body["error"], body
+        # deleting its last stream: still loaded for the keep-alive, then gone (and there is room)
+        assert api(base, "DELETE", "/v1/streams/b")[0] == 200
+        assert loaded(base)["ade20k+voc", "none"]["streams"] == ["c"]
+        assert api(base, "DELETE", "/v1/streams/c")[0] == 200
+        deadline = time.monotonic() + 20
+        while ("ade20k+voc", "none") in loaded(base):
+            assert time.monotonic() < deadline, "the unused model set was not unloaded"
+            time.sleep(0.2)
+        assert series(base, "segsynth_model_loaded", name="ade20k+voc") is None
+        status, body = api(base, "POST", "/v1/streams", third)
+        assert status == 201, body
+        assert loaded(base)[str(tiny_segmenter), "none"]["streams"] == [body["id"]]
+        for sid in ("a", body["id"]):
+            assert api(base, "DELETE", f"/v1/streams/{sid}")[0] == 200
+    assert len(re.findall(r"model set ade20k\+voc\+none\+\w+: loaded", proc.stderr.read())) == 1  # once, for b and c
+
+
 def test_bad_requests_are_4xx_with_a_clear_json_error(tmp_path, tiny_segmenter):
     with service(tmp_path, tiny_segmenter) as (base, root, _):
         out = str(root / "o.mkv")
@@ -174,7 +219,8 @@ def test_bad_requests_are_4xx_with_a_clear_json_error(tmp_path, tiny_segmenter):
             ({"source": RED, "sinks": [out], "view": "sepia"}, 422, "view"),
             ({"source": RED, "sinks": [out], "stabilize": "median"}, 422, "stabilize"),
             ({"source": RED, "sinks": [out], "seed": "many"}, 422, "seed"),
-            ({"source": RED, "sinks": [out], "segmenter": "ade20k"}, 422, "segmenter"),
+            ({"source": RED, "sinks": [out], "segmenter": "no-such-model"}, 422, "segmenter"),
+            ({"source": RED, "sinks": [out], "models": "fastest"}, 422, "models"),
             ({"sinks": [out]}, 422, "source"),
             ({"source": "lavfi:color=s=64x64,drawtext=textfile=/etc/passwd", "sinks": [out]}, 422, "source"),
             ({"source": "http://[", "sinks": [out]}, 422, "source"),

@@ -27,16 +27,20 @@ def _serve(args: argparse.Namespace) -> int:
             raise InputError(f"--token-file {args.token_file}: the file is empty")
     cfg = ServiceConfig(host=args.host, port=args.port, token=token, media_root=args.media_root, config=args.config,
                         protect_metrics=args.protect_metrics, grace=args.grace, max_streams=args.max_streams,
-                        max_outputs=args.max_outputs)  # checked before any model loads
+                        max_outputs=args.max_outputs, max_model_sets=args.max_model_sets,
+                        model_keep_alive=args.model_keep_alive)  # checked before any model loads
     model_cfg = ModelConfig(segmenter=args.segmenter, generator=args.generator, threads=args.threads,
                             cache_dir=args.cache_dir, backend=args.backend, fp16=not args.fp32,
                             fused=args.fused, models=tier(args, True), seg_size=args.seg_size)
     # imported here: the service needs FastAPI (the serve extra) and the jobs load av and onnxruntime
     from segsynth.jobs.models import load_models
     from segsynth.serve.app import serve
+    from segsynth.serve.model_sets import ModelSets
 
     with load_models(model_cfg) as models:
-        return serve(cfg, models)
+        sets = ModelSets(models, model_cfg, loader=load_models, limit=cfg.max_model_sets,
+                         keep_alive=cfg.model_keep_alive)
+        return serve(cfg, models, sets)
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
@@ -60,9 +64,15 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
                    help=f"streams at once (default {ServiceConfig.max_streams}; more get 429)")
     p.add_argument("--max-outputs", type=int, default=ServiceConfig.max_outputs, metavar="N",
                    help=f"outputs a stream may have (default {ServiceConfig.max_outputs})")
+    p.add_argument("--max-model-sets", type=int, default=ServiceConfig.max_model_sets, metavar="N",
+                   help="model sets loaded at once, this service's own included: a stream may name other models "
+                        "(segmenter, generator, models), loaded on first use and shared; beyond N, 503")
+    p.add_argument("--model-keep-alive", type=float, default=ServiceConfig.model_keep_alive, metavar="SECONDS",
+                   help="an unused model set is unloaded this long after its last stream was deleted")
     p.add_argument("--grace", type=float, default=10.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT: drain streams this long, then abort them (default 10)")
-    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx", help="the segmenter of every stream")
+    p.add_argument("--segmenter", default="ade20k+voc", metavar="NAME|FILE.onnx",
+                   help="the segmenter of the streams that name none (segsynth models list shows the names)")
     add_generator(p)
     p.add_argument("--threads", type=int, help="inference threads per model (default: all cores)")
     add_cache_dir(p, "where exported generators are cached")

@@ -411,6 +411,8 @@ class ServiceConfig:
     grace: float = 10.0  # seconds SIGTERM/SIGINT drain the streams before aborting them
     max_streams: int = 64  # streams at once
     max_outputs: int = 8  # outputs a stream may have
+    max_model_sets: int = 2  # model sets loaded at once (the service's own included)
+    model_keep_alive: float = 60.0  # seconds an unused model set stays loaded
 
     def __post_init__(self) -> None:
         for name in ("media_root", "config"):
@@ -421,8 +423,11 @@ class ServiceConfig:
                              field="host")
         if not 0 <= self.port <= 65535:
             raise InputError(f"--port {self.port}: not a port number", field="port")
-        if self.max_streams < 1 or self.max_outputs < 1:
-            raise InputError("--max-streams and --max-outputs must be at least 1", field="max_streams")
+        if self.max_streams < 1 or self.max_outputs < 1 or self.max_model_sets < 1:
+            raise InputError("--max-streams, --max-outputs and --max-model-sets must be at least 1",
+                             field="max_streams")
+        if not (math.isfinite(self.model_keep_alive) and self.model_keep_alive >= 0):
+            raise InputError("--model-keep-alive must be 0 seconds or more", field="model_keep_alive")
         if not (math.isfinite(self.grace) and self.grace >= 0):
             raise InputError("--grace must be 0 seconds or more", field="grace")
         if self.media_root is not None and not self.media_root.is_dir():

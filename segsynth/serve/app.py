@@ -7,6 +7,7 @@ OpenAPI - and ``serve``, which runs it until SIGTERM/SIGINT drain every stream.
     GET    /v1/streams/{id}     its config, state and stats
     PATCH  /v1/streams/{id}     change remap, view or seed while it runs
     DELETE /v1/streams/{id}     drain and close it (202 while an aborted one is still ending)
+    GET    /v1/models           models by name; the model sets loaded, their streams, load time, memory
     GET    /healthz, /readyz, /metrics
     GET    /                    the web studio (segsynth.serve.studio)
 """
@@ -35,6 +36,7 @@ from segsynth import __version__
 from segsynth.core import metrics
 from segsynth.core.config import ServiceConfig, stream_field_types, stream_fields
 from segsynth.core.errors import InputError, SegsynthError
+from segsynth.jobs.registry import Registry
 from segsynth.serve import studio
 from segsynth.serve.responses import error_responses
 from segsynth.serve.service import MODEL_FIELDS, Service, load_config
@@ -181,12 +183,21 @@ def create_app(service: Service, *, token: str | None = None, protect_metrics: b
         return JSONResponse({"id": stream_id, "state": "closed" if gone else "removing", "stats": stats},
                             status_code=200 if gone else 202)
 
+    @app.get("/v1/models", responses=error_responses(401))
+    def list_models() -> dict:
+        sets = service.model_sets
+        available = [{k: row[k] for k in ("name", "roles", "label_set", "state", "licence")}
+                     for row in Registry(sets.config.cache_dir).listing()]
+        return {"available": available, "loaded": sets.status(), "max_model_sets": sets.limit,
+                "keep_alive_seconds": sets.keep_alive}
+
     studio.add_routes(app, service)
     return app
 
 
-def serve(cfg: ServiceConfig, models) -> int:
-    """Run the service of ``cfg`` over ``models`` until SIGTERM/SIGINT (then drain every stream, 0)."""
+def serve(cfg: ServiceConfig, models, model_sets=None) -> int:
+    """Run the service of ``cfg`` over ``models`` (and the other sets ``model_sets`` loads for
+    the streams that name them) until SIGTERM/SIGINT (then drain every stream, 0)."""
 
     class Server(uvicorn.Server):
         """SIGTERM/SIGINT stop the service gracefully (stop accepting, drain every stream) and
@@ -202,7 +213,8 @@ def serve(cfg: ServiceConfig, models) -> int:
                     signal.signal(sig, handler)
 
     boot = load_config(cfg.config) if cfg.config else []
-    service = Service(models, media_root=cfg.media_root, max_streams=cfg.max_streams, max_outputs=cfg.max_outputs)
+    service = Service(models, model_sets=model_sets, media_root=cfg.media_root, max_streams=cfg.max_streams,
+                      max_outputs=cfg.max_outputs)
     try:
         for i, spec in enumerate(boot, 1):  # a bad stream in the config stops the service before it listens
             try:

@@ -1,11 +1,13 @@
-"""``segsynth serve``: many stream sessions in one process over one ModelSet, behind a small
-HTTP API (FastAPI + uvicorn) with Prometheus metrics.
+"""``segsynth serve``: many stream sessions in one process, over the model sets they name
+(segsynth.serve.model_sets: loaded once, shared, unloaded when unused), behind a small HTTP API
+(FastAPI + uvicorn) with Prometheus metrics.
 
     GET    /v1/streams          the streams and their state
     POST   /v1/streams          start one (the body: ``StreamSpec``) -> 201
     GET    /v1/streams/{id}     its config, state and stats
     PATCH  /v1/streams/{id}     change remap, view or seed while it runs
     DELETE /v1/streams/{id}     drain and close it
+    GET    /v1/models           the models by name and the model sets loaded, with their streams
     GET    /healthz, /readyz, /metrics
     GET    /                    the web studio; its endpoints (/v1/labels, /v1/segment,
                                 /v1/synthesize, /v1/style, /v1/streams/{id}/live.mjpg): segsynth.serve.studio
@@ -15,6 +17,8 @@ puts the API in front of it. Bad input is a 4xx with ``{"error": ..., "field": .
 """
 
 
+import dataclasses
+import itertools
 import logging
 import threading
 import time
@@ -24,13 +28,15 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
-from segsynth.core.config import ServiceConfig, StreamConfig, stream_fields
+from segsynth.core.config import ModelConfig, ServiceConfig, StreamConfig, stream_fields
 from segsynth.core.errors import InputError, SegsynthError, ServiceError
 from segsynth.core.grammar import LOOPBACK, check_seed, parse_address, sink_kind
+from segsynth.serve.model_sets import FIELDS as MODEL_FIELDS
+from segsynth.serve.model_sets import ModelSets
 from segsynth.stream.session import StreamSession
 
 log = logging.getLogger("segsynth")
-MODEL_FIELDS = ("segmenter", "generator")  # the service's models: a stream may name them, not change them
+_ids = itertools.count(1)
 SPEC_FIELDS = (*(f.name for f in stream_fields(api=True)), *MODEL_FIELDS)  # the POST body: core.config's description
 PATCH_FIELDS = ("remap", "view", "seed")
 
@@ -74,13 +80,16 @@ class _StreamsCollector:
 
 
 class Service:
-    """The streams of one process, sharing ``models``. ``media_root``: where file sources,
-    style images and file outputs may be (None: the service refuses them). At most
+    """The streams of one process, on ``models`` (the service's own set: the studio's too) or on
+    the sets of ``model_sets`` they name (None: ``models`` only). ``media_root``: where file
+    sources, style images and file outputs may be (None: the service refuses them). At most
     ``max_streams`` streams, each with at most ``max_outputs`` outputs. Thread-safe."""
 
-    def __init__(self, models, *, media_root: Path | None = None, max_streams: int = ServiceConfig.max_streams,
-                 max_outputs: int = ServiceConfig.max_outputs) -> None:
+    def __init__(self, models, *, model_sets: ModelSets | None = None, media_root: Path | None = None,
+                 max_streams: int = ServiceConfig.max_streams, max_outputs: int = ServiceConfig.max_outputs) -> None:
         self.models, self.max_streams, self.max_outputs = models, max_streams, max_outputs
+        self.model_sets = model_sets or ModelSets(models, getattr(models, "config", None) or ModelConfig(),
+                                                  loader=None, limit=1)
         self.media_root = media_root.resolve() if media_root else None
         self.sessions: dict[str, Any] = {}
         self.specs: dict[str, dict] = {}
@@ -89,6 +98,7 @@ class Service:
         self._closing = False
         self.registry = CollectorRegistry(auto_describe=False)  # what /metrics adds: _StreamsCollector
         self.registry.register(_StreamsCollector(self))
+        self.registry.register(self.model_sets)
 
     # ---- requests --------------------------------------------------------------------------
     def add(self, spec: dict):
@@ -106,11 +116,9 @@ class Service:
             _check_text(spec.get(name), name)
         for sink in spec.get("sinks") or ():
             _check_text(sink, "sinks")
-        for name, loaded in (("segmenter", self.models.config.segmenter), ("generator", self.models.config.generator)):
-            if spec.get(name) not in (None, loaded):
-                raise ServiceError(f"{name}: this service runs {name} {loaded!r}; start another service for "
-                                   f"{spec[name]!r}", name)
-        fields = {k: v for k, v in spec.items() if k not in ("segmenter", "generator")}
+        for name in MODEL_FIELDS:
+            _check_text(spec.get(name), name)
+        fields = {k: v for k, v in spec.items() if k not in MODEL_FIELDS}
         fields["sinks"] = tuple(fields.get("sinks") or ())
         try:
             config = StreamConfig(**fields, media_root=self.media_root)
@@ -126,24 +134,22 @@ class Service:
             if sink_kind(sink) == "preview":
                 if parse_address(sink)[0] not in LOOPBACK:  # a listener the token does not guard
                     raise ServiceError(f"sinks: {sink}: previews listen on loopback only", "sinks", 403)
+        config = dataclasses.replace(config, id=config.id or f"stream-{next(_ids)}")
+        self._check_room(config.id)  # before a model set may be loaded for it
+        models = self.model_sets.acquire(config.id, {k: spec.get(k) for k in MODEL_FIELDS})
         try:
-            self.models.remap(config.remap)  # a name no label set knows is refused here
-        except InputError as exc:
-            raise ServiceError(f"remap: {exc}", "remap") from None
-        try:
-            session = StreamSession(config, self.models)
-        except SegsynthError as exc:
+            try:
+                models.remap(config.remap)  # a name no label set knows is refused here
+            except InputError as exc:
+                raise ServiceError(f"remap: {exc}", "remap") from None
+            session = StreamSession(config, models)
+            with self._lock:
+                self._check_room(session.id)
+                self.sessions[session.id] = session  # reserved: a second POST with this id is refused
+                self.specs[session.id] = {k: v for k, v in spec.items() if v is not None}
+        except BaseException:
+            self.model_sets.release(config.id)
             raise
-        with self._lock:
-            if self._closing:
-                raise ServiceError("the service is shutting down", status=503)
-            if session.id in self.sessions:
-                raise ServiceError(f"id: a stream called {session.id!r} exists already", "id", 409)
-            if len(self.sessions) >= self.max_streams:
-                raise ServiceError(f"at most {self.max_streams} streams (this service's --max-streams); delete one "
-                                   "first", status=429)
-            self.sessions[session.id] = session  # reserved: a second POST with this id is refused
-            self.specs[session.id] = {k: v for k, v in spec.items() if v is not None}
         try:
             session.start()
         except SegsynthError as exc:
@@ -155,13 +161,24 @@ class Service:
         log.info("stream %s: started (%s)", session.id, config.source)
         return session
 
+    def _check_room(self, stream_id: str) -> None:
+        if self._closing:
+            raise ServiceError("the service is shutting down", status=503)
+        if stream_id in self.sessions:
+            raise ServiceError(f"id: a stream called {stream_id!r} exists already", "id", 409)
+        if len(self.sessions) >= self.max_streams:
+            raise ServiceError(f"at most {self.max_streams} streams (this service's --max-streams); delete one "
+                               "first", status=429)
+
     def _forget(self, stream_id: str, session=None) -> None:
         with self._lock:
-            self.sessions.pop(stream_id, None)
+            known = self.sessions.pop(stream_id, None) is not None
             self.specs.pop(stream_id, None)
             self.removing.discard(stream_id)
         if session is not None:
             session.release()
+        if known:
+            self.model_sets.release(stream_id)  # its model set may go, after the keep-alive
 
     def _started(self, stream_id: str):
         session = self.get(stream_id)
@@ -248,6 +265,7 @@ class Service:
             self.specs.clear()
         for s in sessions:
             s.release()
+        self.model_sets.close()
 
 
 def load_config(path: Path) -> list[dict]:
