@@ -135,7 +135,12 @@ def load_generator(spec: str, *, size: tuple[int, int] | None = None, cache_dir:
             return None
         encoder = paths.bundled(paths.BUNDLED_GENERATORS[spec][1])
         encoder = encoder if encoder.is_file() else None
-        path = (int8 and bundled_generator(spec, int8=True)) or path  # the int8 twin, where there is one
+        if int8:  # the int8 twin, where there is one
+            twin = bundled_generator(spec, int8=True)
+            if twin is None:
+                log.info("notice: --generator %s has no int8 graph in this package; --models fast runs its "
+                         "float graph", spec)
+            path = twin or path
     else:
         path = Path(spec)
         if path.is_dir():  # exporting it needs torch: segsynth.export, which the stream library does not import
