@@ -183,8 +183,13 @@ def test_streams_on_two_model_sets_share_each_and_an_unused_set_goes_after_the_k
         assert series(base, "segsynth_model_set_streams", segmenter="ade20k+voc") == 2
         names = {m["name"]: m for m in api(base, "GET", "/v1/models")[1]["available"]}
         assert names["voc"]["state"] == "bundled" and names["coco"]["state"] == "not installed"
+        # model files load from under --media-root only
+        status, body = api(base, "POST", "/v1/streams", {"source": RED, "sinks": [str(root / "x.mkv")],
+                                                          "segmenter": str(tiny_segmenter)})
+        assert status == 403 and body["field"] == "segmenter", body
         # a third set does not fit: refused with the reason, nothing loaded
-        third = {"source": RED, "sinks": [str(root / "d.mkv")], "segmenter": str(tiny_segmenter)}
+        shutil.copy(tiny_segmenter, root / "tiny.onnx")
+        third = {"source": RED, "sinks": [str(root / "d.mkv")], "segmenter": str(root / "tiny.onnx")}
         status, body = api(base, "POST", "/v1/streams", third)
         assert status == 503 and "--max-model-sets" in body["error"], body
         status, body = api(base, "POST", "/v1/streams", {"source": RED, "sinks": [str(root / "e.mkv")],
@@ -201,7 +206,7 @@ def test_streams_on_two_model_sets_share_each_and_an_unused_set_goes_after_the_k
         assert series(base, "segsynth_model_loaded", name="ade20k+voc") is None
         status, body = api(base, "POST", "/v1/streams", third)
         assert status == 201, body
-        assert loaded(base)[str(tiny_segmenter), "none"]["streams"] == [body["id"]]
+        assert loaded(base)[str(root / "tiny.onnx"), "none"]["streams"] == [body["id"]]
         for sid in ("a", body["id"]):
             assert api(base, "DELETE", f"/v1/streams/{sid}")[0] == 200
     assert len(re.findall(r"model set ade20k\+voc\+none\+\w+: loaded", proc.stderr.read())) == 1  # once, for b and c

@@ -471,3 +471,31 @@ def test_live_view_of_a_lavfi_stream_and_a_remap_change(studio, tiny_segmenter, 
     finally:
         page.click("nav button[data-view=doodle]")  # the page stops watching
         assert api(base, "DELETE", "/v1/streams/red")[0] == 200
+
+
+def test_the_generator_picker_lists_the_bundled_generators_and_paints_with_the_one_picked(studio, vae_generator,
+                                                                                         page):
+    """Issue 40: the studio lists the generators it may use (the service's own first, then the
+    bundled and installed ones by name) and repaints with the one picked: the service loads its
+    set on first use; the canvas and palette follow its size and label set."""
+    base, _ = studio
+    start = open_studio(page, base)
+    names = page.eval_on_selector_all("#generator option", "options => options.map(o => o.value)")
+    assert names[0] == str(vae_generator) and {"default", "spade2"} <= set(names[1:]), names
+    before = seq(page)
+    page.select_option("#generator", "default")
+    picked = settled(page, before)
+    assert picked.shape == (256, 256, 3) and start.shape == (64, 64, 3)  # the student's size
+    assert page.evaluate("document.querySelector('#canvas').width") == 256
+    assert page.input_value("#generator") == "default"
+    status, info = api(base, "GET", "/v1/labels?generator=default")
+    assert status == 200 and info["size"] == [256, 256] and info["generator_name"] == "default"
+    sky = np.full((256, 256), class_id("sky"), np.uint8)
+    status, body, _ = post(base, "/v1/synthesize", {"labels": png_bytes(sky, "L")}, {"seed": 1, "generator": "default"})
+    assert status == 200 and decode(body).shape == (256, 256, 3)
+    assert error(post(base, "/v1/synthesize", {"labels": png_bytes(sky, "L")}, {"generator": "defualt"}))["status"] == 422
+    assert error(post(base, "/v1/synthesize", {"labels": png_bytes(sky, "L")},
+                      {"generator": "/etc/passwd"}))["status"] == 403  # names, or files under --media-root only
+    before = seq(page)
+    page.select_option("#generator", str(vae_generator))  # back to the service's own
+    assert settled(page, before).shape == (64, 64, 3)

@@ -139,8 +139,8 @@ class Registry:
             return None
 
     def names(self) -> list[str]:
-        added = sorted(p.name for p in self.root.glob("*") if p.is_dir() and (p / "model.json").is_file()) \
-            if self.root.is_dir() else []
+        added = sorted(p.name for p in self.root.glob("*")  # not the hidden staging and removal folders
+                       if NAME.fullmatch(p.name) and (p / "model.json").is_file()) if self.root.is_dir() else []
         return [*self.manifest, *(n for n in added if n not in self.manifest)]
 
     def listing(self) -> list[dict]:
@@ -177,13 +177,13 @@ class Registry:
             return self._bundled_graphs(name)
         record = self.record(name)
         if record is None:
-            raise self._missing(name, "path")
+            raise self.missing(name, "path")
         folder = self.root / name
         out = [folder / record["files"][r] for r in ROLES if r in record["files"]]
         encoder = folder / "generator-encoder.onnx"
         return out + ([encoder] if encoder.is_file() else [])
 
-    def _missing(self, name: str, flag: str) -> ModelError | InputError:
+    def missing(self, name: str, flag: str) -> ModelError | InputError:
         """A known model not installed (ModelError, exit 4: how to get it), or a name nobody
         knows (InputError, exit 2: the nearest names)."""
         entry = self.manifest.get(name)
@@ -208,7 +208,7 @@ class Registry:
             return spec
         record = self.record(spec)
         if record is None:
-            raise self._missing(spec, f"--{role}")
+            raise self.missing(spec, f"--{role}")
         if role not in record["files"]:
             raise ModelError(f"--{role} {spec}: this model has no {role} (it is a {' + '.join(record['roles'])})")
         graph = self.root / spec / record["files"][role]
@@ -247,7 +247,7 @@ class Registry:
         """Fetch, verify, export and install the manifest's model ``name``; its record."""
         entry = self.manifest.get(name)
         if entry is None:
-            raise self._missing(name, "pull")
+            raise self.missing(name, "pull")
         if entry.bundled:
             raise InputError(f"pull {name}: bundled with segsynth, nothing to fetch ({', '.join(map(str, self.paths(name)))})")
         if self.record(name) is not None:
@@ -292,7 +292,7 @@ class Registry:
             raise InputError(f"rm {name}: bundled with segsynth; it cannot be removed")
         with self._locked():
             if self.record(name) is None:
-                raise self._missing(name, "rm")
+                raise self.missing(name, "rm")
             folder = self.root / name
             trash = self.root / f".{name}.removing-{os.getpid()}"
             os.replace(folder, trash)  # gone under its name at once; the files after

@@ -12,13 +12,15 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Callable
+import typing
+from collections.abc import Callable
 
 from prometheus_client.core import GaugeMetricFamily
 
 from segsynth.core.config import ModelConfig
 from segsynth.core.errors import InputError, ModelError, ServiceError
 from segsynth.jobs.models import named
+from segsynth.jobs.registry import Registry
 from segsynth.stream.infer.models import ModelSet
 
 log = logging.getLogger("segsynth")
@@ -55,6 +57,15 @@ class ModelSets:
         self._loading: dict[tuple, threading.Event] = {}
         self._lock = threading.Lock()
         self._closed = False
+
+    def known(self, name: str) -> bool:
+        """``name`` is a model name of the manifest or an installed one (not a path)."""
+        registry = Registry(self.config.cache_dir)
+        return name in registry.manifest or registry.record(name) is not None
+
+    def unknown(self, field: str, name: str) -> typing.NoReturn:
+        """422: no model is called ``name`` (with the nearest names)."""
+        raise ServiceError(str(Registry(self.config.cache_dir).missing(name, field)), field)
 
     def key(self, spec: dict) -> tuple[str, str, str]:
         c = self.config

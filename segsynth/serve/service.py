@@ -118,6 +118,7 @@ class Service:
             _check_text(sink, "sinks")
         for name in MODEL_FIELDS:
             _check_text(spec.get(name), name)
+            self.check_model(name, spec.get(name))
         fields = {k: v for k, v in spec.items() if k not in MODEL_FIELDS}
         fields["sinks"] = tuple(fields.get("sinks") or ())
         try:
@@ -160,6 +161,20 @@ class Service:
             raise
         log.info("stream %s: started (%s)", session.id, config.source)
         return session
+
+    def check_model(self, field: str, value: str | None) -> None:
+        """A request names models (segsynth models: bundled or installed), or graphs and
+        checkpoint folders under --media-root: no other file of this machine is loaded."""
+        if value is None or field == "models" or value in ("none", getattr(self.model_sets.config, field)) \
+                or self.model_sets.known(value):
+            return
+        path = Path(value)
+        if not path.is_absolute():  # a name nobody knows: 422 with the nearest names
+            self.model_sets.unknown(field, value)
+        if self.media_root is None or not path.resolve().is_relative_to(self.media_root):
+            where = f"under {self.media_root}" if self.media_root else "nowhere (no --media-root)"
+            raise ServiceError(f"{field}: {value}: not a model name (segsynth models list), and model files may lie "
+                               f"{where}", field, 403)
 
     def _check_room(self, stream_id: str) -> None:
         if self._closing:

@@ -2,7 +2,9 @@
 and the endpoints behind it, all in the service's OpenAPI.
 
     GET  /                              the studio (Doodle, Style, Live)
-    GET  /v1/labels                     the label set the generator paints: names, colours, size
+    GET  /v1/labels                     the label set the generator paints: names, colours, size,
+                                        and the generators the studio may pick (``generator=NAME``
+                                        on this and the next three: another generator by name)
     POST /v1/segment                    a photo -> its label map (8-bit PNG of ids) + legend
     POST /v1/synthesize                 a label map (+ style image | seed | z) -> the picture (PNG)
     POST /v1/style                      a style image -> z (the encoder's mean)
@@ -11,15 +13,19 @@ and the endpoints behind it, all in the service's OpenAPI.
 
 Uploads are multipart forms, capped at ``MAX_UPLOAD`` bytes (the service's body limit for
 these paths) and ``MAX_PIXELS`` pixels per image; label maps must hold ids of the label set.
-The models are the service's ModelSet, shared with its streams (thread-safe).
+The models are the service's ModelSet, shared with its streams (thread-safe), or for a
+request naming another generator the set the service's ModelSets loads for it (held for the
+request; kept loaded for the keep-alive after).
 """
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +37,7 @@ from starlette.concurrency import run_in_threadpool
 
 from segsynth.core import labels
 from segsynth.core.errors import ServiceError
+from segsynth.jobs.registry import Registry
 from segsynth.serve.responses import error_responses
 from segsynth.stream.pictures import resize_labels, resize_rgb
 from segsynth.stream.render import compose
@@ -239,9 +246,9 @@ class LiveView:
 
 
 def add_routes(app, service) -> None:
-    """The studio's page and endpoints on ``app`` (create_app's), over ``service``'s models."""
+    """The studio's page and endpoints on ``app`` (create_app's), over ``service``'s models (or
+    the generator a request names)."""
 
-    studio = Studio(service.models)
     png_reply = {200: {"content": {"image/png": {}}, "description": "a PNG"}, **error_responses(401, 409, 413, 422)}
     upload_errors = error_responses(401, 409, 413, 422)
 
@@ -251,16 +258,43 @@ def add_routes(app, service) -> None:
 
     app.mount("/studio", StaticFiles(directory=STATIC), name="studio")
 
-    @app.get("/v1/labels", responses=error_responses(401))
-    def label_set() -> dict:
-        """The label set the studio paints with (the generator's): names, colours, canvas size."""
-        return studio.info()
+    @contextlib.contextmanager
+    def studio_of(generator: str | None):
+        """The Studio over the service's models, or over the set with ``generator`` (a name)."""
+        own = service.model_sets.config.generator
+        if generator is None or generator == own:
+            yield Studio(service.models)
+            return
+        service.check_model("generator", generator)
+        holder = f"studio-{uuid.uuid4().hex[:12]}"
+        models = service.model_sets.acquire(holder, {"generator": generator})
+        try:
+            yield Studio(models)
+        finally:
+            service.model_sets.release(holder)
+
+    def picked():
+        return Form(None, max_length=200, description="another generator, by name (GET /v1/labels lists them)")
+
+    @app.get("/v1/labels", responses=error_responses(401, 403, 409, 422, 503))
+    def label_set(generator: str | None = None) -> dict:
+        """The label set the studio paints with (the generator's): names, colours, canvas size;
+        and ``generators``, the names the studio may pick (bundled and installed)."""
+        with studio_of(generator) as studio:
+            info = studio.info()
+        available = Registry(service.model_sets.config.cache_dir).listing()
+        own = service.model_sets.config.generator
+        info["generators"] = [own, *(m["name"] for m in available if "generator" in m["roles"]
+                                     and m["state"] != "not installed" and m["name"] != own)]
+        info["generator_name"] = generator or own
+        return info
 
     @app.post("/v1/segment", responses=upload_errors)
-    def segment(image: UploadFile = File(description="a photo")) -> dict:
+    def segment(image: UploadFile = File(description="a photo"), generator: str | None = picked()) -> dict:
         """A photo -> its label map at the canvas size (``labels``: a data URL of an 8-bit PNG
         of class ids) and the classes present (``legend``)."""
-        ids = studio.segment(read_rgb(image.file.read(), "image"))
+        with studio_of(generator) as studio:
+            ids = studio.segment(read_rgb(image.file.read(), "image"))
         return {"width": int(ids.shape[1]), "height": int(ids.shape[0]), "label_set": studio.models.label_set.name,
                 "labels": "data:image/png;base64," + base64.b64encode(png(ids)).decode(),
                 "legend": legend(ids, studio.models.label_set)}
@@ -270,17 +304,20 @@ def add_routes(app, service) -> None:
                    style: UploadFile | None = File(None, description="a style image (VAE generators)"),
                    seed: int | None = Form(None, ge=0, lt=2**32, description="z drawn from this seed (default 0)"),
                    z: str | None = Form(None, max_length=MAX_Z_TEXT,
-                                        description="z as a JSON list of numbers (from /v1/style)")) -> Response:
+                                        description="z as a JSON list of numbers (from /v1/style)"),
+                   generator: str | None = picked()) -> Response:
         """A label map -> the generator's picture (PNG at its size); z from ``style``, ``seed`` or ``z``."""
-        ids = read_label_map(labels.file.read(), studio.models.label_set)
-        style_rgb = read_rgb(style.file.read(), "style") if style is not None else None
-        picture = studio.synthesize(ids, studio.z(style=style_rgb, seed=seed, z=z))
+        with studio_of(generator) as studio:
+            ids = read_label_map(labels.file.read(), studio.models.label_set)
+            style_rgb = read_rgb(style.file.read(), "style") if style is not None else None
+            picture = studio.synthesize(ids, studio.z(style=style_rgb, seed=seed, z=z))
         return Response(png(picture), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @app.post("/v1/style", responses=upload_errors)
-    def style_vector(image: UploadFile = File(description="a style image")) -> dict:
+    def style_vector(image: UploadFile = File(description="a style image"), generator: str | None = picked()) -> dict:
         """A style image -> z (the VAE encoder's mean), to send back to /v1/synthesize."""
-        z = studio.style(read_rgb(image.file.read(), "image"))
+        with studio_of(generator) as studio:
+            z = studio.style(read_rgb(image.file.read(), "image"))
         return {"z": [float(v) for v in z[0]], "z_dim": int(z.shape[1])}
 
     def running(stream_id: str):
@@ -293,7 +330,8 @@ def add_routes(app, service) -> None:
              responses={200: {"content": {"image/jpeg": {}}}, **error_responses(401, 404, 409, 503)})
     def live_frame(stream_id: str) -> Response:
         """The next frame of a running stream: input | labels (with legend) | synthesis."""
-        session, view = running(stream_id), LiveView(service.models.label_set)
+        session = running(stream_id)
+        view = LiveView(session.models.label_set)
         session.watch(view)
         try:
             _, jpeg = view.next_jpeg(0, 10)
@@ -309,7 +347,8 @@ def add_routes(app, service) -> None:
     def live_stream(stream_id: str, request: Request) -> StreamingResponse:
         """A running stream as MJPEG (input | labels | synthesis), at most 10 frames a second,
         until the stream ends or the viewer leaves."""
-        session, view = running(stream_id), LiveView(service.models.label_set)
+        session = running(stream_id)
+        view = LiveView(session.models.label_set)
 
         async def frames():
             session.watch(view)

@@ -13,6 +13,7 @@ const state = {
   z: null, seed: 0, // the style: z from a style image, else a seed
   busy: false, dirty: false, timer: null, lastSent: 0, seq: 0, picture: null, pictureUrl: null,
   token: sessionStorage.getItem("segsynth-token") || "", live: null,
+  generator: null, // another generator by name (null: the service's own)
 };
 
 // ---- talking to the service ---------------------------------------------------------------
@@ -30,6 +31,13 @@ async function api(path, options = {}) {
     throw new Error(message);
   }
   return reply;
+}
+
+// a form for the studio's endpoints, naming the picked generator when it is not the service's own
+function studioForm() {
+  const form = new FormData();
+  if (state.generator) form.append("generator", state.generator);
+  return form;
 }
 
 function setStatus(text, error = false) {
@@ -265,7 +273,7 @@ async function synthesize() {
   state.dirty = false;
   state.lastSent = performance.now();
   try {
-    const form = new FormData();
+    const form = studioForm();
     form.append("labels", await grayPng(state.ids, state.W, state.H), "labels.png");
     if (state.z) form.append("z", JSON.stringify(state.z));
     else if (state.info.z_dim) form.append("seed", String(state.seed));
@@ -458,7 +466,7 @@ function wire() {
     if (!file) return;
     setStatus(`segmenting ${file.name} ...`);
     try {
-      const form = new FormData();
+      const form = studioForm();
       form.append("image", file);
       const result = await (await api("/v1/segment", { method: "POST", body: form })).json();
       const ids = await idsFromImage(await (await fetch(result.labels)).blob());
@@ -479,7 +487,7 @@ function wire() {
     if (!file) return;
     setStatus(`encoding ${file.name} ...`);
     try {
-      const form = new FormData();
+      const form = studioForm();
       form.append("image", file);
       state.z = (await (await api("/v1/style", { method: "POST", body: form })).json()).z;
       $("#style-image").src = URL.createObjectURL(file);
@@ -490,6 +498,13 @@ function wire() {
       setStatus(err.message, true);
     }
     event.target.value = "";
+  });
+  $("#generator").addEventListener("change", async (event) => {
+    const name = event.target.value;
+    state.generator = name === state.info.generators[0] ? null : name; // [0]: the service's own
+    setStatus(`loading ${name} ...`); // cleared by its first picture
+    document.body.dataset.ready = "false";
+    await start();
   });
   $("#shuffle").addEventListener("click", () => {
     state.seed = Math.floor(Math.random() * 2 ** 32);
@@ -531,12 +546,16 @@ function useSeed() {
 
 async function start() {
   try {
-    state.info = await (await api("/v1/labels")).json();
+    const query = state.generator ? `?generator=${encodeURIComponent(state.generator)}` : "";
+    state.info = await (await api(`/v1/labels${query}`)).json();
   } catch (err) {
     setStatus(err.message, true);
     return;
   }
   const info = state.info;
+  const options = info.generators.map((name) => new Option(name, name, false, name === info.generator_name));
+  $("#generator").replaceChildren(...options);
+  state.z = null; // a z belongs to the generator that made it
   [state.W, state.H] = info.size;
   state.rgb = new Uint8Array(256 * 3);
   for (const c of [...info.classes, info.unknown]) {  // the canvas shows the doodle colours
@@ -550,8 +569,8 @@ async function start() {
   state.ids = starter(first.id);
   selectClass(first.id);
   if (!info.generator) setStatus("no generator is loaded: the studio can paint and segment, not synthesize", true);
+  $("#upload-style").disabled = !info.style;
   if (!info.style) {
-    $("#upload-style").disabled = true;
     showZSource(info.z_dim ? "this generator has no style encoder: shuffle draws a random z"
       : "this generator has no style input (it is not a VAE generator)");
   } else {
