@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from segsynth.core.errors import InputError, ModelError
 from segsynth.core.paths import BUNDLED_GENERATORS, bundled
 from segsynth.jobs.progress import Progress
 from segsynth.stream.infer.segmenter import BUNDLED
+from segsynth.stream.io.demux import sha256_of
 
 log = logging.getLogger("segsynth")
 NAME = re.compile(r"[a-z0-9][a-z0-9._+-]{0,63}")
@@ -83,14 +83,6 @@ def manifest() -> dict[str, Entry]:
         out[name] = Entry(name, tuple(e["roles"]), e.get("label_set", ""), e.get("licence", ""), e.get("description", ""),
                           e.get("bundled", False), e.get("non_commercial", False), e.get("licence_url", ""), parts)
     return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _size(path: Path) -> int:
@@ -327,7 +319,7 @@ class Registry:
                 for part in parts:
                     got = self._fetch(part, sources[part.role], staging / "downloads", quiet)
                     if got.is_file():
-                        record["sha256"][part.file] = _sha256(got)
+                        record["sha256"][part.file] = sha256_of(got)
                     record["sources"][part.role] = sources[part.role]
                     self._make(part, got, staging, record)
                     shutil.rmtree(staging / "downloads", ignore_errors=True)
@@ -378,12 +370,12 @@ class Registry:
     def _verify(self, part: Part, path: Path, source: str) -> None:
         known = self._known_hash(part)
         if known:
-            got = _sha256(path)
+            got = sha256_of(path)
             if got != known:
                 raise ModelError(f"{source}: sha256 {got} does not match the expected {known}; nothing was installed")
 
     def _record_hash(self, part: Part, path: Path, source: str) -> None:
-        digest = _sha256(path)
+        digest = sha256_of(path)
         if part.urls:  # a manifest file without a published hash: trusted on first use
             known = self._json("known-hashes.json")
             known[part.file] = digest
