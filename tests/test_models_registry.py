@@ -104,8 +104,6 @@ def _left(home: Path) -> list[str]:
 
 
 def test_add_installs_an_official_checkpoint_by_url_that_run_then_uses_by_name(checkpoints, tmp_path):
-    data = checkpoints["files"]["checkpoints.tar.gz"]
-    digest = hashlib.sha256(data).hexdigest()
     env = _home(tmp_path)
     server = Server({"ckpt.tar.gz": _tar({"coco_pretrained": checkpoints["dir"] / "coco_pretrained"})})
     with http_server(server.handler()) as base:
@@ -115,7 +113,6 @@ def test_add_installs_an_official_checkpoint_by_url_that_run_then_uses_by_name(c
         right = hashlib.sha256(server.files["ckpt.tar.gz"]).hexdigest()
         r = models("add", "mine", f"{base}/ckpt.tar.gz", "--sha256", right, env=env)
         assert r.returncode == 0, r.stderr
-    assert digest != right  # (the served archive holds the coco checkpoint alone)
     r = models("path", "mine", env=env)
     assert r.returncode == 0, r.stderr
     graphs = [Path(line) for line in r.stdout.splitlines()]
@@ -161,6 +158,14 @@ def test_pull_asks_the_licence_fetches_once_and_refuses_a_changed_or_broken_down
         assert r.returncode == 4 and "could not download" in r.stderr, r.stderr
         assert _left(tmp_path / "home") == [] and not (tmp_path / "home" / "models" / "known-hashes.json").exists()
         server.cut.clear()
+        # a whole download that is not what it should be (no ade20k_pretrained in it): refused, and
+        # its hash is not trusted - the right file installs after it
+        server.files["checkpoints.tar.gz"], right = _tar({"other": checkpoints["dir"] / "coco_pretrained"}), \
+            server.files["checkpoints.tar.gz"]
+        r = models("pull", "ade20k-official", env=env)
+        assert r.returncode == 4 and "ade20k_pretrained" in r.stderr, r.stderr
+        assert _left(tmp_path / "home") == [] and not (tmp_path / "home" / "models" / "known-hashes.json").exists()
+        server.files["checkpoints.tar.gz"] = right
         r = models("pull", "ade20k-official", env=env)  # the licence was accepted once
         assert r.returncode == 0, r.stderr
         assert "no published sha256" in r.stderr
@@ -194,6 +199,32 @@ def test_the_seeds_chain_by_name_bear_included(checkpoints, tmp_path, astronaut)
                 "--remap", "person=bear", "--stabilize", "off", "-v", env=env, timeout=300)
     assert r.returncode == 0 and (tmp_path / "bear.mp4").is_file(), r.stderr
     assert "person -> bear" in r.stderr or "person=bear" in r.stderr, r.stderr
+
+
+def test_archives_naming_files_outside_their_folder_or_links_are_refused(tmp_path):
+    """A checkpoint archive may only hold regular files inside it: an absolute name, a ``..`` or
+    a link refuses it whole, before anything is unpacked or read."""
+    from segsynth.core.errors import ModelError
+    from segsynth.jobs import registry
+
+    def archive(name: str, link: str | None = None) -> Path:
+        path = tmp_path / f"{len(list(tmp_path.iterdir()))}.tar.gz"
+        with tarfile.open(path, "w:gz") as tar:
+            info = tarfile.TarInfo(name)
+            if link:
+                info.type, info.linkname = tarfile.SYMTYPE, link
+                tar.addfile(info)
+            else:
+                data = b"weights"
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return path
+
+    for bad in (archive(str(tmp_path / "victim" / "latest_net_G.pth")), archive("../up/latest_net_G.pth"),
+                archive("ckpt/latest_net_G.pth", link="/etc/passwd")):
+        with pytest.raises(ModelError, match="refuses"):
+            registry._unpack_checkpoint(bad, tmp_path / "out", None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_tracked_tree_holds_one_copy_of_each_weight_under_60_mb():

@@ -50,7 +50,7 @@ def api(base: str, method: str, path: str, body=None, *, raw: bytes | None = Non
 
 
 @contextlib.contextmanager
-def service(tmp_path: Path, segmenter: Path, *args, generator: str | Path = "none"):
+def service(tmp_path: Path, segmenter: Path, *args, generator: str | Path = "none", env: dict | None = None):
     port = free_port()
     root = tmp_path / "media"
     root.mkdir(exist_ok=True)
@@ -58,7 +58,7 @@ def service(tmp_path: Path, segmenter: Path, *args, generator: str | Path = "non
                              "--segmenter", str(segmenter), "--generator", str(generator), "--media-root", str(root),
                              "--grace", "10", *map(str, args)],
                             cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL)
+                            stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -170,7 +170,8 @@ def test_streams_on_two_model_sets_share_each_and_an_unused_set_goes_after_the_k
         assert status == 200, body
         return {(s["segmenter"], s["generator"]): s for s in body["loaded"]}
 
-    with service(tmp_path, "voc", "--max-model-sets", "2", "--model-keep-alive", "1") as (base, root, proc):
+    with service(tmp_path, "voc", "--max-model-sets", "2", "--model-keep-alive", "1",
+                 env={"SEGSYNTH_HOME": str(tmp_path / "home")}) as (base, root, proc):  # no model installed
         for sid, extra in (("a", {}), ("b", {"segmenter": "ade20k+voc"}), ("c", {"segmenter": "ade20k+voc"})):
             status, body = api(base, "POST", "/v1/streams", {"id": sid, "source": RED, "view": "labels",
                                                               "sinks": [str(root / f"{sid}.mkv")], **extra})
@@ -389,3 +390,77 @@ def test_the_service_reports_each_streams_state_and_a_live_sources_rate():
     assert re.findall(r"^segsynth_stream_target_fps\{(.*)\} (.*)$", text, re.M) == [('stream="cam"', "29.97002997002997")]
     service.sessions.clear()
     assert "stream=" not in generate_latest(service.registry).decode()
+
+
+class _FakeSet:
+    """Stands for a loaded ModelSet in the model-set bookkeeping tests (what is tested is ModelSets)."""
+
+    def __init__(self, cfg=None) -> None:
+        self.config, self.closed = cfg, 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+def test_model_sets_evict_idle_sets_share_failures_and_unload_after_the_keep_alive():
+    """ModelSets alone, in process: an idle set makes room for another; a load that fails fails
+    every request waiting for it and leaves nothing behind; a set loaded while the service
+    shut down is closed; a released set goes after its keep-alive; holders are unique."""
+    from segsynth.core.config import ModelConfig
+    from segsynth.core.errors import ModelError, ServiceError
+    from segsynth.serve.model_sets import ModelSets
+
+    made, gate, fail = [], threading.Event(), {"ade20k"}
+
+    def loader(cfg):
+        gate.wait(10)
+        if cfg.segmenter in fail:
+            raise ModelError(f"--segmenter {cfg.segmenter}: broken")
+        made.append(_FakeSet(cfg))
+        return made[-1]
+
+    own = _FakeSet()
+    sets = ModelSets(own, ModelConfig(segmenter="voc", generator="none"), loader=loader, limit=2, keep_alive=0.2)
+    errors = []
+
+    def take(holder, segmenter="ade20k"):
+        try:
+            sets.acquire(holder, {"segmenter": segmenter})
+        except ServiceError as exc:
+            errors.append(exc)
+
+    waiting = [threading.Thread(target=take, args=(f"s{i}",)) for i in range(3)]
+    for t in waiting:
+        t.start()
+    time.sleep(0.3)
+    gate.set()
+    for t in waiting:
+        t.join(10)
+    assert len(errors) == 3 and all("broken" in str(e) and e.field == "segmenter" for e in errors)
+    assert not sets._loading and len(sets.sets) == 1 and made == []  # one load tried, shared by the three
+    first = sets.acquire("a", {"segmenter": "ade20k+voc"})
+    with pytest.raises(RuntimeError):
+        sets.acquire("a", {"segmenter": "voc"})  # one set a holder
+    with pytest.raises(ServiceError) as full:
+        sets.acquire("b", {"segmenter": str(Path(__file__))})  # limit 2, both held
+    assert full.value.status == 503 and "--max-model-sets" in str(full.value)
+    sets.release("a")
+    sets.release("nobody")  # nothing held: nothing happens
+    second = sets.acquire("b", {"generator": "default"})  # the idle set is unloaded early for it
+    assert first.closed == 1 and second is made[-1] and second.closed == 0
+    assert [s["streams"] for s in sets.status()] == [[], ["b"]]
+    sets.release("b")
+    deadline = time.monotonic() + 5
+    while len(sets.sets) > 1:  # the keep-alive runs out
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert second.closed == 1 and own.closed == 0
+    # a set whose load ends after the shutdown is closed, not kept
+    gate.clear()
+    late = threading.Thread(target=take, args=("c", "ade20k+voc"))
+    late.start()
+    time.sleep(0.2)
+    sets.close()
+    gate.set()
+    late.join(10)
+    assert errors[-1].status == 503 and made[-1].closed == 1 and len(sets.sets) == 1

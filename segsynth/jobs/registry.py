@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -75,6 +76,7 @@ class Entry:
     parts: tuple[Part, ...] = field(default=())
 
 
+@functools.cache
 def manifest() -> dict[str, Entry]:
     data = json.loads(resources.files("segsynth.data").joinpath("models.json").read_text())
     out = {}
@@ -132,7 +134,7 @@ class Registry:
 
     def names(self) -> list[str]:
         added = sorted(p.name for p in self.root.glob("*")  # not the hidden staging and removal folders
-                       if NAME.fullmatch(p.name) and (p / "model.json").is_file()) if self.root.is_dir() else []
+                       if NAME.fullmatch(p.name) and self.record(p.name) is not None) if self.root.is_dir() else []
         return [*self.manifest, *(n for n in added if n not in self.manifest)]
 
     def listing(self) -> list[dict]:
@@ -194,11 +196,10 @@ class Registry:
         paths and ``none`` unchanged; an installed model's graph for ``role`` (a generator at
         another ``size`` (W, H): its checkpoint folder, exported at that size); a known model
         not installed: ModelError saying how to get it."""
-        entry = self.manifest.get(spec)
-        if spec == "none" or (entry is not None and entry.bundled) or not NAME.fullmatch(spec) \
-                or Path(spec).exists() or Path(spec).suffix.lower() == ".onnx":
-            return spec
-        record = self.record(spec)
+        entry, record = self.manifest.get(spec), self.record(spec)
+        if record is None and (spec == "none" or (entry is not None and entry.bundled) or not NAME.fullmatch(spec)
+                               or Path(spec).exists()):
+            return spec  # a bundled name or a path: the stream library takes it
         if record is None:
             raise self.missing(spec, f"--{role}")
         if role not in record["files"]:
@@ -239,6 +240,9 @@ class Registry:
         """Fetch, verify, export and install the manifest's model ``name``; its record."""
         entry = self.manifest.get(name)
         if entry is None:
+            if self.record(name) is not None:
+                raise InputError(f"pull {name}: installed with 'segsynth models add', not from the manifest: nothing "
+                                 "to pull")
             raise self.missing(name, "pull")
         if entry.bundled:
             raise InputError(f"pull {name}: bundled with segsynth, nothing to fetch ({', '.join(map(str, self.paths(name)))})")
@@ -255,8 +259,8 @@ class Registry:
             licence: str = "", quiet: bool = False) -> dict:
         """Install an official-format checkpoint (an http(s) URL or a local path: a folder, a
         .tar.gz/.zip of one, or a .pth) as ``name``."""
-        if not NAME.fullmatch(name):
-            raise InputError(f"add {name}: a name is lower-case letters, digits and . _ + - (up to 64)")
+        if not NAME.fullmatch(name) or name.endswith(".onnx"):
+            raise InputError(f"add {name}: a name is lower-case letters, digits and . _ + - (up to 64), not a file name")
         if name in self.manifest or name == "none":
             raise InputError(f"add {name}: that name is taken by the manifest (segsynth models pull {name}); "
                              "choose another")
@@ -283,9 +287,11 @@ class Registry:
         if entry is not None and entry.bundled:
             raise InputError(f"rm {name}: bundled with segsynth; it cannot be removed")
         with self._locked():
-            if self.record(name) is None:
-                raise self.missing(name, "rm")
             folder = self.root / name
+            if not NAME.fullmatch(name) or not folder.is_dir():  # a folder whose model.json is broken goes too
+                if name in self.manifest:
+                    raise InputError(f"rm {name}: not installed")
+                raise self.missing(name, "rm")
             trash = self.root / f".{name}.removing-{os.getpid()}"
             os.replace(folder, trash)  # gone under its name at once; the files after
             shutil.rmtree(trash, ignore_errors=True)
@@ -316,15 +322,23 @@ class Registry:
             try:
                 record = {"name": name, "roles": [p.role for p in parts], "files": {}, "sources": {}, "sha256": {},
                           **about}
+                first_seen = {}  # manifest files without a published hash: recorded once the install succeeds
                 for part in parts:
-                    got = self._fetch(part, sources[part.role], staging / "downloads", quiet)
-                    if got.is_file():
-                        record["sha256"][part.file] = sha256_of(got)
+                    got, digest = self._fetch(part, sources[part.role], staging / "downloads", quiet)
+                    if digest:
+                        record["sha256"][part.file] = digest
+                        if part.urls and not self._known_hash(part):
+                            first_seen[part.file] = digest
                     record["sources"][part.role] = sources[part.role]
                     self._make(part, got, staging, record)
                     shutil.rmtree(staging / "downloads", ignore_errors=True)
                 record["installed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
                 (staging / "model.json").write_text(json.dumps(record, indent=1) + "\n")
+                if first_seen:
+                    self._write_json("known-hashes.json", {**self._json("known-hashes.json"), **first_seen})
+                    for file, digest in first_seen.items():
+                        log.warning("notice: %s has no published sha256; recorded %s (this first download) in %s: "
+                                    "later downloads must match it", file, digest, self.root / "known-hashes.json")
                 os.replace(staging, self.root / name)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -333,17 +347,18 @@ class Registry:
 
     # ---- one part: fetch, unpack, export --------------------------------------------------------
     def _known_hash(self, part: Part) -> str | None:
-        return part.sha256 or self._json("known-hashes.json").get(part.file)
+        """The sha256 ``part`` must have: given (--sha256, the manifest), or for a manifest file
+        without a published one, the hash its first successful install recorded."""
+        return part.sha256 or (self._json("known-hashes.json").get(part.file) if part.urls else None)
 
-    def _fetch(self, part: Part, sources: list[str], folder: Path, quiet: bool) -> Path:
-        """The part's file (a local folder is used where it is), hash-checked."""
+    def _fetch(self, part: Part, sources: list[str], folder: Path, quiet: bool) -> tuple[Path, str | None]:
+        """The part's file (a local folder is used where it is) and its sha256, checked against
+        the one it must have (None for a folder)."""
         folder.mkdir(parents=True, exist_ok=True)
         local = [s for s in sources if not s.startswith(("http://", "https://"))]
         if local:
             path = Path(local[0])
-            if path.is_file():
-                self._verify(part, path, local[0])
-            return path
+            return path, self._verify(part, path, local[0]) if path.is_file() else None
         import pooch  # imported here: only pull and add need it
         import requests
 
@@ -361,29 +376,19 @@ class Registry:
         else:
             raise ModelError(f"could not download {part.file}: {'; '.join(failures)}; nothing was installed "
                              f"(offline? --mirror URL or ${MIRROR_ENV} names a site that serves {part.file})")
-        if self._known_hash(part):
-            self._verify(part, path, url)
-        else:
-            self._record_hash(part, path, url)
-        return path
+        digest = self._verify(part, path, url)
+        if not part.urls and not part.sha256:
+            log.info("%s: sha256 %s (give --sha256 to have it checked)", url, digest)
+        return path, digest
 
-    def _verify(self, part: Part, path: Path, source: str) -> None:
-        known = self._known_hash(part)
-        if known:
-            got = sha256_of(path)
-            if got != known:
-                raise ModelError(f"{source}: sha256 {got} does not match the expected {known}; nothing was installed")
-
-    def _record_hash(self, part: Part, path: Path, source: str) -> None:
-        digest = sha256_of(path)
-        if part.urls:  # a manifest file without a published hash: trusted on first use
-            known = self._json("known-hashes.json")
-            known[part.file] = digest
-            self._write_json("known-hashes.json", known)
-            log.warning("notice: %s has no published sha256; recorded %s (this first download) in %s: later "
-                        "downloads must match it", part.file, digest, self.root / "known-hashes.json")
-        else:
-            log.info("%s: sha256 %s (give --sha256 to have it checked)", source, digest)
+    def _verify(self, part: Part, path: Path, source: str) -> str:
+        """``path``'s sha256, refused (ModelError) where it is not the one ``part`` must have."""
+        got, known = sha256_of(path), self._known_hash(part)
+        if known and got != known:
+            where = "" if part.sha256 else f" (recorded at its first install in {self.root / 'known-hashes.json'})"
+            raise ModelError(f"{source}: sha256 {got} does not match the expected {known}{where}; nothing was "
+                             "installed")
+        return got
 
     def _make(self, part: Part, got: Path, staging: Path, record: dict) -> None:
         try:  # imported here: exporting needs torch, the export extra
@@ -393,7 +398,7 @@ class Registry:
             raise ModelError("installing a checkpoint exports it to ONNX, which needs the export extra "
                              "(pip install 'segsynth[export]')") from exc
         out = staging / FILES[part.role]
-        if part.role == "segmenter":
+        if part.format == "deeplab":
             pth = got if got.is_file() and not _archive(got) else _unpacked_file(got, staging / "unpacked", (".pth", ".pt"))
             log.info("exporting %s to ONNX (the segmenter)", part.file)
             run_export(ExportConfig(what="deeplab", out=out, checkpoint=pth, argmax=True))
@@ -437,11 +442,20 @@ def _archive(path: Path) -> bool:
 
 
 def _members(path: Path) -> list[str]:
+    """The regular files of an archive; an absolute name, a ``..`` or a link refuses it whole."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
-            return z.namelist()
-    with tarfile.open(path) as t:
-        return [m.name for m in t.getmembers() if m.isfile()]
+            names = [n for n in z.namelist() if not n.endswith("/")]
+    else:
+        with tarfile.open(path) as t:
+            members = t.getmembers()
+        if any(m.issym() or m.islnk() or m.isdev() for m in members):
+            raise ModelError(f"{path.name}: refuses an archive holding links or devices")
+        names = [m.name for m in members if m.isfile()]
+    for n in names:
+        if n.startswith(("/", "\\")) or ".." in Path(n).parts or (len(n) > 1 and n[1] == ":"):
+            raise ModelError(f"{path.name}: refuses to unpack {n!r}, a name outside its folder")
+    return names
 
 
 def _extract(path: Path, folder: Path, names: list[str]) -> None:
@@ -450,16 +464,11 @@ def _extract(path: Path, folder: Path, names: list[str]) -> None:
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
             for n in names:
-                target = (folder / n).resolve()
-                if not target.is_relative_to(folder.resolve()):
-                    raise ModelError(f"{path.name}: refuses to unpack {n!r} outside its folder")
                 z.extract(n, folder)
         return
-    with tarfile.open(path) as t:
-        try:
-            t.extractall(folder, members=[t.getmember(n) for n in names], filter="data")
-        except tarfile.FilterError as exc:
-            raise ModelError(f"{path.name}: refuses to unpack {exc}") from None
+    with tarfile.open(path) as t:  # the names were checked by _members; the data filter too where Python has it
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+        t.extractall(folder, members=[t.getmember(n) for n in names], **safe)
 
 
 def _unpack_checkpoint(path: Path, folder: Path, member: str | None) -> Path:

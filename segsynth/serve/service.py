@@ -94,6 +94,7 @@ class Service:
         self.sessions: dict[str, Any] = {}
         self.specs: dict[str, dict] = {}
         self.removing: set[str] = set()  # streams whose DELETE ran out of time: aborted, listed until gone
+        self.reserved: set[str] = set()  # ids of streams being added (their models may be loading)
         self._lock = threading.Lock()
         self._closing = False
         self.registry = CollectorRegistry(auto_describe=False)  # what /metrics adds: _StreamsCollector
@@ -136,21 +137,26 @@ class Service:
                 if parse_address(sink)[0] not in LOOPBACK:  # a listener the token does not guard
                     raise ServiceError(f"sinks: {sink}: previews listen on loopback only", "sinks", 403)
         config = dataclasses.replace(config, id=config.id or f"stream-{next(_ids)}")
-        self._check_room(config.id)  # before a model set may be loaded for it
-        models = self.model_sets.acquire(config.id, {k: spec.get(k) for k in MODEL_FIELDS})
+        with self._lock:  # the id is reserved before a model set may load for it: a second POST with it is refused
+            self._check_room(config.id)
+            self.reserved.add(config.id)
         try:
+            models = self.model_sets.acquire(config.id, {k: spec.get(k) for k in MODEL_FIELDS})
             try:
-                models.remap(config.remap)  # a name no label set knows is refused here
-            except InputError as exc:
-                raise ServiceError(f"remap: {exc}", "remap") from None
-            session = StreamSession(config, models)
+                try:
+                    models.remap(config.remap)  # a name no label set knows is refused here
+                except InputError as exc:
+                    raise ServiceError(f"remap: {exc}", "remap") from None
+                session = StreamSession(config, models)
+            except BaseException:
+                self.model_sets.release(config.id)
+                raise
             with self._lock:
-                self._check_room(session.id)
-                self.sessions[session.id] = session  # reserved: a second POST with this id is refused
+                self.sessions[session.id] = session
                 self.specs[session.id] = {k: v for k, v in spec.items() if v is not None}
-        except BaseException:
-            self.model_sets.release(config.id)
-            raise
+        finally:
+            with self._lock:
+                self.reserved.discard(config.id)
         try:
             session.start()
         except SegsynthError as exc:
@@ -165,6 +171,7 @@ class Service:
     def check_model(self, field: str, value: str | None) -> None:
         """A request names models (segsynth models: bundled or installed), or graphs and
         checkpoint folders under --media-root: no other file of this machine is loaded."""
+        _check_text(value, field)
         if value is None or field == "models" or value in ("none", getattr(self.model_sets.config, field)) \
                 or self.model_sets.known(value):
             return
@@ -177,11 +184,12 @@ class Service:
                                f"{where}", field, 403)
 
     def _check_room(self, stream_id: str) -> None:
+        """Under the lock: whether a stream called ``stream_id`` may start."""
         if self._closing:
             raise ServiceError("the service is shutting down", status=503)
-        if stream_id in self.sessions:
+        if stream_id in self.sessions or stream_id in self.reserved:
             raise ServiceError(f"id: a stream called {stream_id!r} exists already", "id", 409)
-        if len(self.sessions) >= self.max_streams:
+        if len(self.sessions) + len(self.reserved) >= self.max_streams:
             raise ServiceError(f"at most {self.max_streams} streams (this service's --max-streams); delete one "
                                "first", status=429)
 

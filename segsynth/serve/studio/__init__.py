@@ -29,7 +29,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
-from fastapi import File, Form, Request, UploadFile
+from fastapi import File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -38,6 +38,7 @@ from starlette.concurrency import run_in_threadpool
 from segsynth.core import labels
 from segsynth.core.errors import ServiceError
 from segsynth.jobs.registry import Registry
+from segsynth.serve.model_sets import STUDIO
 from segsynth.serve.responses import error_responses
 from segsynth.stream.pictures import resize_labels, resize_rgb
 from segsynth.stream.render import compose
@@ -266,7 +267,7 @@ def add_routes(app, service) -> None:
             yield Studio(service.models)
             return
         service.check_model("generator", generator)
-        holder = f"studio-{uuid.uuid4().hex[:12]}"
+        holder = f"{STUDIO}{uuid.uuid4().hex[:12]}"
         models = service.model_sets.acquire(holder, {"generator": generator})
         try:
             yield Studio(models)
@@ -277,7 +278,8 @@ def add_routes(app, service) -> None:
         return Form(None, max_length=200, description="another generator, by name (GET /v1/labels lists them)")
 
     @app.get("/v1/labels", responses=error_responses(401, 403, 409, 422, 503))
-    def label_set(generator: str | None = None) -> dict:
+    def label_set(generator: str | None = Query(None, max_length=200, description="another generator, by name")
+                  ) -> dict:
         """The label set the studio paints with (the generator's): names, colours, canvas size;
         and ``generators``, the names the studio may pick (bundled and installed)."""
         with studio_of(generator) as studio:

@@ -500,11 +500,16 @@ function wire() {
     event.target.value = "";
   });
   $("#generator").addEventListener("change", async (event) => {
-    const name = event.target.value;
+    const name = event.target.value, previous = state.generator;
     state.generator = name === state.info.generators[0] ? null : name; // [0]: the service's own
     setStatus(`loading ${name} ...`); // cleared by its first picture
     document.body.dataset.ready = "false";
     await start();
+    if (document.body.dataset.ready !== "true") { // refused (its error is shown): keep the one before
+      state.generator = previous;
+      event.target.value = previous || state.info.generators[0];
+      document.body.dataset.ready = "true";
+    }
   });
   $("#shuffle").addEventListener("click", () => {
     state.seed = Math.floor(Math.random() * 2 ** 32);
