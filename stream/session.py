@@ -67,6 +67,11 @@ PICTURE_VIEWS = ("synth", "side-by-side", "grid")  # views that show the synthes
 _ids = itertools.count(1)
 
 
+def new_id() -> str:
+    """A stream id no other stream of this process has been given ("stream-N")."""
+    return f"stream-{next(_ids)}"
+
+
 class StreamSession:
     """``source`` and ``sinks`` override what ``config`` names (a SyntheticSource, a
     MemorySink...); ``atomic`` file outputs appear under their name only when complete;
@@ -75,7 +80,7 @@ class StreamSession:
     def __init__(self, config: StreamConfig, models: ModelSet, *, source=None, sinks: list | None = None,
                  progress=None, atomic: bool = False) -> None:
         self.config, self.models = config, models
-        self.id = config.id or f"stream-{next(_ids)}"
+        self.id = config.id or new_id()
         self.view = models.view(config.view, style=config.style, seed=config.seed)
         table = models.remap(config.remap)
         z = models.z(style=config.style, seed=config.seed)

@@ -41,6 +41,7 @@ from segsynth.core.paths import BUNDLED_GENERATORS, bundled
 from segsynth.jobs.progress import Progress
 from segsynth.stream.infer.segmenter import BUNDLED
 from segsynth.stream.io.demux import sha256_of
+from segsynth.stream.io.mux import atomic_output
 
 log = logging.getLogger("segsynth")
 NAME = re.compile(r"[a-z0-9][a-z0-9._+-]{0,63}")
@@ -150,7 +151,7 @@ class Registry:
             elif record is not None:
                 rows.append({"name": name, "roles": record["roles"], "label_set": record.get("label_set", ""),
                              "size": _size(self.root / name), "licence": record.get("licence", ""),
-                             "state": "installed", "paths": [str(p) for p in self.paths(name)],
+                             "state": "installed", "paths": [str(p) for p in self._graphs(name, record)],
                              "description": record.get("description", "")})
             else:
                 sizes = [p.size for p in entry.parts]
@@ -172,6 +173,9 @@ class Registry:
         record = self.record(name)
         if record is None:
             raise self.missing(name, "path")
+        return self._graphs(name, record)
+
+    def _graphs(self, name: str, record: dict) -> list[Path]:
         folder = self.root / name
         out = [folder / record["files"][r] for r in ROLES if r in record["files"]]
         encoder = folder / "generator-encoder.onnx"
@@ -232,9 +236,8 @@ class Registry:
             return {}
 
     def _write_json(self, name: str, data: dict) -> None:
-        tmp = self.root / f".{name}.tmp"
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, self.root / name)
+        with atomic_output(self.root / name) as tmp:
+            tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
     def pull(self, name: str, *, mirror: str | None = None, accept_license: bool = False, quiet: bool = False) -> dict:
         """Fetch, verify, export and install the manifest's model ``name``; its record."""

@@ -18,7 +18,6 @@ puts the API in front of it. Bad input is a 4xx with ``{"error": ..., "field": .
 
 
 import dataclasses
-import itertools
 import logging
 import threading
 import time
@@ -33,10 +32,9 @@ from segsynth.core.errors import InputError, SegsynthError, ServiceError
 from segsynth.core.grammar import LOOPBACK, check_seed, parse_address, sink_kind
 from segsynth.serve.model_sets import FIELDS as MODEL_FIELDS
 from segsynth.serve.model_sets import ModelSets
-from segsynth.stream.session import StreamSession
+from segsynth.stream.session import StreamSession, new_id
 
 log = logging.getLogger("segsynth")
-_ids = itertools.count(1)
 SPEC_FIELDS = (*(f.name for f in stream_fields(api=True)), *MODEL_FIELDS)  # the POST body: core.config's description
 PATCH_FIELDS = ("remap", "view", "seed")
 
@@ -118,7 +116,6 @@ class Service:
         for sink in spec.get("sinks") or ():
             _check_text(sink, "sinks")
         for name in MODEL_FIELDS:
-            _check_text(spec.get(name), name)
             self.check_model(name, spec.get(name))
         fields = {k: v for k, v in spec.items() if k not in MODEL_FIELDS}
         fields["sinks"] = tuple(fields.get("sinks") or ())
@@ -136,7 +133,7 @@ class Service:
             if sink_kind(sink) == "preview":
                 if parse_address(sink)[0] not in LOOPBACK:  # a listener the token does not guard
                     raise ServiceError(f"sinks: {sink}: previews listen on loopback only", "sinks", 403)
-        config = dataclasses.replace(config, id=config.id or f"stream-{next(_ids)}")
+        config = dataclasses.replace(config, id=config.id or new_id())
         with self._lock:  # the id is reserved before a model set may load for it: a second POST with it is refused
             self._check_room(config.id)
             self.reserved.add(config.id)
