@@ -34,6 +34,8 @@ from importlib import resources
 from pathlib import Path
 
 import onnx
+import pooch
+import requests
 
 from segsynth.core import onnxmeta
 from segsynth.core.errors import InputError, ModelError
@@ -362,9 +364,6 @@ class Registry:
         if local:
             path = Path(local[0])
             return path, self._verify(part, path, local[0]) if path.is_file() else None
-        import pooch  # imported here: only pull and add need it
-        import requests
-
         failures = []
         for url in sources:  # the mirror first, then the manifest's URLs
             try:  # pooch retries what breaks off; the hash is checked below, once (a mismatch does not heal)
@@ -428,8 +427,6 @@ class Registry:
 @contextlib.contextmanager
 def _quiet_pooch():
     """pooch logs every download at INFO; segsynth says what it does itself."""
-    import pooch
-
     logger = pooch.get_logger()
     level = logger.level
     logger.setLevel(logging.WARNING)
